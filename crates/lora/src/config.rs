@@ -1,0 +1,204 @@
+//! LoRA hyper-parameters and their validation.
+//!
+//! Scaling of the update `s·B·A`: standard LoRA uses `s = alpha / r`; rank-stabilised LoRA (rsLoRA,
+//! Kalajievo 2023) uses `s = alpha / √r`, so the update's magnitude does not shrink as the rank grows.
+//! Per-module rank and alpha overrides (`rank_pattern`, `alpha_pattern`) follow PEFT: a key matches a
+//! module whose name equals it or ends with `.key`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LoraError, Result};
+
+/// How the adapter's update is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scaling {
+    /// `alpha / r` (the LoRA paper, the seed).
+    #[default]
+    Standard,
+    /// `alpha / √r` (rsLoRA; PEFT's `use_rslora = true`).
+    RankStabilized,
+}
+
+impl Scaling {
+    /// The factor `s` for a given alpha and rank.
+    pub fn scale(self, alpha: f64, r: usize) -> f64 {
+        match self {
+            Scaling::Standard => alpha / r as f64,
+            Scaling::RankStabilized => alpha / (r as f64).sqrt(),
+        }
+    }
+}
+
+/// Which biases train alongside the adapters (PEFT's `bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Bias {
+    /// No bias trains (the seed; the only value adapter files support).
+    #[default]
+    None,
+    /// Every bias of the model trains.
+    All,
+    /// Only the biases of LoRA-wrapped layers train.
+    LoraOnly,
+}
+
+/// How A is initialised (B always starts at zero so a new adapter changes nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// A ~ N(0, 1): the seed tutorial's choice.
+    #[default]
+    Normal,
+    /// A ~ N(0, 1/r²), i.e. standard deviation 1/r: PEFT's `init_lora_weights="gaussian"`. Equals `Normal` at r = 1.
+    PeftGaussian,
+}
+
+/// Hyper-parameters of one adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank r of the update (≥ 1).
+    pub r: usize,
+    /// Alpha; the update is scaled by `alpha / r` (or `alpha / √r`).
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input, in [0, 1).
+    pub dropout: f64,
+    /// Standard or rank-stabilised scaling.
+    pub scaling: Scaling,
+    /// Which biases train.
+    pub bias: Bias,
+    /// How A is initialised.
+    pub init: Init,
+    /// Names of the modules to adapt; empty means every linear layer of the model.
+    pub target_modules: Vec<String>,
+    /// Per-module rank overrides.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides.
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 1,
+            alpha: 1.0,
+            dropout: 0.0,
+            scaling: Scaling::Standard,
+            bias: Bias::None,
+            init: Init::Normal,
+            target_modules: Vec::new(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+}
+
+fn pattern_lookup<'a, T>(pattern: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
+    pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
+}
+
+impl LoraConfig {
+    /// A config with rank `r` and `alpha`, everything else default.
+    pub fn new(r: usize, alpha: f64) -> Self {
+        LoraConfig { r, alpha, ..Default::default() }
+    }
+
+    /// Checks every field; the error names the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        let check_r = |field: String, r: usize| {
+            if r == 0 {
+                Err(LoraError::config(field, r, "rank must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        let check_alpha = |field: String, a: f64| {
+            if !a.is_finite() {
+                Err(LoraError::config(field, a, "alpha must be a finite number"))
+            } else {
+                Ok(())
+            }
+        };
+        check_r("r".into(), self.r)?;
+        check_alpha("lora_alpha".into(), self.alpha)?;
+        for (k, &r) in &self.rank_pattern {
+            check_r(format!("rank_pattern.{k}"), r)?;
+        }
+        for (k, &a) in &self.alpha_pattern {
+            check_alpha(format!("alpha_pattern.{k}"), a)?;
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::config("lora_dropout", self.dropout, "dropout must be in [0, 1)"));
+        }
+        if let Some(m) = self.target_modules.iter().find(|m| m.is_empty()) {
+            return Err(LoraError::config("target_modules", format!("{m:?}"), "module names must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Whether `module` is adapted by this config.
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.is_empty() || self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+    }
+
+    /// The rank used for `module` (its `rank_pattern` entry, else `r`).
+    pub fn rank_for(&self, module: &str) -> usize {
+        pattern_lookup(&self.rank_pattern, module).copied().unwrap_or(self.r)
+    }
+
+    /// The alpha used for `module` (its `alpha_pattern` entry, else `alpha`).
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        pattern_lookup(&self.alpha_pattern, module).copied().unwrap_or(self.alpha)
+    }
+
+    /// The scale `s` used for `module`.
+    pub fn scale_for(&self, module: &str) -> f64 {
+        self.scaling.scale(self.alpha_for(module), self.rank_for(module))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_stabilized_scale_divides_by_the_square_root_of_rank() {
+        assert_eq!(Scaling::Standard.scale(4.0, 4), 1.0);
+        assert_eq!(Scaling::RankStabilized.scale(4.0, 4), 2.0);
+    }
+
+    #[test]
+    fn patterns_override_rank_and_alpha_per_module() {
+        let mut c = LoraConfig::new(2, 4.0);
+        c.scaling = Scaling::RankStabilized;
+        c.rank_pattern.insert("linear3".into(), 4);
+        c.alpha_pattern.insert("linear3".into(), 2.0);
+        assert_eq!((c.rank_for("linear1"), c.alpha_for("linear1")), (2, 4.0));
+        assert_eq!((c.rank_for("model.linear3"), c.alpha_for("linear3")), (4, 2.0));
+        assert!((c.scale_for("linear1") - 4.0 / 2f64.sqrt()).abs() < 1e-15);
+        assert_eq!(c.scale_for("linear3"), 1.0);
+    }
+
+    #[test]
+    fn validate_names_the_field_and_value() {
+        let e = LoraConfig::new(0, 1.0).validate().unwrap_err().to_string();
+        assert!(e.contains("r = 0"), "{e}");
+        let e = LoraConfig::new(1, f64::NAN).validate().unwrap_err().to_string();
+        assert!(e.contains("lora_alpha = NaN"), "{e}");
+        let mut c = LoraConfig::new(1, 1.0);
+        c.rank_pattern.insert("linear2".into(), 0);
+        assert!(c.validate().unwrap_err().to_string().contains("rank_pattern.linear2 = 0"));
+        c = LoraConfig { dropout: 1.0, ..LoraConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("lora_dropout = 1"));
+    }
+
+    #[test]
+    fn empty_target_list_targets_every_module() {
+        let mut c = LoraConfig::default();
+        assert!(c.targets("anything"));
+        c.target_modules = vec!["linear1".into()];
+        assert!(c.targets("linear1") && c.targets("net.linear1") && !c.targets("linear2"));
+    }
+}

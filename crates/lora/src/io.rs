@@ -1,0 +1,193 @@
+//! Files: atomic writes and safetensors reading/writing with checks that name the file and tensor.
+//!
+//! Every write goes to `NAME.tmp-PID` in the target's directory, is flushed and `fsync`ed, then renamed
+//! over the target, so a crash leaves either the old file or the new one, never a torn one.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+
+/// Errors reading or writing files; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// An I/O error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's content is not acceptable.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl FileError {
+    /// An [`FileError::Invalid`] for `path`.
+    pub fn invalid(path: &Path, why: impl Into<String>) -> Self {
+        FileError::Invalid { path: path.to_path_buf(), why: why.into() }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    let io = |source| FileError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let name = path.file_name().ok_or_else(|| FileError::invalid(path, "not a file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Serialises named F32 tensors (in the given order) with `metadata` to safetensors bytes.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> candle_core::Result<Vec<u8>> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    safetensors::serialize(views, Some(metadata.clone())).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// Saves named tensors atomically as a safetensors file with `metadata`.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<(), FileError> {
+    let bytes = safetensors_bytes(tensors, metadata).map_err(|e| FileError::invalid(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// The tensors and metadata of a safetensors file, every tensor checked to be F32 and finite.
+#[derive(Debug)]
+pub struct TensorFile {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Tensors by name, in file order.
+    pub tensors: Vec<(String, Tensor)>,
+    /// The `__metadata__` map.
+    pub metadata: HashMap<String, String>,
+    /// Size on disk in bytes.
+    pub bytes: u64,
+}
+
+impl TensorFile {
+    /// Reads and validates a safetensors file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, FileError> {
+        let raw = std::fs::read(path).map_err(|source| FileError::Io { path: path.to_path_buf(), source })?;
+        Self::from_bytes(path, &raw, device)
+    }
+
+    /// Parses safetensors bytes; `path` names the source in errors.
+    pub fn from_bytes(path: &Path, raw: &[u8], device: &Device) -> Result<Self, FileError> {
+        let st = SafeTensors::deserialize(raw).map_err(|e| FileError::invalid(path, format!("not a valid safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(raw).map_err(|e| FileError::invalid(path, format!("bad header: {e}")))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let mut names: Vec<(usize, String)> =
+            st.tensors().into_iter().map(|(n, v)| (v.data().as_ptr() as usize - raw.as_ptr() as usize, n)).collect();
+        names.sort();
+        let mut tensors = Vec::new();
+        for (_, name) in names {
+            let v = st.tensor(&name).map_err(|e| FileError::invalid(path, format!("tensor {name}: {e}")))?;
+            if v.dtype() != Dtype::F32 {
+                return Err(FileError::invalid(path, format!("tensor {name}: dtype {:?}, expected F32", v.dtype())));
+            }
+            let vals: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                return Err(FileError::invalid(path, format!("tensor {name}: non-finite value {} at flat index {i}", vals[i])));
+            }
+            let t = Tensor::from_vec(vals, v.shape(), device).map_err(|e| FileError::invalid(path, format!("tensor {name}: {e}")))?;
+            tensors.push((name, t));
+        }
+        Ok(TensorFile { path: path.to_path_buf(), tensors, metadata, bytes: raw.len() as u64 })
+    }
+
+    /// The tensor called `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// SHA-256 (hex) over the names, shapes and little-endian f32 bytes of `tensors`, in the given order:
+/// a fingerprint of a base model that adapters record to detect being loaded onto another base.
+pub fn fingerprint(tensors: &[(String, Tensor)]) -> candle_core::Result<String> {
+    let mut h = Sha256::new();
+    for (n, t) in tensors {
+        h.update(n.as_bytes());
+        h.update(format!("{:?}", t.dims()).as_bytes());
+        for x in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_is_bit_identical_and_keeps_metadata() {
+        let dir = std::env::temp_dir().join(format!("lora-io-{}", std::process::id()));
+        let p = dir.join("x.safetensors");
+        let a = Tensor::from_vec(vec![1.5f32, -0.0, 3.25e-20, 7.0], (2, 2), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(vec![9f32], 1, &Device::Cpu).unwrap();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(&p, &[("z.w".into(), a.clone()), ("a.b".into(), b)], &meta).unwrap();
+        let f = TensorFile::load(&p, &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(f.get("z.w").unwrap()), bits(&a));
+        assert_eq!(f.metadata["format"], "pt");
+        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn non_finite_values_and_garbage_are_named() {
+        let p = Path::new("nan.safetensors");
+        let t = Tensor::from_vec(vec![1f32, f32::NAN], 2, &Device::Cpu).unwrap();
+        let bytes = safetensors_bytes(&[("w".into(), t)], &HashMap::new()).unwrap();
+        let e = TensorFile::from_bytes(p, &bytes, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("nan.safetensors") && e.contains("tensor w") && e.contains("index 1"), "{e}");
+        let e = TensorFile::from_bytes(p, &bytes[..bytes.len() - 3], &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("not a valid safetensors"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_changes_with_one_bit() {
+        let a = Tensor::from_vec(vec![1f32, 2.0], 2, &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(vec![1f32, f32::from_bits(2f32.to_bits() + 1)], 2, &Device::Cpu).unwrap();
+        assert_ne!(fingerprint(&[("w".into(), a)]).unwrap(), fingerprint(&[("w".into(), b)]).unwrap());
+    }
+}

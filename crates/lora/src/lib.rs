@@ -1,0 +1,24 @@
+//! lora-rs core: LoRA layers, named adapters and their files, on candle.
+//!
+//! A LoRA layer keeps a frozen base linear `y = x·W0ᵀ + b` (W0: (out, in)) and adds, for each active
+//! adapter, a rank-r update computed in factorised form:
+//!
+//! ```text
+//! y = x·W0ᵀ + b + s · (dropout(x)·Aᵀ)·Bᵀ,   A: (r, in), B: (out, r),   s = alpha / r  (or alpha / √r, rsLoRA)
+//! ```
+//!
+//! so that the effective weight is `W0 + s·B·A` without ever forming it during training. This crate knows
+//! nothing of MNIST, command lines or servers: it holds layers ([`LoraLinear`]), a set of named layers that
+//! share adapter names ([`LoraModel`]), configuration ([`LoraConfig`]) and the errors ([`LoraError`]).
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+pub mod io;
+mod linear;
+mod model;
+
+pub use config::{Bias, Init, LoraConfig, Scaling};
+pub use error::{LoraError, Result};
+pub use linear::{Adapter, LoraLinear};
+pub use model::LoraModel;

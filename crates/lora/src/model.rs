@@ -1,0 +1,316 @@
+//! [`LoraModel`]: the named linear layers of a network, managed together.
+//!
+//! An adapter name spans layers: adding adapter `"digit9"` with a config creates an (A, B) pair in every
+//! targeted layer; activating it activates it in each layer that holds it. The model does not know how its
+//! layers are wired (the network owning it does); it knows names, adapters and parameters.
+
+use candle_core::{Tensor, Var};
+use rand::Rng;
+
+use crate::config::{Bias, LoraConfig};
+use crate::error::{LoraError, Result};
+use crate::linear::LoraLinear;
+
+/// Named [`LoraLinear`] layers, in order, with model-wide adapter operations.
+#[derive(Debug, Default)]
+pub struct LoraModel {
+    layers: Vec<(String, LoraLinear)>,
+}
+
+impl LoraModel {
+    /// An empty model.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a layer; names must be unique.
+    pub fn push(&mut self, name: &str, layer: LoraLinear) -> Result<()> {
+        if self.layers.iter().any(|(n, _)| n == name) {
+            return Err(LoraError::config("module", name, "a module of that name already exists"));
+        }
+        self.layers.push((name.to_string(), layer));
+        Ok(())
+    }
+
+    fn unknown_module(&self, name: &str) -> LoraError {
+        LoraError::UnknownModule { module: name.to_string(), known: self.layer_names().collect::<Vec<_>>().join(", ") }
+    }
+
+    /// The layer called `name`.
+    pub fn layer(&self, name: &str) -> Result<&LoraLinear> {
+        self.layers.iter().find(|(n, _)| n == name).map(|(_, l)| l).ok_or_else(|| self.unknown_module(name))
+    }
+    /// The layer called `name`, mutably.
+    pub fn layer_mut(&mut self, name: &str) -> Result<&mut LoraLinear> {
+        let e = self.unknown_module(name);
+        self.layers.iter_mut().find(|(n, _)| n == name).map(|(_, l)| l).ok_or(e)
+    }
+    /// The layer at position `i` (in push order).
+    pub fn layer_at(&self, i: usize) -> Option<&LoraLinear> {
+        self.layers.get(i).map(|(_, l)| l)
+    }
+    /// Layer names in order.
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.layers.iter().map(|(n, _)| n.as_str())
+    }
+    /// `(name, layer)` pairs in order.
+    pub fn layers(&self) -> impl Iterator<Item = (&str, &LoraLinear)> {
+        self.layers.iter().map(|(n, l)| (n.as_str(), l))
+    }
+    /// `(name, layer)` pairs in order, mutably.
+    pub fn layers_mut(&mut self) -> impl Iterator<Item = (&str, &mut LoraLinear)> {
+        self.layers.iter_mut().map(|(n, l)| (n.as_str(), l))
+    }
+
+    /// Names of the layers `config` adapts; a named target that matches no layer is an error.
+    pub fn targeted(&self, config: &LoraConfig) -> Result<Vec<String>> {
+        for t in &config.target_modules {
+            if !self.layer_names().any(|n| n == t || n.ends_with(&format!(".{t}"))) {
+                return Err(self.unknown_module(t));
+            }
+        }
+        Ok(self.layer_names().filter(|n| config.targets(n)).map(String::from).collect())
+    }
+
+    /// Adds adapter `name` to every layer `config` targets: A drawn from `rng` per `config.init`, B = 0.
+    /// The model's outputs are unchanged until the adapter trains. Does not activate it.
+    pub fn add_adapter<R: Rng + ?Sized>(&mut self, name: &str, config: &LoraConfig, rng: &mut R) -> Result<()> {
+        config.validate()?;
+        if self.adapter_names().iter().any(|n| n == name) {
+            return Err(LoraError::DuplicateAdapter(name.to_string()));
+        }
+        for module in self.targeted(config)? {
+            let (r, alpha) = (config.rank_for(&module), config.alpha_for(&module));
+            let scale = config.scale_for(&module);
+            self.layer_mut(&module)?.add_adapter(name, r, alpha, scale, config.dropout, config.init, rng)?;
+        }
+        Ok(())
+    }
+
+    /// Removes adapter `name` from every layer holding it.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        self.check_adapter(name)?;
+        for (_, l) in self.layers.iter_mut().filter(|(_, l)| l.has_adapter(name)) {
+            l.remove_adapter(name)?;
+        }
+        Ok(())
+    }
+
+    /// Every adapter name held by any layer, sorted and unique.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.layers.iter().flat_map(|(_, l)| l.adapter_names().map(String::from)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn check_adapter(&self, name: &str) -> Result<()> {
+        if self.layers.iter().any(|(_, l)| l.has_adapter(name)) {
+            Ok(())
+        } else {
+            let known = self.adapter_names();
+            Err(LoraError::UnknownAdapter(name.to_string(), if known.is_empty() { "none".into() } else { known.join(", ") }))
+        }
+    }
+
+    /// Activates exactly `names` (each layer activates those it holds). Copies no weight: microseconds.
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.check_adapter(n)?;
+        }
+        for (_, l) in &mut self.layers {
+            let here: Vec<&str> = names.iter().copied().filter(|n| l.has_adapter(n)).collect();
+            l.set_active(&here)?;
+        }
+        Ok(())
+    }
+
+    /// The active adapter names (union over layers, in activation order of the first layer holding them).
+    pub fn active(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for (_, l) in &self.layers {
+            for a in l.active() {
+                if !v.contains(a) {
+                    v.push(a.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// Switches all adapters off (`true`) or on in every layer.
+    pub fn set_disabled(&mut self, disabled: bool) -> Result<()> {
+        for (_, l) in &mut self.layers {
+            l.set_disabled(disabled)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with every adapter switched off, then restores each layer's previous state (also on error).
+    pub fn with_adapters_disabled<T>(&mut self, f: impl FnOnce(&Self) -> T) -> Result<T> {
+        let before: Vec<bool> = self.layers.iter().map(|(_, l)| l.is_disabled()).collect();
+        self.set_disabled(true)?;
+        let out = f(self);
+        for ((_, l), was) in self.layers.iter_mut().zip(before) {
+            l.set_disabled(was)?;
+        }
+        Ok(out)
+    }
+
+    /// Freezes every base weight and bias, then unfreezes biases as `bias` asks.
+    pub fn freeze_base(&mut self, bias: Bias) {
+        for (_, l) in &mut self.layers {
+            let lora = l.adapter_names().next().is_some();
+            let train_bias = match bias {
+                Bias::None => false,
+                Bias::All => true,
+                Bias::LoraOnly => lora,
+            };
+            l.set_base_trainable(false, train_bias);
+        }
+    }
+
+    /// Makes every base weight and bias trainable (pre-training / full fine-tuning).
+    pub fn unfreeze_base(&mut self) {
+        for (_, l) in &mut self.layers {
+            l.set_base_trainable(true, true);
+        }
+    }
+
+    /// Every trainable tensor, layer by layer.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.layers.iter().flat_map(|(_, l)| l.trainable_vars()).collect()
+    }
+
+    /// Deep copies of the base tensors as they are stored now, named like PyTorch's state_dict
+    /// (`<layer>.weight`, `<layer>.bias`).
+    pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = Vec::new();
+        for (n, l) in &self.layers {
+            v.push((format!("{n}.weight"), l.weight().as_tensor().copy()?));
+            if let Some(b) = l.bias() {
+                v.push((format!("{n}.bias"), b.as_tensor().copy()?));
+            }
+        }
+        Ok(v)
+    }
+
+    /// Total base parameters (weights and biases).
+    pub fn num_base_params(&self) -> usize {
+        self.layers.iter().map(|(_, l)| l.num_base_params()).sum()
+    }
+
+    /// Parameters of adapter `name` across layers.
+    pub fn num_adapter_params(&self, name: &str) -> usize {
+        self.layers.iter().filter_map(|(_, l)| l.adapter(name).ok()).map(|a| a.num_params()).sum()
+    }
+
+    /// Merges adapter `name` into each layer holding it (see [`LoraLinear::merge`]); on error, layers
+    /// merged so far are unmerged again so the model is left as it was.
+    pub fn merge(&mut self, name: &str, safe: bool) -> Result<()> {
+        self.check_adapter(name)?;
+        let mut done = Vec::new();
+        for (i, (_, l)) in self.layers.iter_mut().enumerate() {
+            if !l.has_adapter(name) {
+                continue;
+            }
+            if let Err(e) = l.merge(name, safe) {
+                for &j in &done {
+                    let (_, lj): &mut (String, LoraLinear) = &mut self.layers[j];
+                    lj.unmerge(name)?;
+                }
+                return Err(e);
+            }
+            done.push(i);
+        }
+        Ok(())
+    }
+
+    /// Unmerges adapter `name` from each layer where it is merged.
+    pub fn unmerge(&mut self, name: &str) -> Result<()> {
+        self.check_adapter(name)?;
+        for (_, l) in &mut self.layers {
+            if l.merged().iter().any(|m| m == name) {
+                l.unmerge(name)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn model() -> LoraModel {
+        let mut m = LoraModel::new();
+        let dev = Device::Cpu;
+        for (n, i, o) in [("linear1", 6, 5), ("linear2", 5, 4)] {
+            let w = Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, o, &dev).unwrap();
+            m.push(n, LoraLinear::new(w, Some(b)).unwrap()).unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn adding_an_adapter_targets_the_named_modules_with_their_ranks() {
+        let mut m = model();
+        let mut c = LoraConfig::new(2, 4.0);
+        c.rank_pattern.insert("linear2".into(), 3);
+        m.add_adapter("a", &c, &mut StdRng::seed_from_u64(0)).unwrap();
+        assert_eq!(m.layer("linear1").unwrap().adapter("a").unwrap().rank(), 2);
+        assert_eq!(m.layer("linear2").unwrap().adapter("a").unwrap().rank(), 3);
+        assert_eq!(m.num_adapter_params("a"), 2 * (6 + 5) + 3 * (5 + 4));
+        c.target_modules = vec!["linear9".into()];
+        let e = m.add_adapter("b", &c, &mut StdRng::seed_from_u64(0)).unwrap_err().to_string();
+        assert!(e.contains("linear9") && e.contains("linear1, linear2"), "{e}");
+    }
+
+    #[test]
+    fn freezing_leaves_only_active_adapter_tensors_trainable() {
+        let mut m = model();
+        m.add_adapter("a", &LoraConfig::default(), &mut StdRng::seed_from_u64(0)).unwrap();
+        assert_eq!(m.trainable_vars().len(), 4); // weights and biases; "a" is not active
+        m.set_active(&["a"]).unwrap();
+        m.freeze_base(Bias::None);
+        let vars = m.trainable_vars();
+        assert_eq!(vars.len(), 4);
+        assert!(vars.iter().all(|v| v.dims()[0] == 1 || v.dims()[1] == 1));
+        m.freeze_base(Bias::All);
+        assert_eq!(m.trainable_vars().len(), 6);
+    }
+
+    #[test]
+    fn with_adapters_disabled_restores_the_previous_state() {
+        let mut m = model();
+        m.add_adapter("a", &LoraConfig::default(), &mut StdRng::seed_from_u64(0)).unwrap();
+        m.set_active(&["a"]).unwrap();
+        let seen = m.with_adapters_disabled(|m| m.layer("linear1").unwrap().is_disabled()).unwrap();
+        assert!(seen);
+        assert!(!m.layer("linear1").unwrap().is_disabled());
+        assert!(m.set_active(&["zzz"]).unwrap_err().to_string().contains("zzz"));
+    }
+
+    #[test]
+    fn failed_safe_merge_rolls_back_earlier_layers() {
+        let mut m = model();
+        m.add_adapter("a", &LoraConfig::default(), &mut StdRng::seed_from_u64(0)).unwrap();
+        let l2 = m.layer("linear2").unwrap().adapter("a").unwrap();
+        l2.b().set(&Tensor::full(f32::NAN, (4, 1), &Device::Cpu).unwrap()).unwrap();
+        let l1 = m.layer("linear1").unwrap().adapter("a").unwrap();
+        l1.b().set(&Tensor::ones((5, 1), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let before = m.base_state().unwrap();
+        assert!(m.merge("a", true).is_err());
+        let after = m.base_state().unwrap();
+        assert!(m.layers().all(|(_, l)| l.merged().is_empty()));
+        for ((_, a), (_, b)) in before.iter().zip(&after) {
+            let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            // linear1 was merged then unmerged: within 2 ulp of |W|+|ΔW| (≤ ~10 for N(0,1) entries).
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 2.0 * f32::EPSILON * (x.abs() + 10.0)));
+        }
+    }
+}

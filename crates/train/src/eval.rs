@@ -1,0 +1,45 @@
+//! Evaluation: accuracy = correct / N, wrong count per true class, and the confusion matrix
+//! `C[t][p]` = number of examples of class t predicted as p.
+
+use candle_core::{DType, Tensor};
+
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::net::ExpensiveNet;
+
+/// The result of running a model over a data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// Fraction of examples classified correctly.
+    pub accuracy: f64,
+    /// For each true class, how many examples were misclassified.
+    pub wrong: Vec<usize>,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<usize>>,
+    /// All logits, row-major (N × classes), for exact comparisons between runs.
+    pub logits: Vec<f32>,
+}
+
+/// Runs `net` over `data` in batches of `batch_size` (no gradients).
+pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result<Evaluation> {
+    let n = data.len();
+    let classes = net.sizes()?[3];
+    let mut logits = Vec::with_capacity(n * classes);
+    let mut preds = Vec::with_capacity(n);
+    let bs = batch_size.max(1);
+    for start in (0..n).step_by(bs) {
+        let len = bs.min(n - start);
+        let (x, _) = data.range(start, len)?;
+        let out: Tensor = net.forward(&x)?.detach(); // (len, classes)
+        preds.extend(out.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        logits.extend(out.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let labels = data.label_vec()?;
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    for (&t, &p) in labels.iter().zip(&preds) {
+        confusion[t as usize][p as usize] += 1;
+    }
+    let wrong: Vec<usize> = (0..classes).map(|t| confusion[t].iter().sum::<usize>() - confusion[t][t]).collect();
+    let correct = n - wrong.iter().sum::<usize>();
+    Ok(Evaluation { accuracy: correct as f64 / n.max(1) as f64, wrong, confusion, logits })
+}

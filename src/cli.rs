@@ -1,0 +1,143 @@
+//! Command-line flags (clap derive). Help texts are written for someone new to LoRA.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// lora-rs: pre-train a small MNIST network, then fine-tune it cheaply with LoRA
+/// (Low-Rank Adaptation): the base weights stay frozen and only two thin matrices A and B per layer train.
+#[derive(Debug, Parser)]
+#[command(name = "lora", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The whole tutorial in one go: load MNIST, pre-train, evaluate, count parameters, attach LoRA,
+    /// fine-tune on the worst digit, prove the base is untouched, compare LoRA on and off.
+    Demo(DemoArgs),
+    /// Pre-train ExpensiveNet on MNIST and save it as a safetensors file (PyTorch state_dict names).
+    Pretrain(PretrainArgs),
+    /// Evaluate a saved model on the MNIST test set: accuracy and wrong answers per digit.
+    Eval(EvalArgs),
+    /// Count parameters per layer, with and without LoRA, without training anything.
+    Params(ParamsArgs),
+}
+
+/// Where the data is.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Directory holding the four MNIST IDX files (raw or .gz), e.g. train-images-idx3-ubyte.gz.
+    #[arg(long, default_value = "data/mnist", value_name = "DIR")]
+    pub data: PathBuf,
+}
+
+/// Network shape.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// Units in the first hidden layer.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hidden1: u32,
+    /// Units in the second hidden layer.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hidden2: u32,
+}
+
+/// LoRA shape.
+#[derive(Debug, Clone, Args)]
+pub struct LoraArgs {
+    /// LoRA rank r: A is (r, in), B is (out, r). Higher r trains more parameters.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rank: u32,
+    /// LoRA alpha: the update B·A is scaled by alpha / r.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub alpha: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Pre-training epochs (passes over the 60,000 training images, batch 64).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: u32,
+    /// Digit (0-9) to fine-tune on; default: the digit the pre-trained model gets wrong most often.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..10))]
+    pub digit: Option<u8>,
+    /// Fine-tuning steps (batches of --batch-size images of the chosen digit).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Fine-tuning batch size.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Pre-training batch size.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pretrain_batch_size: u32,
+    /// Seed for initialisation, shuffling and LoRA's A: the same seed gives the same numbers.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory: base.safetensors and report.json go here.
+    #[arg(long, default_value = "runs/demo", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Where to write the JSON report (default: OUT/report.json).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Where to save the trained model (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: u32,
+    /// Images per training step.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Seed for initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write a JSON summary here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The model to evaluate (a safetensors file written by `lora pretrain` or `lora demo`).
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ParamsArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Count the layers of this saved model instead of a fresh ExpensiveNet of --hidden1/--hidden2.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Also write the counts as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}

@@ -1,0 +1,131 @@
+//! Helpers shared by the commands: data loading, model files, tables, JSON output.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use lora::io::{save_safetensors, write_atomic, TensorFile};
+use lora_train::{Dataset, Evaluation, ExpensiveNet};
+use mnist::Mnist;
+
+use crate::report::{LayerParams, Params};
+
+/// MNIST loaded, its statistics, and both splits normalised into tensors.
+pub struct Data {
+    pub raw: Mnist,
+    pub mean: f64,
+    pub std: f64,
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+impl Data {
+    pub fn load(dir: &Path) -> Result<Data> {
+        let raw = Mnist::load(dir).with_context(|| format!("loading MNIST from {}", dir.display()))?;
+        let (mean, std) = mnist::mean_std(&raw.train.images);
+        let px = raw.train.pixels();
+        let train = Dataset::new(mnist::normalize(&raw.train.images, mean, std), &raw.train.labels, px, &Device::Cpu)?;
+        let test = Dataset::new(mnist::normalize(&raw.test.images, mean, std), &raw.test.labels, px, &Device::Cpu)?;
+        Ok(Data { raw, mean, std, train, test })
+    }
+
+    /// The training images of one digit, normalised with the training set's statistics.
+    pub fn train_digit(&self, digit: u8) -> Result<Dataset> {
+        let s = self.raw.train.only_digit(digit);
+        Ok(Dataset::new(mnist::normalize(&s.images, self.mean, self.std), &s.labels, s.pixels(), &Device::Cpu)?)
+    }
+}
+
+/// Saves the network's base tensors (PyTorch state_dict names) atomically.
+pub fn save_model(net: &ExpensiveNet, path: &Path) -> Result<u64> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let state = net.model.base_state()?;
+    save_safetensors(path, &state, &meta)?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Loads a network saved by [`save_model`] (or by PyTorch with the same names).
+pub fn load_model(path: &Path) -> Result<ExpensiveNet> {
+    let f = TensorFile::load(path, &Device::Cpu)?;
+    let known = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight", "linear3.bias"];
+    if let Some((extra, _)) = f.tensors.iter().find(|(n, _)| !known.contains(&n.as_str())) {
+        anyhow::bail!("{}: unexpected tensor {extra} (an ExpensiveNet file holds {})", path.display(), known.join(", "));
+    }
+    Ok(ExpensiveNet::from_tensors(|n| f.get(n).cloned(), &path.display().to_string())?)
+}
+
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value)?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())?;
+    Ok(())
+}
+
+/// Per-layer shapes and totals for the network with an adapter of rank `r` on every layer.
+pub fn param_counts(net: &ExpensiveNet, r: usize) -> Result<Params> {
+    let mut layers = Vec::new();
+    let mut lora = 0;
+    for (name, l) in net.model.layers() {
+        let (o, i) = (l.out_features(), l.in_features());
+        lora += r * (i + o);
+        layers.push(LayerParams { name: name.to_string(), weight: vec![o, i], bias: vec![o], lora_a: vec![r, i], lora_b: vec![o, r] });
+    }
+    let base = net.model.num_base_params();
+    Ok(Params { base, lora, percent: 100.0 * lora as f64 / base as f64, layers })
+}
+
+pub fn print_params(p: &Params) {
+    println!("{:<8} {:>14} {:>8} {:>10} {:>10}", "layer", "weight", "bias", "lora_A", "lora_B");
+    for l in &p.layers {
+        let s = |v: &[usize]| format!("{v:?}");
+        println!("{:<8} {:>14} {:>8} {:>10} {:>10}", l.name, s(&l.weight), s(&l.bias), s(&l.lora_a), s(&l.lora_b));
+    }
+    println!("Total parameters (original): {}", group(p.base));
+    println!("Parameters added by LoRA:    {}  (+{:.3}%)", group(p.lora), p.percent);
+}
+
+/// 2807010 → "2,807,010".
+pub fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The seed's test printout: accuracy to 3 places, then the wrong count per digit.
+pub fn print_eval(title: &str, e: &Evaluation) {
+    println!("{title}");
+    println!("Accuracy: {:.3}", e.accuracy);
+    for (d, w) in e.wrong.iter().enumerate() {
+        println!("  Number {d} wrong count: {w}");
+    }
+}
+
+/// Wrong counts per digit, one column per model.
+pub fn print_wrong_table(columns: &[(&str, &Evaluation)]) {
+    print!("{:<6}", "digit");
+    for (n, _) in columns {
+        print!(" {n:>12}");
+    }
+    println!();
+    let classes = columns.first().map_or(0, |(_, e)| e.wrong.len());
+    for d in 0..classes {
+        print!("{d:<6}");
+        for (_, e) in columns {
+            print!(" {:>12}", e.wrong[d]);
+        }
+        println!();
+    }
+    print!("{:<6}", "acc");
+    for (_, e) in columns {
+        print!(" {:>12.4}", e.accuracy);
+    }
+    println!();
+}

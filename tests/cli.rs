@@ -1,0 +1,101 @@
+//! The `lora` binary, run as a user would: small networks and few steps on the shipped MNIST.
+
+use std::path::Path;
+use std::process::Command;
+
+fn lora(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
+}
+
+fn demo(out: &Path) -> serde_json::Value {
+    let o = lora(&[
+        "demo",
+        "--hidden1",
+        "64",
+        "--hidden2",
+        "32",
+        "--steps",
+        "40",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("Accuracy: ") && stdout.contains("Number 9 wrong count"), "{stdout}");
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn strip_times(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|k, _| k != "seconds" && k != "base");
+            m.values_mut().for_each(strip_times);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_times),
+        _ => {}
+    }
+}
+
+#[test]
+fn demo_report_has_the_promised_keys_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = demo(&dir.path().join("a"));
+    assert_eq!(a["data"]["train"], 60000);
+    assert_eq!(a["data"]["test"], 10000);
+    assert!((a["data"]["mean"].as_f64().unwrap() - 0.1307).abs() < 1e-4);
+    assert_eq!(a["params"]["base"], 784 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10);
+    assert_eq!(a["params"]["lora"], 2 * (784 + 64) + 2 * (64 + 32) + 2 * (32 + 10));
+    assert_eq!(a["params"]["layers"][0]["lora_A"], serde_json::json!([2, 784]));
+    assert_eq!(a["base_unchanged"], true);
+    assert_eq!(a["lora_off"]["wrong"], a["pretrain"]["wrong"]);
+    assert_eq!(a["lora_off"]["accuracy"], a["pretrain"]["accuracy"]);
+    let d = a["finetune"]["digit"].as_u64().unwrap() as usize;
+    assert!(a["lora_on"]["wrong"][d].as_u64().unwrap() < a["pretrain"]["wrong"][d].as_u64().unwrap());
+    assert!(dir.path().join("a/base.safetensors").is_file());
+    let mut b = demo(&dir.path().join("b"));
+    strip_times(&mut a);
+    strip_times(&mut b);
+    assert_eq!(a, b, "same seed, different numbers");
+}
+
+#[test]
+fn eval_reads_the_model_the_demo_wrote_and_params_counts_the_seed_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    let o = lora(&["pretrain", "--hidden1", "32", "--hidden2", "16", "--out", model.to_str().unwrap(), "--batch-size", "600"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = dir.path().join("e.json");
+    let o = lora(&["eval", "--model", model.to_str().unwrap(), "--json", j.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert!(e["accuracy"].as_f64().unwrap() > 0.5);
+    let o = lora(&["params"]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("2,807,010") && s.contains("6,794") && s.contains("+0.242%"), "{s}");
+}
+
+#[test]
+fn bad_flags_and_missing_files_fail_cleanly() {
+    for args in [
+        vec!["demo", "--rank", "0"],
+        vec!["demo", "--digit", "11"],
+        vec!["demo", "--epochs", "0"],
+        vec!["demo", "--batch-size", "0"],
+        vec!["eval", "--model", "/nonexistent/model.safetensors"],
+        vec!["demo", "--data", "/nonexistent/mnist"],
+    ] {
+        let o = lora(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert!(err.contains("error"), "{args:?}: {err}");
+    }
+    let o = lora(&["eval", "--model", "/nonexistent/model.safetensors"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.safetensors"));
+}
