@@ -24,6 +24,16 @@ pub enum Command {
     Eval(EvalArgs),
     /// Count parameters per layer, with and without LoRA, without training anything.
     Params(ParamsArgs),
+    /// Fine-tune a LoRA adapter on one digit on top of a saved model and write it as a PEFT adapter
+    /// directory (adapter_config.json + adapter_model.safetensors).
+    Finetune(FinetuneArgs),
+    /// Fold one or more adapters into a model's weights and save the merged model (zero-overhead inference).
+    Merge(MergeArgs),
+    /// Show what a model file or adapter directory holds: tensors, shapes, dtypes, config, size, parameters.
+    Inspect(InspectArgs),
+    /// Measure LoRA's storage and switching costs: adapter vs checkpoint bytes, switch and load times,
+    /// trainable parameters and optimizer memory.
+    BenchAdapters(BenchAdaptersArgs),
 }
 
 /// Where the data is.
@@ -123,6 +133,12 @@ pub struct EvalArgs {
     /// The model to evaluate (a safetensors file written by `lora pretrain` or `lora demo`).
     #[arg(long, value_name = "FILE")]
     pub model: PathBuf,
+    /// An adapter to evaluate on the same loaded model, as NAME=DIR (repeatable); each gets a column.
+    #[arg(long, value_name = "NAME=DIR", value_parser = parse_named_adapter)]
+    pub adapter: Vec<(String, PathBuf)>,
+    /// Load adapters even if they were trained on a different base model.
+    #[arg(long)]
+    pub force: bool,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -138,6 +154,104 @@ pub struct ParamsArgs {
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
     /// Also write the counts as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !d.is_empty() => Ok((n.to_string(), PathBuf::from(d))),
+        _ => Err(format!("{s:?}: expected NAME=DIR, e.g. digit9=runs/demo/adapter")),
+    }
+}
+
+fn parse_weighted_adapter(s: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((d, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !w.is_finite() {
+                return Err(format!("{s:?}: weight {w} is not a finite number"));
+            }
+            return Ok((PathBuf::from(d), w));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// The base model to adapt (safetensors, e.g. runs/demo/base.safetensors). It is never modified.
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// The adapter directory to write (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Digit (0-9) to fine-tune on; default: the digit the model gets wrong most often.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..10))]
+    pub digit: Option<u8>,
+    /// Training steps.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Images per step.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Use rank-stabilised scaling alpha/sqrt(r) (rsLoRA) instead of alpha/r.
+    #[arg(long)]
+    pub rslora: bool,
+    /// Dropout probability on the adapter's input during training.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Seed for A's initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write a JSON summary (before/after wrong counts) here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// An adapter directory to fold in, optionally weighted as DIR:WEIGHT (repeatable; default weight 1).
+    #[arg(long, value_name = "DIR[:WEIGHT]", value_parser = parse_weighted_adapter, required = true)]
+    pub adapter: Vec<(PathBuf, f64)>,
+    /// Where to write the merged model (safetensors, same tensor names as the base).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Merge adapters even if they were trained on a different base model.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A model .safetensors file, or an adapter directory (or its adapter_model.safetensors).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchAdaptersArgs {
+    /// Base model; default: a freshly initialised ExpensiveNet (same shapes, same file sizes).
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Rank of the generated adapters.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rank: u32,
+    /// Number of adapters loaded on the one base.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..1000))]
+    pub adapters: u32,
+    /// Repetitions of each timed operation (the median is reported).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(5..))]
+    pub repeat: u32,
+    /// Also write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }

@@ -129,3 +129,81 @@ pub fn print_wrong_table(columns: &[(&str, &Evaluation)]) {
     }
     println!();
 }
+
+/// SHA-256 fingerprint of a network's base tensors (what adapters record as `lora_rs.base_sha256`).
+pub fn fingerprint(net: &ExpensiveNet) -> Result<String> {
+    Ok(lora::io::fingerprint(&net.model.base_state()?)?)
+}
+
+/// The digit with the most wrong answers (the lowest such digit on ties).
+pub fn worst_digit(e: &Evaluation) -> u8 {
+    e.wrong.iter().enumerate().max_by_key(|(d, w)| (**w, std::cmp::Reverse(*d))).map_or(0, |(d, _)| d as u8)
+}
+
+/// Checks the model's input size against the data's image size.
+pub fn check_input_size(net: &ExpensiveNet, model: &Path, data: &Data) -> Result<()> {
+    let inputs = net.sizes()?[0];
+    anyhow::ensure!(
+        inputs == data.raw.test.pixels(),
+        "{}: model takes {inputs} inputs but the images have {} pixels",
+        model.display(),
+        data.raw.test.pixels()
+    );
+    Ok(())
+}
+
+/// What [`finetune_digit`] trained.
+pub struct Finetuned {
+    pub digit_images: usize,
+    pub trainable: usize,
+    pub stats: lora_train::TrainStats,
+    pub steps_per_epoch: usize,
+}
+
+/// Adds adapter `name` (config `lcfg`) to every layer, freezes the base, and trains only A and B on the
+/// training images of `digit` with a progress bar.
+pub fn finetune_digit(
+    net: &mut ExpensiveNet,
+    data: &Data,
+    name: &str,
+    lcfg: &lora::LoraConfig,
+    digit: u8,
+    train_cfg: &lora_train::TrainConfig,
+    seed: u64,
+) -> Result<Finetuned> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1));
+    net.model.add_adapter(name, lcfg, &mut rng)?;
+    net.model.set_active(&[name])?;
+    net.model.freeze_base(lcfg.bias);
+    for (i, (_, l)) in net.model.layers().enumerate() {
+        l.seed_dropout(seed.wrapping_add(100 + i as u64));
+    }
+    let trainable: usize = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
+    let digit_data = data.train_digit(digit)?;
+    println!(
+        "\nFine-tuning LoRA (rank {}, alpha {}) on digit {digit}: {} training images, {} trainable parameters",
+        lcfg.r,
+        lcfg.alpha,
+        digit_data.len(),
+        trainable
+    );
+    let steps_per_epoch = train_cfg.steps_per_epoch(digit_data.len());
+    let total = train_cfg.max_steps.unwrap_or(steps_per_epoch * train_cfg.epochs);
+    let mut bars = crate::progress::EpochBars::new("Training", total.div_ceil(steps_per_epoch));
+    let stats = lora_train::train(net, &digit_data, train_cfg, |s| bars.step(s))?;
+    bars.finish();
+    Ok(Finetuned { digit_images: digit_data.len(), trainable, stats, steps_per_epoch })
+}
+
+/// Total bytes of the regular files directly inside `dir`.
+pub fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let m = e?.metadata()?;
+        if m.is_file() {
+            n += m.len();
+        }
+    }
+    Ok(n)
+}

@@ -90,4 +90,6 @@ pub struct DemoReport {
 pub struct Files {
     pub base: String,
     pub base_bytes: u64,
+    pub adapter: String,
+    pub adapter_bytes: u64,
 }

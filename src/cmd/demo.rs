@@ -2,15 +2,14 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use lora::{Bias, LoraConfig};
-use lora_train::{evaluate, train, Evaluation, ExpensiveNet, TrainConfig};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use lora::{LoraConfig, SaveOptions};
+use lora_train::{evaluate, Evaluation, ExpensiveNet, TrainConfig};
 
 use crate::cli::DemoArgs;
 use crate::cmd::pretrain::pretrain;
-use crate::common::{param_counts, print_eval, print_params, print_wrong_table, save_model, write_json, Data};
-use crate::progress::EpochBars;
+use crate::common::{
+    dir_bytes, finetune_digit, param_counts, print_eval, print_params, print_wrong_table, save_model, worst_digit, write_json, Data,
+};
 use crate::report::*;
 
 /// The adapter's name (PEFT's default).
@@ -53,33 +52,20 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!();
     print_params(&params);
 
-    // 6. LoRA on every linear layer, base frozen.
-    let mut rng = StdRng::seed_from_u64(a.seed.wrapping_add(1));
-    net.model.add_adapter(ADAPTER, &lcfg, &mut rng)?;
-    net.model.set_active(&[ADAPTER])?;
-    net.model.freeze_base(Bias::None);
-    let trainable: usize = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
-    anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
-
-    // 7. Fine-tune on the worst digit.
-    let digit = a.digit.unwrap_or_else(|| {
-        let worst = pre.wrong.iter().enumerate().max_by_key(|(d, w)| (**w, std::cmp::Reverse(*d)));
-        worst.map_or(0, |(d, _)| d as u8)
-    });
-    let digit_data = data.train_digit(digit)?;
-    println!(
-        "\nFine-tuning LoRA (rank {}, alpha {}) on digit {digit}: {} training images, {} trainable parameters",
-        a.lora.rank,
-        a.lora.alpha,
-        digit_data.len(),
-        trainable
-    );
+    // 6-7. LoRA on every linear layer, base frozen; fine-tune on the worst digit.
+    let digit = a.digit.unwrap_or_else(|| worst_digit(&pre));
     let fcfg =
         TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: 1e-3, max_steps: Some(a.steps as usize), seed: a.seed };
-    let steps_per_epoch = fcfg.steps_per_epoch(digit_data.len());
-    let mut bars = EpochBars::new("Training", (a.steps as usize).div_ceil(steps_per_epoch));
-    let fstats = train(&net, &digit_data, &fcfg, |s| bars.step(s))?;
-    bars.finish();
+    let ft = finetune_digit(&mut net, &data, ADAPTER, &lcfg, digit, &fcfg, a.seed)?;
+    anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
+    let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
+    let adapter_dir = a.out.join("adapter");
+    let save = SaveOptions {
+        base_model_name_or_path: Some(base_path.display().to_string()),
+        base_fingerprint: Some(lora::io::fingerprint(&original)?),
+        metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
+    };
+    net.model.save_adapter(ADAPTER, &adapter_dir, &save)?;
 
     // 8. Prove the base is untouched.
     let after = net.model.base_state()?;
@@ -143,7 +129,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         },
         finetune: Finetune {
             digit,
-            digit_train_images: digit_data.len(),
+            digit_train_images: ft.digit_images,
             steps: fstats.steps,
             batch_size: fcfg.batch_size,
             rank: a.lora.rank as usize,
@@ -163,11 +149,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         lora_on: to_eval(&on),
         lora_off: to_eval(&off),
         seed: a.seed,
-        files: Files { base: base_path.display().to_string(), base_bytes },
+        files: Files {
+            base: base_path.display().to_string(),
+            base_bytes,
+            adapter: adapter_dir.display().to_string(),
+            adapter_bytes: dir_bytes(&adapter_dir)?,
+        },
     };
     let json_path = a.json.clone().unwrap_or_else(|| a.out.join("report.json"));
     write_json(&json_path, &report)?;
-    println!("\nWrote {} and {}", base_path.display(), json_path.display());
+    println!(
+        "\nWrote {} ({} bytes), {}/ ({} bytes) and {}",
+        base_path.display(),
+        base_bytes,
+        adapter_dir.display(),
+        dir_bytes(&adapter_dir)?,
+        json_path.display()
+    );
     anyhow::ensure!(base_unchanged, "the base network changed during LoRA fine-tuning");
     Ok(())
 }

@@ -1,27 +1,49 @@
-//! `lora eval`: accuracy and per-digit wrong counts of a saved model.
+//! `lora eval`: accuracy and per-digit wrong counts of a saved model, and of each adapter on it.
 
-use anyhow::Result;
-use lora_train::evaluate;
-use serde_json::json;
+use anyhow::{Context, Result};
+use lora::LoadOptions;
+use lora_train::{evaluate, Evaluation};
+use serde_json::{json, Map, Value};
 
 use crate::cli::EvalArgs;
-use crate::common::{load_model, print_eval, write_json, Data};
+use crate::common::{check_input_size, fingerprint, load_model, print_eval, print_wrong_table, write_json, Data};
+
+fn to_json(e: &Evaluation) -> Value {
+    json!({"accuracy": e.accuracy, "wrong": e.wrong, "confusion": e.confusion})
+}
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let net = load_model(&a.model)?;
+    let mut net = load_model(&a.model)?;
     let data = Data::load(&a.data.data)?;
-    if net.sizes()?[0] != data.raw.test.pixels() {
-        anyhow::bail!(
-            "{}: model takes {} inputs but the images have {} pixels",
-            a.model.display(),
-            net.sizes()?[0],
-            data.raw.test.pixels()
-        );
+    check_input_size(&net, &a.model, &data)?;
+    let opts = LoadOptions { base_fingerprint: Some(fingerprint(&net)?), force: a.force };
+    for (name, dir) in &a.adapter {
+        anyhow::ensure!(name != "base", "--adapter base=…: the name \"base\" is reserved for the model without adapters");
+        net.model.load_adapter(name, dir, &opts).with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
     }
-    let e = evaluate(&net, &data.test, 1000)?;
-    print_eval(&format!("{} on the test set:", a.model.display()), &e);
+    // One loaded base; switching the active adapter copies no weights.
+    net.model.set_active(&[])?;
+    let base = evaluate(&net, &data.test, 1000)?;
+    let mut results = Vec::new();
+    for (name, _) in &a.adapter {
+        net.model.set_active(&[name.as_str()])?;
+        results.push((name.clone(), evaluate(&net, &data.test, 1000)?));
+    }
+    if results.is_empty() {
+        print_eval(&format!("{} on the test set:", a.model.display()), &base);
+    } else {
+        let mut cols = vec![("base", &base)];
+        cols.extend(results.iter().map(|(n, e)| (n.as_str(), e)));
+        println!("Wrong answers per digit (test set), {} with each adapter:", a.model.display());
+        print_wrong_table(&cols);
+    }
     if let Some(j) = &a.json {
-        write_json(j, &json!({"model": a.model, "accuracy": e.accuracy, "wrong": e.wrong, "confusion": e.confusion}))?;
+        let adapters: Map<String, Value> = results.iter().map(|(n, e)| (n.clone(), to_json(e))).collect();
+        write_json(
+            j,
+            &json!({"model": a.model, "accuracy": base.accuracy, "wrong": base.wrong, "confusion": base.confusion,
+                "base": to_json(&base), "adapters": adapters}),
+        )?;
     }
     Ok(())
 }

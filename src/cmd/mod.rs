@@ -1,7 +1,11 @@
 //! One module per subcommand.
 
+mod bench_adapters;
 mod demo;
 mod eval;
+mod finetune;
+mod inspect;
+mod merge;
 mod params;
 mod pretrain;
 
@@ -15,5 +19,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Params(a) => params::run(a),
+        Command::Finetune(a) => finetune::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::BenchAdapters(a) => bench_adapters::run(a),
     }
 }

@@ -49,6 +49,19 @@ pub enum LoraError {
         /// The tensor's name.
         tensor: String,
     },
+    /// A file could not be read or written, or its content is unusable; names the file and field/tensor.
+    #[error(transparent)]
+    File(#[from] crate::io::FileError),
+    /// An adapter was trained on a different base model.
+    #[error("{path}: adapter was trained on a different base model (base SHA-256 {expected}, loaded base {found}); pass --force to load it anyway")]
+    BaseMismatch {
+        /// The adapter file.
+        path: String,
+        /// The fingerprint recorded in the adapter.
+        expected: String,
+        /// The fingerprint of the loaded base.
+        found: String,
+    },
     /// The operation is not possible in the layer's current state.
     #[error("{0}")]
     State(String),

@@ -89,13 +89,15 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &Ha
     write_atomic(path, &bytes)
 }
 
-/// The tensors and metadata of a safetensors file, every tensor checked to be F32 and finite.
+/// The tensors and metadata of a safetensors file, every tensor a float type, converted to F32, and finite.
 #[derive(Debug)]
 pub struct TensorFile {
     /// The file it came from.
     pub path: PathBuf,
     /// Tensors by name, in file order.
     pub tensors: Vec<(String, Tensor)>,
+    /// Each tensor's dtype as stored in the file (`F32`, `F16`, `BF16`); values are converted to F32 exactly.
+    pub dtypes: Vec<(String, String)>,
     /// The `__metadata__` map.
     pub metadata: HashMap<String, String>,
     /// Size on disk in bytes.
@@ -118,19 +120,30 @@ impl TensorFile {
             st.tensors().into_iter().map(|(n, v)| (v.data().as_ptr() as usize - raw.as_ptr() as usize, n)).collect();
         names.sort();
         let mut tensors = Vec::new();
+        let mut dtypes = Vec::new();
         for (_, name) in names {
             let v = st.tensor(&name).map_err(|e| FileError::invalid(path, format!("tensor {name}: {e}")))?;
-            if v.dtype() != Dtype::F32 {
-                return Err(FileError::invalid(path, format!("tensor {name}: dtype {:?}, expected F32", v.dtype())));
-            }
-            let vals: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let dt = match v.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(FileError::invalid(
+                        path,
+                        format!("tensor {name}: dtype {other:?} is not a float type (expected F32, F16 or BF16)"),
+                    ))
+                }
+            };
+            let bad = |e: candle_core::Error| FileError::invalid(path, format!("tensor {name}: {e}"));
+            let t = Tensor::from_raw_buffer(v.data(), dt, v.shape(), device).and_then(|t| t.to_dtype(DType::F32)).map_err(bad)?;
+            let vals = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(bad)?;
             if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
                 return Err(FileError::invalid(path, format!("tensor {name}: non-finite value {} at flat index {i}", vals[i])));
             }
-            let t = Tensor::from_vec(vals, v.shape(), device).map_err(|e| FileError::invalid(path, format!("tensor {name}: {e}")))?;
+            dtypes.push((name.clone(), format!("{:?}", v.dtype())));
             tensors.push((name, t));
         }
-        Ok(TensorFile { path: path.to_path_buf(), tensors, metadata, bytes: raw.len() as u64 })
+        Ok(TensorFile { path: path.to_path_buf(), tensors, dtypes, metadata, bytes: raw.len() as u64 })
     }
 
     /// The tensor called `name`, if present.

@@ -12,13 +12,17 @@
 //! share adapter names ([`LoraModel`]), configuration ([`LoraConfig`]) and the errors ([`LoraError`]).
 #![deny(missing_docs)]
 
+pub mod adapter;
 mod config;
 mod error;
 pub mod io;
 mod linear;
+mod merge;
 mod model;
 
+pub use adapter::{read_adapter, AdapterFiles, LoadOptions, SaveOptions};
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
 pub use linear::{Adapter, LoraLinear};
+pub use merge::{BaseSnapshot, Combination};
 pub use model::LoraModel;

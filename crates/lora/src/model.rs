@@ -4,6 +4,8 @@
 //! targeted layer; activating it activates it in each layer that holds it. The model does not know how its
 //! layers are wired (the network owning it does); it knows names, adapters and parameters.
 
+use std::collections::BTreeMap;
+
 use candle_core::{Tensor, Var};
 use rand::Rng;
 
@@ -15,6 +17,8 @@ use crate::linear::LoraLinear;
 #[derive(Debug, Default)]
 pub struct LoraModel {
     layers: Vec<(String, LoraLinear)>,
+    /// Each adapter's configuration, `target_modules` resolved to the layers that hold it.
+    configs: BTreeMap<String, LoraConfig>,
 }
 
 impl LoraModel {
@@ -79,11 +83,13 @@ impl LoraModel {
         if self.adapter_names().iter().any(|n| n == name) {
             return Err(LoraError::DuplicateAdapter(name.to_string()));
         }
-        for module in self.targeted(config)? {
-            let (r, alpha) = (config.rank_for(&module), config.alpha_for(&module));
-            let scale = config.scale_for(&module);
-            self.layer_mut(&module)?.add_adapter(name, r, alpha, scale, config.dropout, config.init, rng)?;
+        let targets = self.targeted(config)?;
+        for module in &targets {
+            let (r, alpha) = (config.rank_for(module), config.alpha_for(module));
+            let scale = config.scale_for(module);
+            self.layer_mut(module)?.add_adapter(name, r, alpha, scale, config.dropout, config.init, rng)?;
         }
+        self.configs.insert(name.to_string(), LoraConfig { target_modules: targets, ..config.clone() });
         Ok(())
     }
 
@@ -93,7 +99,19 @@ impl LoraModel {
         for (_, l) in self.layers.iter_mut().filter(|(_, l)| l.has_adapter(name)) {
             l.remove_adapter(name)?;
         }
+        self.configs.remove(name);
         Ok(())
+    }
+
+    /// The configuration adapter `name` was created or loaded with (`target_modules` = the layers holding it).
+    pub fn adapter_config(&self, name: &str) -> Result<&LoraConfig> {
+        self.check_adapter(name)?;
+        self.configs.get(name).ok_or_else(|| LoraError::State(format!("adapter {name:?} has no recorded config")))
+    }
+
+    /// Records the config of an adapter inserted layer by layer (file loading, combination).
+    pub(crate) fn set_adapter_config(&mut self, name: &str, config: LoraConfig) {
+        self.configs.insert(name.to_string(), config);
     }
 
     /// Every adapter name held by any layer, sorted and unique.
@@ -104,7 +122,7 @@ impl LoraModel {
         v
     }
 
-    fn check_adapter(&self, name: &str) -> Result<()> {
+    pub(crate) fn check_adapter(&self, name: &str) -> Result<()> {
         if self.layers.iter().any(|(_, l)| l.has_adapter(name)) {
             Ok(())
         } else {

@@ -76,3 +76,43 @@ fn a_model_with_everything_frozen_refuses_to_train() {
     let e = train(&net, &data, &TrainConfig { batch_size: 0, ..TrainConfig::default() }, |_| {}).unwrap_err().to_string();
     assert!(e.contains("batch_size = 0"), "{e}");
 }
+
+#[test]
+fn saved_adapter_reloads_bit_identically_and_merging_keeps_test_logits_within_tolerance() {
+    let m = mnist::Mnist::load(&data_dir()).unwrap();
+    let (mean, std) = mnist::mean_std(&m.train.images);
+    let dev = Device::Cpu;
+    let test_set = Dataset::new(mnist::normalize(&m.test.images, mean, std), &m.test.labels, 784, &dev).unwrap();
+    let mut net = ExpensiveNet::new(784, 64, 32, 10, 1, &dev).unwrap();
+    let mut c = LoraConfig::new(3, 5.0);
+    c.scaling = lora::Scaling::RankStabilized;
+    net.model.add_adapter("a", &c, &mut StdRng::seed_from_u64(2)).unwrap();
+    for (_, l) in net.model.layers() {
+        let b = l.adapter("a").unwrap().b();
+        b.set(&(candle_core::Tensor::randn(0f32, 1.0, b.shape(), &dev).unwrap() * 0.02).unwrap()).unwrap();
+    }
+    net.model.set_active(&["a"]).unwrap();
+    let unmerged = evaluate(&net, &test_set, 1000).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("lora-rt-{}", std::process::id()));
+    net.model.save_adapter("a", &dir, &lora::SaveOptions::default()).unwrap();
+    let state = net.model.base_state().unwrap();
+    let mut net2 = ExpensiveNet::from_tensors(|n| state.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone()), "mem").unwrap();
+    net2.model.load_adapter("a", &dir, &lora::LoadOptions::default()).unwrap();
+    net2.model.set_active(&["a"]).unwrap();
+    let reloaded = evaluate(&net2, &test_set, 1000).unwrap();
+    assert_eq!(unmerged.logits, reloaded.logits, "save → load changed the logits");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let snap = net.model.snapshot_base().unwrap();
+    net.model.merge("a", true).unwrap();
+    let merged = evaluate(&net, &test_set, 1000).unwrap();
+    let max = unmerged.logits.iter().zip(&merged.logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let scale = unmerged.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+    // Folding s·B·A into W changes the summation order of 784/64/32-term dot products in f32:
+    // differences are a few ulps of the largest logit, so 1e-5 relative to it (≈ 80 ulps) is the bound.
+    assert!(max <= 1e-5 * scale.max(1.0), "merged vs unmerged logits differ by {max} (max |logit| {scale})");
+    net.model.unmerge("a").unwrap();
+    net.model.restore_base(&snap).unwrap();
+    assert_eq!(bits(&state), bits(&net.model.base_state().unwrap()));
+}

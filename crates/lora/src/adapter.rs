@@ -1,0 +1,496 @@
+//! Adapter files in the Hugging Face PEFT format: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! For a LoRA on module `m` with rank r, the safetensors file holds `base_model.model.m.lora_A.weight`
+//! (r, in_features) and `base_model.model.m.lora_B.weight` (out_features, r), F32, with metadata
+//! `{"format": "pt"}`; the config carries `r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`
+//! and `target_modules`, from which each module's scale is `alpha_m / r_m` (or `alpha_m / √r_m`).
+//! lora-rs adds `lora_rs.base_sha256` to the safetensors metadata: a fingerprint of the base the adapter
+//! was trained on, checked when loading. Anything the format can express that lora-rs cannot honour
+//! (DoRA, trained biases, `fan_in_fan_out`, `modules_to_save`, …) is refused with an error naming the key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Map, Value};
+
+use crate::config::{LoraConfig, Scaling};
+use crate::error::{LoraError, Result};
+use crate::io::{save_safetensors, write_atomic, FileError, TensorFile};
+use crate::linear::Adapter;
+use crate::model::LoraModel;
+
+/// File name of the config inside an adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// File name of the weights inside an adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before module names in tensor keys.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+/// Safetensors metadata key holding the base model's SHA-256 fingerprint.
+pub const META_BASE_SHA256: &str = "lora_rs.base_sha256";
+
+/// An adapter read from disk and validated on its own (not yet checked against a model).
+#[derive(Debug)]
+pub struct AdapterFiles {
+    /// The adapter directory.
+    pub dir: PathBuf,
+    /// The config, `target_modules` as written.
+    pub config: LoraConfig,
+    /// `base_model_name_or_path` from the config.
+    pub base_model_name_or_path: Option<String>,
+    /// Module → (A (r, in), B (out, r)), every pair's rank checked against the config.
+    pub tensors: BTreeMap<String, (Tensor, Tensor)>,
+    /// Safetensors metadata.
+    pub metadata: HashMap<String, String>,
+    /// Stored dtype per tensor name.
+    pub dtypes: Vec<(String, String)>,
+    /// Bytes of the config and the weights file.
+    pub bytes: (u64, u64),
+}
+
+impl AdapterFiles {
+    /// Trainable parameters held (Σ r·(in + out)).
+    pub fn num_params(&self) -> usize {
+        self.tensors.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum()
+    }
+    /// The base fingerprint recorded by lora-rs, if any.
+    pub fn base_fingerprint(&self) -> Option<&str> {
+        self.metadata.get(META_BASE_SHA256).map(String::as_str)
+    }
+}
+
+fn bad(path: &Path, why: impl Into<String>) -> LoraError {
+    LoraError::File(FileError::invalid(path, why))
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn positive_int(path: &Path, key: &str, v: &Value) -> Result<usize> {
+    match v.as_u64() {
+        Some(n) if n >= 1 && n <= u32::MAX as u64 => Ok(n as usize),
+        _ => Err(bad(path, format!("{key} = {v}: must be a positive integer"))),
+    }
+}
+
+fn finite_number(path: &Path, key: &str, v: &Value) -> Result<f64> {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => Ok(x),
+        _ => Err(bad(path, format!("{key} = {v}: must be a number"))),
+    }
+}
+
+fn plain_module_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// Parses and validates PEFT's `adapter_config.json` text. `path` names the file in errors.
+pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<String>)> {
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad(path, "not a JSON object"))?;
+    let require = |key: &str| field(obj, key).ok_or_else(|| bad(path, format!("missing key {key}")));
+    match field(obj, "peft_type") {
+        None => return Err(bad(path, "missing key peft_type")),
+        Some(Value::String(s)) if s == "LORA" => {}
+        Some(other) => return Err(bad(path, format!("peft_type = {other}: only \"LORA\" adapters are supported"))),
+    }
+    let r = positive_int(path, "r", require("r")?)?;
+    let alpha = finite_number(path, "lora_alpha", require("lora_alpha")?)?;
+    let dropout = match field(obj, "lora_dropout") {
+        None => 0.0,
+        Some(v) => finite_number(path, "lora_dropout", v)?,
+    };
+    let flag = |key: &str| -> Result<bool> {
+        match field(obj, key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(bad(path, format!("{key} = {other}: must be true or false"))),
+        }
+    };
+    let scaling = if flag("use_rslora")? { Scaling::RankStabilized } else { Scaling::Standard };
+    for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora"] {
+        if flag(key)? {
+            return Err(bad(path, format!("{key} = true is not supported by lora-rs")));
+        }
+    }
+    match field(obj, "bias") {
+        None => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(other) => return Err(bad(path, format!("bias = {other}: only \"none\" is supported (the file holds no bias tensors)"))),
+    }
+    for key in ["modules_to_save", "layers_to_transform", "layers_pattern", "trainable_token_indices", "target_parameters"] {
+        match field(obj, key) {
+            None => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(other) => return Err(bad(path, format!("{key} = {other} is not supported by lora-rs"))),
+        }
+    }
+    let target_modules = match require("target_modules")? {
+        Value::String(s) if plain_module_name(s) => vec![s.clone()],
+        Value::String(s) => {
+            return Err(bad(path, format!("target_modules = {s:?}: regular expressions are not supported; list module names")))
+        }
+        Value::Array(a) => a
+            .iter()
+            .map(|m| match m.as_str() {
+                Some(s) if plain_module_name(s) => Ok(s.to_string()),
+                _ => Err(bad(path, format!("target_modules entry {m} is not a module name"))),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        other => return Err(bad(path, format!("target_modules = {other}: must be a list of module names"))),
+    };
+    if target_modules.is_empty() {
+        return Err(bad(path, "target_modules = []: names no module"));
+    }
+    let pattern = |key: &str| -> Result<Vec<(String, Value)>> {
+        match field(obj, key) {
+            None => Ok(Vec::new()),
+            Some(Value::Object(m)) => Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            Some(other) => Err(bad(path, format!("{key} = {other}: must be an object"))),
+        }
+    };
+    let mut rank_pattern = BTreeMap::new();
+    for (k, v) in pattern("rank_pattern")? {
+        rank_pattern.insert(k.clone(), positive_int(path, &format!("rank_pattern.{k}"), &v)?);
+    }
+    let mut alpha_pattern = BTreeMap::new();
+    for (k, v) in pattern("alpha_pattern")? {
+        alpha_pattern.insert(k.clone(), finite_number(path, &format!("alpha_pattern.{k}"), &v)?);
+    }
+    let config = LoraConfig { r, alpha, dropout, scaling, target_modules, rank_pattern, alpha_pattern, ..LoraConfig::default() };
+    config.validate().map_err(|e| bad(path, e.to_string()))?;
+    let base = field(obj, "base_model_name_or_path").and_then(Value::as_str).map(String::from);
+    Ok((config, base))
+}
+
+/// The `adapter_config.json` PEFT writes for `config` (only keys PEFT's `LoraConfig` accepts).
+pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&str>) -> Value {
+    json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "inference_mode": true,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": null,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "exclude_modules": null,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": "gaussian",
+        "use_rslora": config.scaling == Scaling::RankStabilized,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "lora_bias": false,
+    })
+}
+
+/// Splits `base_model.model.<module>.lora_X.weight` into (module, is_a).
+fn split_key(name: &str) -> Option<(&str, bool)> {
+    let rest = name.strip_prefix(PEFT_PREFIX)?;
+    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        Some((m, true))
+    } else {
+        rest.strip_suffix(".lora_B.weight").map(|m| (m, false))
+    }
+}
+
+/// Reads an adapter directory and checks it on its own: config keys, tensor names, A/B pairs, ranks
+/// against the config, dtypes (float, converted to F32), finite values.
+pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
+    let cpath = dir.join(CONFIG_FILE);
+    let wpath = dir.join(WEIGHTS_FILE);
+    let text = std::fs::read_to_string(&cpath).map_err(|source| FileError::Io { path: cpath.clone(), source })?;
+    let (config, base) = parse_peft_config(&cpath, &text)?;
+    let file = TensorFile::load(&wpath, &Device::Cpu)?;
+    let mut a_of = BTreeMap::new();
+    let mut b_of = BTreeMap::new();
+    for (name, t) in &file.tensors {
+        let (module, is_a) = split_key(name).ok_or_else(|| {
+            bad(&wpath, format!("unexpected tensor {name} (expected {PEFT_PREFIX}<module>.lora_A.weight or .lora_B.weight)"))
+        })?;
+        if t.rank() != 2 {
+            return Err(bad(&wpath, format!("tensor {name}: shape {:?}, expected 2 dimensions", t.dims())));
+        }
+        let want = config.rank_for(module);
+        let r = if is_a { t.dims()[0] } else { t.dims()[1] };
+        if r != want {
+            return Err(bad(&wpath, format!("tensor {name}: rank {r} does not match r = {want} for {module} in {CONFIG_FILE}")));
+        }
+        if !config.targets(module) {
+            return Err(bad(&wpath, format!("tensor {name}: module {module} is not in target_modules {:?}", config.target_modules)));
+        }
+        if is_a { &mut a_of } else { &mut b_of }.insert(module.to_string(), t.clone());
+    }
+    let mut tensors = BTreeMap::new();
+    for (module, a) in a_of {
+        let b = b_of.remove(&module).ok_or_else(|| bad(&wpath, format!("missing tensor {PEFT_PREFIX}{module}.lora_B.weight")))?;
+        tensors.insert(module, (a, b));
+    }
+    if let Some(module) = b_of.keys().next() {
+        return Err(bad(&wpath, format!("missing tensor {PEFT_PREFIX}{module}.lora_A.weight")));
+    }
+    if tensors.is_empty() {
+        return Err(bad(&wpath, "holds no LoRA tensors"));
+    }
+    Ok(AdapterFiles {
+        dir: dir.to_path_buf(),
+        config,
+        base_model_name_or_path: base,
+        tensors,
+        metadata: file.metadata,
+        dtypes: file.dtypes,
+        bytes: (text.len() as u64, file.bytes),
+    })
+}
+
+/// Options for [`LoraModel::load_adapter`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Fingerprint of the loaded base ([`crate::io::fingerprint`] of its state); checked against the adapter's.
+    pub base_fingerprint: Option<String>,
+    /// Load even when the fingerprints differ.
+    pub force: bool,
+}
+
+/// Options for [`LoraModel::save_adapter`].
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Written as `base_model_name_or_path`.
+    pub base_model_name_or_path: Option<String>,
+    /// Written as `lora_rs.base_sha256` in the safetensors metadata.
+    pub base_fingerprint: Option<String>,
+    /// More metadata entries.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl LoraModel {
+    /// Inserts adapter `name` from validated files: every module must exist with matching shapes, and every
+    /// module the config targets must have tensors. On error the model is left unchanged.
+    pub fn insert_adapter_files(&mut self, name: &str, files: &AdapterFiles) -> Result<()> {
+        if self.adapter_names().iter().any(|n| n == name) {
+            return Err(LoraError::DuplicateAdapter(name.to_string()));
+        }
+        let wpath = files.dir.join(WEIGHTS_FILE);
+        let known: Vec<String> = self.layer_names().map(String::from).collect();
+        for (module, (a, b)) in &files.tensors {
+            let layer = self.layer(module).map_err(|_| {
+                bad(
+                    &wpath,
+                    format!("tensor {PEFT_PREFIX}{module}.lora_A.weight: the model has no module {module} (it has {})", known.join(", ")),
+                )
+            })?;
+            let r = a.dims()[0];
+            if a.dims() != [r, layer.in_features()] {
+                return Err(bad(
+                    &wpath,
+                    format!("tensor {PEFT_PREFIX}{module}.lora_A.weight: shape {:?}, expected [{r}, {}]", a.dims(), layer.in_features()),
+                ));
+            }
+            if b.dims() != [layer.out_features(), r] {
+                return Err(bad(
+                    &wpath,
+                    format!("tensor {PEFT_PREFIX}{module}.lora_B.weight: shape {:?}, expected [{}, {r}]", b.dims(), layer.out_features()),
+                ));
+            }
+        }
+        let targets: Vec<String> = known.iter().filter(|m| files.config.targets(m)).cloned().collect();
+        if let Some(m) = targets.iter().find(|m| !files.tensors.contains_key(*m)) {
+            return Err(bad(&wpath, format!("target module {m} has no tensors {PEFT_PREFIX}{m}.lora_A.weight / lora_B.weight")));
+        }
+        for t in &files.config.target_modules {
+            if !known.iter().any(|m| m == t || m.ends_with(&format!(".{t}"))) {
+                return Err(bad(
+                    &files.dir.join(CONFIG_FILE),
+                    format!("target_modules names {t}, which the model does not have (it has {})", known.join(", ")),
+                ));
+            }
+        }
+        for (module, (a, b)) in &files.tensors {
+            let c = &files.config;
+            let ad = Adapter::from_tensors(a, b, c.alpha_for(module), c.scale_for(module), c.dropout)?;
+            self.layer_mut(module)?.insert_adapter(name, ad)?;
+        }
+        self.set_adapter_config(name, LoraConfig { target_modules: files.tensors.keys().cloned().collect(), ..files.config.clone() });
+        Ok(())
+    }
+
+    /// Reads the adapter in `dir` and adds it as `name` (not activated). Checks the base fingerprint
+    /// when both the adapter and `opts` carry one.
+    pub fn load_adapter(&mut self, name: &str, dir: &Path, opts: &LoadOptions) -> Result<AdapterFiles> {
+        let files = read_adapter(dir)?;
+        if let (Some(want), Some(have)) = (files.base_fingerprint(), &opts.base_fingerprint) {
+            if want != have && !opts.force {
+                return Err(LoraError::BaseMismatch {
+                    path: dir.join(WEIGHTS_FILE).display().to_string(),
+                    expected: want.to_string(),
+                    found: have.clone(),
+                });
+            }
+        }
+        self.insert_adapter_files(name, &files)?;
+        Ok(files)
+    }
+
+    /// The PEFT config describing adapter `name` as it is held now (ranks/alphas differing from the
+    /// most common ones go to `rank_pattern`/`alpha_pattern`).
+    pub fn peft_config(&self, name: &str) -> Result<LoraConfig> {
+        let base = self.adapter_config(name)?.clone();
+        let mut c = LoraConfig { rank_pattern: BTreeMap::new(), alpha_pattern: BTreeMap::new(), target_modules: Vec::new(), ..base };
+        for (module, layer) in self.layers() {
+            if let Ok(ad) = layer.adapter(name) {
+                c.target_modules.push(module.to_string());
+                if ad.rank() != c.r {
+                    c.rank_pattern.insert(module.to_string(), ad.rank());
+                }
+                if ad.alpha() != c.alpha {
+                    c.alpha_pattern.insert(module.to_string(), ad.alpha());
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Writes adapter `name` to `dir` as PEFT does (both files atomically). Merged adapters are saved
+    /// too (their A and B are unchanged by merging).
+    pub fn save_adapter(&self, name: &str, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        let config = self.peft_config(name)?;
+        let mut tensors = Vec::new();
+        for (module, layer) in self.layers() {
+            if let Ok(ad) = layer.adapter(name) {
+                tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), ad.a().as_tensor().clone()));
+                tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), ad.b().as_tensor().clone()));
+            }
+        }
+        let mut meta: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+        meta.insert("format".into(), "pt".into());
+        if let Some(fp) = &opts.base_fingerprint {
+            meta.insert(META_BASE_SHA256.into(), fp.clone());
+        }
+        std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.to_path_buf(), source })?;
+        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
+        let json = peft_config_json(&config, opts.base_model_name_or_path.as_deref());
+        let text = serde_json::to_string_pretty(&json).map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
+        write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::LoraLinear;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn model() -> LoraModel {
+        let mut m = LoraModel::new();
+        for (n, i, o) in [("linear1", 7, 5), ("linear2", 5, 3)] {
+            let w = Tensor::randn(0f32, 1.0, (o, i), &Device::Cpu).unwrap();
+            m.push(n, LoraLinear::new(w, None).unwrap()).unwrap();
+        }
+        m
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn config_err(text: &str) -> String {
+        parse_peft_config(Path::new("c.json"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn save_then_load_gives_bit_identical_tensors_and_the_same_scales() {
+        let mut m = model();
+        let mut c = LoraConfig::new(2, 3.0);
+        c.scaling = Scaling::RankStabilized;
+        c.rank_pattern.insert("linear2".into(), 3);
+        m.add_adapter("a", &c, &mut StdRng::seed_from_u64(5)).unwrap();
+        for (_, l) in m.layers() {
+            let b = l.adapter("a").unwrap().b();
+            b.set(&Tensor::randn(0f32, 1.0, b.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("lora-adapter-{}", std::process::id()));
+        let opts = SaveOptions { base_fingerprint: Some("abc".into()), ..Default::default() };
+        m.save_adapter("a", &dir, &opts).unwrap();
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(cfg["rank_pattern"]["linear2"], 3);
+        assert_eq!(cfg["use_rslora"], true);
+        assert_eq!(cfg["init_lora_weights"], "gaussian");
+        let mut m2 = model();
+        let lo = LoadOptions { base_fingerprint: Some("abc".into()), force: false };
+        m2.load_adapter("b", &dir, &lo).unwrap();
+        for ((_, l1), (_, l2)) in m.layers().zip(m2.layers()) {
+            let (a1, a2) = (l1.adapter("a").unwrap(), l2.adapter("b").unwrap());
+            assert_eq!(bits(a1.a().as_tensor()), bits(a2.a().as_tensor()));
+            assert_eq!(bits(a1.b().as_tensor()), bits(a2.b().as_tensor()));
+            assert_eq!(a1.scale(), a2.scale());
+        }
+        let lo = LoadOptions { base_fingerprint: Some("other".into()), force: false };
+        let e = model().load_adapter("b", &dir, &lo).unwrap_err().to_string();
+        assert!(e.contains("different base model") && e.contains("--force"), "{e}");
+        model().load_adapter("b", &dir, &LoadOptions { force: true, ..lo }).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_value() {
+        let ok = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["linear1"]}"#;
+        assert!(parse_peft_config(Path::new("c.json"), ok).is_ok());
+        assert!(config_err("{").contains("not valid JSON"));
+        assert!(config_err(r#"{"peft_type":"LORA","lora_alpha":4,"target_modules":["x"]}"#).contains("missing key r"));
+        assert!(config_err(&ok.replace("\"r\":2", "\"r\":0")).contains("r = 0: must be a positive integer"));
+        assert!(config_err(&ok.replace("\"r\":2", "\"r\":-1")).contains("r = -1"));
+        assert!(config_err(&ok.replace("4", "\"four\"")).contains("lora_alpha = \"four\": must be a number"));
+        assert!(config_err(&ok.replace("}", ",\"use_dora\":true}")).contains("use_dora = true"));
+        assert!(config_err(&ok.replace("}", ",\"bias\":\"all\"}")).contains("bias = \"all\""));
+        assert!(config_err(&ok.replace("LORA", "IA3")).contains("peft_type = \"IA3\""));
+        assert!(config_err(&ok.replace("[\"linear1\"]", "\".*proj\"")).contains("regular expressions"));
+    }
+
+    #[test]
+    fn unknown_modules_wrong_shapes_and_rank_mismatches_name_the_tensor() {
+        let dir = std::env::temp_dir().join(format!("lora-adapter-bad-{}", std::process::id()));
+        let write = |cfg: &str, tensors: Vec<(&str, Vec<usize>)>| {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(CONFIG_FILE), cfg).unwrap();
+            let ts: Vec<(String, Tensor)> = tensors
+                .into_iter()
+                .map(|(n, s)| (n.to_string(), Tensor::ones(s, candle_core::DType::F32, &Device::Cpu).unwrap()))
+                .collect();
+            save_safetensors(&dir.join(WEIGHTS_FILE), &ts, &HashMap::new()).unwrap();
+        };
+        let cfg = r#"{"peft_type":"LORA","r":1,"lora_alpha":1,"target_modules":["linear1","linear9"]}"#;
+        write(cfg, vec![("base_model.model.linear9.lora_A.weight", vec![1, 7]), ("base_model.model.linear9.lora_B.weight", vec![5, 1])]);
+        let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("linear9.lora_A.weight") && e.contains("no module linear9"), "{e}");
+        let cfg = r#"{"peft_type":"LORA","r":1,"lora_alpha":1,"target_modules":["linear1"]}"#;
+        write(cfg, vec![("base_model.model.linear1.lora_A.weight", vec![1, 6]), ("base_model.model.linear1.lora_B.weight", vec![5, 1])]);
+        let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("linear1.lora_A.weight: shape [1, 6], expected [1, 7]"), "{e}");
+        write(cfg, vec![("base_model.model.linear1.lora_A.weight", vec![2, 7]), ("base_model.model.linear1.lora_B.weight", vec![5, 2])]);
+        let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("rank 2 does not match r = 1"), "{e}");
+        write(cfg, vec![("base_model.model.linear1.lora_A.weight", vec![1, 7])]);
+        let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("missing tensor base_model.model.linear1.lora_B.weight"), "{e}");
+        write(
+            cfg,
+            vec![
+                ("base_model.model.linear1.lora_A.weight", vec![1, 7]),
+                ("base_model.model.linear1.lora_B.weight", vec![5, 1]),
+                ("base_model.model.linear1.bias", vec![5]),
+            ],
+        );
+        let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("unexpected tensor base_model.model.linear1.bias"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
