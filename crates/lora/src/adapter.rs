@@ -206,7 +206,7 @@ fn split_key(name: &str) -> Option<(&str, bool)> {
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let cpath = dir.join(CONFIG_FILE);
     let wpath = dir.join(WEIGHTS_FILE);
-    let text = std::fs::read_to_string(&cpath).map_err(|source| FileError::Io { path: cpath.clone(), source })?;
+    let text = std::fs::read_to_string(&cpath).map_err(|source| FileError::Io { path: cpath.clone(), error: source })?;
     let (config, base) = parse_peft_config(&cpath, &text)?;
     let file = TensorFile::load(&wpath, &Device::Cpu)?;
     let mut a_of = BTreeMap::new();
@@ -373,7 +373,7 @@ impl LoraModel {
         if let Some(fp) = &opts.base_fingerprint {
             meta.insert(META_BASE_SHA256.into(), fp.clone());
         }
-        std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.to_path_buf(), error: source })?;
         save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
         let json = peft_config_json(&config, opts.base_model_name_or_path.as_deref());
         let text = serde_json::to_string_pretty(&json).map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;

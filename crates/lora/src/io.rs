@@ -15,13 +15,12 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// An I/O error.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+        /// The cause (shown in the message, so not chained again as a source).
+        error: std::io::Error,
     },
     /// The file's content is not acceptable.
     #[error("{path}: {why}")]
@@ -42,7 +41,7 @@ impl FileError {
 
 /// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    let io = |source| FileError::Io { path: path.to_path_buf(), source };
+    let io = |source| FileError::Io { path: path.to_path_buf(), error: source };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -107,7 +106,7 @@ pub struct TensorFile {
 impl TensorFile {
     /// Reads and validates a safetensors file.
     pub fn load(path: &Path, device: &Device) -> Result<Self, FileError> {
-        let raw = std::fs::read(path).map_err(|source| FileError::Io { path: path.to_path_buf(), source })?;
+        let raw = std::fs::read(path).map_err(|source| FileError::Io { path: path.to_path_buf(), error: source })?;
         Self::from_bytes(path, &raw, device)
     }
 

@@ -42,13 +42,12 @@ impl IdxKind {
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
     /// The file could not be opened or read (including a corrupt gzip stream).
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not chained again as a source).
+        error: std::io::Error,
     },
     /// The file is shorter than its header.
     #[error("{path}: truncated header: {len} bytes, need at least {need}")]
@@ -140,7 +139,7 @@ pub struct IdxData {
 const MAX_BYTES: u64 = 1 << 30;
 
 fn read_all(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let io = |source| IdxError::Io { path: path.to_path_buf(), source };
+    let io = |source| IdxError::Io { path: path.to_path_buf(), error: source };
     let mut file = BufReader::new(File::open(path).map_err(io)?);
     let mut head = Vec::with_capacity(2);
     (&mut file).take(2).read_to_end(&mut head).map_err(io)?;
