@@ -205,10 +205,18 @@ fn split_key(name: &str) -> Option<(&str, bool)> {
 /// against the config, dtypes (float, converted to F32), finite values.
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let cpath = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cpath).map_err(|error| FileError::Io { path: cpath.clone(), error })?;
     let wpath = dir.join(WEIGHTS_FILE);
-    let text = std::fs::read_to_string(&cpath).map_err(|source| FileError::Io { path: cpath.clone(), error: source })?;
-    let (config, base) = parse_peft_config(&cpath, &text)?;
-    let file = TensorFile::load(&wpath, &Device::Cpu)?;
+    let weights = std::fs::read(&wpath).map_err(|error| FileError::Io { path: wpath.clone(), error })?;
+    adapter_from_bytes(dir, &text, &weights)
+}
+
+/// [`read_adapter`] on the two files' contents already in memory; `dir` names the source in errors.
+pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Result<AdapterFiles> {
+    let (cpath, wpath) = (dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE));
+    let text = config_text;
+    let (config, base) = parse_peft_config(&cpath, text)?;
+    let file = TensorFile::from_bytes(&wpath, weights, &Device::Cpu)?;
     let mut a_of = BTreeMap::new();
     let mut b_of = BTreeMap::new();
     for (name, t) in &file.tensors {

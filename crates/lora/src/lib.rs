@@ -20,7 +20,7 @@ mod linear;
 mod merge;
 mod model;
 
-pub use adapter::{read_adapter, AdapterFiles, LoadOptions, SaveOptions};
+pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
 pub use linear::{Adapter, LoraLinear};

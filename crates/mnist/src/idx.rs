@@ -138,24 +138,18 @@ pub struct IdxData {
 /// Largest file we accept after decompression (MNIST train images are 47 MB): guards against gzip bombs.
 const MAX_BYTES: u64 = 1 << 30;
 
-fn read_all(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let io = |source| IdxError::Io { path: path.to_path_buf(), error: source };
-    let mut file = BufReader::new(File::open(path).map_err(io)?);
-    let mut head = Vec::with_capacity(2);
-    (&mut file).take(2).read_to_end(&mut head).map_err(io)?;
-    let mut raw = head.clone();
-    if head == [0x1f, 0x8b] {
-        let chained = std::io::Cursor::new(head).chain(file);
-        let mut out = Vec::new();
-        GzDecoder::new(chained).take(MAX_BYTES + 1).read_to_end(&mut out).map_err(io)?;
-        raw = out;
-    } else {
-        file.take(MAX_BYTES + 1).read_to_end(&mut raw).map_err(io)?;
+/// Decompresses `raw` when it starts with the gzip signature `1f 8b`; otherwise returns it as is.
+fn gunzip_if_needed(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, IdxError> {
+    let io = |error| IdxError::Io { path: path.to_path_buf(), error };
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
     }
-    if raw.len() as u64 > MAX_BYTES {
-        return Err(io(std::io::Error::other("larger than 1 GiB")));
+    let mut out = Vec::new();
+    GzDecoder::new(&raw[..]).take(MAX_BYTES + 1).read_to_end(&mut out).map_err(io)?;
+    if out.len() as u64 > MAX_BYTES {
+        return Err(io(std::io::Error::other("decompresses to more than 1 GiB")));
     }
-    Ok(raw)
+    Ok(out)
 }
 
 /// Parses IDX bytes already in memory; `path` only names the source in errors.
@@ -196,7 +190,19 @@ pub fn parse_idx(path: &Path, raw: &[u8], kind: IdxKind) -> Result<IdxData, IdxE
 /// Any [`IdxError`]: unreadable file or corrupt gzip, wrong magic, zero dimensions, truncated or
 /// over-long data, and for labels a value outside 0–9.
 pub fn read_idx(path: &Path, kind: IdxKind) -> Result<IdxData, IdxError> {
-    let raw = read_all(path)?;
+    let io = |error| IdxError::Io { path: path.to_path_buf(), error };
+    let file = File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() > MAX_BYTES {
+        return Err(io(std::io::Error::other("larger than 1 GiB")));
+    }
+    let mut raw = Vec::new();
+    BufReader::new(file).read_to_end(&mut raw).map_err(io)?;
+    decode_idx(path, raw, kind)
+}
+
+/// [`read_idx`] on bytes already in memory (raw or gzip); `path` only names the source in errors.
+pub fn decode_idx(path: &Path, raw: Vec<u8>, kind: IdxKind) -> Result<IdxData, IdxError> {
+    let raw = gunzip_if_needed(path, raw)?;
     let idx = parse_idx(path, &raw, kind)?;
     if kind == IdxKind::Labels {
         if let Some((index, &value)) = idx.data.iter().enumerate().find(|(_, &v)| v > 9) {

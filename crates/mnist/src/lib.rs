@@ -11,4 +11,4 @@ mod dataset;
 mod idx;
 
 pub use dataset::{mean_std, normalize, Mnist, Split};
-pub use idx::{parse_idx, read_idx, IdxData, IdxError, IdxKind, IMAGES_MAGIC, LABELS_MAGIC};
+pub use idx::{decode_idx, parse_idx, read_idx, IdxData, IdxError, IdxKind, IMAGES_MAGIC, LABELS_MAGIC};

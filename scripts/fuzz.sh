@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target for SECONDS each (default 600), one after another, with the kept corpus as
+# seeds and a scratch corpus for new inputs. Crashes land in fuzz/artifacts/<target>/: copy them to
+# fuzz/regressions/<target>/ so tests/fuzz_regressions.rs replays them forever.
+# cargo-fuzz needs nightly rustc flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+secs=${1:-600}
+scratch=${FUZZ_SCRATCH:-/tmp/lora-fuzz-corpus}
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build -O
+for t in idx safetensors_model adapter_config adapter_files; do
+  mkdir -p "$scratch/$t"
+  echo "== $t: ${secs}s"
+  cargo fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=4096 -max_len=65536 2>&1 | grep -E "^#[0-9]+.*(DONE|pulse)|Done|ERROR|SUMMARY|crash-" | tail -3
+done
