@@ -24,6 +24,18 @@ pub enum Command {
     Eval(EvalArgs),
     /// Count parameters per layer, with and without LoRA, without training anything.
     Params(ParamsArgs),
+    /// Draw the network as a Graphviz DOT graph (layers, shapes, parameter counts, the LoRA branches);
+    /// also SVG and PNG when Graphviz's `dot` is installed.
+    Graph(GraphArgs),
+}
+
+/// Pictures and the HTML page.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Write charts (PNG and SVG), loss metrics (CSV and JSON lines), the network (DOT) and a
+    /// self-contained report.html into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// Where the data is.
@@ -88,6 +100,8 @@ pub struct DemoArgs {
     /// Where to write the JSON report (default: OUT/report.json).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +128,8 @@ pub struct PretrainArgs {
     /// Also write a JSON summary here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +142,8 @@ pub struct EvalArgs {
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -140,4 +158,21 @@ pub struct ParamsArgs {
     /// Also write the counts as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Draw the plain network, without LoRA branches (what pre-training trains).
+    #[arg(long)]
+    pub no_lora: bool,
+    /// Take the layer sizes from this saved model instead of --hidden1/--hidden2.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Where to write the DOT file; FILE.svg and FILE.png go beside it when `dot` is installed.
+    #[arg(long, default_value = "runs/network.dot", value_name = "FILE.dot")]
+    pub out: PathBuf,
 }

@@ -18,10 +18,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
             data.raw.test.pixels()
         );
     }
+    let started = std::time::Instant::now();
     let e = evaluate(&net, &data.test, 1000)?;
+    let seconds = started.elapsed().as_secs_f64();
     print_eval(&format!("{} on the test set:", a.model.display()), &e);
+    let summary = json!({"model": a.model, "accuracy": e.accuracy, "wrong": e.wrong, "confusion": e.confusion});
     if let Some(j) = &a.json {
-        write_json(j, &json!({"model": a.model, "accuracy": e.accuracy, "wrong": e.wrong, "confusion": e.confusion}))?;
+        write_json(j, &summary)?;
+    }
+    if let Some(dir) = &a.report.report {
+        let name = a.model.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
+        let run = crate::viz::EvalRun { args: &a, net: &net, models: vec![(name, &e)], summary: &summary, seconds };
+        crate::viz::eval(dir, run)?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod demo;
 mod eval;
+mod graph;
 mod params;
 mod pretrain;
 
@@ -15,5 +16,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Params(a) => params::run(a),
+        Command::Graph(a) => graph::run(a),
     }
 }

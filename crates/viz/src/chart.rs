@@ -46,10 +46,20 @@ fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-/// Exponential moving average with bias correction (as TensorBoard smooths): span grows with the
-/// series, about 1/20 of its length (1 = no smoothing) and at most 100 steps.
+/// The smoothing span for a series of `n` steps: about n/20, at least 3 from 10 steps on, at most 100;
+/// below 10 steps 1 (no smoothing).
+pub(crate) fn span(n: usize) -> usize {
+    if n < 10 {
+        1
+    } else {
+        (n / 20).clamp(3, 100)
+    }
+}
+
+/// Exponential moving average with bias correction (as TensorBoard smooths), over a span of about 1/20
+/// of the series (at least 3 steps from 10 steps on, at most 100; series under 10 steps are left alone).
 pub fn smooth(values: &[f32]) -> Vec<f32> {
-    let span = (values.len() / 20).clamp(1, 100) as f64;
+    let span = span(values.len()) as f64;
     let beta = 1.0 - 2.0 / (span + 1.0);
     let mut m = 0.0f64;
     let mut w = 1.0f64;
@@ -294,7 +304,7 @@ where
         ch.draw_series(LineSeries::new(raw, col.mix(0.35).stroke_width(1)))?
             .label("loss per step")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.mix(0.35).stroke_width(2)));
-        let span = (losses.len() / 20).clamp(1, 100);
+        let span = span(losses.len());
         let smoothed = s.points.iter().zip(&sm).map(|(p, &m)| (p.step as f64, m as f64));
         ch.draw_series(LineSeries::new(smoothed, col.stroke_width(3)))?
             .label(format!("smoothed (EMA, span {span})"))

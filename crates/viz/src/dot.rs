@@ -103,7 +103,7 @@ impl NetGraph {
         }
         line(format!("digraph {} {{", q(&self.title)));
         line(format!(
-            "  graph [label={}, labelloc=t, fontsize=16, fontname=\"DejaVu Sans\", rankdir=TB, nodesep=0.4, ranksep=0.45];",
+            "  graph [label={}, labelloc=t, fontsize=16, fontname=\"DejaVu Sans\", rankdir=TB, nodesep=0.4, ranksep=0.35];",
             q(&title)
         ));
         line("  node [shape=box, style=\"rounded,filled\", fontname=\"DejaVu Sans\", fontsize=11, fillcolor=white];".into());
@@ -158,7 +158,7 @@ impl NetGraph {
         line("    label=\"legend\"; style=rounded; color=\"#bdbdbd\"; fontsize=11;".into());
         line(format!("    legend_frozen [label=\"frozen (no gradient)\", {FROZEN}];"));
         line(format!("    legend_trainable [label=\"trainable\", {TRAINABLE}];"));
-        line("    legend_frozen -> legend_trainable [style=invis];".into());
+        line("    { rank=same; legend_frozen; legend_trainable; }".into());
         line("  }".into());
         line("}".into());
         d

@@ -24,6 +24,8 @@ pub enum Block {
         /// Links shown under the caption (relative paths, e.g. `loss.png`).
         links: Vec<String>,
     },
+    /// Blocks side by side (wrapping onto the next line when the page is narrow), one column per list.
+    Columns(Vec<Vec<Block>>),
     /// A JSON value as nested tables, folded away by default.
     Json {
         /// The summary line that unfolds it.
@@ -92,12 +94,13 @@ header p.sub { margin: 0 0 16px; color: var(--muted); font-family: "DejaVu Sans 
 .verdict { border-radius: 8px; padding: 12px 18px; margin: 0 0 18px; color: #fff; font-size: 17px; font-weight: bold; }
 .verdict.ok { background: var(--ok); }
 .verdict.bad { background: var(--bad); }
-.verdict ul { margin: 6px 0 0; padding-left: 20px; font-weight: normal; font-size: 14px; }
+.verdict ul { margin: 6px 0 0; padding-left: 4px; list-style: none; font-weight: normal; font-size: 14px; }
 nav { margin: 0 0 20px; font-size: 14px; }
 nav a { color: var(--accent); text-decoration: none; margin-right: 14px; white-space: nowrap; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 16px 22px 20px; margin: 0 0 20px; }
 section h2 { margin: 0 0 12px; font-size: 20px; border-bottom: 2px solid var(--accent); display: inline-block; padding-bottom: 2px; }
 h3 { font-size: 15px; margin: 16px 0 6px; color: #444; }
+.cols { display: flex; flex-wrap: wrap; gap: 0 56px; align-items: flex-start; }
 dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 4px 22px; margin: 0; }
 dl.kv dt { color: var(--muted); }
 dl.kv dd { margin: 0; font-variant-numeric: tabular-nums; }
@@ -145,9 +148,9 @@ impl Page {
         if self.sections.len() > 1 {
             h.push_str("<nav>");
             for (i, s) in self.sections.iter().enumerate() {
-                h.push_str(&format!("<a href=\"#s{i}\">{}</a>", esc(&s.title)));
+                h.push_str(&format!("\n<a href=\"#s{i}\">{}</a>", esc(&s.title)));
             }
-            h.push_str("</nav>\n");
+            h.push_str("\n</nav>\n");
         }
         for (i, s) in self.sections.iter().enumerate() {
             h.push_str(&format!("<section id=\"s{i}\">\n<h2>{}</h2>\n", esc(&s.title)));
@@ -247,6 +250,17 @@ fn block(h: &mut String, b: &Block) {
                 h.push_str(&format!("<a href=\"{}\">{}</a>", esc(l), esc(l)));
             }
             h.push_str("</figcaption>\n</figure>\n");
+        }
+        Block::Columns(cols) => {
+            h.push_str("<div class=\"cols\">\n");
+            for col in cols {
+                h.push_str("<div>\n");
+                for b in col {
+                    block(h, b);
+                }
+                h.push_str("</div>\n");
+            }
+            h.push_str("</div>\n");
         }
         Block::Json { summary, value } => {
             h.push_str(&format!("<details>\n<summary>{}</summary>\n", esc(summary)));

@@ -27,6 +27,8 @@ pub struct RunReport {
     pub settings: Vec<(String, String)>,
     /// Statistics of the data.
     pub data: Vec<(String, String)>,
+    /// Tables shown beside the data statistics (e.g. images per class).
+    pub data_tables: Vec<Table>,
     /// Training losses, one series per training run (pre-training, fine-tuning…).
     pub losses: Vec<LossSeries>,
     /// Class labels for the wrong-count and confusion charts (default: 0, 1, 2, …).
@@ -41,7 +43,7 @@ pub struct RunReport {
     pub params_lora_name: String,
     /// Facts with pass/fail (e.g. the proof that the base is unchanged); shown as the page's banner too.
     pub checks: Vec<Check>,
-    /// Further tables.
+    /// Further tables, shown side by side in a section of their own.
     pub tables: Vec<Table>,
     /// The network, written as `network.dot`.
     pub graph: Option<NetGraph>,
@@ -61,8 +63,12 @@ fn put_file(dir: &Path, written: &mut Vec<FileInfo>, name: &str, bytes: &[u8]) -
     Ok(())
 }
 
-fn kv(pairs: &[(String, String)]) -> Block {
-    Block::KeyValues(pairs.to_vec())
+fn pairs_table(title: &str, key: &str, pairs: &[(String, String)]) -> Table {
+    Table {
+        title: title.into(),
+        header: vec![key.into(), "value".into()],
+        rows: pairs.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect(),
+    }
 }
 
 impl RunReport {
@@ -182,20 +188,17 @@ impl RunReport {
             })
         };
         let mut sections = Vec::new();
-        let mut overview = Vec::new();
+        let mut left = Vec::new();
         if !self.settings.is_empty() {
-            overview.push(Block::Table(Table {
-                title: "Settings".into(),
-                header: vec!["setting".into(), "value".into()],
-                rows: self.settings.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect(),
-            }));
+            left.push(Block::Table(pairs_table("Settings", "setting", &self.settings)));
         }
+        let mut right = Vec::new();
         if !self.data.is_empty() {
-            overview.push(Block::Text("Data:".into()));
-            overview.push(kv(&self.data));
+            right.push(Block::Table(pairs_table("Data", "statistic", &self.data)));
         }
-        if !overview.is_empty() {
-            sections.push(Section { title: "Run".into(), blocks: overview });
+        right.extend(self.data_tables.iter().cloned().map(Block::Table));
+        if !left.is_empty() || !right.is_empty() {
+            sections.push(Section { title: "Run".into(), blocks: vec![Block::Columns(vec![left, right])] });
         }
         if !self.checks.is_empty() {
             sections.push(Section { title: "Proof that the base is unchanged".into(), blocks: vec![Block::Checks(self.checks.clone())] });
@@ -266,8 +269,9 @@ impl RunReport {
             }
             sections.push(Section { title: "Network and parameters".into(), blocks });
         }
-        for t in &self.tables {
-            sections.push(Section { title: t.title.clone(), blocks: vec![Block::Table(Table { title: String::new(), ..t.clone() })] });
+        if !self.tables.is_empty() {
+            let cols = self.tables.iter().map(|t| vec![Block::Table(t.clone())]).collect();
+            sections.push(Section { title: "Tables".into(), blocks: vec![Block::Columns(cols)] });
         }
         let mut files = Table::new("", &["file", "bytes"]);
         for f in self.files.iter().chain(written) {
