@@ -278,15 +278,16 @@ impl RunReport {
             files.row(vec![f.path.clone(), group(f.bytes as usize)]);
         }
         files.row(vec![format!("{} (this page)", dir.join("report.html").display()), String::new()]);
-        let mut blocks = vec![Block::Table(files)];
+        files.title = "Files".into();
+        let mut cols = vec![vec![Block::Table(files)]];
         if !self.timings.is_empty() {
             let mut t = Table::new("Timings", &["what", "seconds"]);
             for x in &self.timings {
                 t.row(vec![x.name.clone(), format!("{:.2}", x.seconds)]);
             }
-            blocks.push(Block::Table(t));
+            cols.push(vec![Block::Table(t)]);
         }
-        sections.push(Section { title: "Files and timings".into(), blocks });
+        sections.push(Section { title: "Files and timings".into(), blocks: vec![Block::Columns(cols)] });
         if let Some(j) = &self.json {
             sections.push(Section {
                 title: "JSON report".into(),
