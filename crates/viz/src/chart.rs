@@ -15,6 +15,15 @@ use crate::error::{Result, VizError};
 static FONT: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 const SANS: &str = "sans-serif";
 
+/// A loss to 4 decimals, or in scientific notation when that would show only zeros.
+pub(crate) fn fmt_loss(l: f32) -> String {
+    if l != 0.0 && l.abs() < 1e-3 {
+        format!("{l:.2e}")
+    } else {
+        format!("{l:.4}")
+    }
+}
+
 /// Registers the bundled font once; every chart calls it before drawing.
 fn fonts() -> Result<()> {
     static OK: OnceLock<bool> = OnceLock::new();
@@ -281,9 +290,11 @@ where
         let losses: Vec<f32> = s.points.iter().map(|p| p.loss).collect();
         let sm = smooth(&losses);
         let last = s.points.last().map_or(1, |p| p.step).max(2) as f64;
-        let top = losses.iter().cloned().fold(0f32, f32::max).max(1e-6) as f64 * 1.05;
+        // Headroom above the highest loss keeps the legend (upper right) clear of the curves.
+        let top = losses.iter().cloned().fold(0f32, f32::max).max(1e-6) as f64 * 1.35;
         let secs = s.points.last().map_or(0.0, |p| p.seconds);
-        let caption = format!("{}: {} steps, {:.1} s, final smoothed loss {:.4}", s.name, s.points.len(), secs, sm.last().unwrap_or(&0.0));
+        let caption =
+            format!("{}: {} steps, {:.1} s, final smoothed loss {}", s.name, s.points.len(), secs, fmt_loss(*sm.last().unwrap_or(&0.0)));
         let mut ch = ChartBuilder::on(panel)
             .caption(caption, label_font(16))
             .margin(12)
@@ -577,6 +588,13 @@ mod tests {
         assert_eq!(smooth(&[3.0, 1.0, 2.0]), vec![3.0, 1.0, 2.0]);
         let s = smooth(&(0..400).map(|i| if i % 2 == 0 { 1.0 } else { 0.0 }).collect::<Vec<f32>>());
         assert!((s[399] - 0.5).abs() < 0.05, "{}", s[399]);
+    }
+
+    #[test]
+    fn tiny_losses_are_shown_in_scientific_notation_instead_of_zeros() {
+        assert_eq!(fmt_loss(0.22501), "0.2250");
+        assert_eq!(fmt_loss(0.0), "0.0000");
+        assert_eq!(fmt_loss(3.2e-5), "3.20e-5");
     }
 
     #[test]

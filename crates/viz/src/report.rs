@@ -4,7 +4,7 @@ use std::path::Path;
 
 use lora::io::write_atomic;
 
-use crate::chart::{Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
+use crate::chart::{fmt_loss, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
 use crate::data::{group, slug, Check, Counts, FileInfo, LayerCount, LossSeries, Matrix, Table, Timing};
 use crate::dot::{graphviz_available, render_dot, NetGraph};
 use crate::error::Result;
@@ -211,8 +211,8 @@ impl RunReport {
                 t.row(vec![
                     s.name.clone(),
                     s.points.len().to_string(),
-                    first.map_or(String::new(), |p| format!("{:.4}", p.loss)),
-                    last.map_or(String::new(), |p| format!("{:.4}", p.loss)),
+                    first.map_or(String::new(), |p| fmt_loss(p.loss)),
+                    last.map_or(String::new(), |p| fmt_loss(p.loss)),
                     last.map_or(String::new(), |p| format!("{:.2}", p.seconds)),
                     format!("{stem}.csv, {stem}.jsonl"),
                 ]);
