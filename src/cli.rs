@@ -34,6 +34,18 @@ pub enum Command {
     /// Measure LoRA's storage and switching costs: adapter vs checkpoint bytes, switch and load times,
     /// trainable parameters and optimizer memory.
     BenchAdapters(BenchAdaptersArgs),
+    /// Draw the network as a Graphviz DOT graph (layers, shapes, parameter counts, the LoRA branches);
+    /// also SVG and PNG when Graphviz's `dot` is installed.
+    Graph(GraphArgs),
+}
+
+/// Pictures and the HTML page.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Write charts (PNG and SVG), loss metrics (CSV and JSON lines), the network (DOT) and a
+    /// self-contained report.html into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// Where the data is.
@@ -98,6 +110,8 @@ pub struct DemoArgs {
     /// Where to write the JSON report (default: OUT/report.json).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +138,8 @@ pub struct PretrainArgs {
     /// Also write a JSON summary here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +158,8 @@ pub struct EvalArgs {
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +231,8 @@ pub struct FinetuneArgs {
     /// Also write a JSON summary (before/after wrong counts) here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -254,4 +274,21 @@ pub struct BenchAdaptersArgs {
     /// Also write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Draw the plain network, without LoRA branches (what pre-training trains).
+    #[arg(long)]
+    pub no_lora: bool,
+    /// Take the layer sizes from this saved model instead of --hidden1/--hidden2.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Where to write the DOT file; FILE.svg and FILE.png go beside it when `dot` is installed.
+    #[arg(long, default_value = "runs/network.dot", value_name = "FILE.dot")]
+    pub out: PathBuf,
 }

@@ -6,6 +6,7 @@ mod cmd;
 mod common;
 mod progress;
 mod report;
+mod viz;
 
 use clap::Parser;
 

@@ -24,6 +24,7 @@ fn to_eval(e: &Evaluation) -> EvalReport {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
+    let started = std::time::Instant::now();
     let lcfg = LoraConfig::new(a.lora.rank as usize, a.lora.alpha);
     lcfg.validate()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -166,6 +167,24 @@ pub fn run(a: DemoArgs) -> Result<()> {
         dir_bytes(&adapter_dir)?,
         json_path.display()
     );
+    if let Some(dir) = &a.report.report {
+        let total_seconds = started.elapsed().as_secs_f64();
+        let (pretrain, finetune, json_path) = (&pstats, &fstats, json_path.as_path());
+        let run = crate::viz::DemoRun {
+            args: &a,
+            data: &data,
+            net: &net,
+            report: &report,
+            json_path,
+            pretrain,
+            finetune,
+            pre: &pre,
+            on: &on,
+            off: &off,
+            total_seconds,
+        };
+        crate::viz::demo(dir, run)?;
+    }
     anyhow::ensure!(base_unchanged, "the base network changed during LoRA fine-tuning");
     Ok(())
 }

@@ -22,6 +22,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         net.model.load_adapter(name, dir, &opts).with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
     }
     // One loaded base; switching the active adapter copies no weights.
+    let started = std::time::Instant::now();
     net.model.set_active(&[])?;
     let base = evaluate(&net, &data.test, 1000)?;
     let mut results = Vec::new();
@@ -37,13 +38,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("Wrong answers per digit (test set), {} with each adapter:", a.model.display());
         print_wrong_table(&cols);
     }
+    let adapters: Map<String, Value> = results.iter().map(|(n, e)| (n.clone(), to_json(e))).collect();
+    let summary = json!({"model": a.model, "accuracy": base.accuracy, "wrong": base.wrong, "confusion": base.confusion,
+        "base": to_json(&base), "adapters": adapters});
     if let Some(j) = &a.json {
-        let adapters: Map<String, Value> = results.iter().map(|(n, e)| (n.clone(), to_json(e))).collect();
-        write_json(
-            j,
-            &json!({"model": a.model, "accuracy": base.accuracy, "wrong": base.wrong, "confusion": base.confusion,
-                "base": to_json(&base), "adapters": adapters}),
-        )?;
+        write_json(j, &summary)?;
+    }
+    if let Some(dir) = &a.report.report {
+        let name = a.model.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
+        let mut models = vec![(if results.is_empty() { name } else { "base".to_string() }, &base)];
+        models.extend(results.iter().map(|(n, e)| (n.clone(), e)));
+        let run = crate::viz::EvalRun { args: &a, net: &net, models, summary: &summary, seconds: started.elapsed().as_secs_f64() };
+        crate::viz::eval(dir, run)?;
     }
     Ok(())
 }

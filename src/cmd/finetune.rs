@@ -50,13 +50,24 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         ft.trainable,
         ft.stats.seconds
     );
-    if let Some(j) = &a.json {
-        write_json(
-            j,
-            &json!({"model": a.model, "adapter": a.out, "adapter_bytes": bytes, "digit": digit, "steps": ft.stats.steps,
+    let summary = json!({"model": a.model, "adapter": a.out, "adapter_bytes": bytes, "digit": digit, "steps": ft.stats.steps,
                 "rank": lcfg.r, "alpha": lcfg.alpha, "use_rslora": a.rslora, "trainable_params": ft.trainable, "seconds": ft.stats.seconds,
-                "before": {"accuracy": before.accuracy, "wrong": before.wrong}, "after": {"accuracy": after.accuracy, "wrong": after.wrong}}),
-        )?;
+                "before": {"accuracy": before.accuracy, "wrong": before.wrong}, "after": {"accuracy": after.accuracy, "wrong": after.wrong}});
+    if let Some(j) = &a.json {
+        write_json(j, &summary)?;
+    }
+    if let Some(dir) = &a.report.report {
+        let run = crate::viz::FinetuneRun {
+            args: &a,
+            data: &data,
+            net: &net,
+            digit,
+            stats: &ft.stats,
+            before: &before,
+            after: &after,
+            summary: &summary,
+        };
+        crate::viz::finetune(dir, run)?;
     }
     Ok(())
 }

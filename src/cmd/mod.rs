@@ -4,6 +4,7 @@ mod bench_adapters;
 mod demo;
 mod eval;
 mod finetune;
+mod graph;
 mod inspect;
 mod merge;
 mod params;
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::BenchAdapters(a) => bench_adapters::run(a),
+        Command::Graph(a) => graph::run(a),
     }
 }

@@ -27,12 +27,14 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let e = evaluate(&net, &data.test, 1000)?;
     print_eval("Pre-trained network on the test set:", &e);
     println!("Saved {} ({bytes} bytes) after {} steps in {:.1} s", a.out.display(), stats.steps, stats.seconds);
+    let summary = json!({"epochs": cfg.epochs, "steps": stats.steps, "seconds": stats.seconds,
+    "accuracy": e.accuracy, "wrong": e.wrong, "model": a.out, "model_bytes": bytes});
     if let Some(j) = &a.json {
-        write_json(
-            j,
-            &json!({"epochs": cfg.epochs, "steps": stats.steps, "seconds": stats.seconds,
-            "accuracy": e.accuracy, "wrong": e.wrong, "model": a.out, "model_bytes": bytes}),
-        )?;
+        write_json(j, &summary)?;
+    }
+    if let Some(dir) = &a.report.report {
+        let run = crate::viz::PretrainRun { args: &a, data: &data, net: &net, stats: &stats, eval: &e, summary: &summary };
+        crate::viz::pretrain(dir, run)?;
     }
     Ok(())
 }

@@ -84,6 +84,8 @@ pub struct TrainStats {
     pub seconds: f64,
     /// Every step's loss, in order.
     pub losses: Vec<f32>,
+    /// Seconds since training started at the end of each step (same length as `losses`).
+    pub step_seconds: Vec<f64>,
 }
 
 /// Trains the model's trainable tensors (see [`lora::LoraModel::trainable_vars`]) on `data`.
@@ -106,6 +108,7 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
     let per_epoch = cfg.steps_per_epoch(n);
     let start = Instant::now();
     let mut losses = Vec::new();
+    let mut step_seconds = Vec::new();
     'outer: for epoch in 1..=cfg.epochs {
         order.shuffle(&mut rng);
         let remaining = cfg.max_steps.map_or(usize::MAX, |m| m - losses.len());
@@ -121,6 +124,8 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
             }
             opt.backward_step(&loss)?;
             losses.push(l);
+            let seconds = start.elapsed().as_secs_f64();
+            step_seconds.push(seconds);
             sum += l as f64;
             let info = StepInfo {
                 epoch,
@@ -129,7 +134,7 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
                 global_step: losses.len(),
                 loss: l,
                 avg_loss: (sum / (i + 1) as f64) as f32,
-                seconds: start.elapsed().as_secs_f64(),
+                seconds,
             };
             on_step(&info);
             if cfg.max_steps.is_some_and(|m| losses.len() >= m) {
@@ -137,5 +142,5 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
             }
         }
     }
-    Ok(TrainStats { steps: losses.len(), seconds: start.elapsed().as_secs_f64(), losses })
+    Ok(TrainStats { steps: losses.len(), seconds: start.elapsed().as_secs_f64(), losses, step_seconds })
 }
