@@ -14,11 +14,13 @@
 
 mod config;
 mod error;
+pub mod fused;
 pub mod io;
 mod linear;
 mod model;
 
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
+pub use fused::{Activation, Backend};
 pub use linear::{Adapter, LoraLinear};
 pub use model::LoraModel;
