@@ -297,12 +297,14 @@ pub fn linear_backward(
             matmul_into(&mut gb, gm, ad.b, 1.0, false)?; // (n, out)·(out, r)
         }
         if let Some(da) = grads.da {
-            matmul_into(da, MatRef::row_major(&gb, n, r)?.t(), x, ad.scale, acc)?; // s·(r, n)·(n, in)
+            matmul_into(da, MatRef::row_major(&gb, n, r)?.t(), x, ad.scale, acc)?;
+            // s·(r, n)·(n, in)
         }
         if let Some(dlb) = grads.dlora_b {
             let mut xa = vec![0f32; n * r];
             matmul_into(&mut xa, x, ad.a.t(), 1.0, false)?; // (n, r)
-            matmul_into(dlb, gm.t(), MatRef::row_major(&xa, n, r)?, ad.scale, acc)?; // s·(out, n)·(n, r)
+            matmul_into(dlb, gm.t(), MatRef::row_major(&xa, n, r)?, ad.scale, acc)?;
+            // s·(out, n)·(n, r)
         }
     }
     if let Some(dx) = grads.dx {
@@ -311,7 +313,8 @@ pub fn linear_backward(
         }
         matmul_into(dx, gm, p.weight, 1.0, acc)?; // (n, out)·(out, in)
         if let Some(ad) = &p.adapter {
-            matmul_into(dx, MatRef::row_major(&gb, n, ad.a.rows)?, ad.a, ad.scale, true)?; // + s·(n, r)·(r, in)
+            matmul_into(dx, MatRef::row_major(&gb, n, ad.a.rows)?, ad.a, ad.scale, true)?;
+            // + s·(n, r)·(r, in)
         }
     }
     Ok(())
@@ -409,12 +412,7 @@ impl FrozenBaseOp {
             let mut dx = x.track_op().then(|| vec![0f32; n * inp]);
             let mut da = want_a.then(|| vec![0f32; r * inp]);
             let mut dlb = want_b.then(|| vec![0f32; out * r]);
-            let grads = LinearGrads {
-                dx: dx.as_deref_mut(),
-                da: da.as_deref_mut(),
-                dlora_b: dlb.as_deref_mut(),
-                ..LinearGrads::default()
-            };
+            let grads = LinearGrads { dx: dx.as_deref_mut(), da: da.as_deref_mut(), dlora_b: dlb.as_deref_mut(), ..LinearGrads::default() };
             let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
             linear_backward(xm, p, self.act, y, hg.mat()?, grads)?;
             Ok([
@@ -443,10 +441,25 @@ impl CustomOp3 for FrozenBaseOp {
     fn name(&self) -> &'static str {
         "lora-fused-linear"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         self.forward(cpu_mat(s1, l1)?, Some(cpu_mat(s2, l2)?), Some(cpu_mat(s3, l3)?))
     }
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [dx, da, db] = self.backward(x, Some((a, b)), res, &grad.contiguous()?)?;
         Ok((dx, da, db))
     }
@@ -474,8 +487,7 @@ impl TrainableBaseOp {
         let mut dx = x.track_op().then(|| vec![0f32; n * inp]);
         let mut dw = w.track_op().then(|| vec![0f32; out * inp]);
         let mut db = bias.filter(|b| b.track_op()).map(|_| vec![0f32; out]);
-        let grads =
-            LinearGrads { dx: dx.as_deref_mut(), dw: dw.as_deref_mut(), db: db.as_deref_mut(), ..LinearGrads::default() };
+        let grads = LinearGrads { dx: dx.as_deref_mut(), dw: dw.as_deref_mut(), db: db.as_deref_mut(), ..LinearGrads::default() };
         let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
         linear_backward(xm, &p, self.act, y, hg.mat()?, grads)?;
         Ok([
@@ -503,14 +515,29 @@ impl CustomOp3 for TrainableBaseOp {
     fn name(&self) -> &'static str {
         "lora-fused-base-linear-bias"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let b = &s3.as_slice::<f32>()?[l3.start_offset()..];
         if !l3.is_contiguous() || l3.dims().len() != 1 {
             candle_core::bail!("fused linear: the bias must be a contiguous vector")
         }
         self.forward(cpu_mat(s1, l1)?, cpu_mat(s2, l2)?, Some(&b[..l3.dims()[0]]))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [dx, dw, db] = self.backward(x, w, Some(b), res, &grad.contiguous()?)?;
         Ok((dx, dw, db))
     }
@@ -606,11 +633,18 @@ mod tests {
 
     /// A layer (out, in) with bias and one active adapter of rank r, alpha ≠ r, and a non-zero B.
     fn layer(inp: usize, out: usize, r: usize, alpha: f64, frozen: bool, backend: Backend) -> LoraLinear {
-        let mut l = LoraLinear::new(t2(rand_vec(out * inp, 1), (out, inp)), Some(Tensor::from_vec(rand_vec(out, 2), out, &Device::Cpu).unwrap()))
-            .unwrap();
-        if frozen {
-            let ad = Adapter::from_tensors(&t2(rand_vec(r * inp, 3), (r, inp)), &t2(rand_vec(out * r, 4), (out, r)), alpha, alpha / r as f64, 0.0)
+        let mut l =
+            LoraLinear::new(t2(rand_vec(out * inp, 1), (out, inp)), Some(Tensor::from_vec(rand_vec(out, 2), out, &Device::Cpu).unwrap()))
                 .unwrap();
+        if frozen {
+            let ad = Adapter::from_tensors(
+                &t2(rand_vec(r * inp, 3), (r, inp)),
+                &t2(rand_vec(out * r, 4), (out, r)),
+                alpha,
+                alpha / r as f64,
+                0.0,
+            )
+            .unwrap();
             l.insert_adapter("a", ad).unwrap();
             l.set_active(&["a"]).unwrap();
             l.freeze_base();
@@ -659,7 +693,10 @@ mod tests {
             let l = layer(inp, out, r, alpha, true, backend);
             for act in [Activation::Identity, Activation::Relu] {
                 let g = loss(&l.forward_act_t(xv.as_tensor(), true, act).unwrap(), &c).backward().unwrap();
-                assert!(g.get(l.weight().as_tensor()).is_none() && g.get(l.bias().unwrap().as_tensor()).is_none(), "frozen base got a gradient");
+                assert!(
+                    g.get(l.weight().as_tensor()).is_none() && g.get(l.bias().unwrap().as_tensor()).is_none(),
+                    "frozen base got a gradient"
+                );
                 let ad = l.adapter("a").unwrap();
                 let grad = |t: &Tensor| flat(g.get(t).expect("missing gradient"));
                 results.push((backend, act, grad(xv.as_tensor()), grad(ad.a().as_tensor()), grad(ad.b().as_tensor())));
