@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod demo;
 mod eval;
 mod params;
@@ -15,5 +16,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Params(a) => params::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
