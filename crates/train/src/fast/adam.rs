@@ -125,3 +125,71 @@ impl InplaceOp1 for AdamOp<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::super::store::ParamStore;
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut g = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn fused_adam_matches_candle_adamw_without_weight_decay_over_several_steps() {
+        // Large enough (> PARALLEL_MIN) that the update is split across threads.
+        let n = 3 * PARALLEL_MIN + 5;
+        let init = Tensor::from_vec(rand_vec(n, 1), n, &Device::Cpu).unwrap();
+        let (ours, theirs) = (Var::from_tensor(&init.copy().unwrap()).unwrap(), Var::from_tensor(&init.copy().unwrap()).unwrap());
+        let cfg = AdamConfig { lr: 3e-3, ..AdamConfig::default() };
+        let mut store = ParamStore::new(cfg);
+        store.add_autograd("p", ours.clone()).unwrap();
+        let p = ParamsAdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: 0.0 };
+        let mut adamw = AdamW::new(vec![theirs.clone()], p).unwrap();
+        for step in 0..6 {
+            // loss = Σ c ⊙ θ², a new c each step: gradients 2·c·θ that change sign and size.
+            let c = Tensor::from_vec(rand_vec(n, 100 + step), n, &Device::Cpu).unwrap();
+            let loss = |v: &Var| (v.as_tensor().sqr().unwrap() * &c).unwrap().sum_all().unwrap();
+            store.step(&loss(&ours).backward().unwrap()).unwrap();
+            adamw.backward_step(&loss(&theirs)).unwrap();
+        }
+        let (a, b) = (ours.to_vec1::<f32>().unwrap(), theirs.to_vec1::<f32>().unwrap());
+        // The kernel performs candle's f32 operations in candle's order, so the values agree to the last
+        // bit in practice; 1e-7 absolute (under one ulp at |θ| ≈ 1) leaves room for nothing else.
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-7, "max |fused − AdamW| = {worst}");
+        assert_ne!(a, init.to_vec1::<f32>().unwrap(), "nothing moved");
+    }
+
+    #[test]
+    fn a_buffered_gradient_is_applied_once_and_skipped_when_not_written() {
+        let v = Var::from_tensor(&Tensor::from_vec(vec![1.0f32, -2.0, 3.0], 3, &Device::Cpu).unwrap()).unwrap();
+        let mut store = ParamStore::new(AdamConfig::default());
+        let buf = store.add_buffered("w", v.clone()).unwrap();
+        let none = Tensor::new(0f32, &Device::Cpu).unwrap().backward().unwrap(); // an empty gradient store
+        store.step(&none).unwrap(); // nothing written: unchanged, as AdamW leaves a parameter without gradient
+        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![1.0, -2.0, 3.0]);
+        buf.write(|g, acc| {
+            assert!(!acc);
+            g.copy_from_slice(&[1.0, -1.0, 0.0]);
+            Ok(())
+        })
+        .unwrap();
+        store.step(&none).unwrap();
+        // Step t = 2 (the skipped step counts, as in AdamW): m = 0.1·g, v = 0.001·g², so the move is
+        // lr·(0.1/(1−0.9²)) / √(0.001/(1−0.999²)) per unit sign of g; a zero gradient does not move.
+        let mv = 1e-3 * (0.1 / (1.0 - 0.81)) / (0.001f64 / (1.0 - 0.999f64.powi(2))).sqrt();
+        let got = v.to_vec1::<f32>().unwrap();
+        let want = [1.0 - mv as f32, -2.0 + mv as f32, 3.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        assert!(buf.values().is_none(), "the step consumed the gradient");
+    }
+}

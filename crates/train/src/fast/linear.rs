@@ -82,3 +82,48 @@ impl CustomOp3 for BufferedLinear {
         Ok((dx, None, None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn rand_t(shape: &[usize], seed: u64) -> Tensor {
+        let mut g = StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn buffered_linear_writes_the_gradients_candle_autograd_computes() {
+        let (n, inp, out) = (8, 31, 13);
+        let x = Var::from_tensor(&rand_t(&[n, inp], 1)).unwrap();
+        let w = Var::from_tensor(&rand_t(&[out, inp], 2)).unwrap();
+        let b = Var::from_tensor(&rand_t(&[out], 3)).unwrap();
+        let c = rand_t(&[n, out], 4);
+        let (dw, db) = (Arc::new(GradBuffer::new(out * inp)), Arc::new(GradBuffer::new(out)));
+        let op = BufferedLinear::new(Activation::Relu, dw.clone(), db.clone());
+        let y = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), op).unwrap();
+        let g = (y.sqr().unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(w.as_tensor()).is_none() && g.get(b.as_tensor()).is_none(), "weight gradients must bypass candle's store");
+        let reference = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap().relu().unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), reference.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let gr = (reference.sqr().unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pairs = [
+            ("dx", flat(g.get(x.as_tensor()).unwrap()), flat(gr.get(x.as_tensor()).unwrap())),
+            ("dW", dw.values().unwrap(), flat(gr.get(w.as_tensor()).unwrap())),
+            ("db", db.values().unwrap(), flat(gr.get(b.as_tensor()).unwrap())),
+        ];
+        for (what, ours, theirs) in pairs {
+            // Reordered f32 sums of ≤ 31 terms of size ≲ 10: 1e-5 relative to the largest value.
+            let scale = 1.0 + theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, t) in ours.iter().zip(&theirs) {
+                assert!((a - t).abs() <= 1e-5 * scale, "{what}: {a} vs {t}");
+            }
+        }
+    }
+}
