@@ -24,6 +24,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Count parameters per layer, with and without LoRA, without training anything.
     Params(ParamsArgs),
+    /// Time the workloads of the PyTorch peer script (pre-train epoch, full and LoRA steps, eval, peak
+    /// memory) and print them as one JSON object.
+    Bench(BenchArgs),
     /// Fine-tune a LoRA adapter on one digit on top of a saved model and write it as a PEFT adapter
     /// directory (adapter_config.json + adapter_model.safetensors).
     Finetune(FinetuneArgs),
@@ -160,6 +163,30 @@ pub struct EvalArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Threads for matrix products and the optimizer (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Also write the JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Time the plain-candle reference path instead of the fused one.
+    #[arg(long)]
+    pub reference: bool,
+    /// Timed steps per step benchmark (the median is reported).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Untimed warm-up steps before them.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u32,
+    /// Seed for initialisation, shuffling and LoRA's A.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,11 @@ mod viz;
 
 use clap::Parser;
 
+/// mimalloc keeps freed blocks for reuse: a training step allocates and frees the same few buffers each
+/// time, which the system allocator hands back to the kernel and faults in again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod bench_adapters;
 mod demo;
 mod eval;
@@ -25,5 +26,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::BenchAdapters(a) => bench_adapters::run(a),
         Command::Graph(a) => graph::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -15,6 +15,7 @@
 pub mod adapter;
 mod config;
 mod error;
+pub mod fused;
 pub mod io;
 mod linear;
 mod merge;
@@ -23,6 +24,7 @@ mod model;
 pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
+pub use fused::{Activation, Backend};
 pub use linear::{Adapter, LoraLinear};
 pub use merge::{BaseSnapshot, Combination};
 pub use model::LoraModel;

@@ -23,6 +23,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::config::Init;
 use crate::error::{LoraError, Result};
+use crate::fused::{Activation, Backend};
 
 /// One named adapter of one layer: the pair (A, B) and its scale.
 #[derive(Debug)]
@@ -92,6 +93,7 @@ pub struct LoraLinear {
     merged: Vec<String>,
     disabled: bool,
     rng: Mutex<StdRng>,
+    backend: Backend,
 }
 
 impl LoraLinear {
@@ -115,6 +117,7 @@ impl LoraLinear {
             merged: Vec::new(),
             disabled: false,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
+            backend: Backend::default(),
         })
     }
 
@@ -294,8 +297,24 @@ impl LoraLinear {
         self.forward_t(x, false)
     }
 
+    /// Which implementation forward and backward use (default [`Backend::Fused`]).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+    /// Chooses the implementation of forward and backward; both give the same function.
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
     /// Forward with dropout on the adapter input when `train` is true: x (…, in) → (…, out).
+    /// Runs as one fused op where [`LoraLinear::backend`] and the layer's state allow (see
+    /// [`Backend::Fused`]), else as [`LoraLinear::forward_reference_t`].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act_t(x, train, Activation::Identity)
+    }
+
+    /// The plain-candle forward (tensor ops and candle's autograd): the reference for the fused path.
+    pub fn forward_reference_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| LoraError::State("input is a scalar".into()))?;
         if inp != self.in_features() {

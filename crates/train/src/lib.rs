@@ -9,11 +9,13 @@
 mod data;
 mod error;
 mod eval;
+pub mod fast;
 mod net;
 mod train;
 
 pub use data::Dataset;
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
+pub use fast::Trainer;
 pub use net::ExpensiveNet;
 pub use train::{train, StepInfo, TrainConfig, TrainStats};

@@ -4,7 +4,7 @@
 //! a = √5 reduces to this) and bias ~ U(−k, k), with k = 1/√in_features; drawn from a seeded generator.
 
 use candle_core::{Device, Tensor};
-use lora::{LoraLinear, LoraModel};
+use lora::{Activation, Backend, LoraLinear, LoraModel};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -66,9 +66,20 @@ impl ExpensiveNet {
 
     /// Logits for x: (B, inputs) → (B, classes). `train` enables adapter dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.model.layer("linear1")?.forward_t(x, train)?.relu()?; // (B, h1)
-        let h = self.model.layer("linear2")?.forward_t(&h, train)?.relu()?; // (B, h2)
+        let h = self.model.layer("linear1")?.forward_act_t(x, train, Activation::Relu)?; // (B, h1)
+        let h = self.model.layer("linear2")?.forward_act_t(&h, train, Activation::Relu)?; // (B, h2)
         Ok(self.model.layer("linear3")?.forward_t(&h, train)?) // (B, classes)
+    }
+
+    /// Sets the implementation (fused ops or plain candle) of every layer, and so of [`crate::train`].
+    pub fn set_backend(&mut self, backend: Backend) {
+        for (_, l) in self.model.layers_mut() {
+            l.set_backend(backend);
+        }
+    }
+    /// The implementation the layers use (that of `linear1`; [`ExpensiveNet::set_backend`] sets all).
+    pub fn backend(&self) -> Backend {
+        self.model.layer_at(0).map_or(Backend::default(), |l| l.backend())
     }
 
     /// Inference logits: (B, inputs) → (B, classes).

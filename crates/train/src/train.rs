@@ -2,13 +2,13 @@
 
 use std::time::Instant;
 
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
+use crate::fast::Trainer;
 use crate::net::ExpensiveNet;
 
 /// Settings of one training run.
@@ -96,12 +96,7 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
     if data.is_empty() {
         return Err(TrainError::setting("data", 0, "no examples to train on"));
     }
-    let vars = net.model.trainable_vars();
-    if vars.is_empty() {
-        return Err(TrainError::setting("trainable tensors", 0, "nothing to train: every tensor is frozen"));
-    }
-    let params = ParamsAdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut opt = AdamW::new(vars, params)?; // weight_decay 0: exactly Adam
+    let mut trainer = Trainer::new(net, cfg.lr)?; // Adam; fused or reference as the net's backend says
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let n = data.len();
     let mut order: Vec<u32> = (0..n as u32).collect();
@@ -116,13 +111,7 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
         let mut sum = 0f64;
         for (i, idx) in order.chunks(cfg.batch_size).take(steps_in_epoch).enumerate() {
             let (x, y) = data.batch(idx)?; // (B, features), (B)
-            let logits = net.forward_t(&x, true)?; // (B, classes)
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let l = loss.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(TrainError::Diverged { step: losses.len() + 1, loss: l });
-            }
-            opt.backward_step(&loss)?;
+            let l = trainer.step(net, &x, &y, losses.len() + 1)?;
             losses.push(l);
             let seconds = start.elapsed().as_secs_f64();
             step_seconds.push(seconds);

@@ -51,6 +51,7 @@ fn peft_written_adapter_reproduces_pefts_logits() {
     assert!((s1 - 4.0 / 2f64.sqrt()).abs() < 1e-12);
     let lora_logits = net.forward(&x).unwrap();
     let d = max_diff(&lora_logits, &expected("adapter_logits"));
+    println!("max |lora-rs − PEFT| over 16×10 adapter logits: {d:e}");
     assert!(d < 1e-5, "adapter logits differ from PEFT by {d}");
     // And the adapter really changes the outputs (so the test above is not comparing base to base).
     assert!(max_diff(&lora_logits, &expected("base_logits")) > 1e-2);
