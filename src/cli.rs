@@ -59,6 +59,21 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
+/// Checkpoints: save the run every N steps, continue a killed run.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    /// Save model, optimizer state and position every N steps (to --checkpoint-dir), so a killed run can
+    /// continue with --resume.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub checkpoint_every: Option<u32>,
+    /// Where checkpoints go (default: the output path with .ckpt appended).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run saved in DIR (its checkpoint.safetensors); the other flags must match the saved run.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
 /// Network shape.
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
@@ -143,6 +158,8 @@ pub struct PretrainArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +277,8 @@ pub struct FinetuneArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 #[derive(Debug, Args)]

@@ -170,10 +170,30 @@ pub fn finetune_digit(
     digit: u8,
     train_cfg: &lora_train::TrainConfig,
     seed: u64,
+    resume: Option<&crate::checkpoint::Loaded>,
+    every: Option<(usize, &Path, &serde_json::Value)>,
 ) -> Result<Finetuned> {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1));
     net.model.add_adapter(name, lcfg, &mut rng)?;
+    if let Some(l) = resume {
+        for (module, layer) in net.model.layers() {
+            let ad = layer.adapter(name)?;
+            for (which, var) in [("lora_A", ad.a()), ("lora_B", ad.b())] {
+                let t = l
+                    .tensor("adapter", &format!("{module}.{which}"))
+                    .with_context(|| format!("{}: missing tensor adapter.{module}.{which}", l.file.path.display()))?;
+                anyhow::ensure!(
+                    t.dims() == var.dims(),
+                    "{}: adapter.{module}.{which} has shape {:?}, expected {:?}",
+                    l.file.path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+                var.set(&t)?;
+            }
+        }
+    }
     net.model.set_active(&[name])?;
     net.model.freeze_base(lcfg.bias);
     for (i, (_, l)) in net.model.layers().enumerate() {
@@ -191,7 +211,14 @@ pub fn finetune_digit(
     let steps_per_epoch = train_cfg.steps_per_epoch(digit_data.len());
     let total = train_cfg.max_steps.unwrap_or(steps_per_epoch * train_cfg.epochs);
     let mut bars = crate::progress::EpochBars::new("Training", total.div_ceil(steps_per_epoch));
-    let stats = lora_train::train(net, &digit_data, train_cfg, |s| bars.step(s))?;
+    let net_ref: &ExpensiveNet = net;
+    let mut save = |ck: &lora_train::Checkpoint| -> lora_train::Result<()> {
+        let (_, dir, settings) = every.expect("only called when checkpointing");
+        crate::checkpoint::save(dir, "finetune", net_ref, Some(name), settings, ck)
+            .map_err(|e| lora_train::TrainError::Model { path: dir.display().to_string(), why: format!("{e:#}") })
+    };
+    let ck = every.map(|(n, _, _)| lora_train::Checkpointing { every: n, save: &mut save });
+    let stats = lora_train::train_with(net_ref, &digit_data, train_cfg, resume.map(|l| &l.checkpoint), ck, |s| bars.step(s))?;
     bars.finish();
     Ok(Finetuned { digit_images: digit_data.len(), trainable, stats, steps_per_epoch })
 }

@@ -1,6 +1,7 @@
 //! `lora`: the command-line face of lora-rs. Parses flags, prints tables and progress, writes files;
 //! the work itself lives in the `lora`, `mnist` and `lora-train` crates.
 
+mod checkpoint;
 mod cli;
 mod cmd;
 mod common;

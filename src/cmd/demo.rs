@@ -57,7 +57,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let digit = a.digit.unwrap_or_else(|| worst_digit(&pre));
     let fcfg =
         TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: 1e-3, max_steps: Some(a.steps as usize), seed: a.seed };
-    let ft = finetune_digit(&mut net, &data, ADAPTER, &lcfg, digit, &fcfg, a.seed)?;
+    let ft = finetune_digit(&mut net, &data, ADAPTER, &lcfg, digit, &fcfg, a.seed, None, None)?;
     anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
     let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
     let adapter_dir = a.out.join("adapter");

@@ -5,6 +5,7 @@ use lora::{LoraConfig, SaveOptions, Scaling};
 use lora_train::{evaluate, TrainConfig};
 use serde_json::json;
 
+use crate::checkpoint;
 use crate::cli::FinetuneArgs;
 use crate::common::{
     check_input_size, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data,
@@ -31,10 +32,22 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     check_input_size(&net, &a.model, &data)?;
     let before = evaluate(&net, &data.test, 1000)?;
     let digit = a.digit.unwrap_or_else(|| worst_digit(&before));
-    let ft = finetune_digit(&mut net, &data, NAME, &lcfg, digit, &tcfg, a.seed)?;
+    let settings = json!({"base_sha256": fp, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha, "rslora": a.rslora,
+        "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed});
+    let resume = match &a.checkpoint.resume {
+        Some(dir) => {
+            let l = checkpoint::load(dir, "finetune", &settings)?;
+            println!("Resuming from {} at step {}", dir.display(), l.checkpoint.global_step);
+            Some(l)
+        }
+        None => None,
+    };
+    let ck_dir = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| checkpoint::default_dir(&a.out));
+    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ck_dir.as_path(), &settings));
+    let ft = finetune_digit(&mut net, &data, NAME, &lcfg, digit, &tcfg, a.seed, resume.as_ref(), every)?;
     let save = SaveOptions {
         base_model_name_or_path: Some(a.model.display().to_string()),
-        base_fingerprint: Some(fp),
+        base_fingerprint: Some(fp.clone()),
         metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
     };
     net.model.save_adapter(NAME, &a.out, &save)?;

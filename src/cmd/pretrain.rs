@@ -2,27 +2,58 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use lora_train::{evaluate, train, ExpensiveNet, TrainConfig, TrainStats};
+use lora_train::{evaluate, train_with, Checkpoint, Checkpointing, ExpensiveNet, TrainConfig, TrainStats};
 use serde_json::json;
 
+use crate::checkpoint;
 use crate::cli::PretrainArgs;
 use crate::common::{print_eval, save_model, write_json, Data};
 use crate::progress::EpochBars;
 
 /// Pre-trains `net` on the training set with a progress bar per epoch.
 pub fn pretrain(net: &ExpensiveNet, data: &Data, cfg: &TrainConfig) -> Result<TrainStats> {
+    pretrain_with(net, data, cfg, None, None)
+}
+
+/// [`pretrain`], continuing from `resume` and/or checkpointing every `every.0` steps into `every.1`.
+fn pretrain_with(
+    net: &ExpensiveNet,
+    data: &Data,
+    cfg: &TrainConfig,
+    resume: Option<&Checkpoint>,
+    every: Option<(usize, &std::path::Path, &serde_json::Value)>,
+) -> Result<TrainStats> {
     let mut bars = EpochBars::new("Training", cfg.epochs);
-    let stats = train(net, &data.train, cfg, |s| bars.step(s))?;
+    let mut save = |ck: &Checkpoint| -> lora_train::Result<()> {
+        let (_, dir, settings) = every.expect("only called when checkpointing");
+        checkpoint::save(dir, "pretrain", net, None, settings, ck)
+            .map_err(|e| lora_train::TrainError::Model { path: dir.display().to_string(), why: format!("{e:#}") })
+    };
+    let ck = every.map(|(n, _, _)| Checkpointing { every: n, save: &mut save });
+    let stats = train_with(net, &data.train, cfg, resume, ck, |s| bars.step(s))?;
     bars.finish();
     Ok(stats)
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    let data = Data::load(&a.data.data)?;
-    let net = ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?;
     let cfg = TrainConfig { epochs: a.epochs as usize, batch_size: a.batch_size as usize, lr: a.lr, max_steps: None, seed: a.seed };
     cfg.validate()?;
-    let stats = pretrain(&net, &data, &cfg)?;
+    let data = Data::load(&a.data.data)?;
+    let settings = json!({"hidden1": a.net.hidden1, "hidden2": a.net.hidden2, "epochs": a.epochs, "batch_size": a.batch_size,
+        "lr": a.lr, "seed": a.seed, "train_images": data.train.len()});
+    let (net, resume) = match &a.checkpoint.resume {
+        Some(dir) => {
+            let l = checkpoint::load(dir, "pretrain", &settings)?;
+            println!("Resuming from {} at step {}", dir.display(), l.checkpoint.global_step);
+            (l.net()?, Some(l.checkpoint))
+        }
+        None => {
+            (ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?, None)
+        }
+    };
+    let ck_dir = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| checkpoint::default_dir(&a.out));
+    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ck_dir.as_path(), &settings));
+    let stats = pretrain_with(&net, &data, &cfg, resume.as_ref(), every)?;
     let bytes = save_model(&net, &a.out)?;
     let e = evaluate(&net, &data.test, 1000)?;
     print_eval("Pre-trained network on the test set:", &e);

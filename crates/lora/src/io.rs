@@ -79,7 +79,24 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String
         .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    safetensors::serialize(views, Some(metadata.clone())).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    let bytes = safetensors::serialize(views, Some(metadata.clone())).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(canonical_header(bytes))
+}
+
+/// Rewrites a safetensors header with its JSON keys sorted (the `safetensors` crate writes the metadata
+/// map in `HashMap` order, which differs from process to process), so equal tensors and metadata give
+/// byte-identical files. The header stays space-padded to a multiple of 8 bytes; data offsets are relative
+/// to the data section, so they do not change.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize) else { return bytes };
+    let Some(header) = bytes.get(8..8 + n) else { return bytes };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else { return bytes };
+    let mut h = value.to_string().into_bytes(); // serde_json's Map is a BTreeMap: keys come out sorted
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 /// Saves named tensors atomically as a safetensors file with `metadata`.
@@ -183,6 +200,20 @@ mod tests {
         assert_eq!(f.metadata["format"], "pt");
         assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn equal_tensors_and_metadata_give_byte_identical_files() {
+        let t = Tensor::from_vec(vec![1f32, 2.0, 3.0], 3, &Device::Cpu).unwrap();
+        let meta: HashMap<String, String> = (0..20).map(|i| (format!("key{i}"), i.to_string())).collect();
+        let a = safetensors_bytes(&[("t".into(), t.clone())], &meta).unwrap();
+        // A map built in another order (HashMap iteration order is random per map) serialises the same.
+        let meta2: HashMap<String, String> = (0..20).rev().map(|i| (format!("key{i}"), i.to_string())).collect();
+        let b = safetensors_bytes(&[("t".into(), t)], &meta2).unwrap();
+        assert_eq!(a, b);
+        let f = TensorFile::from_bytes(Path::new("x"), &a, &Device::Cpu).unwrap();
+        assert_eq!(f.metadata.len(), 20);
+        assert_eq!(f.get("t").unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
     }
 
     #[test]

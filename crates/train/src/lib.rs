@@ -16,6 +16,6 @@ mod train;
 pub use data::Dataset;
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
-pub use fast::Trainer;
+pub use fast::{OptimState, Trainer};
 pub use net::ExpensiveNet;
-pub use train::{train, StepInfo, TrainConfig, TrainStats};
+pub use train::{train, train_with, Checkpoint, Checkpointing, StepInfo, TrainConfig, TrainStats};

@@ -88,32 +88,88 @@ pub struct TrainStats {
     pub step_seconds: Vec<f64>,
 }
 
+/// Where a run stands: enough to continue it exactly (with the model's tensors, which the caller saves).
+/// The shuffling generator is not stored: each epoch's order is replayed from the seed, which is cheap and
+/// gives the same permutation; adapter dropout is reseeded from (seed, step) every step for the same reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Steps completed.
+    pub global_step: usize,
+    /// Loss of every completed step.
+    pub losses: Vec<f32>,
+    /// Seconds since the start at each completed step.
+    pub step_seconds: Vec<f64>,
+    /// Adam's state.
+    pub optim: crate::fast::OptimState,
+}
+
+/// Checkpointing for [`train_with`]: call `save` every `every` steps (and never on the last step, whose
+/// result the caller saves anyway).
+pub struct Checkpointing<'a> {
+    /// Steps between checkpoints.
+    pub every: usize,
+    /// Persists a checkpoint (the model's tensors are read from the network by the caller).
+    pub save: &'a mut dyn FnMut(&Checkpoint) -> Result<()>,
+}
+
 /// Trains the model's trainable tensors (see [`lora::LoraModel::trainable_vars`]) on `data`.
 /// `on_step` is called after every step (progress bars, logs). A NaN/Inf loss stops with
 /// [`TrainError::Diverged`] before the optimizer applies that step.
-pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step: impl FnMut(&StepInfo)) -> Result<TrainStats> {
+pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, on_step: impl FnMut(&StepInfo)) -> Result<TrainStats> {
+    train_with(net, data, cfg, None, None, on_step)
+}
+
+/// [`train`], optionally continuing from `resume` (whose model tensors the caller has already restored)
+/// and saving checkpoints. A resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+pub fn train_with(
+    net: &ExpensiveNet,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    resume: Option<&Checkpoint>,
+    mut checkpoints: Option<Checkpointing<'_>>,
+    mut on_step: impl FnMut(&StepInfo),
+) -> Result<TrainStats> {
     cfg.validate()?;
     if data.is_empty() {
         return Err(TrainError::setting("data", 0, "no examples to train on"));
     }
+    if checkpoints.as_ref().is_some_and(|c| c.every == 0) {
+        return Err(TrainError::setting("checkpoint_every", 0, "must be at least 1"));
+    }
     let mut trainer = Trainer::new(net, cfg.lr)?; // Adam; fused or reference as the net's backend says
+    let mut losses = Vec::new();
+    let mut step_seconds = Vec::new();
+    if let Some(c) = resume {
+        trainer.load_state(&c.optim)?;
+        losses.clone_from(&c.losses);
+        step_seconds.clone_from(&c.step_seconds);
+    }
+    let done = losses.len();
+    let offset = step_seconds.last().copied().unwrap_or(0.0);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let n = data.len();
     let mut order: Vec<u32> = (0..n as u32).collect();
     let per_epoch = cfg.steps_per_epoch(n);
+    let total = cfg.max_steps.map_or(per_epoch.saturating_mul(cfg.epochs), |m| m.min(per_epoch.saturating_mul(cfg.epochs)));
     let start = Instant::now();
-    let mut losses = Vec::new();
-    let mut step_seconds = Vec::new();
     'outer: for epoch in 1..=cfg.epochs {
-        order.shuffle(&mut rng);
-        let remaining = cfg.max_steps.map_or(usize::MAX, |m| m - losses.len());
-        let steps_in_epoch = per_epoch.min(remaining);
-        let mut sum = 0f64;
-        for (i, idx) in order.chunks(cfg.batch_size).take(steps_in_epoch).enumerate() {
+        order.shuffle(&mut rng); // replayed for epochs already done when resuming: same permutation
+        let first = (epoch - 1) * per_epoch;
+        if first + per_epoch <= done {
+            continue;
+        }
+        let steps_in_epoch = per_epoch.min(total - first);
+        let skip = done.saturating_sub(first);
+        let mut sum: f64 = losses[first.min(losses.len())..].iter().map(|&l| l as f64).sum();
+        for (i, idx) in order.chunks(cfg.batch_size).take(steps_in_epoch).enumerate().skip(skip) {
             let (x, y) = data.batch(idx)?; // (B, features), (B)
-            let l = trainer.step(net, &x, &y, losses.len() + 1)?;
+            let global = losses.len() + 1;
+            for (k, (_, l)) in net.model.layers().enumerate() {
+                l.seed_dropout(cfg.seed ^ (global as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64) << 56);
+            }
+            let l = trainer.step(net, &x, &y, global)?;
             losses.push(l);
-            let seconds = start.elapsed().as_secs_f64();
+            let seconds = offset + start.elapsed().as_secs_f64();
             step_seconds.push(seconds);
             sum += l as f64;
             let info = StepInfo {
@@ -126,10 +182,21 @@ pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, mut on_step:
                 seconds,
             };
             on_step(&info);
-            if cfg.max_steps.is_some_and(|m| losses.len() >= m) {
+            if losses.len() >= total {
                 break 'outer;
+            }
+            if let Some(c) = checkpoints.as_mut() {
+                if losses.len() % c.every == 0 {
+                    let ck = Checkpoint {
+                        global_step: losses.len(),
+                        losses: losses.clone(),
+                        step_seconds: step_seconds.clone(),
+                        optim: trainer.state()?,
+                    };
+                    (c.save)(&ck)?;
+                }
             }
         }
     }
-    Ok(TrainStats { steps: losses.len(), seconds: start.elapsed().as_secs_f64(), losses, step_seconds })
+    Ok(TrainStats { steps: losses.len(), seconds: offset + start.elapsed().as_secs_f64(), losses, step_seconds })
 }

@@ -63,6 +63,15 @@ struct Param {
     v: Vec<f32>,
 }
 
+/// Adam's state for checkpoints: step count and per-parameter moments `(name, m, v)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimState {
+    /// Steps taken (Adam's bias-correction counter).
+    pub t: usize,
+    /// `(name, m, v)` for each parameter, in store order.
+    pub params: Vec<(String, Vec<f32>, Vec<f32>)>,
+}
+
 /// The trainable tensors of a model with their gradient sources and Adam state; [`ParamStore::step`]
 /// applies one fused in-place Adam step to all of them. The `Var`s share storage with the model's
 /// tensors, so the model sees every update.
@@ -111,6 +120,31 @@ impl ParamStore {
     /// Steps taken.
     pub fn steps(&self) -> usize {
         self.t
+    }
+
+    /// The optimizer's state: the step count and each parameter's Adam moments (m, v), by name.
+    pub fn state(&self) -> OptimState {
+        OptimState { t: self.t, params: self.params.iter().map(|p| (p.name.clone(), p.m.clone(), p.v.clone())).collect() }
+    }
+
+    /// Restores a state taken by [`ParamStore::state`] on a store built for the same parameters.
+    pub fn load_state(&mut self, s: &OptimState) -> Result<()> {
+        if s.params.len() != self.params.len() {
+            return Err(TrainError::setting("optimizer state", s.params.len(), &format!("expected {} parameters", self.params.len())));
+        }
+        for (p, (name, m, v)) in self.params.iter_mut().zip(&s.params) {
+            if *name != p.name || m.len() != p.m.len() || v.len() != p.v.len() {
+                return Err(TrainError::setting(
+                    "optimizer state",
+                    name,
+                    &format!("does not match parameter {} ({} values)", p.name, p.m.len()),
+                ));
+            }
+            p.m.clone_from(m);
+            p.v.clone_from(v);
+        }
+        self.t = s.t;
+        Ok(())
     }
 
     /// One Adam step: each parameter with a gradient this step (a fresh buffer, or an entry in `grads`)

@@ -77,6 +77,22 @@ impl Trainer {
         Ok(Trainer { kind })
     }
 
+    /// The optimizer state, for checkpoints (fused backend only: candle's AdamW keeps its moments private).
+    pub fn state(&self) -> Result<super::OptimState> {
+        match &self.kind {
+            Kind::Fused(t) => Ok(t.store.state()),
+            Kind::Reference(_) => Err(TrainError::setting("backend", "reference", "checkpoints need the fused backend")),
+        }
+    }
+
+    /// Restores an optimizer state taken by [`Trainer::state`].
+    pub fn load_state(&mut self, s: &super::OptimState) -> Result<()> {
+        match &mut self.kind {
+            Kind::Fused(t) => t.store.load_state(s),
+            Kind::Reference(_) => Err(TrainError::setting("backend", "reference", "checkpoints need the fused backend")),
+        }
+    }
+
     /// The implementation this trainer runs.
     pub fn backend(&self) -> Backend {
         match self.kind {
