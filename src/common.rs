@@ -86,18 +86,8 @@ pub fn print_params(p: &Params) {
     println!("Parameters added by LoRA:    {}  (+{:.3}%)", group(p.lora), p.percent);
 }
 
-/// 2807010 → "2,807,010".
-pub fn group(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+/// 2807010 → "2,807,010" (one implementation, shared with the report pages).
+pub use lora_viz::group;
 
 /// The seed's test printout: accuracy to 3 places, then the wrong count per digit.
 pub fn print_eval(title: &str, e: &Evaluation) {
