@@ -1,6 +1,6 @@
 //! Progress bars in the spirit of the seed's tqdm: one bar per epoch, running average loss.
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use lora_train::StepInfo;
 
 /// Drives one bar per epoch from the training loop's step callbacks.
@@ -21,7 +21,12 @@ impl EpochBars {
             self.finish();
             let bar = ProgressBar::with_draw_target(Some(s.steps_in_epoch as u64), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{msg} {percent:>3}%|{bar:30}| {pos}/{len} [{elapsed}<{eta}, {per_sec}] {prefix}")
+                ProgressStyle::with_template("{msg} {percent:>3}%|{bar:30}| {pos}/{len} [{elapsed}<{eta}, {rate}] {prefix}")
+                    .map(|st| {
+                        st.with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.1} it/s", s.per_sec());
+                        })
+                    })
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_message(format!("{} (epoch = {}/{})", self.label, s.epoch, self.epochs));
