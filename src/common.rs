@@ -150,19 +150,23 @@ pub struct Finetuned {
     pub steps_per_epoch: usize,
 }
 
-/// Adds adapter `name` (config `lcfg`) to every layer, freezes the base, and trains only A and B on the
-/// training images of `digit` with a progress bar.
-pub fn finetune_digit(
-    net: &mut ExpensiveNet,
-    data: &Data,
-    name: &str,
-    lcfg: &lora::LoraConfig,
-    digit: u8,
-    train_cfg: &lora_train::TrainConfig,
-    seed: u64,
-    resume: Option<&crate::checkpoint::Loaded>,
-    every: Option<(usize, &Path, &serde_json::Value)>,
-) -> Result<Finetuned> {
+/// What [`finetune_digit`] trains: adapter `name` with config `lcfg` on the training images of `digit`.
+pub struct FinetuneJob<'a> {
+    pub name: &'a str,
+    pub lcfg: &'a lora::LoraConfig,
+    pub digit: u8,
+    pub train: &'a lora_train::TrainConfig,
+    pub seed: u64,
+    /// Continue from this checkpoint.
+    pub resume: Option<&'a crate::checkpoint::Loaded>,
+    /// Checkpoint every N steps into a directory, recording these settings.
+    pub every: Option<(usize, &'a Path, &'a serde_json::Value)>,
+}
+
+/// Adds the job's adapter to every layer, freezes the base, and trains only A and B on the training
+/// images of the job's digit with a progress bar.
+pub fn finetune_digit(net: &mut ExpensiveNet, data: &Data, job: FinetuneJob) -> Result<Finetuned> {
+    let FinetuneJob { name, lcfg, digit, train: train_cfg, seed, resume, every } = job;
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1));
     net.model.add_adapter(name, lcfg, &mut rng)?;

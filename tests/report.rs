@@ -113,10 +113,9 @@ fn check_dot(text: &str) -> (BTreeSet<String>, Vec<(String, String)>) {
         }
         // A node statement: an id followed by '[' that is not the target of an edge.
         let is_id = t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if is_id && tokens.get(i + 1).is_some_and(|n| n == "[") && tokens[i - 1] != "->" {
-            if !["graph", "node", "edge"].contains(&t.as_str()) {
-                nodes.insert(t.clone());
-            }
+        if is_id && tokens.get(i + 1).is_some_and(|n| n == "[") && tokens[i - 1] != "->" && !["graph", "node", "edge"].contains(&t.as_str())
+        {
+            nodes.insert(t.clone());
         }
     }
     assert_eq!((braces, brackets), (0, 0));
@@ -173,7 +172,7 @@ fn check_self_contained(doc: &roxmltree::Document, dir: &Path) {
 
 fn group(n: u64) -> String {
     let s = n.to_string();
-    s.chars().enumerate().flat_map(|(i, c)| (i > 0 && (s.len() - i) % 3 == 0).then_some(',').into_iter().chain([c])).collect()
+    s.chars().enumerate().flat_map(|(i, c)| (i > 0 && (s.len() - i).is_multiple_of(3)).then_some(',').into_iter().chain([c])).collect()
 }
 
 /// Reads a metrics CSV, checks its header and step numbering, returns the losses and seconds.

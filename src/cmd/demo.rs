@@ -9,6 +9,7 @@ use crate::cli::DemoArgs;
 use crate::cmd::pretrain::pretrain;
 use crate::common::{
     dir_bytes, finetune_digit, param_counts, print_eval, print_params, print_wrong_table, save_model, worst_digit, write_json, Data,
+    FinetuneJob,
 };
 use crate::report::*;
 
@@ -57,7 +58,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let digit = a.digit.unwrap_or_else(|| worst_digit(&pre));
     let fcfg =
         TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: 1e-3, max_steps: Some(a.steps as usize), seed: a.seed };
-    let ft = finetune_digit(&mut net, &data, ADAPTER, &lcfg, digit, &fcfg, a.seed, None, None)?;
+    let job = FinetuneJob { name: ADAPTER, lcfg: &lcfg, digit, train: &fcfg, seed: a.seed, resume: None, every: None };
+    let ft = finetune_digit(&mut net, &data, job)?;
     anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
     let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
     let adapter_dir = a.out.join("adapter");

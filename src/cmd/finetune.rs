@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::checkpoint;
 use crate::cli::FinetuneArgs;
 use crate::common::{
-    check_input_size, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data,
+    check_input_size, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data, FinetuneJob,
 };
 
 /// Name of the adapter inside the model while training (PEFT's default).
@@ -44,7 +44,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     };
     let ck_dir = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| checkpoint::default_dir(&a.out));
     let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ck_dir.as_path(), &settings));
-    let ft = finetune_digit(&mut net, &data, NAME, &lcfg, digit, &tcfg, a.seed, resume.as_ref(), every)?;
+    let job = FinetuneJob { name: NAME, lcfg: &lcfg, digit, train: &tcfg, seed: a.seed, resume: resume.as_ref(), every };
+    let ft = finetune_digit(&mut net, &data, job)?;
     let save = SaveOptions {
         base_model_name_or_path: Some(a.model.display().to_string()),
         base_fingerprint: Some(fp.clone()),

@@ -263,7 +263,7 @@ pub fn linear_backward(
             let mut v = Vec::with_capacity(n * out);
             for i in 0..n {
                 for j in 0..out {
-                    let keep = mask.map_or(true, |m| m[i * out + j] > 0.0);
+                    let keep = mask.is_none_or(|m| m[i * out + j] > 0.0);
                     v.push(if keep { g.get(i, j) } else { 0.0 });
                 }
             }

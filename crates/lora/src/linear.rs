@@ -427,6 +427,7 @@ mod tests {
     }
 
     /// Plain triple loops in f64: an independent reference that shares no code with candle.
+    #[allow(clippy::too_many_arguments)]
     fn reference(x: &[f32], w: &[f32], b: &[f32], a: &[f32], bb: &[f32], s: f64, n: usize, inp: usize, out: usize, r: usize) -> Vec<f64> {
         let mut y = vec![0f64; n * out];
         for i in 0..n {
@@ -475,7 +476,7 @@ mod tests {
         l.set_disabled(true).unwrap();
         let x = rand_vec(2 * 4, 5);
         let y = l.forward(&t(x.clone(), (2, 4))).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = reference(&x, &p[0], &p[1], &p[2], &vec![0.0; 6], 0.0, 2, 4, 3, 2);
+        let want = reference(&x, &p[0], &p[1], &p[2], &[0.0; 6], 0.0, 2, 4, 3, 2);
         for (g, w) in y.iter().zip(&want) {
             assert!((*g as f64 - w).abs() < 1e-6);
         }

@@ -169,7 +169,7 @@ pub fn parse_idx(path: &Path, raw: &[u8], kind: IdxKind) -> Result<IdxData, IdxE
         return Err(IdxError::TruncatedHeader { path: p(), len: raw.len(), need });
     }
     let dims32: Vec<u32> = (0..ndim).map(|d| be(4 + 4 * d)).collect();
-    if dims32.iter().any(|&d| d == 0) {
+    if dims32.contains(&0) {
         return Err(IdxError::BadDims { path: p(), dims: dims32, why: "a dimension is zero".into() });
     }
     let expected = dims32

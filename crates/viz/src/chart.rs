@@ -346,7 +346,9 @@ fn legend_row<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, items: &[(Strin
             used = 0;
         }
         used += iw;
-        rows.last_mut().map(|r| r.push(i));
+        if let Some(r) = rows.last_mut() {
+            r.push(i)
+        }
     }
     for (ri, row) in rows.iter().enumerate() {
         let total: i32 = row.iter().map(|&i| widths[i]).sum();

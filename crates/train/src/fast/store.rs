@@ -162,7 +162,6 @@ impl ParamStore {
                     }
                     let op = AdamOp { grad: &g.values, moments: Mutex::new((&mut p.m, &mut p.v)), step };
                     theta.inplace_op1(&op)?;
-                    drop(op);
                     g.fresh = false;
                 }
                 GradSource::Autograd => {
