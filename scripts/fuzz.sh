@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for SECONDS each (default 600), one after another, with the kept corpus as
 # seeds and a scratch corpus for new inputs. Crashes land in fuzz/artifacts/<target>/: copy them to
-# fuzz/regressions/<target>/ so tests/fuzz_regressions.rs replays them forever.
+# fuzz/regressions/<target>/ so tests/fuzz_regressions.rs replays them forever. To keep what a run found,
+# merge the scratch corpus into the kept one (only inputs with new coverage are added):
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run -O TARGET corpus/TARGET /tmp/lora-fuzz-corpus/TARGET -- -merge=1 -max_len=16384
 # cargo-fuzz needs nightly rustc flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
