@@ -194,6 +194,18 @@ pub fn demo(dir: &Path, d: DemoRun) -> Result<()> {
     write(dir, &r)
 }
 
+/// The part every command's report ends with: the files written (plus the JSON summary when one was asked
+/// for), one timing, the summary itself; then writes the report into `dir`.
+fn finish(dir: &Path, mut r: RunReport, mut files: Vec<FileInfo>, json: Option<&Path>, timing: (&str, f64), summary: &Value) -> Result<()> {
+    if let Some(j) = json {
+        files.push(file_info(j)?);
+    }
+    r.files = files;
+    r.timings = vec![Timing { name: timing.0.into(), seconds: timing.1 }];
+    r.json = Some(summary.clone());
+    write(dir, &r)
+}
+
 /// Everything `lora pretrain` has to show.
 pub struct PretrainRun<'a> {
     pub args: &'a crate::cli::PretrainArgs,
@@ -222,13 +234,7 @@ pub fn pretrain(dir: &Path, d: PretrainRun) -> Result<()> {
     r.params_lora_name = "LoRA (rank 1, if added)".into();
     r.tables.push(json_table("Summary (JSON)", d.summary));
     r.graph = Some(net_graph(d.net, None));
-    r.files = vec![file_info(&a.out)?];
-    if let Some(j) = &a.json {
-        r.files.push(file_info(j)?);
-    }
-    r.timings = vec![Timing { name: "pre-training".into(), seconds: d.stats.seconds }];
-    r.json = Some(d.summary.clone());
-    write(dir, &r)
+    finish(dir, r, vec![file_info(&a.out)?], a.json.as_deref(), ("pre-training", d.stats.seconds), d.summary)
 }
 
 /// Everything `lora eval` has to show. `models` are the evaluated variants (the model, later each adapter).
@@ -252,13 +258,7 @@ pub fn eval(dir: &Path, d: EvalRun) -> Result<()> {
     r.params = layer_counts(&crate::common::param_counts(d.net, 1)?);
     r.params_lora_name = "LoRA (rank 1, if added)".into();
     r.graph = Some(net_graph(d.net, None));
-    r.files = vec![file_info(&a.model)?];
-    if let Some(j) = &a.json {
-        r.files.push(file_info(j)?);
-    }
-    r.timings = vec![Timing { name: "evaluation".into(), seconds: d.seconds }];
-    r.json = Some(d.summary.clone());
-    write(dir, &r)
+    finish(dir, r, vec![file_info(&a.model)?], a.json.as_deref(), ("evaluation", d.seconds), d.summary)
 }
 
 /// Everything `lora finetune` has to show.
@@ -304,11 +304,6 @@ pub fn finetune(dir: &Path, d: FinetuneRun) -> Result<()> {
             if a.rslora { lora::Scaling::RankStabilized } else { lora::Scaling::Standard }.scale(a.lora.alpha, a.lora.rank as usize),
         )),
     ));
-    r.files = vec![file_info(&a.out.join(lora::adapter::CONFIG_FILE))?, file_info(&a.out.join(lora::adapter::WEIGHTS_FILE))?];
-    if let Some(j) = &a.json {
-        r.files.push(file_info(j)?);
-    }
-    r.timings = vec![Timing { name: "fine-tuning".into(), seconds: d.stats.seconds }];
-    r.json = Some(d.summary.clone());
-    write(dir, &r)
+    let files = vec![file_info(&a.out.join(lora::adapter::CONFIG_FILE))?, file_info(&a.out.join(lora::adapter::WEIGHTS_FILE))?];
+    finish(dir, r, files, a.json.as_deref(), ("fine-tuning", d.stats.seconds), d.summary)
 }
