@@ -66,7 +66,7 @@ pub struct CheckpointArgs {
     /// continue with --resume.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub checkpoint_every: Option<u32>,
-    /// Where checkpoints go (default: the output path with .ckpt appended).
+    /// Where checkpoints go (default: the output path with .ckpt appended; for `demo`, OUT/checkpoint).
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue the run saved in DIR (its checkpoint.safetensors); the other flags must match the saved run.
@@ -130,6 +130,8 @@ pub struct DemoArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 #[derive(Debug, Args)]

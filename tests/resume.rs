@@ -88,3 +88,66 @@ fn finetuning_resumed_from_a_checkpoint_writes_the_same_adapter() {
         );
     }
 }
+
+fn report_numbers(p: &Path) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                // Timings and paths differ between runs (the adapter's size includes its config, which names
+                // the base's path); every other number must not.
+                m.retain(|k, v| k != "seconds" && k != "adapter_bytes" && !v.is_string());
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    strip(&mut v);
+    v
+}
+
+#[test]
+fn a_demo_killed_in_pretraining_or_resumed_in_finetuning_ends_like_an_uninterrupted_one() {
+    let d = tempfile::tempdir().unwrap();
+    let args = ["demo", "--hidden1", "256", "--hidden2", "128", "--epochs", "2", "--steps", "60", "--seed", "5"];
+    let full = d.path().join("full");
+    ok(&[&args[..], &["--out", s(&full)]].concat());
+    let same_as_full = |out: &Path| {
+        for f in ["base.safetensors", "adapter/adapter_model.safetensors"] {
+            assert_eq!(std::fs::read(full.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f} differs in {}", out.display());
+        }
+        assert_eq!(report_numbers(&full.join("report.json")), report_numbers(&out.join("report.json")));
+    };
+
+    // Killed during pre-training, resumed: pre-training continues from its checkpoint.
+    let out = d.path().join("killed");
+    let mut child = lora()
+        .args(args)
+        .args(["--out", s(&out), "--checkpoint-every", "150"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = out.join("checkpoint/pretrain/checkpoint.safetensors");
+    let t0 = Instant::now();
+    while !file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint written");
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended before its first checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!out.join("report.json").exists(), "the demo finished before it was killed: the test proves nothing");
+    ok(&[&args[..], &["--out", s(&out), "--checkpoint-every", "150", "--resume", s(&out.join("checkpoint"))]].concat());
+    same_as_full(&out);
+
+    // Resumed from its last fine-tuning checkpoint (step 50 of 60): pre-training is not redone.
+    let out = d.path().join("ft");
+    ok(&[&args[..], &["--out", s(&out), "--checkpoint-every", "25"]].concat());
+    let o = lora().args(args).args(["--out", s(&out), "--resume", s(&out.join("checkpoint"))]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("Pre-training already finished") && stdout.contains("at step 50"), "{stdout}");
+    same_as_full(&out);
+}

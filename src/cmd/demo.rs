@@ -1,15 +1,19 @@
 //! `lora demo`: the seed tutorial end to end.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use lora::{LoraConfig, SaveOptions};
-use lora_train::{evaluate, Evaluation, ExpensiveNet, TrainConfig};
+use lora_train::{evaluate, Evaluation, ExpensiveNet, TrainConfig, TrainStats};
+use serde_json::{json, Value};
 
+use crate::checkpoint;
 use crate::cli::DemoArgs;
-use crate::cmd::pretrain::pretrain;
+use crate::cmd::pretrain::pretrain_with;
 use crate::common::{
-    dir_bytes, finetune_digit, param_counts, print_eval, print_params, print_wrong_table, save_model, worst_digit, write_json, Data,
-    FinetuneJob,
+    dir_bytes, finetune_digit, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table, save_model, worst_digit,
+    write_json, Data, FinetuneJob,
 };
 use crate::report::*;
 
@@ -34,13 +38,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let data = Data::load(&a.data.data)?;
     println!("MNIST: {} training and {} test images; mean {:.4}, std {:.4}", data.train.len(), data.test.len(), data.mean, data.std);
 
-    // 2-3. Model and pre-training.
-    let mut net = ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?;
+    // 2-3. Model and pre-training (resumable: see `pretrain_phase`).
     let pcfg =
         TrainConfig { epochs: a.epochs as usize, batch_size: a.pretrain_batch_size as usize, lr: 1e-3, max_steps: None, seed: a.seed };
-    let pstats = pretrain(&net, &data, &pcfg)?;
     let base_path = a.out.join("base.safetensors");
-    let base_bytes = save_model(&net, &base_path)?;
+    let ck_root = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| a.out.join("checkpoint"));
+    let (mut net, pstats) = pretrain_phase(&a, &data, &pcfg, &base_path, &ck_root)?;
+    let base_bytes = std::fs::metadata(&base_path)?.len();
 
     // Keep a copy of the original weights, to prove later that LoRA does not touch them.
     let original = net.model.base_state()?;
@@ -58,7 +62,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let digit = a.digit.unwrap_or_else(|| worst_digit(&pre));
     let fcfg =
         TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: 1e-3, max_steps: Some(a.steps as usize), seed: a.seed };
-    let job = FinetuneJob { name: ADAPTER, lcfg: &lcfg, digit, train: &fcfg, seed: a.seed, resume: None, every: None };
+    let ft_settings = json!({"base_sha256": lora::io::fingerprint(&original)?, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha,
+        "steps": a.steps, "batch_size": a.batch_size, "lr": 1e-3, "seed": a.seed});
+    let ft_resume = match &a.checkpoint.resume {
+        Some(root) if root.join("finetune").join(checkpoint::FILE).exists() => {
+            let l = checkpoint::load(&root.join("finetune"), "finetune", &ft_settings)?;
+            println!("Resuming fine-tuning from {} at step {}", root.join("finetune").display(), l.checkpoint.global_step);
+            Some(l)
+        }
+        _ => None,
+    };
+    let ft_dir = ck_root.join("finetune");
+    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ft_dir.as_path(), &ft_settings));
+    let job = FinetuneJob { name: ADAPTER, lcfg: &lcfg, digit, train: &fcfg, seed: a.seed, resume: ft_resume.as_ref(), every };
     let ft = finetune_digit(&mut net, &data, job)?;
     anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
     let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
@@ -189,6 +205,65 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     anyhow::ensure!(base_unchanged, "the base network changed during LoRA fine-tuning");
     Ok(())
+}
+
+/// Pre-training for the demo: fresh, or continued from `--resume ROOT` (ROOT/pretrain/checkpoint.safetensors),
+/// or skipped when ROOT/pretrain-done.json says it finished (the base is then read back from OUT). With
+/// `--checkpoint-every`, checkpoints go to CK_ROOT/pretrain and the finished run is recorded in
+/// CK_ROOT/pretrain-done.json, so a run killed during fine-tuning resumes without pre-training again.
+fn pretrain_phase(a: &DemoArgs, data: &Data, cfg: &TrainConfig, base_path: &Path, ck_root: &Path) -> Result<(ExpensiveNet, TrainStats)> {
+    let settings = json!({"hidden1": a.net.hidden1, "hidden2": a.net.hidden2, "epochs": a.epochs, "batch_size": a.pretrain_batch_size,
+        "lr": cfg.lr, "seed": a.seed, "train_images": data.train.len()});
+    const DONE: &str = "pretrain-done.json";
+    if let Some(root) = &a.checkpoint.resume {
+        let done = root.join(DONE);
+        if done.exists() {
+            let v: Value = serde_json::from_slice(&std::fs::read(&done)?).with_context(|| format!("reading {}", done.display()))?;
+            anyhow::ensure!(
+                v["settings"] == settings,
+                "{}: pre-training was run with other settings ({}); resume with the same flags",
+                done.display(),
+                v["settings"]
+            );
+            let net = load_model(base_path)?;
+            anyhow::ensure!(
+                v["base_sha256"] == fingerprint(&net)?.as_str(),
+                "{}: does not hold the network pre-trained by this run ({})",
+                base_path.display(),
+                done.display()
+            );
+            let stats: TrainStats = TrainStats {
+                steps: v["steps"].as_u64().unwrap_or(0) as usize,
+                seconds: v["seconds"].as_f64().unwrap_or(0.0),
+                losses: serde_json::from_value(v["losses"].clone())?,
+                step_seconds: serde_json::from_value(v["step_seconds"].clone())?,
+            };
+            println!("Pre-training already finished ({} steps); base read back from {}", stats.steps, base_path.display());
+            return Ok((net, stats));
+        }
+    }
+    let (net, resume) = match &a.checkpoint.resume {
+        Some(root) if root.join("pretrain").join(checkpoint::FILE).exists() => {
+            let l = checkpoint::load(&root.join("pretrain"), "pretrain", &settings)?;
+            println!("Resuming pre-training from {} at step {}", root.join("pretrain").display(), l.checkpoint.global_step);
+            (l.net()?, Some(l.checkpoint))
+        }
+        Some(root) => anyhow::bail!("{}: nothing to resume (no pretrain/ or finetune/ checkpoint, no {DONE})", root.display()),
+        None => {
+            let net = ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?;
+            (net, None)
+        }
+    };
+    let pdir = ck_root.join("pretrain");
+    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, pdir.as_path(), &settings));
+    let stats = pretrain_with(&net, data, cfg, resume.as_ref(), every)?;
+    save_model(&net, base_path)?;
+    if every.is_some() {
+        let done = json!({"settings": settings, "base_sha256": fingerprint(&net)?, "steps": stats.steps, "seconds": stats.seconds,
+            "losses": stats.losses, "step_seconds": stats.step_seconds});
+        write_json(&ck_root.join(DONE), &done)?;
+    }
+    Ok((net, stats))
 }
 
 /// Mean loss of the last (possibly partial) epoch.

@@ -10,13 +10,9 @@ use crate::cli::PretrainArgs;
 use crate::common::{print_eval, save_model, write_json, Data};
 use crate::progress::EpochBars;
 
-/// Pre-trains `net` on the training set with a progress bar per epoch.
-pub fn pretrain(net: &ExpensiveNet, data: &Data, cfg: &TrainConfig) -> Result<TrainStats> {
-    pretrain_with(net, data, cfg, None, None)
-}
-
-/// [`pretrain`], continuing from `resume` and/or checkpointing every `every.0` steps into `every.1`.
-fn pretrain_with(
+/// Pre-trains `net` on the training set with a progress bar per epoch, continuing from `resume` and/or
+/// checkpointing every `every.0` steps into `every.1`.
+pub(crate) fn pretrain_with(
     net: &ExpensiveNet,
     data: &Data,
     cfg: &TrainConfig,
