@@ -136,7 +136,7 @@ pub fn demo(dir: &Path, d: DemoRun) -> Result<()> {
     let ft = &rep.finetune;
     let mut r = RunReport::new("lora demo: LoRA fine-tuning on MNIST");
     r.command = command_line();
-    r.setting("network", format!("{} → {} → {} → 10", d.data.raw.train.pixels(), a.net.hidden1, a.net.hidden2))
+    r.setting("network", network(d.net)?)
         .setting("pre-training epochs", a.epochs)
         .setting("pre-training batch size", a.pretrain_batch_size)
         .setting("fine-tuned digit", if a.digit.is_some() { ft.digit.to_string() } else { format!("{} (most wrong answers)", ft.digit) })
@@ -194,6 +194,12 @@ pub fn demo(dir: &Path, d: DemoRun) -> Result<()> {
     write(dir, &r)
 }
 
+/// The layer sizes as "784 → 1000 → 2000 → 10", read from the network itself.
+fn network(net: &ExpensiveNet) -> Result<String> {
+    let n = net.sizes()?;
+    Ok(format!("{} → {} → {} → {}", n[0], n[1], n[2], n[3]))
+}
+
 /// The part every command's report ends with: the files written (plus the JSON summary when one was asked
 /// for), one timing, the summary itself; then writes the report into `dir`.
 fn finish(dir: &Path, mut r: RunReport, mut files: Vec<FileInfo>, json: Option<&Path>, timing: (&str, f64), summary: &Value) -> Result<()> {
@@ -220,7 +226,7 @@ pub fn pretrain(dir: &Path, d: PretrainRun) -> Result<()> {
     let a = d.args;
     let mut r = RunReport::new("lora pretrain: ExpensiveNet on MNIST");
     r.command = command_line();
-    r.setting("network", format!("{} → {} → {} → 10", d.data.raw.train.pixels(), a.net.hidden1, a.net.hidden2))
+    r.setting("network", network(d.net)?)
         .setting("epochs", a.epochs)
         .setting("batch size", a.batch_size)
         .setting("learning rate (Adam)", a.lr)
@@ -251,8 +257,7 @@ pub fn eval(dir: &Path, d: EvalRun) -> Result<()> {
     let mut r = RunReport::new("lora eval: accuracy on the MNIST test set");
     r.command = command_line();
     r.setting("model", a.model.display()).setting("data", a.data.data.display());
-    let sizes = d.net.sizes()?;
-    r.setting("network", format!("{} → {} → {} → {}", sizes[0], sizes[1], sizes[2], sizes[3]));
+    r.setting("network", network(d.net)?);
     r.wrong = d.models.iter().map(|(n, e)| counts(n, e)).collect();
     r.confusion = d.models.iter().map(|(n, e)| matrix(n, e)).collect();
     r.params = layer_counts(&crate::common::param_counts(d.net, 1)?);
@@ -277,9 +282,8 @@ pub fn finetune(dir: &Path, d: FinetuneRun) -> Result<()> {
     let a = d.args;
     let mut r = RunReport::new("lora finetune: a LoRA adapter on one digit");
     r.command = command_line();
-    let sizes = d.net.sizes()?;
     r.setting("base model", a.model.display())
-        .setting("network", format!("{} → {} → {} → {}", sizes[0], sizes[1], sizes[2], sizes[3]))
+        .setting("network", network(d.net)?)
         .setting("digit", d.digit)
         .setting("rank", a.lora.rank)
         .setting("alpha", a.lora.alpha)

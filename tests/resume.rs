@@ -20,6 +20,21 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Starts `lora ARGS`, waits until it has written `checkpoint`, lets it run `linger` longer, then kills it
+/// with SIGKILL. Fails if the run ends on its own before its first checkpoint.
+fn kill_after_first_checkpoint(args: &[&str], checkpoint: &Path, linger: Duration) {
+    let mut child = lora().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while !checkpoint.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint written");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(linger);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 #[test]
 fn pretraining_killed_mid_run_and_resumed_matches_an_uninterrupted_run_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();
@@ -29,23 +44,8 @@ fn pretraining_killed_mid_run_and_resumed_matches_an_uninterrupted_run_bit_for_b
 
     let out = d.path().join("killed.safetensors");
     let ckpt = d.path().join("ckpt");
-    let mut child = lora()
-        .args(args)
-        .args(["--out", s(&out), "--checkpoint-every", "200", "--checkpoint-dir", s(&ckpt)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = ckpt.join("checkpoint.safetensors");
-    let t0 = Instant::now();
-    while !file.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint written");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let extra = ["--out", s(&out), "--checkpoint-every", "200", "--checkpoint-dir", s(&ckpt)];
+    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &ckpt.join("checkpoint.safetensors"), Duration::from_millis(300));
     assert!(!out.exists(), "the run finished before it was killed: the test proves nothing");
 
     ok(&[&args[..], &["--out", s(&out), "--resume", s(&ckpt)]].concat());
@@ -122,22 +122,8 @@ fn a_demo_killed_in_pretraining_or_resumed_in_finetuning_ends_like_an_uninterrup
 
     // Killed during pre-training, resumed: pre-training continues from its checkpoint.
     let out = d.path().join("killed");
-    let mut child = lora()
-        .args(args)
-        .args(["--out", s(&out), "--checkpoint-every", "150"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = out.join("checkpoint/pretrain/checkpoint.safetensors");
-    let t0 = Instant::now();
-    while !file.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint written");
-        assert!(child.try_wait().unwrap().is_none(), "the demo ended before its first checkpoint");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let extra = ["--out", s(&out), "--checkpoint-every", "150"];
+    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &out.join("checkpoint/pretrain/checkpoint.safetensors"), Duration::ZERO);
     assert!(!out.join("report.json").exists(), "the demo finished before it was killed: the test proves nothing");
     ok(&[&args[..], &["--out", s(&out), "--checkpoint-every", "150", "--resume", s(&out.join("checkpoint"))]].concat());
     same_as_full(&out);
