@@ -2,6 +2,8 @@
 //! `C[t][p]` = number of examples of class t predicted as p.
 
 use candle_core::{DType, Tensor};
+use lora::Backend;
+use rayon::prelude::*;
 
 use crate::data::Dataset;
 use crate::error::Result;
@@ -24,15 +26,27 @@ pub struct Evaluation {
 pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result<Evaluation> {
     let n = data.len();
     let classes = net.sizes()?[3];
+    let bs = batch_size.max(1);
+    // Batches are independent: on the fused backend they run side by side on the rayon threads, each
+    // batch's products unsplit on its thread, and are put back in order, so the logits are those of a
+    // sequential pass. The reference backend runs them in turn (candle splits each product itself).
+    let starts: Vec<usize> = (0..n).step_by(bs).collect();
+    let one = |start: usize| -> Result<(Vec<u32>, Vec<f32>)> {
+        lora::fused::serial(|| {
+            let (x, _) = data.range(start, bs.min(n - start))?;
+            let out: Tensor = net.forward(&x)?.detach(); // (len, classes)
+            Ok((out.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?, out.flatten_all()?.to_vec1::<f32>()?))
+        })
+    };
+    let batches = match net.backend() {
+        Backend::Fused => starts.par_iter().map(|&s| one(s)).collect::<Result<Vec<_>>>()?,
+        Backend::Reference => starts.iter().map(|&s| one(s)).collect::<Result<Vec<_>>>()?,
+    };
     let mut logits = Vec::with_capacity(n * classes);
     let mut preds = Vec::with_capacity(n);
-    let bs = batch_size.max(1);
-    for start in (0..n).step_by(bs) {
-        let len = bs.min(n - start);
-        let (x, _) = data.range(start, len)?;
-        let out: Tensor = net.forward(&x)?.detach(); // (len, classes)
-        preds.extend(out.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
-        logits.extend(out.flatten_all()?.to_vec1::<f32>()?);
+    for (p, l) in batches {
+        preds.extend(p);
+        logits.extend(l);
     }
     let labels = data.label_vec()?;
     let mut confusion = vec![vec![0usize; classes]; classes];

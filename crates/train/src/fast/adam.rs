@@ -66,6 +66,24 @@ impl AdamStep {
 const PARALLEL_MIN: usize = 1 << 15;
 
 fn kernel(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F (checked just above).
+        return unsafe { kernel_avx512(theta, g, m, v, c) };
+    }
+    kernel_body(theta, g, m, v, c)
+}
+
+/// [`kernel_body`] compiled for AVX-512: the same operations (IEEE sqrt and division are exact at any
+/// vector width, and Rust never contracts a·b + c into an FMA), so the same bits, in 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
+    kernel_body(theta, g, m, v, c)
+}
+
+#[inline(always)]
+fn kernel_body(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
     for (((t, &g), m), v) in theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         let nm = *m * c.b1 + g * c.one_minus_b1;
         let nv = *v * c.b2 + (g * g) * c.one_minus_b2;
@@ -123,6 +141,68 @@ impl InplaceOp1 for AdamOp<'_> {
         }
         adam_update(theta, self.grad, m, v, self.step);
         Ok(())
+    }
+}
+
+/// Rows of W per block of [`WeightAdamOp`]: 48 × 1000 values (192 KiB) stay in L2 between the product
+/// that writes them and the Adam pass that reads them.
+const BLOCK_ROWS: usize = 48;
+
+/// Adam on a weight W (out, in) whose gradient `dW = gᵀ·x` (g: (n, out), the pre-activation gradient;
+/// x: (n, in), the layer input) is formed block by block of rows, each block used at once: the gradient
+/// never reaches memory (for a 2000 × 1000 weight that saves writing and reading back 8 MB a step).
+/// The blocks run on the rayon threads; each value is computed exactly as by a whole-matrix product (the
+/// kernels sum over the batch in the same order whatever the split), so the update is bit-for-bit that
+/// of writing dW to a buffer and stepping afterwards.
+pub(crate) struct WeightAdamOp<'a> {
+    pub g: lora::fused::MatRef<'a>,
+    pub x: lora::fused::MatRef<'a>,
+    pub moments: Mutex<&'a mut super::store::Moments>,
+    pub step: AdamStep,
+}
+
+thread_local! {
+    /// One block of dW, reused across steps on each thread.
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl InplaceOp1 for WeightAdamOp<'_> {
+    fn name(&self) -> &'static str {
+        "fused-weight-adam"
+    }
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (out, inp) = (self.g.cols(), self.x.cols());
+        let n = layout.shape().elem_count();
+        if !layout.is_contiguous() || n != out * inp || self.g.rows() != self.x.rows() {
+            candle_core::bail!(
+                "fused weight Adam: weight of {n} values vs gradient ({}, {out}) and input ({}, {inp})",
+                self.g.rows(),
+                self.x.rows()
+            )
+        }
+        let CpuStorage::F32(values) = storage else { candle_core::bail!("fused weight Adam: parameters must be f32") };
+        let theta = &mut values[layout.start_offset()..layout.start_offset() + n];
+        let mut guard = self.moments.lock().map_err(|_| candle_core::Error::Msg("fused weight Adam: moments lock poisoned".into()))?;
+        let super::store::Moments { m, v } = &mut **guard;
+        if m.len() != n || v.len() != n {
+            candle_core::bail!("fused weight Adam: moments hold {} / {} values, weight {n}", m.len(), v.len())
+        }
+        let gt = self.g.t(); // (out, n)
+        let chunk = BLOCK_ROWS * inp;
+        theta.par_chunks_mut(chunk).zip(m.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).enumerate().try_for_each(
+            |(i, ((t, m), v))| {
+                let (r0, r1) = (i * BLOCK_ROWS, i * BLOCK_ROWS + t.len() / inp);
+                let mut block = BLOCK.with(|b| b.take());
+                block.resize(t.len(), 0.0);
+                // dW[r0..r1] = gᵀ[r0..r1]·x, (r1 − r0, in); on this thread (the blocks are the split).
+                let r = lora::fused::serial(|| lora::fused::matmul_into(&mut block, gt.row_range(r0, r1)?, self.x, 1.0, false));
+                if r.is_ok() {
+                    kernel(t, &block, m, v, self.step);
+                }
+                BLOCK.with(|b| b.replace(block));
+                r
+            },
+        )
     }
 }
 

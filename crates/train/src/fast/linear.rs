@@ -1,14 +1,17 @@
 //! [`BufferedLinear`]: `act(x·Wᵀ + b)` for a layer whose base trains, with a hand-written backward that
 //! writes dW and db into the [`ParamStore`](super::ParamStore)'s buffers (candle's autograd never forms
 //! them: no per-step weight-sized allocation, zero-fill or add) and returns only dx, and that only when x
-//! depends on a variable.
+//! depends on a variable. When the store is armed for the step ([`ParamStore::arm`](super::ParamStore::arm)),
+//! the backward instead applies Adam to W itself, block by block as dW is formed, so dW never reaches
+//! memory.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use lora::fused::{linear_backward, linear_forward, Held, LinearGrads, LinearRef, MatRef};
+use lora::fused::{linear_backward, linear_forward, output_grad, Held, LinearGrads, LinearRef, MatRef};
 use lora::Activation;
 
+use super::adam::WeightAdamOp;
 use super::store::GradBuffer;
 
 /// The fused op; apply it as `x.apply_op3(weight, bias, op)`.
@@ -65,19 +68,45 @@ impl CustomOp3 for BufferedLinear {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (hx, hw, hb, hy, hg) = (Held::new(x), Held::new(w), Held::new(b), Held::new(res), Held::new(&grad));
-        let (xm, wm) = (hx.mat()?, hw.mat()?);
-        let p = LinearRef { weight: wm, bias: Some(hb.slice()?), adapter: None };
+        let (hx, hy, hg) = (Held::new(x), Held::new(res), Held::new(&grad));
+        let xm = hx.mat()?;
         let mut dx = x.track_op().then(|| vec![0f32; xm.rows() * xm.cols()]);
         let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
-        self.dw.write(|dw, acc_w| {
-            self.db.write(|db, acc_b| {
-                // Both buffers are written in the same step, so they agree on overwrite vs add.
-                let grads =
-                    LinearGrads { dx: dx.as_deref_mut(), dw: Some(dw), db: Some(db), accumulate: acc_w && acc_b, ..Default::default() };
-                linear_backward(xm, &p, self.act, y, hg.mat()?, grads)
-            })
-        })?;
+        match self.dw.take_update()? {
+            None => {
+                let (hw, hb) = (Held::new(w), Held::new(b));
+                let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
+                self.dw.write(|dw, acc_w| {
+                    self.db.write(|db, acc_b| {
+                        // Both buffers are written in the same step, so they agree on overwrite vs add.
+                        let grads = LinearGrads {
+                            dx: dx.as_deref_mut(),
+                            dw: Some(dw),
+                            db: Some(db),
+                            accumulate: acc_w && acc_b,
+                            ..Default::default()
+                        };
+                        linear_backward(xm, &p, self.act, y, hg.mat()?, grads)
+                    })
+                })?;
+            }
+            Some(update) => {
+                // The store armed this step: dx and db first (dx needs W as it was), then Adam on W block
+                // by block as dW is formed.
+                let gp = output_grad(self.act, y, hg.mat()?)?; // (n, out), ReLU-masked
+                let gm = MatRef::row_major(&gp, xm.rows(), grad.dim(1)?)?;
+                {
+                    let (hw, hb) = (Held::new(w), Held::new(b));
+                    let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
+                    self.db.write(|db, acc| {
+                        let grads = LinearGrads { dx: dx.as_deref_mut(), db: Some(db), accumulate: acc, ..Default::default() };
+                        linear_backward(xm, &p, Activation::Identity, None, gm, grads)
+                    })?;
+                } // W's read lock ends here.
+                let mut moments = update.moments.lock().map_err(|_| candle_core::Error::Msg("Adam moments lock poisoned".into()))?;
+                w.inplace_op1(&WeightAdamOp { g: gm, x: xm, moments: Mutex::new(&mut *moments), step: update.step })?;
+            }
+        }
         let dx = dx.map(|v| Tensor::from_vec(v, (xm.rows(), xm.cols()), &candle_core::Device::Cpu)).transpose()?;
         Ok((dx, None, None))
     }
@@ -110,10 +139,10 @@ mod tests {
         let g = (y.sqr().unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(w.as_tensor()).is_none() && g.get(b.as_tensor()).is_none(), "weight gradients must bypass candle's store");
         let reference = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap().relu().unwrap();
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), reference.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         let gr = (reference.sqr().unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let pairs = [
+            ("y", flat(&y), flat(&reference)),
             ("dx", flat(g.get(x.as_tensor()).unwrap()), flat(gr.get(x.as_tensor()).unwrap())),
             ("dW", dw.values().unwrap(), flat(gr.get(w.as_tensor()).unwrap())),
             ("db", db.values().unwrap(), flat(gr.get(b.as_tensor()).unwrap())),

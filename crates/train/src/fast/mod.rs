@@ -21,5 +21,5 @@ mod trainer;
 pub use adam::{adam_update, AdamConfig, AdamStep};
 pub use linear::BufferedLinear;
 pub use loss::cross_entropy;
-pub use store::{GradBuffer, OptimState, ParamStore};
+pub use store::{GradBuffer, Moments, OptimState, ParamStore, UpdateInBackward};
 pub use trainer::Trainer;

@@ -20,12 +20,54 @@ struct GradData {
     values: Vec<f32>,
     /// Written since the last optimizer step (a second write in the same step adds).
     fresh: bool,
+    /// For a weight whose layer may update it during the backward pass: its Adam moments (shared with the
+    /// store), and, while a step is under way, that step's constants.
+    in_backward: Option<InBackward>,
+}
+
+#[derive(Debug)]
+struct InBackward {
+    moments: Arc<Mutex<Moments>>,
+    /// Set by [`ParamStore::arm`] before the backward pass, taken by the layer that applies it.
+    armed: Option<AdamStep>,
+    /// The layer applied this step's update (the store's step then leaves the parameter alone).
+    applied: bool,
+}
+
+/// A parameter's Adam moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    /// First moment m.
+    pub m: Vec<f32>,
+    /// Second moment v.
+    pub v: Vec<f32>,
+}
+
+/// What a layer gets from [`GradBuffer::take_update`]: this step's constants and the moments to update.
+pub struct UpdateInBackward {
+    /// Adam's constants for the step under way.
+    pub step: AdamStep,
+    /// The parameter's moments (locked by the layer while it updates).
+    pub moments: Arc<Mutex<Moments>>,
 }
 
 impl GradBuffer {
     /// A buffer of `n` values.
     pub fn new(n: usize) -> Self {
-        GradBuffer { inner: Mutex::new(GradData { values: vec![0.0; n], fresh: false }) }
+        GradBuffer { inner: Mutex::new(GradData { values: vec![0.0; n], fresh: false, in_backward: None }) }
+    }
+    /// When the store armed this buffer for the step under way and nothing was written to it yet, hands
+    /// the update to the caller (which must then apply Adam to the parameter itself) and records that it
+    /// did; otherwise `None`, and the caller writes the gradient as usual.
+    pub fn take_update(&self) -> candle_core::Result<Option<UpdateInBackward>> {
+        let mut g = self.lock()?;
+        if g.fresh {
+            return Ok(None);
+        }
+        let Some(ib) = g.in_backward.as_mut() else { return Ok(None) };
+        let Some(step) = ib.armed.take() else { return Ok(None) };
+        ib.applied = true;
+        Ok(Some(UpdateInBackward { step, moments: ib.moments.clone() }))
     }
     fn lock(&self) -> candle_core::Result<MutexGuard<'_, GradData>> {
         self.inner.lock().map_err(|_| candle_core::Error::Msg("gradient buffer lock poisoned".into()))
@@ -59,8 +101,13 @@ struct Param {
     name: String,
     var: Var,
     grad: GradSource,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    moments: Arc<Mutex<Moments>>,
+}
+
+impl Param {
+    fn moments(&self) -> Result<MutexGuard<'_, Moments>> {
+        self.moments.lock().map_err(|_| TrainError::setting("parameter", &self.name, "Adam moments lock poisoned"))
+    }
 }
 
 /// Adam's state for checkpoints: step count and per-parameter moments `(name, m, v)`.
@@ -92,7 +139,12 @@ impl ParamStore {
             return Err(TrainError::setting("parameter", name, "the fused optimizer needs contiguous f32 tensors on the CPU"));
         }
         let n = var.elem_count();
-        self.params.push(Param { name: name.to_string(), var, grad, m: vec![0.0; n], v: vec![0.0; n] });
+        let moments = match &grad {
+            GradSource::Buffer(b) => b.lock()?.in_backward.as_ref().map(|ib| ib.moments.clone()),
+            GradSource::Autograd => None,
+        };
+        let moments = moments.unwrap_or_else(|| Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] })));
+        self.params.push(Param { name: name.to_string(), var, grad, moments });
         Ok(())
     }
     /// Adds a parameter whose gradient candle's autograd computes.
@@ -105,6 +157,33 @@ impl ParamStore {
         self.push(name, var, GradSource::Buffer(buf.clone()))?;
         Ok(buf)
     }
+    /// Adds a weight whose fused layer may apply Adam to it during the backward pass, block by block as it
+    /// computes the gradient (which then never leaves the cache), when the store is [armed](Self::arm)
+    /// for the step; otherwise the layer writes the returned buffer as for [`ParamStore::add_buffered`].
+    pub fn add_updated_in_backward(&mut self, name: &str, var: Var) -> Result<Arc<GradBuffer>> {
+        let n = var.elem_count();
+        let buf = Arc::new(GradBuffer::new(n));
+        let moments = Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }));
+        buf.lock()?.in_backward = Some(InBackward { moments, armed: None, applied: false });
+        self.push(name, var, GradSource::Buffer(buf.clone()))?;
+        Ok(buf)
+    }
+
+    /// Prepares the next step: each parameter added with [`ParamStore::add_updated_in_backward`] may be
+    /// updated by its layer during the coming backward pass, with the constants of step `t + 1`. Call it
+    /// right before the single backward pass of a step, then [`ParamStore::step`].
+    pub fn arm(&mut self) -> Result<()> {
+        let step = AdamStep::new(&self.cfg, self.t + 1);
+        for p in &self.params {
+            if let GradSource::Buffer(buf) = &p.grad {
+                if let Some(ib) = buf.lock()?.in_backward.as_mut() {
+                    ib.armed = Some(step);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Number of parameters.
     pub fn len(&self) -> usize {
         self.params.len()
@@ -124,7 +203,15 @@ impl ParamStore {
 
     /// The optimizer's state: the step count and each parameter's Adam moments (m, v), by name.
     pub fn state(&self) -> OptimState {
-        OptimState { t: self.t, params: self.params.iter().map(|p| (p.name.clone(), p.m.clone(), p.v.clone())).collect() }
+        let params = self
+            .params
+            .iter()
+            .map(|p| {
+                let mv = p.moments.lock().unwrap_or_else(|e| e.into_inner());
+                (p.name.clone(), mv.m.clone(), mv.v.clone())
+            })
+            .collect();
+        OptimState { t: self.t, params }
     }
 
     /// Restores a state taken by [`ParamStore::state`] on a store built for the same parameters.
@@ -132,35 +219,46 @@ impl ParamStore {
         if s.params.len() != self.params.len() {
             return Err(TrainError::setting("optimizer state", s.params.len(), &format!("expected {} parameters", self.params.len())));
         }
-        for (p, (name, m, v)) in self.params.iter_mut().zip(&s.params) {
-            if *name != p.name || m.len() != p.m.len() || v.len() != p.v.len() {
+        for (p, (name, m, v)) in self.params.iter().zip(&s.params) {
+            let mut mv = p.moments()?;
+            if *name != p.name || m.len() != mv.m.len() || v.len() != mv.v.len() {
                 return Err(TrainError::setting(
                     "optimizer state",
                     name,
-                    &format!("does not match parameter {} ({} values)", p.name, p.m.len()),
+                    &format!("does not match parameter {} ({} values)", p.name, mv.m.len()),
                 ));
             }
-            p.m.clone_from(m);
-            p.v.clone_from(v);
+            mv.m.clone_from(m);
+            mv.v.clone_from(v);
         }
         self.t = s.t;
         Ok(())
     }
 
     /// One Adam step: each parameter with a gradient this step (a fresh buffer, or an entry in `grads`)
-    /// is updated in place; the others are left alone, as `candle_nn::AdamW` leaves them.
+    /// is updated in place; the others are left alone, as `candle_nn::AdamW` leaves them. Parameters
+    /// their layer already updated during the backward pass (see [`ParamStore::arm`]) are not touched
+    /// again.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
         let step = AdamStep::new(&self.cfg, self.t);
-        for p in &mut self.params {
+        for p in &self.params {
             let theta = p.var.as_tensor();
             match &p.grad {
                 GradSource::Buffer(buf) => {
                     let mut g = buf.lock()?;
+                    if let Some(ib) = g.in_backward.as_mut() {
+                        ib.armed = None;
+                        if std::mem::take(&mut ib.applied) {
+                            continue;
+                        }
+                    }
                     if !g.fresh {
                         continue;
                     }
-                    let op = AdamOp { grad: &g.values, moments: Mutex::new((&mut p.m, &mut p.v)), step };
+                    let mut mv = p.moments()?;
+                    let Moments { m, v } = &mut *mv;
+                    let op = AdamOp { grad: &g.values, moments: Mutex::new((m, v)), step };
                     theta.inplace_op1(&op)?;
                     g.fresh = false;
                 }
@@ -168,7 +266,9 @@ impl ParamStore {
                     let Some(g) = grads.get(theta) else { continue };
                     let g: Tensor = g.contiguous()?;
                     let held = Held::new(&g);
-                    let op = AdamOp { grad: held.slice()?, moments: Mutex::new((&mut p.m, &mut p.v)), step };
+                    let mut mv = p.moments()?;
+                    let Moments { m, v } = &mut *mv;
+                    let op = AdamOp { grad: held.slice()?, moments: Mutex::new((m, v)), step };
                     theta.inplace_op1(&op)?;
                 }
             }
