@@ -39,6 +39,14 @@ const ROW_ORDER_MAX_B: usize = 1 << 16;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
+/// The mask of the lanes of the last 16-lane vector of a row of `w` values (all 16 when w is a multiple).
+fn lane_mask(w: usize) -> u16 {
+    match w % 16 {
+        0 => u16::MAX,
+        r => (1u16 << r) - 1,
+    }
+}
+
 /// Whether this CPU runs the kernel (AVX-512 F), detected once.
 pub(super) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -291,7 +299,7 @@ impl Job {
         let j0 = jp * NR;
         let w = (self.cols - j0).min(NR);
         let nv = w.div_ceil(16);
-        let mask: u16 = if w % 16 == 0 { u16::MAX } else { (1u16 << (w % 16)) - 1 };
+        let mask = lane_mask(w);
         let i0 = ip * MR;
         let mr = (self.rows - i0).min(MR);
         let t = Tile {
@@ -523,7 +531,7 @@ unsafe fn dot_tile<const R: usize, const N: usize>(t: &DotTile) {
     let mut kk = 0;
     while kk < t.k {
         let left = t.k - kk;
-        let mask: u16 = if left >= 16 { u16::MAX } else { (1u16 << left) - 1 };
+        let mask = lane_mask(left.min(16));
         let mut av = [_mm512_setzero_ps(); R];
         for (i, x) in av.iter_mut().enumerate() {
             *x = _mm512_maskz_loadu_ps(mask, t.a.add(i * t.a_rs + kk));
@@ -653,7 +661,7 @@ fn sparse_direct(dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulat
                 for j0 in (0..n).step_by(SPARSE_COLS) {
                     let w = (n - j0).min(SPARSE_COLS);
                     let nv = w.div_ceil(16);
-                    let mask: u16 = if w % 16 == 0 { u16::MAX } else { (1u16 << (w % 16)) - 1 };
+                    let mask = lane_mask(w);
                     let t = SparseTile {
                         idx: &csr.idx[lo..hi],
                         val: &csr.val[lo..hi],
