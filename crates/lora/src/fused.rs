@@ -169,92 +169,34 @@ fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>
         sgemm::matmul(dst, lhs, rhs, beta, accumulate, plan, threads);
         return Ok(());
     }
-    let parts = split_parts(m, n, k, threads);
-    if parts <= 1 {
-        // SAFETY: the views were bounds-checked on construction (every element (i, j) lies inside its
-        // slice), dst holds exactly m·n values written with row stride n, and dst does not alias lhs or
-        // rhs (it is a unique &mut borrow).
-        unsafe { gemm_block(dst.as_mut_ptr(), n, lhs, rhs, (0, m), (0, n), beta, accumulate) };
-        return Ok(());
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the views were bounds-checked on construction (every element (i, j) lies inside its slice),
+    // dst holds exactly m·n values written with row stride n, and dst does not alias lhs or rhs (it is a
+    // unique &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
     }
-    // Split the larger of the two output dimensions into `parts` blocks, one single-threaded gemm call
-    // each: on these skinny shapes (batch 64) that scales far better than gemm's own rayon split
-    // (measured on the 2-core machine: 150–200 GFLOP/s against 100–160). Each output element is still one
-    // gemm microkernel's sum over k in the same order, so the result does not depend on the split.
-    let split_rows = m >= n;
-    let total = if split_rows { m } else { n };
-    let block = total.div_ceil(parts).next_multiple_of(16);
-    let ptr = SendPtr(dst.as_mut_ptr());
-    rayon::scope(|s| {
-        for lo in (0..total).step_by(block) {
-            let hi = (lo + block).min(total);
-            let (rows, cols) = if split_rows { ((lo, hi), (0, n)) } else { ((0, m), (lo, hi)) };
-            s.spawn(move |_| {
-                let ptr = ptr;
-                // SAFETY: as above; the blocks are disjoint ranges of rows or of columns of dst, so no
-                // two threads write the same element, and dst outlives the scope.
-                unsafe { gemm_block(ptr.0, n, lhs, rhs, rows, cols, beta, accumulate) }
-            });
-        }
-    });
     Ok(())
-}
-
-/// How many blocks a product of this size is split into: one below ≈ 1M multiply-adds (thread hand-off
-/// costs more than it saves there), else one per thread.
-fn split_parts(m: usize, n: usize, k: usize, threads: usize) -> usize {
-    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < 1 << 20 || m.max(n) < 32 {
-        1
-    } else {
-        threads.min(m.max(n).div_ceil(16))
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used to hand disjoint blocks of one output buffer to the threads of a rayon scope.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-/// One single-threaded gemm call for the output block `rows × cols` of dst (row stride `ldd`).
-///
-/// # Safety
-/// `dst` must point to a row-major buffer with row stride `ldd` holding every element of the block, not
-/// aliasing lhs or rhs, and not written by anyone else during the call; the ranges must lie inside the
-/// views.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block(
-    dst: *mut f32,
-    ldd: usize,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    (r0, r1): (usize, usize),
-    (c0, c1): (usize, usize),
-    beta: f32,
-    accumulate: bool,
-) {
-    let k = lhs.cols;
-    gemm::gemm(
-        r1 - r0,
-        c1 - c0,
-        k,
-        dst.add(r0 * ldd + c0),
-        1,
-        ldd as isize,
-        accumulate,
-        lhs.data.as_ptr().add(r0 * lhs.rs),
-        lhs.cs as isize,
-        lhs.rs as isize,
-        rhs.data.as_ptr().add(c0 * rhs.cs),
-        rhs.cs as isize,
-        rhs.rs as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 /// One adapter's tensors as a kernel reads them.

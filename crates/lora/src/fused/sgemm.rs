@@ -159,17 +159,7 @@ pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f3
             // of dst (which the &mut borrow makes ours alone for the call).
             unsafe { job.run(c, r, cl) }
         };
-        if parts <= 1 {
-            run(0);
-        } else {
-            rayon::scope(|s| {
-                for p in 1..parts {
-                    let run = &run;
-                    s.spawn(move |_| run(p));
-                }
-                run(0);
-            });
-        }
+        in_parts(parts, run);
         if plan == Plan::Transposed {
             PACK.with(|p| p.replace(pack));
         }
@@ -179,6 +169,21 @@ pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f3
         let _ = (dst, lhs, rhs, beta, accumulate, plan, threads);
         unreachable!("sgemm::plan never plans without AVX-512")
     }
+}
+
+/// Runs `run(0)`, …, `run(parts − 1)`: part 0 on this thread, the others on the rayon threads.
+#[cfg(target_arch = "x86_64")]
+fn in_parts(parts: usize, run: impl Fn(usize) + Sync) {
+    if parts <= 1 {
+        return run(0);
+    }
+    rayon::scope(|s| {
+        for p in 1..parts {
+            let run = &run;
+            s.spawn(move |_| run(p));
+        }
+        run(0);
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -490,17 +495,7 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
         }
         clean_upper_state();
     };
-    if parts <= 1 {
-        run(0);
-    } else {
-        rayon::scope(|s| {
-            for p in 1..parts {
-                let run = &run;
-                s.spawn(move |_| run(p));
-            }
-            run(0);
-        });
-    }
+    in_parts(parts, run);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -689,17 +684,7 @@ fn sparse_direct(dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulat
         }
         clean_upper_state();
     };
-    if parts <= 1 {
-        run(0);
-    } else {
-        rayon::scope(|s| {
-            for p in 1..parts {
-                let run = &run;
-                s.spawn(move |_| run(p));
-            }
-            run(0);
-        });
-    }
+    in_parts(parts, run);
 }
 
 #[cfg(target_arch = "x86_64")]

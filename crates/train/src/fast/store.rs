@@ -43,6 +43,12 @@ pub struct Moments {
     pub v: Vec<f32>,
 }
 
+impl Moments {
+    fn zeros(n: usize) -> Arc<Mutex<Moments>> {
+        Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }))
+    }
+}
+
 /// What a layer gets from [`GradBuffer::take_update`]: this step's constants and the moments to update.
 pub struct UpdateInBackward {
     /// Adam's constants for the step under way.
@@ -134,38 +140,31 @@ impl ParamStore {
     pub fn new(cfg: AdamConfig) -> Self {
         ParamStore { params: Vec::new(), cfg, t: 0 }
     }
-    fn push(&mut self, name: &str, var: Var, grad: GradSource) -> Result<()> {
+    fn push(&mut self, name: &str, var: Var, grad: GradSource, moments: Arc<Mutex<Moments>>) -> Result<()> {
         if !var.as_tensor().is_contiguous() || var.dtype() != candle_core::DType::F32 || !var.device().is_cpu() {
             return Err(TrainError::setting("parameter", name, "the fused optimizer needs contiguous f32 tensors on the CPU"));
         }
-        let n = var.elem_count();
-        let moments = match &grad {
-            GradSource::Buffer(b) => b.lock()?.in_backward.as_ref().map(|ib| ib.moments.clone()),
-            GradSource::Autograd => None,
-        };
-        let moments = moments.unwrap_or_else(|| Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] })));
         self.params.push(Param { name: name.to_string(), var, grad, moments });
         Ok(())
     }
     /// Adds a parameter whose gradient candle's autograd computes.
     pub fn add_autograd(&mut self, name: &str, var: Var) -> Result<()> {
-        self.push(name, var, GradSource::Autograd)
+        let moments = Moments::zeros(var.elem_count());
+        self.push(name, var, GradSource::Autograd, moments)
     }
     /// Adds a parameter whose gradient a fused layer writes; returns the buffer to hand to that layer.
     pub fn add_buffered(&mut self, name: &str, var: Var) -> Result<Arc<GradBuffer>> {
-        let buf = Arc::new(GradBuffer::new(var.elem_count()));
-        self.push(name, var, GradSource::Buffer(buf.clone()))?;
+        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Moments::zeros(var.elem_count()));
+        self.push(name, var, GradSource::Buffer(buf.clone()), moments)?;
         Ok(buf)
     }
     /// Adds a weight whose fused layer may apply Adam to it during the backward pass, block by block as it
     /// computes the gradient (which then never leaves the cache), when the store is [armed](Self::arm)
     /// for the step; otherwise the layer writes the returned buffer as for [`ParamStore::add_buffered`].
     pub fn add_updated_in_backward(&mut self, name: &str, var: Var) -> Result<Arc<GradBuffer>> {
-        let n = var.elem_count();
-        let buf = Arc::new(GradBuffer::new(n));
-        let moments = Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }));
-        buf.lock()?.in_backward = Some(InBackward { moments, armed: None, applied: false });
-        self.push(name, var, GradSource::Buffer(buf.clone()))?;
+        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Moments::zeros(var.elem_count()));
+        buf.lock()?.in_backward = Some(InBackward { moments: moments.clone(), armed: None, applied: false });
+        self.push(name, var, GradSource::Buffer(buf.clone()), moments)?;
         Ok(buf)
     }
 
