@@ -171,13 +171,14 @@ pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f3
     }
 }
 
-/// Runs `run(0)`, …, `run(parts − 1)`: part 0 on this thread, the others on the rayon threads.
+/// Runs `run(0)`, …, `run(parts − 1)`: part 0 on this thread (a rayon worker or not), the others on the
+/// rayon threads.
 #[cfg(target_arch = "x86_64")]
 fn in_parts(parts: usize, run: impl Fn(usize) + Sync) {
     if parts <= 1 {
         return run(0);
     }
-    rayon::scope(|s| {
+    rayon::in_place_scope(|s| {
         for p in 1..parts {
             let run = &run;
             s.spawn(move |_| run(p));
