@@ -72,40 +72,30 @@ impl CustomOp3 for BufferedLinear {
         let xm = hx.mat()?;
         let mut dx = x.track_op().then(|| vec![0f32; xm.rows() * xm.cols()]);
         let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
-        match self.dw.take_update()? {
-            None => {
-                let (hw, hb) = (Held::new(w), Held::new(b));
-                let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
-                self.dw.write(|dw, acc_w| {
-                    self.db.write(|db, acc_b| {
-                        // Both buffers are written in the same step, so they agree on overwrite vs add.
-                        let grads = LinearGrads {
-                            dx: dx.as_deref_mut(),
-                            dw: Some(dw),
-                            db: Some(db),
-                            accumulate: acc_w && acc_b,
-                            ..Default::default()
-                        };
-                        linear_backward(xm, &p, self.act, y, hg.mat()?, grads)
-                    })
-                })?;
-            }
-            Some(update) => {
-                // The store armed this step: dx and db first (dx needs W as it was), then Adam on W block
-                // by block as dW is formed.
-                let gp = output_grad(self.act, y, hg.mat()?)?; // (n, out), ReLU-masked
-                let gm = MatRef::row_major(&gp, xm.rows(), grad.dim(1)?)?;
-                {
-                    let (hw, hb) = (Held::new(w), Held::new(b));
-                    let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
-                    self.db.write(|db, acc| {
-                        let grads = LinearGrads { dx: dx.as_deref_mut(), db: Some(db), accumulate: acc, ..Default::default() };
-                        linear_backward(xm, &p, Activation::Identity, None, gm, grads)
-                    })?;
-                } // W's read lock ends here.
-                let mut moments = update.moments.lock().map_err(|_| candle_core::Error::Msg("Adam moments lock poisoned".into()))?;
-                w.inplace_op1(&WeightAdamOp { g: gm, x: xm, moments: Mutex::new(&mut *moments), step: update.step })?;
-            }
+        let gp = output_grad(self.act, y, hg.mat()?)?; // (n, out), ReLU-masked
+        let gm = MatRef::row_major(&gp, xm.rows(), grad.dim(1)?)?;
+        // Armed by the store for this step: the layer applies Adam to W itself, after dx (which needs W as
+        // it was); else dW goes to its buffer like db.
+        let update = self.dw.take_update()?;
+        {
+            let (hw, hb) = (Held::new(w), Held::new(b));
+            let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
+            self.db.write(|db, acc_b| match update {
+                Some(_) => {
+                    let grads = LinearGrads { dx: dx.as_deref_mut(), db: Some(db), accumulate: acc_b, ..Default::default() };
+                    linear_backward(xm, &p, Activation::Identity, None, gm, grads)
+                }
+                None => self.dw.write(|dw, acc_w| {
+                    // Both buffers are written in the same step, so they agree on overwrite vs add.
+                    let accumulate = acc_w && acc_b;
+                    let grads = LinearGrads { dx: dx.as_deref_mut(), dw: Some(dw), db: Some(db), accumulate, ..Default::default() };
+                    linear_backward(xm, &p, Activation::Identity, None, gm, grads)
+                }),
+            })?;
+        } // W's read lock ends here.
+        if let Some(update) = update {
+            let mut moments = update.moments.lock().map_err(|_| candle_core::Error::Msg("Adam moments lock poisoned".into()))?;
+            w.inplace_op1(&WeightAdamOp { g: gm, x: xm, moments: Mutex::new(&mut *moments), step: update.step })?;
         }
         let dx = dx.map(|v| Tensor::from_vec(v, (xm.rows(), xm.cols()), &candle_core::Device::Cpu)).transpose()?;
         Ok((dx, None, None))
