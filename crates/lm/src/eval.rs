@@ -1,0 +1,69 @@
+//! Scoring text: mean next-token loss in nats per token and bits per byte,
+//!
+//! ```text
+//! loss = Σ nll / N_predicted,     bits_per_byte = Σ nll / ln 2 / Σ bytes(predicted tokens)
+//! ```
+//!
+//! over the windows of [`crate::data::eval_windows`] (each window predicts every token after its first).
+//! Windows of equal length run as one batch.
+
+use candle_core::{Device, Tensor};
+
+use crate::data::Window;
+use crate::error::{LmError, Result};
+use crate::model::Llama;
+use crate::ops::token_nll;
+
+/// The score of a model on some windows.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Score {
+    /// Mean loss, nats per predicted token.
+    pub loss: f64,
+    /// Bits per byte of the predicted tokens' text.
+    pub bits_per_byte: f64,
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// Bytes those tokens cover.
+    pub bytes: u64,
+}
+
+/// Scores `windows` with the model as it is (its active adapters), `batch` windows at a time. With
+/// `per_token`, also returns every window's per-token losses (nats).
+pub fn score(model: &Llama, windows: &[Window], batch: usize, per_token: bool) -> Result<(Score, Option<Vec<Vec<f64>>>)> {
+    if batch == 0 {
+        return Err(LmError::invalid("batch", 0, "must be at least 1"));
+    }
+    let mut nats = 0f64;
+    let mut tokens = 0usize;
+    let mut bytes = 0u64;
+    let mut all = per_token.then(Vec::new);
+    let mut i = 0;
+    while i < windows.len() {
+        let len = windows[i].ids.len();
+        let mut j = i;
+        while j < windows.len() && j - i < batch && windows[j].ids.len() == len {
+            j += 1;
+        }
+        let group = &windows[i..j];
+        let ids: Vec<u32> = group.iter().flat_map(|w| w.ids.iter().copied()).collect();
+        let t = Tensor::from_vec(ids, (group.len(), len), &Device::Cpu)?;
+        let logits = model.forward(&t, None, false)?; // (rows, len, V)
+        for (r, w) in group.iter().enumerate() {
+            let l = logits.get(r)?.narrow(0, 0, len - 1)?;
+            let nll = token_nll(&l, &w.ids[1..])?;
+            nats += nll.iter().sum::<f64>();
+            tokens += nll.len();
+            bytes += w.bytes[1..].iter().map(|&b| b as u64).sum::<u64>();
+            if let Some(all) = all.as_mut() {
+                all.push(nll);
+            }
+        }
+        i = j;
+    }
+    if tokens == 0 {
+        return Err(LmError::invalid("data", "no windows", "nothing to score (every text is shorter than 2 tokens)"));
+    }
+    let loss = nats / tokens as f64;
+    let bits_per_byte = if bytes > 0 { nats / std::f64::consts::LN_2 / bytes as f64 } else { f64::NAN };
+    Ok((Score { loss, bits_per_byte, tokens, bytes }, all))
+}

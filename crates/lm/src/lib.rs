@@ -1,0 +1,31 @@
+//! lora-rs language models: a Llama-architecture decoder whose projections are [`lora::LoraLinear`]
+//! layers, so LoRA adapters train, switch, merge and load exactly as in `lora`'s other models.
+//!
+//! ```text
+//! config.json + model.safetensors ──► hf::load_model ──► Llama { embedding, norms, LoraModel of projections }
+//!                                                          │
+//!   data::read_corpus (JSONL/text) ──► TokenStream ──► train::Trainer (AdamW, warm-up + cosine, clipping)
+//!                                  └─► eval_windows ──► eval::score (nats/token, bits/byte)
+//!   prompts ──► tokenizer ──► generate::generate (KV cache, greedy / temperature / top-k / top-p)
+//! ```
+//!
+//! Files are Hugging Face's: a model directory loads with transformers' `LlamaForCausalLM`, adapters
+//! with PEFT's `PeftModel` (module names as transformers names them).
+#![deny(missing_docs)]
+
+mod config;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod generate;
+pub mod hf;
+mod model;
+pub mod ops;
+pub mod optim;
+mod tokenizer;
+pub mod train;
+
+pub use config::{LlamaConfig, TokenizerKind};
+pub use error::{LmError, Result};
+pub use model::{expected_shapes, module_name, KvCache, Llama, LM_HEAD, PROJECTIONS};
+pub use tokenizer::{StreamDecoder, Tokenizer};

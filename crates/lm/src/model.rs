@@ -1,0 +1,340 @@
+//! [`Llama`]: transformers' `LlamaForCausalLM` with every projection a [`lora::LoraLinear`].
+//!
+//! For token ids (B, T):
+//!
+//! ```text
+//! h₀ = E[ids]                                                      (B, T, H)
+//! per layer l:  x = RMSNorm(h; w_in)
+//!               q = RoPE(x·W_qᵀ) (B, n_h, T, d),  k = RoPE(x·W_kᵀ), v = x·W_vᵀ (B, n_kv, T, d)
+//!               h = h + W_o · attention(q, [cache_k, k], [cache_v, v])   (causal, grouped K/V)
+//!               x = RMSNorm(h; w_post)
+//!               h = h + W_down·(silu(W_gate·x) ⊙ W_up·x)
+//! logits = RMSNorm(h; w_final) · W_headᵀ                           (B, T, V)
+//! ```
+//!
+//! Each `W·` above is a LoRA layer (`W₀ + s·B·A` when an adapter is active) named as transformers names
+//! the module (`model.layers.0.self_attn.q_proj`, …, `lm_head`), so PEFT adapter files map one to one.
+//! With `tie_word_embeddings`, `lm_head` holds the embedding's own variable: one tensor, two uses.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lora::{LoraLinear, LoraModel};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::LlamaConfig;
+use crate::error::{LmError, Result};
+use crate::ops::{apply_rope, attention, causal_mask, rms_norm, Rope};
+
+/// The seven projections of a decoder layer, in PEFT's usual `target_modules` order.
+pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/// The module name of the output projection.
+pub const LM_HEAD: &str = "lm_head";
+
+/// The transformers module name of projection `proj` in layer `layer`.
+pub fn module_name(layer: usize, proj: &str) -> String {
+    let group = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    format!("model.layers.{layer}.{group}.{proj}")
+}
+
+/// Keys and values of every layer for the slots seen so far (generation).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>, // (B, n_kv, slots, d) each
+    pad: Vec<usize>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `rows` sequences whose first `pad[row]` slots will be left padding.
+    pub fn new(config: &LlamaConfig, pad: Vec<usize>) -> Self {
+        KvCache { layers: vec![None; config.num_hidden_layers], pad, len: 0 }
+    }
+    /// Slots filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Left padding of each row.
+    pub fn pad(&self) -> &[usize] {
+        &self.pad
+    }
+}
+
+/// A Llama-architecture decoder whose projections are LoRA layers.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Var,                // (V, H)
+    norms: Vec<(Var, Var)>,    // input_layernorm, post_attention_layernorm: (H) each
+    final_norm: Var,           // (H)
+    names: Vec<[String; 7]>,   // module names per layer, PROJECTIONS order
+    lora: LoraModel,           // the projections and lm_head
+    base_trainable: bool,      // embedding and norms train (pre-training)
+    rope: Rope,
+}
+
+fn var(t: Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?)
+}
+
+impl Llama {
+    /// A model with random weights as transformers initialises them (normal(0, initializer_range) for the
+    /// embedding and projections, ones for the norms), from `seed`.
+    pub fn random(config: &LlamaConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, config.initializer_range as f32).map_err(|e| LmError::invalid("initializer_range", config.initializer_range, e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        let dev = Device::Cpu;
+        for (name, shape) in expected_shapes(config) {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(v, shape, &dev)?);
+        }
+        Self::from_tensors(config, tensors, Path::new("(random init)"))
+    }
+
+    /// A model from named tensors with transformers' names; `source` names the file(s) in errors. Every
+    /// expected tensor must be present with its shape; unknown tensors are refused by name.
+    pub fn from_tensors(config: &LlamaConfig, mut tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<Self> {
+        config.validate().map_err(|e| LmError::file(source, e.to_string()))?;
+        let expected = expected_shapes(config);
+        for (name, shape) in &expected {
+            let t = tensors.get(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name} (shape {shape:?} for this config.json)")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(LmError::file(source, format!("tensor {name}: shape {:?}, config.json implies {shape:?}", t.dims())));
+            }
+        }
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        for name in tensors.keys() {
+            // transformers ignores a stored lm_head when tied, and old checkpoints carry RoPE tables.
+            let ignorable = name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight");
+            if !known.contains(name.as_str()) && !ignorable {
+                return Err(LmError::file(source, format!("unexpected tensor {name}: not part of a LlamaForCausalLM with this config.json")));
+            }
+        }
+        let mut take = |name: &str| tensors.remove(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name}")));
+        let embed = var(take("model.embed_tokens.weight")?)?;
+        let mut lora = LoraModel::new();
+        let mut norms = Vec::new();
+        let mut names = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            norms.push((var(take(&format!("{p}.input_layernorm.weight"))?)?, var(take(&format!("{p}.post_attention_layernorm.weight"))?)?));
+            let layer_names: [String; 7] = PROJECTIONS.map(|proj| module_name(l, proj));
+            for (proj, name) in PROJECTIONS.iter().zip(&layer_names) {
+                let has_bias = if matches!(*proj, "gate_proj" | "up_proj" | "down_proj") { config.mlp_bias } else { config.attention_bias };
+                let w = take(&format!("{name}.weight"))?;
+                let b = if has_bias { Some(take(&format!("{name}.bias"))?) } else { None };
+                lora.push(name, LoraLinear::new(w, b)?)?;
+            }
+            names.push(layer_names);
+        }
+        let final_norm = var(take("model.norm.weight")?)?;
+        // Tied: lm_head's weight is the embedding variable itself (`Var::from_tensor` of a variable shares it).
+        let head = if config.tie_word_embeddings { LoraLinear::new(embed.as_tensor().clone(), None)? } else { LoraLinear::new(take("lm_head.weight")?, None)? };
+        lora.push(LM_HEAD, head)?;
+        let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
+        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    /// The LoRA layers (projections and lm_head) by module name.
+    pub fn lora(&self) -> &LoraModel {
+        &self.lora
+    }
+    /// The LoRA layers, mutable: add, load, activate, merge adapters.
+    pub fn lora_mut(&mut self) -> &mut LoraModel {
+        &mut self.lora
+    }
+
+    /// Freezes every base tensor (embedding, norms, projection weights): only adapters train.
+    pub fn freeze_base(&mut self) {
+        self.base_trainable = false;
+        self.lora.freeze_base(lora::Bias::None);
+    }
+    /// Makes every base tensor trainable again (pre-training).
+    pub fn unfreeze_base(&mut self) {
+        self.base_trainable = true;
+        self.lora.unfreeze_base();
+    }
+
+    /// The tensors that train now, each once (a tied embedding is not listed twice).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = Vec::new();
+        if self.base_trainable {
+            out.push(("model.embed_tokens.weight".into(), self.embed.clone()));
+            for (l, (a, b)) in self.norms.iter().enumerate() {
+                out.push((format!("model.layers.{l}.input_layernorm.weight"), a.clone()));
+                out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.clone()));
+            }
+            out.push(("model.norm.weight".into(), self.final_norm.clone()));
+        }
+        for (name, layer) in self.lora.layers() {
+            let (w, b) = layer.base_trainable();
+            if w {
+                out.push((format!("{name}.weight"), layer.weight().clone()));
+            }
+            if let (true, Some(bias)) = (b, layer.bias()) {
+                out.push((format!("{name}.bias"), bias.clone()));
+            }
+            if !layer.is_disabled() {
+                for ad in layer.active().iter().filter(|a| !layer.merged().contains(a)) {
+                    let ad_ref = layer.adapter(ad);
+                    if let Ok(x) = ad_ref {
+                        out.push((format!("{name}.lora_A.{ad}"), x.a().clone()));
+                        out.push((format!("{name}.lora_B.{ad}"), x.b().clone()));
+                    }
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|(_, v)| seen.insert(v.as_tensor().id()));
+        out
+    }
+
+    /// The base weights with transformers' names, as stored now (lm_head omitted when tied).
+    pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.as_tensor().clone())];
+        for (l, (a, b)) in self.norms.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), a.as_tensor().clone()));
+            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.as_tensor().clone()));
+        }
+        for (name, layer) in self.lora.layers() {
+            if name == LM_HEAD && self.config.tie_word_embeddings {
+                continue;
+            }
+            out.push((format!("{name}.weight"), layer.weight().as_tensor().clone()));
+            if let Some(b) = layer.bias() {
+                out.push((format!("{name}.bias"), b.as_tensor().clone()));
+            }
+        }
+        out.push(("model.norm.weight".into(), self.final_norm.as_tensor().clone()));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// SHA-256 fingerprint of the base weights (what adapters record to detect another base).
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(lora::io::fingerprint(&self.base_state()?)?)
+    }
+
+    /// Number of base parameters.
+    pub fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+
+    fn param(&self, v: &Var) -> Tensor {
+        if self.base_trainable {
+            v.as_tensor().clone()
+        } else {
+            v.as_detached_tensor()
+        }
+    }
+
+    /// Logits (B, T, V) for token ids (B, T). With a cache, the ids continue the cached slots (and are
+    /// added to it); `train` turns on adapter dropout.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let h = self.hidden(ids, cache, train)?;
+        Ok(self.lora.layer(LM_HEAD)?.forward_t(&h, train)?)
+    }
+
+    /// The final hidden states (B, T, H), after the last norm.
+    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let pad: Vec<usize> = cache.as_ref().map_or_else(|| vec![0; b], |c| c.pad.clone());
+        if pad.len() != b {
+            return Err(LmError::invalid("batch", b, format!("the cache was made for {} rows", pad.len())));
+        }
+        if offset + t > self.rope.max_positions() {
+            return Err(LmError::invalid(
+                "sequence length",
+                offset + t,
+                format!("longer than the model's context (max_position_embeddings = {})", self.rope.max_positions()),
+            ));
+        }
+        let dev = ids.device();
+        let positions: Vec<u32> = pad.iter().flat_map(|&p| (offset..offset + t).map(move |s| s.saturating_sub(p) as u32)).collect();
+        let (cos, sin) = self.rope.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
+        let mask = causal_mask(t, offset + t, offset, &pad, dev)?;
+        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        for (l, names) in self.names.iter().enumerate() {
+            let layer = |i: usize| self.lora.layer(&names[i]);
+            let x = rms_norm(&h, &self.param(&self.norms[l].0), c.rms_norm_eps)?;
+            let q = layer(0)?.forward_t(&x, train)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
+            let k = layer(1)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?.transpose(1, 2)?;
+            let v = layer(2)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?.transpose(1, 2)?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let mut k = apply_rope(&k, &cos, &sin)?;
+            let mut v = v.contiguous()?;
+            if let Some(cache) = cache.as_deref_mut() {
+                // Cached keys and values are constants: no graph is kept alive across generation steps.
+                let (kd, vd) = (k.detach(), v.detach());
+                if let Some((ck, cv)) = &cache.layers[l] {
+                    k = Tensor::cat(&[ck, &kd], 2)?;
+                    v = Tensor::cat(&[cv, &vd], 2)?;
+                } else {
+                    (k, v) = (kd, vd);
+                }
+                cache.layers[l] = Some((k.clone(), v.clone()));
+            }
+            let a = attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+            h = (h + layer(3)?.forward_t(&a, train)?)?;
+            let x = rms_norm(&h, &self.param(&self.norms[l].1), c.rms_norm_eps)?;
+            let gate = layer(4)?.forward_t(&x, train)?.silu()?;
+            let up = layer(5)?.forward_t(&x, train)?;
+            h = (h + layer(6)?.forward_t(&(gate * up)?, train)?)?;
+            if !train {
+                // Inference: cut the graph at each layer so intermediates are freed as soon as they are used.
+                h = h.detach();
+            }
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        rms_norm(&h, &self.param(&self.final_norm), c.rms_norm_eps)
+    }
+}
+
+/// Every base tensor a model with `config` holds, with its shape, in transformers' names.
+pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let c = config;
+    let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for l in 0..c.num_hidden_layers {
+        out.push((format!("model.layers.{l}.input_layernorm.weight"), vec![h]));
+        out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![h]));
+        for (proj, (o, inp)) in PROJECTIONS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
+            let name = module_name(l, proj);
+            out.push((format!("{name}.weight"), vec![o, inp]));
+            let bias = if matches!(*proj, "gate_proj" | "up_proj" | "down_proj") { c.mlp_bias } else { c.attention_bias };
+            if bias {
+                out.push((format!("{name}.bias"), vec![o]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    out
+}

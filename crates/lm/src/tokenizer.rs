@@ -1,0 +1,133 @@
+//! [`Tokenizer`]: text ↔ token ids, either the UTF-8 bytes themselves (ids 0–255, models trained by
+//! lora-rs) or a Hugging Face `tokenizer.json` read with the `tokenizers` crate.
+//!
+//! Each token also carries the number of text bytes it covers, so losses can be given in bits per byte
+//! (`Σ nats / ln 2 / Σ bytes`), a figure comparable across tokenizers.
+
+use std::path::Path;
+
+use crate::config::LlamaConfig;
+use crate::error::{LmError, Result};
+
+/// A tokenizer.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    /// Token id = byte value.
+    Bytes,
+    /// A `tokenizer.json`.
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl Tokenizer {
+    /// The byte-level tokenizer.
+    pub fn bytes() -> Self {
+        Tokenizer::Bytes
+    }
+
+    /// Reads a `tokenizer.json`; every id it produces must fit the model's vocabulary.
+    pub fn from_file(path: &Path, config: &LlamaConfig) -> Result<Self> {
+        if !path.exists() {
+            return Err(LmError::file(path, "missing: this model is not byte-level (config.json has no \"lora_rs_tokenizer\": \"bytes\"), so it needs its tokenizer.json"));
+        }
+        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| LmError::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let size = t.get_vocab_size(true);
+        if size > config.vocab_size {
+            return Err(LmError::file(path, format!("vocabulary of {size} tokens does not fit the model's vocab_size = {}", config.vocab_size)));
+        }
+        Ok(Tokenizer::Hf(Box::new(t)))
+    }
+
+    /// Token ids of `text` (with the tokenizer's special tokens, e.g. a BOS, where it adds them).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_with_bytes(text)?.0)
+    }
+
+    /// Token ids of `text` and, per token, the number of text bytes it covers (0 for added special tokens).
+    pub fn encode_with_bytes(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        match self {
+            Tokenizer::Bytes => Ok((text.bytes().map(u32::from).collect(), vec![1; text.len()])),
+            Tokenizer::Hf(t) => {
+                let enc = t.encode(text, true).map_err(|e| LmError::invalid("text", format!("{:.40?}", text), format!("tokenizer failed: {e}")))?;
+                let bytes = enc.get_offsets().iter().zip(enc.get_special_tokens_mask()).map(|(&(a, b), &s)| if s == 1 { 0 } else { (b - a) as u32 }).collect();
+                Ok((enc.get_ids().to_vec(), bytes))
+            }
+        }
+    }
+
+    /// The text of `ids` (invalid UTF-8 from a cut byte sequence becomes U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Bytes => Ok(String::from_utf8_lossy(&ids.iter().map(|&i| i.min(255) as u8).collect::<Vec<u8>>()).into_owned()),
+            Tokenizer::Hf(t) => t.decode(ids, true).map_err(|e| LmError::invalid("token ids", format!("{} ids", ids.len()), format!("tokenizer failed: {e}"))),
+        }
+    }
+
+    /// Whether this is the byte-level tokenizer.
+    pub fn is_bytes(&self) -> bool {
+        matches!(self, Tokenizer::Bytes)
+    }
+}
+
+/// Turns a growing list of generated ids into text pieces as soon as they decode to whole characters.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    /// A decoder with nothing decoded yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the new text it completes, if any (held back while it ends in a cut character).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
+
+    /// Whatever is left at the end (a cut character shows as U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids)?;
+        let rest = if text.is_char_boundary(self.emitted.min(text.len())) { text[self.emitted.min(text.len())..].to_string() } else { String::new() };
+        self.emitted = text.len();
+        Ok(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip_any_text_and_count_one_byte_per_token() {
+        let t = Tokenizer::bytes();
+        let s = "SELECT 'é' FROM t; -- ∑";
+        let (ids, bytes) = t.encode_with_bytes(s).unwrap();
+        assert_eq!(ids.len(), s.len());
+        assert!(bytes.iter().all(|&b| b == 1));
+        assert_eq!(t.decode(&ids).unwrap(), s);
+    }
+
+    #[test]
+    fn the_stream_decoder_holds_back_cut_characters() {
+        let t = Tokenizer::bytes();
+        let mut d = StreamDecoder::new();
+        let mut out = String::new();
+        for &b in "a∑b".as_bytes() {
+            if let Some(p) = d.push(&t, b as u32).unwrap() {
+                out.push_str(&p);
+                assert!(!p.contains('\u{FFFD}'));
+            }
+        }
+        out.push_str(&d.finish(&t).unwrap());
+        assert_eq!(out, "a∑b");
+    }
+}

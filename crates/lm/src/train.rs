@@ -1,0 +1,306 @@
+//! Training loops: pre-training a base (every tensor trains) and LoRA fine-tuning (only the active
+//! adapter trains), with [`AdamW`], the warm-up + cosine [`Schedule`] and gradient clipping.
+//!
+//! Each step draws `batch_size` windows of `seq_len` tokens, row by row: a source chosen by weight from
+//! the [`Mixture`], then a random offset in it. The loss is the mean next-token cross-entropy over the
+//! `batch_size·(seq_len − 1)` predictions (position i predicts token i + 1), as transformers computes
+//! `model(ids, labels=ids).loss`. The draws of step t come from a generator seeded by (seed, t) alone,
+//! so a run is deterministic for a seed and thread count and a resumed run needs no generator state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::data::TokenStream;
+use crate::error::{LmError, Result};
+use crate::model::Llama;
+use crate::ops::cross_entropy;
+use crate::optim::{AdamW, Moments, Schedule};
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning-rate floor as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Decoupled weight decay (matrices only).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (`None`: no clipping).
+    pub clip: Option<f64>,
+    /// Seed of the data draws (and of adapter dropout).
+    pub seed: u64,
+}
+
+impl TrainSettings {
+    /// Checks every field against the model; errors name the setting and value.
+    pub fn validate(&self, model: &Llama) -> Result<()> {
+        if self.steps == 0 {
+            return Err(LmError::invalid("steps", 0, "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(LmError::invalid("batch_size", 0, "must be at least 1"));
+        }
+        let ctx = model.config().max_position_embeddings;
+        if self.seq_len < 2 || self.seq_len > ctx {
+            return Err(LmError::invalid("seq_len", self.seq_len, format!("must be between 2 and the model's context ({ctx})")));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(LmError::invalid("lr", self.lr, "must be a positive number"));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(LmError::invalid("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(LmError::invalid("weight_decay", self.weight_decay, "must be a non-negative number"));
+        }
+        if let Some(c) = self.clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(LmError::invalid("clip", c, "must be a positive number"));
+        }
+        Ok(())
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule { lr: self.lr, min_ratio: self.min_lr_ratio, warmup: self.warmup.min(self.steps), total: self.steps }
+    }
+}
+
+/// Weighted token sources to draw training windows from.
+#[derive(Debug, Clone, Default)]
+pub struct Mixture {
+    sources: Vec<(String, TokenStream, f64)>,
+}
+
+impl Mixture {
+    /// An empty mixture.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a source with a positive weight.
+    pub fn add(&mut self, name: &str, stream: TokenStream, weight: f64) -> Result<()> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(LmError::invalid(format!("weight of {name}"), weight, "must be a positive number"));
+        }
+        if stream.len() < 2 {
+            return Err(LmError::invalid(format!("data {name}"), format!("{} tokens", stream.len()), "too short to train on"));
+        }
+        self.sources.push((name.to_string(), stream, weight));
+        Ok(())
+    }
+    /// (name, tokens, weight) of each source.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, usize, f64)> {
+        self.sources.iter().map(|(n, s, w)| (n.as_str(), s.len(), *w))
+    }
+
+    /// The token ids (rows · len) of training step `step`, drawn from (seed, step) alone; rows shorter than
+    /// `len` (a tiny source) are repeated to fill.
+    pub fn batch(&self, seed: u64, step: usize, rows: usize, len: usize) -> Result<Vec<u32>> {
+        if self.sources.is_empty() {
+            return Err(LmError::invalid("data", "none", "no training data given"));
+        }
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let total: f64 = self.sources.iter().map(|s| s.2).sum();
+        let mut out = Vec::with_capacity(rows * len);
+        for _ in 0..rows {
+            let mut x = rng.random::<f64>() * total;
+            let mut pick = &self.sources[self.sources.len() - 1].1;
+            for (_, s, w) in &self.sources {
+                if x < *w {
+                    pick = s;
+                    break;
+                }
+                x -= w;
+            }
+            let w = pick.window(&mut rng, len);
+            out.extend(w.iter().cycle().take(len));
+        }
+        Ok(out)
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Of how many.
+    pub steps: usize,
+    /// Mean loss of the step's batch, nats per token.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens seen since the run started (this process).
+    pub tokens: usize,
+    /// Seconds since the run started (this process).
+    pub seconds: f64,
+}
+
+/// A training run in progress: settings, optimizer state, position and the loss history.
+#[derive(Debug)]
+pub struct Trainer {
+    settings: TrainSettings,
+    opt: AdamW,
+    step: usize,
+    /// (step, loss, seconds) of every step done, across resumes.
+    pub losses: Vec<(usize, f64, f64)>,
+    seconds_before: f64,
+}
+
+/// The loss of one batch of token ids (rows, len): mean cross-entropy of next-token predictions.
+pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
+    let t = Tensor::from_vec(ids.to_vec(), (rows, len), &Device::Cpu)?;
+    let logits = model.forward(&t, None, train)?; // (rows, len, V)
+    let v = logits.dim(2)?;
+    let pred = logits.narrow(1, 0, len - 1)?.reshape((rows * (len - 1), v))?;
+    let target = t.narrow(1, 1, len - 1)?.flatten_all()?;
+    cross_entropy(&pred, &target)
+}
+
+impl Trainer {
+    /// A new run over the model's trainable tensors as they are now (freeze or add adapters first).
+    pub fn new(model: &Llama, settings: TrainSettings) -> Result<Self> {
+        settings.validate(model)?;
+        let params = model.trainable_vars();
+        if params.is_empty() {
+            return Err(LmError::invalid("trainable tensors", "none", "nothing would train: add an adapter or unfreeze the base"));
+        }
+        Ok(Trainer { opt: AdamW::new(params, settings.weight_decay), settings, step: 0, losses: Vec::new(), seconds_before: 0.0 })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &TrainSettings {
+        &self.settings
+    }
+    /// Steps done.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+    /// Whether every step is done.
+    pub fn done(&self) -> bool {
+        self.step >= self.settings.steps
+    }
+    /// Number of trainable parameters.
+    pub fn num_trainable(&self) -> usize {
+        self.opt.params().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+    /// Seconds spent training, across resumes.
+    pub fn seconds(&self) -> f64 {
+        self.losses.last().map_or(self.seconds_before, |l| l.2)
+    }
+
+    /// Runs steps until `until` (or the end), calling `on_step` after each; `on_step` returning false stops
+    /// early (e.g. to checkpoint and exit).
+    pub fn run(&mut self, model: &Llama, data: &Mixture, until: usize, mut on_step: impl FnMut(&Self, &StepReport) -> Result<bool>) -> Result<()> {
+        let s = self.settings.clone();
+        let schedule = s.schedule();
+        let start = Instant::now();
+        let mut tokens = 0;
+        while self.step < until.min(s.steps) {
+            let ids = data.batch(s.seed, self.step, s.batch_size, s.seq_len)?;
+            for (_, layer) in model.lora().layers() {
+                layer.seed_dropout(s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+            }
+            let loss = batch_loss(model, &ids, s.batch_size, s.seq_len, true)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(LmError::invalid("loss", value, format!("became non-finite at step {}: lower the learning rate", self.step + 1)));
+            }
+            let grads = loss.backward()?;
+            let lr = schedule.at(self.step);
+            let grad_norm = self.opt.step(&grads, lr, s.clip)?;
+            self.step += 1;
+            tokens += ids.len();
+            let seconds = self.seconds_before + start.elapsed().as_secs_f64();
+            self.losses.push((self.step, value, seconds));
+            let report = StepReport { step: self.step, steps: s.steps, loss: value, lr, grad_norm, tokens, seconds };
+            if !on_step(self, &report)? {
+                break;
+            }
+        }
+        self.seconds_before = self.seconds();
+        Ok(())
+    }
+
+    /// Writes a checkpoint: the trainable tensors, the optimizer's moments, the position, the settings and
+    /// the loss history (one safetensors file, written atomically).
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::new();
+        for (name, var) in self.opt.params() {
+            tensors.push((format!("param/{name}"), var.as_tensor().clone()));
+            let mo = &self.opt.moments[name];
+            tensors.push((format!("adam_m/{name}"), Tensor::from_vec(mo.m.clone(), var.shape(), &Device::Cpu)?));
+            tensors.push((format!("adam_v/{name}"), Tensor::from_vec(mo.v.clone(), var.shape(), &Device::Cpu)?));
+        }
+        let state = CheckpointState { step: self.step, adam_steps: self.opt.steps, settings: self.settings.clone(), losses: self.losses.clone() };
+        let meta = std::collections::HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).map_err(|e| LmError::file(path, e.to_string()))?),
+        ]);
+        lora::io::save_safetensors(path, &tensors, &meta)?;
+        Ok(())
+    }
+
+    /// Resumes from a checkpoint written by [`Trainer::save_checkpoint`] for the same model state (the same
+    /// trainable tensors by name and shape) and the same settings; the tensors are written into the model.
+    pub fn resume(model: &Llama, settings: TrainSettings, path: &Path) -> Result<Self> {
+        let mut t = Trainer::new(model, settings)?;
+        let f = lora::io::TensorFile::load(path, &Device::Cpu)?;
+        let state: CheckpointState = f
+            .metadata
+            .get(CHECKPOINT_KEY)
+            .ok_or_else(|| LmError::file(path, format!("not a lora-rs LM checkpoint (no {CHECKPOINT_KEY} metadata)")))
+            .and_then(|s| serde_json::from_str(s).map_err(|e| LmError::file(path, format!("{CHECKPOINT_KEY}: {e}"))))?;
+        if state.settings != t.settings {
+            return Err(LmError::file(path, format!("was written with other settings ({:?}); resume with the same ones", state.settings)));
+        }
+        let tensors: BTreeMap<&str, &Tensor> = f.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let params = t.opt.params().to_vec();
+        for (name, var) in &params {
+            let get = |k: String| {
+                let x = tensors.get(k.as_str()).ok_or_else(|| LmError::file(path, format!("missing tensor {k}")))?;
+                if x.dims() != var.dims() {
+                    return Err(LmError::file(path, format!("tensor {k}: shape {:?}, the model's is {:?}", x.dims(), var.dims())));
+                }
+                Ok(*x)
+            };
+            var.set(get(format!("param/{name}"))?)?;
+            let m = get(format!("adam_m/{name}"))?.flatten_all()?.to_vec1::<f32>()?;
+            let v = get(format!("adam_v/{name}"))?.flatten_all()?.to_vec1::<f32>()?;
+            t.opt.moments.insert(name.clone(), Moments { m, v });
+        }
+        if f.tensors.len() != 3 * t.opt.params().len() {
+            return Err(LmError::file(path, format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len())));
+        }
+        t.step = state.step;
+        t.opt.steps = state.adam_steps;
+        t.losses = state.losses;
+        t.seconds_before = t.seconds();
+        Ok(t)
+    }
+}
+
+/// Safetensors metadata key of a checkpoint's state.
+pub const CHECKPOINT_KEY: &str = "lora_rs.lm_checkpoint";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    adam_steps: u64,
+    settings: TrainSettings,
+    losses: Vec<(usize, f64, f64)>,
+}
