@@ -40,6 +40,9 @@ pub enum Command {
     /// Draw the network as a Graphviz DOT graph (layers, shapes, parameter counts, the LoRA branches);
     /// also SVG and PNG when Graphviz's `dot` is installed.
     Graph(GraphArgs),
+    /// Language models: pre-train, fine-tune, evaluate, generate and benchmark a Llama-architecture
+    /// decoder with LoRA adapters, reading and writing Hugging Face files.
+    Lm(crate::lm_cli::LmArgs),
 }
 
 /// Pictures and the HTML page.
@@ -222,7 +225,7 @@ pub struct ParamsArgs {
     pub json: Option<PathBuf>,
 }
 
-fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {
+pub fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((n, d)) if !n.is_empty() && !d.is_empty() => Ok((n.to_string(), PathBuf::from(d))),
         _ => Err(format!("{s:?}: expected NAME=DIR, e.g. digit9=runs/demo/adapter")),

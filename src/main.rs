@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod cmd;
 mod common;
+mod lm_cli;
 mod progress;
 mod report;
 mod viz;

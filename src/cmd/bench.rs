@@ -33,14 +33,6 @@ fn median_step_ms(net: &ExpensiveNet, data: &Data, lr: f64, bs: usize, steps: us
     Ok(if times.len() % 2 == 1 { times[times.len() / 2] } else { (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0 })
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-fn peak_rss_mb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024)
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // candle, gemm and rayon all read this before their first parallel call.
@@ -82,7 +74,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "full_step_ms": round3(full_step_ms),
         "lora_step_ms": round3(lora_step_ms),
         "eval_s": round3(eval_s),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": super::peak_rss_mb(),
         "pretrain_accuracy": pretrain_accuracy,
         "pretrain_steps": stats.steps,
         "eval_accuracy_lora_on": e.accuracy,

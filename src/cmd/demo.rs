@@ -83,6 +83,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         base_model_name_or_path: Some(base_path.display().to_string()),
         base_fingerprint: Some(lora::io::fingerprint(&original)?),
         metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
+        task_type: None,
     };
     net.model.save_adapter(ADAPTER, &adapter_dir, &save)?;
 

@@ -50,6 +50,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         base_model_name_or_path: Some(a.model.display().to_string()),
         base_fingerprint: Some(fp.clone()),
         metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
+        task_type: None,
     };
     net.model.save_adapter(NAME, &a.out, &save)?;
     let after = evaluate(&net, &data.test, 1000)?;

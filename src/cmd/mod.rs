@@ -7,6 +7,7 @@ mod eval;
 mod finetune;
 mod graph;
 mod inspect;
+mod lm;
 mod merge;
 mod params;
 mod pretrain;
@@ -27,5 +28,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchAdapters(a) => bench_adapters::run(a),
         Command::Graph(a) => graph::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Lm(a) => lm::run(a),
     }
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+pub fn peak_rss_mb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }

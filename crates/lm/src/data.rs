@@ -51,11 +51,13 @@ fn is_jsonl(path: &Path) -> bool {
 /// Reads a corpus file; errors name the file, the line and the key.
 pub fn read_corpus(path: &Path) -> Result<Corpus> {
     let f = std::fs::File::open(path).map_err(|e| LmError::io(path, e))?;
-    let mut reader: Box<dyn Read> = if path.to_string_lossy().ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(f)) } else { Box::new(f) };
+    let mut reader: Box<dyn Read> =
+        if path.to_string_lossy().ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(f)) } else { Box::new(f) };
     if !is_jsonl(path) {
         let mut bytes = Vec::new();
         reader.read_to_end(&mut bytes).map_err(|e| LmError::io(path, e))?;
-        let text = String::from_utf8(bytes).map_err(|e| LmError::file(path, format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to())))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| LmError::file(path, format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to())))?;
         if text.is_empty() {
             return Err(LmError::file(path, "is empty"));
         }
@@ -80,7 +82,9 @@ pub fn read_corpus(path: &Path) -> Result<Corpus> {
                 any_split = true;
                 Some(s == "validation")
             }
-            Some(other) => return Err(LmError::file(path, format!("line {}: split = {other}: must be \"train\" or \"validation\"", i + 1))),
+            Some(other) => {
+                return Err(LmError::file(path, format!("line {}: split = {other}: must be \"train\" or \"validation\"", i + 1)))
+            }
         };
         rows.push((text, split));
     }
@@ -198,7 +202,11 @@ mod tests {
     #[test]
     fn jsonl_rows_go_to_their_split_and_gzip_is_read() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "c.jsonl.gz", "{\"text\":\"a\",\"split\":\"train\"}\n\n{\"text\":\"b\",\"split\":\"validation\"}\n{\"text\":\"c\"}\n");
+        let p = write(
+            d.path(),
+            "c.jsonl.gz",
+            "{\"text\":\"a\",\"split\":\"train\"}\n\n{\"text\":\"b\",\"split\":\"validation\"}\n{\"text\":\"c\"}\n",
+        );
         let c = read_corpus(&p).unwrap();
         assert_eq!((c.train, c.validation), (vec!["a".to_string(), "c".into()], vec!["b".to_string()]));
         assert_eq!(c.path.file_name().unwrap(), "c.jsonl.gz");

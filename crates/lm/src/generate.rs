@@ -134,7 +134,11 @@ pub fn generate(
             return Err(LmError::invalid(format!("prompt {}", i + 1), "\"\"", "is empty (no tokens)"));
         }
         if p.len() > ctx {
-            return Err(LmError::invalid(format!("prompt {}", i + 1), format!("{} tokens", p.len()), format!("is longer than the model's context ({ctx} tokens)")));
+            return Err(LmError::invalid(
+                format!("prompt {}", i + 1),
+                format!("{} tokens", p.len()),
+                format!("is longer than the model's context ({ctx} tokens)"),
+            ));
         }
         if let Some(id) = p.iter().find(|&&t| t as usize >= vocab) {
             return Err(LmError::invalid(format!("prompt {}", i + 1), format!("token {id}"), format!("outside the vocabulary ({vocab})")));
@@ -146,7 +150,8 @@ pub fn generate(
     let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied())).collect();
     let mut cache = KvCache::new(model.config(), pad);
     let mut logits = last_logits(model, &Tensor::from_vec(ids, (rows, longest), &Device::Cpu)?, &mut cache)?;
-    let mut rngs: Vec<StdRng> = (0..rows).map(|r| StdRng::seed_from_u64(sampling.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))).collect();
+    let mut rngs: Vec<StdRng> =
+        (0..rows).map(|r| StdRng::seed_from_u64(sampling.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))).collect();
     let mut out: Vec<Generated> = (0..rows).map(|_| Generated { tokens: Vec::new(), finish: Finish::Length }).collect();
     let mut live = vec![true; rows];
     for _ in 0..max_tokens {

@@ -77,7 +77,10 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| LmError::io(&index, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| LmError::file(&index, format!("not valid JSON: {e}")))?;
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| LmError::file(&index, "missing key weight_map (an object: tensor name → shard file)"))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| LmError::file(&index, "missing key weight_map (an object: tensor name → shard file)"))?;
         let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, shard) in map {
             let s = shard.as_str().ok_or_else(|| LmError::file(&index, format!("weight_map.{name} = {shard}: must be a file name")))?;
@@ -95,7 +98,10 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
         }
         for name in map.keys() {
             if !tensors.contains_key(name) {
-                return Err(LmError::file(&dir.join(map[name].as_str().unwrap_or("?")), format!("tensor {name} listed in {INDEX_FILE} is missing")));
+                return Err(LmError::file(
+                    &dir.join(map[name].as_str().unwrap_or("?")),
+                    format!("tensor {name} listed in {INDEX_FILE} is missing"),
+                ));
             }
         }
         index
@@ -126,4 +132,29 @@ pub fn save_model(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>) -
     let text = serde_json::to_string_pretty(&model.config().to_json()).map_err(|e| LmError::file(&dir.join(CONFIG_FILE), e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
     Ok(())
+}
+
+/// Reads the PEFT adapter in `dir` and adds it to the model as `name` (not activated). An adapter that
+/// records the fingerprint of another base is refused unless `force`.
+pub fn load_adapter(model: &mut Llama, name: &str, dir: &Path, force: bool) -> Result<lora::AdapterFiles> {
+    let opts = lora::LoadOptions { base_fingerprint: Some(model.fingerprint()?), force };
+    Ok(model.lora_mut().load_adapter(name, dir, &opts)?)
+}
+
+/// Writes adapter `name` as a PEFT directory (`task_type: "CAUSAL_LM"`, the base fingerprint in the
+/// weights' metadata), both files atomically.
+pub fn save_adapter(
+    model: &Llama,
+    name: &str,
+    dir: &Path,
+    base_model_name_or_path: Option<String>,
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    let opts = lora::SaveOptions {
+        base_model_name_or_path,
+        base_fingerprint: Some(model.fingerprint()?),
+        metadata,
+        task_type: Some("CAUSAL_LM".into()),
+    };
+    Ok(model.lora().save_adapter(name, dir, &opts)?)
 }

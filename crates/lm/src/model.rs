@@ -71,12 +71,12 @@ impl KvCache {
 #[derive(Debug)]
 pub struct Llama {
     config: LlamaConfig,
-    embed: Var,                // (V, H)
-    norms: Vec<(Var, Var)>,    // input_layernorm, post_attention_layernorm: (H) each
-    final_norm: Var,           // (H)
-    names: Vec<[String; 7]>,   // module names per layer, PROJECTIONS order
-    lora: LoraModel,           // the projections and lm_head
-    base_trainable: bool,      // embedding and norms train (pre-training)
+    embed: Var,              // (V, H)
+    norms: Vec<(Var, Var)>,  // input_layernorm, post_attention_layernorm: (H) each
+    final_norm: Var,         // (H)
+    names: Vec<[String; 7]>, // module names per layer, PROJECTIONS order
+    lora: LoraModel,         // the projections and lm_head
+    base_trainable: bool,    // embedding and norms train (pre-training)
     rope: Rope,
 }
 
@@ -90,7 +90,8 @@ impl Llama {
     pub fn random(config: &LlamaConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, config.initializer_range as f32).map_err(|e| LmError::invalid("initializer_range", config.initializer_range, e.to_string()))?;
+        let normal = Normal::new(0.0f32, config.initializer_range as f32)
+            .map_err(|e| LmError::invalid("initializer_range", config.initializer_range, e.to_string()))?;
         let mut tensors = BTreeMap::new();
         let dev = Device::Cpu;
         for (name, shape) in expected_shapes(config) {
@@ -113,7 +114,9 @@ impl Llama {
         config.validate().map_err(|e| LmError::file(source, e.to_string()))?;
         let expected = expected_shapes(config);
         for (name, shape) in &expected {
-            let t = tensors.get(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name} (shape {shape:?} for this config.json)")))?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| LmError::file(source, format!("missing tensor {name} (shape {shape:?} for this config.json)")))?;
             if t.dims() != shape.as_slice() {
                 return Err(LmError::file(source, format!("tensor {name}: shape {:?}, config.json implies {shape:?}", t.dims())));
             }
@@ -123,7 +126,10 @@ impl Llama {
             // transformers ignores a stored lm_head when tied, and old checkpoints carry RoPE tables.
             let ignorable = name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight");
             if !known.contains(name.as_str()) && !ignorable {
-                return Err(LmError::file(source, format!("unexpected tensor {name}: not part of a LlamaForCausalLM with this config.json")));
+                return Err(LmError::file(
+                    source,
+                    format!("unexpected tensor {name}: not part of a LlamaForCausalLM with this config.json"),
+                ));
             }
         }
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name}")));
@@ -145,7 +151,11 @@ impl Llama {
         }
         let final_norm = var(take("model.norm.weight")?)?;
         // Tied: lm_head's weight is the embedding variable itself (`Var::from_tensor` of a variable shares it).
-        let head = if config.tie_word_embeddings { LoraLinear::new(embed.as_tensor().clone(), None)? } else { LoraLinear::new(take("lm_head.weight")?, None)? };
+        let head = if config.tie_word_embeddings {
+            LoraLinear::new(embed.as_tensor().clone(), None)?
+        } else {
+            LoraLinear::new(take("lm_head.weight")?, None)?
+        };
         lora.push(LM_HEAD, head)?;
         let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
         Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope })

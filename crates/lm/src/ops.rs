@@ -48,10 +48,7 @@ impl Rope {
                 }
             }
         }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, d), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, d), device)?,
-        })
+        Ok(Rope { cos: Tensor::from_vec(cos, (max_positions, d), device)?, sin: Tensor::from_vec(sin, (max_positions, d), device)? })
     }
 
     /// The number of positions the tables cover.
@@ -178,7 +175,14 @@ mod tests {
         let (n, h, eps) = (5, 24, 1e-5);
         let x = rand_vec(n * h, 1);
         let w = rand_vec(h, 2);
-        let got = flat(&rms_norm(&Tensor::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap(), &Tensor::from_vec(w.clone(), h, &Device::Cpu).unwrap(), eps).unwrap());
+        let got = flat(
+            &rms_norm(
+                &Tensor::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap(),
+                &Tensor::from_vec(w.clone(), h, &Device::Cpu).unwrap(),
+                eps,
+            )
+            .unwrap(),
+        );
         let mut want = Vec::new();
         for r in 0..n {
             let row = &x[r * h..(r + 1) * h];

@@ -74,7 +74,8 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer for `params` with PyTorch's defaults (β 0.9/0.999, ε 1e-8) and weight decay `wd`.
     pub fn new(params: Vec<(String, Var)>, weight_decay: f64) -> Self {
-        let moments = params.iter().map(|(n, v)| (n.clone(), Moments { m: vec![0.0; v.elem_count()], v: vec![0.0; v.elem_count()] })).collect();
+        let moments =
+            params.iter().map(|(n, v)| (n.clone(), Moments { m: vec![0.0; v.elem_count()], v: vec![0.0; v.elem_count()] })).collect();
         AdamW { params, moments, steps: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
@@ -90,7 +91,9 @@ impl AdamW {
         let mut gs = Vec::with_capacity(self.params.len());
         let mut sq = 0f64;
         for (name, var) in &self.params {
-            let g = grads.get(var.as_tensor()).ok_or_else(|| LmError::invalid("gradient", name, "no gradient reached this trainable tensor"))?;
+            let g = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| LmError::invalid("gradient", name, "no gradient reached this trainable tensor"))?;
             let g = g.flatten_all()?.to_vec1::<f32>()?;
             sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
             gs.push(g);
@@ -159,7 +162,8 @@ mod tests {
                 let gi = g[i] * f;
                 m[i] = 0.9 * m[i] + 0.1 * gi;
                 v[i] = 0.999 * v[i] + 0.001 * gi * gi;
-                p[i] = p[i] * (1.0 - 0.01 * 0.1) - 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
+                p[i] = p[i] * (1.0 - 0.01 * 0.1)
+                    - 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
             }
         }
         let got = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -32,7 +32,10 @@ impl Tokenizer {
         let t = tokenizers::Tokenizer::from_file(path).map_err(|e| LmError::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let size = t.get_vocab_size(true);
         if size > config.vocab_size {
-            return Err(LmError::file(path, format!("vocabulary of {size} tokens does not fit the model's vocab_size = {}", config.vocab_size)));
+            return Err(LmError::file(
+                path,
+                format!("vocabulary of {size} tokens does not fit the model's vocab_size = {}", config.vocab_size),
+            ));
         }
         Ok(Tokenizer::Hf(Box::new(t)))
     }
@@ -47,8 +50,15 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => Ok((text.bytes().map(u32::from).collect(), vec![1; text.len()])),
             Tokenizer::Hf(t) => {
-                let enc = t.encode(text, true).map_err(|e| LmError::invalid("text", format!("{:.40?}", text), format!("tokenizer failed: {e}")))?;
-                let bytes = enc.get_offsets().iter().zip(enc.get_special_tokens_mask()).map(|(&(a, b), &s)| if s == 1 { 0 } else { (b - a) as u32 }).collect();
+                let enc = t
+                    .encode(text, true)
+                    .map_err(|e| LmError::invalid("text", format!("{:.40?}", text), format!("tokenizer failed: {e}")))?;
+                let bytes = enc
+                    .get_offsets()
+                    .iter()
+                    .zip(enc.get_special_tokens_mask())
+                    .map(|(&(a, b), &s)| if s == 1 { 0 } else { (b - a) as u32 })
+                    .collect();
                 Ok((enc.get_ids().to_vec(), bytes))
             }
         }
@@ -58,7 +68,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             Tokenizer::Bytes => Ok(String::from_utf8_lossy(&ids.iter().map(|&i| i.min(255) as u8).collect::<Vec<u8>>()).into_owned()),
-            Tokenizer::Hf(t) => t.decode(ids, true).map_err(|e| LmError::invalid("token ids", format!("{} ids", ids.len()), format!("tokenizer failed: {e}"))),
+            Tokenizer::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| LmError::invalid("token ids", format!("{} ids", ids.len()), format!("tokenizer failed: {e}"))),
         }
     }
 
@@ -96,7 +108,11 @@ impl StreamDecoder {
     /// Whatever is left at the end (a cut character shows as U+FFFD).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
         let text = tok.decode(&self.ids)?;
-        let rest = if text.is_char_boundary(self.emitted.min(text.len())) { text[self.emitted.min(text.len())..].to_string() } else { String::new() };
+        let rest = if text.is_char_boundary(self.emitted.min(text.len())) {
+            text[self.emitted.min(text.len())..].to_string()
+        } else {
+            String::new()
+        };
         self.emitted = text.len();
         Ok(rest)
     }

@@ -111,7 +111,9 @@ impl Mixture {
         if self.sources.is_empty() {
             return Err(LmError::invalid("data", "none", "no training data given"));
         }
-        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = StdRng::seed_from_u64(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        );
         let total: f64 = self.sources.iter().map(|s| s.2).sum();
         let mut out = Vec::with_capacity(rows * len);
         for _ in 0..rows {
@@ -205,7 +207,13 @@ impl Trainer {
 
     /// Runs steps until `until` (or the end), calling `on_step` after each; `on_step` returning false stops
     /// early (e.g. to checkpoint and exit).
-    pub fn run(&mut self, model: &Llama, data: &Mixture, until: usize, mut on_step: impl FnMut(&Self, &StepReport) -> Result<bool>) -> Result<()> {
+    pub fn run(
+        &mut self,
+        model: &Llama,
+        data: &Mixture,
+        until: usize,
+        mut on_step: impl FnMut(&Self, &StepReport) -> Result<bool>,
+    ) -> Result<()> {
         let s = self.settings.clone();
         let schedule = s.schedule();
         let start = Instant::now();
@@ -218,7 +226,11 @@ impl Trainer {
             let loss = batch_loss(model, &ids, s.batch_size, s.seq_len, true)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Err(LmError::invalid("loss", value, format!("became non-finite at step {}: lower the learning rate", self.step + 1)));
+                return Err(LmError::invalid(
+                    "loss",
+                    value,
+                    format!("became non-finite at step {}: lower the learning rate", self.step + 1),
+                ));
             }
             let grads = loss.backward()?;
             let lr = schedule.at(self.step);
@@ -246,7 +258,8 @@ impl Trainer {
             tensors.push((format!("adam_m/{name}"), Tensor::from_vec(mo.m.clone(), var.shape(), &Device::Cpu)?));
             tensors.push((format!("adam_v/{name}"), Tensor::from_vec(mo.v.clone(), var.shape(), &Device::Cpu)?));
         }
-        let state = CheckpointState { step: self.step, adam_steps: self.opt.steps, settings: self.settings.clone(), losses: self.losses.clone() };
+        let state =
+            CheckpointState { step: self.step, adam_steps: self.opt.steps, settings: self.settings.clone(), losses: self.losses.clone() };
         let meta = std::collections::HashMap::from([
             ("format".to_string(), "pt".to_string()),
             (CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).map_err(|e| LmError::file(path, e.to_string()))?),
@@ -284,7 +297,10 @@ impl Trainer {
             t.opt.moments.insert(name.clone(), Moments { m, v });
         }
         if f.tensors.len() != 3 * t.opt.params().len() {
-            return Err(LmError::file(path, format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len())));
+            return Err(LmError::file(
+                path,
+                format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len()),
+            ));
         }
         t.step = state.step;
         t.opt.steps = state.adam_steps;

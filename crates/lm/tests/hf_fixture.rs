@@ -19,13 +19,22 @@ fn expected() -> Value {
 }
 
 fn input_ids(e: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect();
     let (b, t) = (rows.len(), rows[0].len());
     Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().flat_map(|x| if let Some(a) = x.as_array() { a.iter().map(|y| y.as_f64().unwrap()).collect() } else { vec![x.as_f64().unwrap()] }).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| if let Some(a) = x.as_array() { a.iter().map(|y| y.as_f64().unwrap()).collect() } else { vec![x.as_f64().unwrap()] })
+        .collect()
 }
 
 /// Logits within 1e-5 of transformers' (absolute, logits of size ≤ ~10): both compute in f32 with sums of

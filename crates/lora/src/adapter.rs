@@ -165,10 +165,10 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
 }
 
 /// The `adapter_config.json` PEFT writes for `config` (only keys PEFT's `LoraConfig` accepts).
-pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&str>) -> Value {
+pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&str>, task_type: Option<&str>) -> Value {
     json!({
         "peft_type": "LORA",
-        "task_type": null,
+        "task_type": task_type,
         "inference_mode": true,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": null,
@@ -272,6 +272,8 @@ pub struct LoadOptions {
 pub struct SaveOptions {
     /// Written as `base_model_name_or_path`.
     pub base_model_name_or_path: Option<String>,
+    /// Written as `task_type` (e.g. `CAUSAL_LM`, which makes PEFT load it as a `PeftModelForCausalLM`).
+    pub task_type: Option<String>,
     /// Written as `lora_rs.base_sha256` in the safetensors metadata.
     pub base_fingerprint: Option<String>,
     /// More metadata entries.
@@ -351,9 +353,14 @@ impl LoraModel {
     pub fn peft_config(&self, name: &str) -> Result<LoraConfig> {
         let base = self.adapter_config(name)?.clone();
         let mut c = LoraConfig { rank_pattern: BTreeMap::new(), alpha_pattern: BTreeMap::new(), target_modules: Vec::new(), ..base };
+        let mut suffixes: Vec<String> = Vec::new();
         for (module, layer) in self.layers() {
             if let Ok(ad) = layer.adapter(name) {
                 c.target_modules.push(module.to_string());
+                let last = module.rsplit('.').next().unwrap_or(module).to_string();
+                if !suffixes.contains(&last) {
+                    suffixes.push(last);
+                }
                 if ad.rank() != c.r {
                     c.rank_pattern.insert(module.to_string(), ad.rank());
                 }
@@ -361,6 +368,12 @@ impl LoraModel {
                     c.alpha_pattern.insert(module.to_string(), ad.alpha());
                 }
             }
+        }
+        // Name the targets as a user would (`q_proj`, not every `model.layers.N.self_attn.q_proj`) when the
+        // short names select exactly the adapted modules under PEFT's suffix match.
+        let selected: Vec<&str> = self.layer_names().filter(|m| suffixes.iter().any(|s| m == s || m.ends_with(&format!(".{s}")))).collect();
+        if selected.len() == c.target_modules.len() {
+            c.target_modules = suffixes;
         }
         Ok(c)
     }
@@ -383,7 +396,7 @@ impl LoraModel {
         }
         std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.to_path_buf(), error: source })?;
         save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
-        let json = peft_config_json(&config, opts.base_model_name_or_path.as_deref());
+        let json = peft_config_json(&config, opts.base_model_name_or_path.as_deref(), opts.task_type.as_deref());
         let text = serde_json::to_string_pretty(&json).map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
         write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
         Ok(())

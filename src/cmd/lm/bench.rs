@@ -1,0 +1,138 @@
+//! `lora lm bench`: the workloads of shared/bench/pytorch_lm_workloads.py (transformers + PEFT), timed the
+//! same way and printed with the same keys, so the two can run side by side and be compared key by key.
+//!
+//! Model: the byte-level default (vocab 256, hidden 256, MLP 768, 4 layers, 8/4 heads, 3,279,104
+//! parameters). full_step_ms: median step of batch 16 × 256 random bytes, AdamW (lr 1e-3) over every
+//! tensor; lora_step_ms: the same with LoRA r 8, alpha 16 on the seven projections, base frozen;
+//! eval_tokens_per_s: forward with loss, adapter active; generate_*: greedy, 16-token prompts, exactly
+//! 128 new tokens, KV cache, adapter active and unmerged.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use lora::LoraConfig;
+use lora_lm::generate::{generate, Sampling};
+use lora_lm::optim::AdamW;
+use lora_lm::train::batch_loss;
+use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::common::write_json;
+use crate::lm_cli::LmBenchArgs;
+
+const BATCH: usize = 16;
+const SEQ: usize = 256;
+const PROMPT: usize = 16;
+const NEW_TOKENS: usize = 128;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn random_ids(rng: &mut StdRng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..256u32)).collect()
+}
+
+/// Median seconds of `reps` runs of `f` after `warmup` untimed ones; inputs drawn outside the timing.
+fn time<F: FnMut(Vec<u32>) -> Result<()>>(rng: &mut StdRng, n: usize, reps: usize, warmup: usize, mut f: F) -> Result<f64> {
+    let mut t = Vec::new();
+    for i in 0..warmup + reps {
+        let ids = random_ids(rng, n);
+        let s = Instant::now();
+        f(ids)?;
+        if i >= warmup {
+            t.push(s.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(t))
+}
+
+fn train_steps(model: &Llama, rng: &mut StdRng, reps: usize, warmup: usize) -> Result<f64> {
+    let mut opt = AdamW::new(model.trainable_vars(), 0.0);
+    time(rng, BATCH * SEQ, reps, warmup, |ids| {
+        let loss = batch_loss(model, &ids, BATCH, SEQ, true)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-3, None)?;
+        Ok(())
+    })
+}
+
+pub fn run(a: LmBenchArgs) -> Result<()> {
+    let threads = super::set_threads(a.threads);
+    let (steps, warmup) = if a.quick { (3, 1) } else { (a.steps as usize, 3) };
+    let (eval_reps, gen_reps) = if a.quick { (3, 1) } else { (10, 5) };
+    let config = LlamaConfig::byte_default();
+    let mut model = Llama::random(&config, a.seed)?;
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let params = model.num_params();
+    eprintln!("params: {params}");
+
+    eprintln!("full_step: {warmup} warm-up + {steps} steps of batch {BATCH}x{SEQ}...");
+    let full = train_steps(&model, &mut rng, steps, warmup)?;
+    eprintln!("  full_step_ms {:.1}", full * 1e3);
+
+    let lora_cfg = LoraConfig {
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        init: lora::Init::PeftGaussian,
+        ..LoraConfig::new(8, 16.0)
+    };
+    model.lora_mut().add_adapter("bench", &lora_cfg, &mut StdRng::seed_from_u64(a.seed + 1))?;
+    model.lora_mut().set_active(&["bench"])?;
+    model.freeze_base();
+    let lora_params: usize = model.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!("lora trainable params: {lora_params}");
+    let lora = train_steps(&model, &mut rng, steps, warmup)?;
+    eprintln!("  lora_step_ms {:.1}", lora * 1e3);
+
+    let ev = time(&mut rng, BATCH * SEQ, eval_reps, 1, |ids| {
+        batch_loss(&model, &ids, BATCH, SEQ, false)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let eval_tps = (BATCH * SEQ) as f64 / ev;
+    eprintln!("  eval_tokens_per_s {eval_tps:.0}");
+
+    let mut gen = |rows: usize| -> Result<f64> {
+        time(&mut rng, rows * PROMPT, gen_reps, 1, |ids| {
+            let prompts: Vec<Vec<u32>> = ids.chunks(PROMPT).map(<[u32]>::to_vec).collect();
+            let out = generate(&model, &prompts, NEW_TOKENS, &Sampling::greedy(), &[], |_, _| Ok(true))?;
+            anyhow::ensure!(out.iter().all(|g| g.tokens.len() == NEW_TOKENS), "generation stopped early");
+            Ok(())
+        })
+    };
+    let g1 = gen(1)?;
+    eprintln!("  generate_tokens_per_s {:.1}", NEW_TOKENS as f64 / g1);
+    let g8 = gen(8)?;
+    eprintln!("  generate_batch8_tokens_per_s {:.1}", (8 * NEW_TOKENS) as f64 / g8);
+
+    let out = json!({
+        "impl": format!("lora-rs {}", env!("CARGO_PKG_VERSION")),
+        "device": "cpu",
+        "threads": threads,
+        "params": params,
+        "lora_params": lora_params,
+        "attn": "grouped (candle ops)",
+        "full_step_ms": round3(full * 1e3),
+        "lora_step_ms": round3(lora * 1e3),
+        "eval_tokens_per_s": (eval_tps * 10.0).round() / 10.0,
+        "generate_tokens_per_s": ((NEW_TOKENS as f64 / g1) * 100.0).round() / 100.0,
+        "generate_batch8_tokens_per_s": (((8 * NEW_TOKENS) as f64 / g8) * 100.0).round() / 100.0,
+        "peak_rss_mb": crate::cmd::peak_rss_mb(),
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    if let Some(p) = &a.json {
+        write_json(p, &out)?;
+    }
+    Ok(())
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,93 @@
+//! `lora lm …`: one module per subcommand, plus what they share (progress bars, loading with adapters).
+
+mod bench;
+mod demo;
+mod eval;
+mod finetune;
+mod generate;
+mod pretrain;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora_lm::train::StepReport;
+
+use crate::lm_cli::{LmArgs, LmCommand};
+
+pub fn run(a: LmArgs) -> Result<()> {
+    match a.command {
+        LmCommand::Demo(a) => demo::run(a),
+        LmCommand::Pretrain(a) => pretrain::run(a),
+        LmCommand::Finetune(a) => finetune::run(a),
+        LmCommand::Eval(a) => eval::run(a),
+        LmCommand::Generate(a) => generate::run(a),
+        LmCommand::Bench(a) => bench::run(a),
+    }
+}
+
+/// A progress bar over training steps showing loss and tokens per second.
+pub struct StepBar {
+    bar: ProgressBar,
+    label: String,
+}
+
+impl StepBar {
+    pub fn new(label: &str, steps: usize, done: usize) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {percent:>3}%|{bar:30}| {pos}/{len} [{elapsed}<{eta}] {prefix}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(label.to_string());
+        bar.set_position(done as u64);
+        StepBar { bar, label: label.to_string() }
+    }
+
+    pub fn step(&self, r: &StepReport) {
+        let tps = if r.seconds > 0.0 { r.tokens as f64 / r.seconds } else { 0.0 };
+        self.bar.set_prefix(format!("loss={:.4} lr={:.2e} {:.0} tok/s", r.loss, r.lr, tps));
+        self.bar.set_position(r.step as u64);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+        if self.bar.is_hidden() {
+            eprintln!("{}: {} steps, {}", self.label, self.bar.position(), self.bar.prefix());
+        }
+    }
+}
+
+/// Refuses to start when an output directory already holds files the command would overwrite, or when
+/// its path is an existing file: checked before any work is done.
+pub fn check_out_dir(dir: &Path, files: &[&str]) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{}: exists and is not a directory (the output is a directory)", dir.display());
+    }
+    for f in files {
+        let p = dir.join(f);
+        if p.exists() {
+            anyhow::bail!("{}: already exists; choose another --out or remove it", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// The default checkpoint file of an output directory.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".ckpt.safetensors");
+    PathBuf::from(s)
+}
+
+/// Sets the number of threads candle, gemm and rayon use (before their first parallel call).
+pub fn set_threads(threads: Option<u32>) -> usize {
+    let n = threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
+/// Reads a corpus, naming it in the error.
+pub fn corpus(path: &Path) -> Result<lora_lm::data::Corpus> {
+    lora_lm::data::read_corpus(path).with_context(|| format!("reading data {}", path.display()))
+}

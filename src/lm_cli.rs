@@ -1,0 +1,291 @@
+//! Flags of `lora lm …`: language models (Llama architecture, Hugging Face files).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::ReportArgs;
+
+/// Language models: a Llama-architecture decoder with LoRA on its projections.
+#[derive(Debug, Args)]
+pub struct LmArgs {
+    #[command(subcommand)]
+    pub command: LmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LmCommand {
+    /// The whole story on code: pre-train a small byte-level base (mostly Python), fine-tune a SQL and a
+    /// JavaScript adapter on it, compare validation losses on one loaded base, and sample from each.
+    Demo(LmDemoArgs),
+    /// Pre-train a byte-level Llama from scratch and save it as a Hugging Face model directory.
+    Pretrain(LmPretrainArgs),
+    /// Fine-tune a LoRA adapter on a frozen base and write it as a PEFT adapter directory.
+    Finetune(LmFinetuneArgs),
+    /// Validation loss (nats per token, bits per byte) of a model and its adapters, one column each.
+    Eval(LmEvalArgs),
+    /// Generate text from prompts, with one adapter or none.
+    Generate(LmGenerateArgs),
+    /// Time the workloads of the PyTorch peer (shared/bench/pytorch_lm_workloads.py) and print its keys.
+    Bench(LmBenchArgs),
+}
+
+/// Checkpoints of a training run.
+#[derive(Debug, Clone, Args)]
+pub struct LmCheckpointArgs {
+    /// Save the trainable tensors, optimizer state and position every N steps, so a killed run can
+    /// continue with --resume.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub checkpoint_every: Option<u32>,
+    /// Continue the run whose checkpoint is this file (the other flags must match the saved run).
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+}
+
+/// Training loop settings.
+#[derive(Debug, Clone, Args)]
+pub struct LmTrainArgs {
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Tokens per sequence (at most the model's context).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..))]
+    pub seq_len: u32,
+    /// Warm-up steps (linear), before the cosine decay.
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<u32>,
+    /// Gradient clipping: the global gradient norm is scaled down to at most this.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Seed for initialisation, data draws and dropout: the same seed and thread count give the same run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LmPretrainArgs {
+    /// The model directory to write (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Training data as FILE or FILE:WEIGHT (repeatable): JSONL(.gz) with a "text" field (rows with
+    /// "split": "validation" are held out) or plain text. Default: the shipped code corpora, weighted
+    /// towards Python (python 0.8, sql 0.1, js 0.1).
+    #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = parse_weighted)]
+    pub data: Vec<(PathBuf, f64)>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Peak learning rate (AdamW, weight decay 0.1 on matrices).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[command(flatten)]
+    pub train: LmTrainArgs,
+    #[command(flatten)]
+    pub shape: LmShapeArgs,
+    #[command(flatten)]
+    pub checkpoint: LmCheckpointArgs,
+    /// Also write a JSON summary here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// The architecture of a new model.
+#[derive(Debug, Clone, Args)]
+pub struct LmShapeArgs {
+    /// Hidden size.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hidden: u32,
+    /// MLP width.
+    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..))]
+    pub intermediate: u32,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub layers: u32,
+    /// Query heads.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub heads: u32,
+    /// Key/value heads (must divide --heads).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kv_heads: u32,
+    /// Context length (max_position_embeddings).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..))]
+    pub context: u32,
+}
+
+/// The LoRA adapter to train.
+#[derive(Debug, Clone, Args)]
+pub struct LmLoraArgs {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rank: u32,
+    /// LoRA alpha: the update B·A is scaled by alpha / r (alpha / sqrt(r) with --rslora).
+    #[arg(long, default_value_t = 16.0, allow_negative_numbers = true)]
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input during training.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Modules to adapt, comma-separated (names or suffixes: q_proj,k_proj,…,lm_head).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    pub target_modules: Vec<String>,
+    /// Rank-stabilised scaling alpha/sqrt(r) (rsLoRA).
+    #[arg(long)]
+    pub rslora: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LmFinetuneArgs {
+    /// The base model directory (never modified).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The corpus to adapt to: JSONL(.gz) with a "text" field, or plain text.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// The adapter directory to write (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub lora: LmLoraArgs,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Peak learning rate (AdamW, no weight decay).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[command(flatten)]
+    pub train: LmTrainArgs,
+    #[command(flatten)]
+    pub checkpoint: LmCheckpointArgs,
+    /// Also write a JSON summary here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LmEvalArgs {
+    /// The model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// An adapter to score on the same loaded base, as NAME=DIR (repeatable); each gets a column.
+    #[arg(long, value_name = "NAME=DIR", value_parser = crate::cli::parse_named_adapter)]
+    pub adapter: Vec<(String, PathBuf)>,
+    /// Files to score (repeatable): JSONL(.gz) — its "validation" rows (all rows if none has a split) —
+    /// or plain text.
+    #[arg(long, value_name = "FILE", required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Window length in tokens (default: the model's context).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
+    pub context: Option<u32>,
+    /// Score at most this many tokens per file (default: all).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_tokens: Option<u64>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Load adapters even if they were trained on a different base model.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write every window's per-token losses (nats) as JSON here (for scripts/hf_lm_parity.py --ours).
+    #[arg(long, value_name = "FILE")]
+    pub token_losses: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LmGenerateArgs {
+    /// The model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A PEFT adapter directory to generate with (default: the base alone).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// A prompt (repeatable: several prompts run as one batch).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// New tokens per prompt at most.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 picks the most likely token every time (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Load the adapter even if it was trained on a different base model.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LmBenchArgs {
+    /// Threads for matrix products (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Timed steps per training workload (the median is reported).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Fewer repetitions everywhere, for smoke tests (numbers are then rough).
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed for initialisation and the random token batches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LmDemoArgs {
+    /// Output directory: base/, adapters/sql/, adapters/js/ and report.json.
+    #[arg(long, default_value = "runs/lm-demo", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Where to write the JSON report (default: OUT/report.json).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Pre-training steps (batches of 16 × 256 bytes).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pretrain_steps: u32,
+    /// Fine-tuning steps per adapter.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..))]
+    pub finetune_steps: u32,
+    /// Validation tokens scored per corpus (each corpus holds ~750k–885k).
+    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(2..))]
+    pub eval_tokens: u64,
+    /// Bytes generated per sample.
+    #[arg(long, default_value_t = 96, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample_tokens: u32,
+    /// Directory holding sql.jsonl.gz, js.jsonl.gz and python.jsonl.gz.
+    #[arg(long, default_value = "data/code", value_name = "DIR")]
+    pub data: PathBuf,
+    /// Seed for everything.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+fn parse_weighted(s: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((f, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !(w.is_finite() && w > 0.0) {
+                return Err(format!("{s:?}: weight {w} must be a positive number"));
+            }
+            return Ok((PathBuf::from(f), w));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
