@@ -1,4 +1,53 @@
-use anyhow::Result;
-pub fn run(_a: crate::lm_cli::LmGenerateArgs) -> Result<()> {
-    anyhow::bail!("todo")
+//! `lora lm generate`: prompts → text, streamed for one prompt, batched for several.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use lora_lm::generate::{generate, Finish, Sampling};
+use lora_lm::hf::{load_adapter, load_model, load_tokenizer};
+use lora_lm::StreamDecoder;
+
+use crate::lm_cli::LmGenerateArgs;
+
+pub fn run(a: LmGenerateArgs) -> Result<()> {
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    sampling.validate()?;
+    let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
+    let tok = load_tokenizer(&a.model, model.config())?;
+    if let Some(dir) = &a.adapter {
+        load_adapter(&mut model, "adapter", dir, a.force).with_context(|| format!("loading the adapter {}", dir.display()))?;
+        model.lora_mut().set_active(&["adapter"])?;
+    }
+    let prompts: Vec<Vec<u32>> = a.prompt.iter().map(|p| tok.encode(p)).collect::<lora_lm::Result<_>>()?;
+    let stop = model.config().eos_token_ids.clone();
+    let stream = prompts.len() == 1;
+    let mut decoder = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    if stream {
+        write!(stdout, "{}", a.prompt[0])?;
+        stdout.flush()?;
+    }
+    let out = generate(&model, &prompts, a.max_tokens as usize, &sampling, &stop, |_, id| {
+        if stream {
+            if let Some(piece) = decoder.push(&tok, id)? {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        }
+        Ok(true)
+    })?;
+    if stream {
+        writeln!(stdout, "{}", decoder.finish(&tok)?)?;
+    } else {
+        for (i, (p, g)) in a.prompt.iter().zip(&out).enumerate() {
+            writeln!(stdout, "--- prompt {} ---", i + 1)?;
+            writeln!(stdout, "{p}{}", tok.decode(&g.tokens)?)?;
+        }
+    }
+    for (i, g) in out.iter().enumerate() {
+        if g.finish == Finish::Context {
+            eprintln!("note: prompt {} stopped at the model's context ({} tokens)", i + 1, model.config().max_position_embeddings);
+        }
+    }
+    Ok(())
 }

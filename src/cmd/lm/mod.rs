@@ -6,6 +6,7 @@ mod eval;
 mod finetune;
 mod generate;
 mod pretrain;
+mod report;
 
 use std::path::{Path, PathBuf};
 
