@@ -55,7 +55,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "N")]
     pub warmup: Option<u32>,
     /// Gradient clipping: the global gradient norm is scaled down to at most this.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub clip: f64,
     /// Seed for initialisation, data draws and dropout: the same seed and thread count give the same run.
     #[arg(long, default_value_t = 0)]
@@ -124,7 +124,7 @@ pub struct LmLoraArgs {
     #[arg(long, default_value_t = 16.0, allow_negative_numbers = true)]
     pub alpha: f64,
     /// Dropout probability on the adapter's input during training.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub dropout: f64,
     /// Modules to adapt, comma-separated (names or suffixes: q_proj,k_proj,…,lm_head).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
@@ -213,13 +213,13 @@ pub struct LmGenerateArgs {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
     /// Sampling temperature; 0 picks the most likely token every time (greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only among the K most likely tokens.
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Sample only among the most likely tokens whose probabilities add up to P.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]

@@ -1,0 +1,268 @@
+//! The decoder's own invariants: the KV cache changes nothing, every trainable tensor gets its gradient,
+//! LoRA gradients agree with finite differences, files round-trip, half-precision weights load, and a
+//! short fine-tune lowers its corpus' loss.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use lora::LoraConfig;
+use lora_lm::generate::{generate, Sampling};
+use lora_lm::hf::{load_model, save_model};
+use lora_lm::train::{batch_loss, Mixture, TrainSettings, Trainer};
+use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A tiny config with grouped KV heads (4 query heads over 2 KV heads), odd-ish sizes.
+fn tiny(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 24,
+        intermediate_size: 40,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 6,
+        max_position_embeddings: 32,
+        rope_theta: 100.0,
+        tie_word_embeddings: tied,
+        initializer_range: 0.3,
+        ..LlamaConfig::byte_default()
+    }
+}
+
+fn ids(seed: u64, n: usize) -> Vec<u32> {
+    let mut g = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| g.random_range(0..256u32)).collect()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// An adapter with non-zero B on every projection and lm_head (a fresh one has B = 0).
+fn with_adapter(m: &mut Llama, name: &str, seed: u64) {
+    let mut targets: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
+    targets.push("lm_head".into());
+    let c = LoraConfig { target_modules: targets, init: lora::Init::PeftGaussian, ..LoraConfig::new(3, 5.0) };
+    m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
+    let mut g = StdRng::seed_from_u64(seed + 100);
+    for (_, l) in m.lora().layers() {
+        let b = l.adapter(name).unwrap().b();
+        let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() * 0.2 - 0.1).collect();
+        b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    m.lora_mut().set_active(&[name]).unwrap();
+}
+
+#[test]
+fn generation_with_the_kv_cache_gives_the_logits_of_a_full_forward() {
+    let mut m = Llama::random(&tiny(false), 1).unwrap();
+    with_adapter(&mut m, "a", 2);
+    // Two prompts of different lengths: the shorter one is left-padded inside the batch.
+    let prompts = vec![ids(3, 5), ids(4, 3)];
+    let out = generate(&m, &prompts, 6, &Sampling::greedy(), &[], |_, _| Ok(true)).unwrap();
+    for (p, g) in prompts.iter().zip(&out) {
+        assert_eq!(g.tokens.len(), 6);
+        // Greedy continuation must be the argmax of a full forward over prompt + generated so far.
+        let mut seq = p.clone();
+        for &tok in &g.tokens {
+            let t = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
+            let logits = m.forward(&t, None, false).unwrap();
+            let last = flat(&logits.get(0).unwrap().get(seq.len() - 1).unwrap());
+            let best = last.iter().enumerate().fold(0, |b, (i, &x)| if x > last[b] { i } else { b });
+            assert_eq!(best as u32, tok, "cached generation chose another token than the full forward");
+            seq.push(tok);
+        }
+    }
+    // And the cached logits themselves: the last position of a cached step equals the full forward's.
+    let seq = ids(5, 9);
+    let mut cache = lora_lm::KvCache::new(m.config(), vec![0]);
+    let a = m.forward(&Tensor::from_vec(seq[..6].to_vec(), (1, 6), &Device::Cpu).unwrap(), Some(&mut cache), false).unwrap();
+    let b = m.forward(&Tensor::from_vec(seq[6..].to_vec(), (1, 3), &Device::Cpu).unwrap(), Some(&mut cache), false).unwrap();
+    let full = m.forward(&Tensor::from_vec(seq.clone(), (1, 9), &Device::Cpu).unwrap(), None, false).unwrap();
+    let cached = Tensor::cat(&[&a, &b], 1).unwrap();
+    // Same sums in the same order except the attention's row lengths: f32 rounding only (≲ 1e-6 here).
+    for (x, y) in flat(&cached).iter().zip(flat(&full)) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+}
+
+fn grads_of(m: &Llama, x: &[u32]) -> BTreeMap<String, Vec<f32>> {
+    let loss = batch_loss(m, x, 2, 8, true).unwrap();
+    let g = loss.backward().unwrap();
+    m.trainable_vars().into_iter().map(|(n, v)| (n, g.get(v.as_tensor()).map(flat).unwrap_or_default())).collect()
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient_in_pre_training_and_in_lora_training() {
+    for tied in [false, true] {
+        let mut m = Llama::random(&tiny(tied), 7).unwrap();
+        let x = ids(8, 16);
+        let g = grads_of(&m, &x);
+        let want = 1 + 2 * 2 + 1 + 7 * 2 + usize::from(!tied); // embed, norms, final norm, projections, lm_head
+        assert_eq!(g.len(), want, "tied = {tied}: {:?}", g.keys().collect::<Vec<_>>());
+        for (n, v) in &g {
+            assert!(!v.is_empty() && v.iter().any(|x| *x != 0.0), "tied = {tied}: no gradient reached {n}");
+        }
+        with_adapter(&mut m, "a", 9);
+        m.freeze_base();
+        let g = grads_of(&m, &x);
+        assert_eq!(g.len(), 2 * (7 * 2 + 1), "A and B of 15 layers");
+        for (n, v) in &g {
+            assert!(n.contains(".lora_"), "{n} trains while the base is frozen");
+            assert!(v.iter().any(|x| *x != 0.0), "tied = {tied}: no gradient reached {n}");
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_agree_with_finite_differences() {
+    let mut m = Llama::random(&tiny(false), 11).unwrap();
+    with_adapter(&mut m, "a", 12);
+    m.freeze_base();
+    let x = ids(13, 16);
+    let g = grads_of(&m, &x);
+    let loss = |m: &Llama| batch_loss(m, &x, 2, 8, false).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let mut checked = 0;
+    for (name, var) in m.trainable_vars() {
+        if !(name.contains("layers.1.self_attn.q_proj") || name.contains("layers.0.mlp.down_proj") || name.starts_with("lm_head")) {
+            continue;
+        }
+        let base = flat(var.as_tensor());
+        for i in [0, base.len() / 2, base.len() - 1] {
+            // Central differences in f32: h = 1e-2 balances truncation (∝ h²) against rounding of a loss
+            // of size ~5 (∝ 6e-8·5/h); the estimate is then good to ~1e-3 of the gradient's scale.
+            let h = 1e-2f32;
+            let mut p = base.clone();
+            p[i] += h;
+            var.set(&Tensor::from_vec(p.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let up = loss(&m);
+            p[i] -= 2.0 * h;
+            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let down = loss(&m);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let fd = (up - down) / (2.0 * h as f64);
+            let an = g[&name][i] as f64;
+            let scale = g[&name].iter().fold(0f32, |a, b| a.max(b.abs())) as f64;
+            assert!((fd - an).abs() <= 2e-3 * scale.max(1e-3) + 1e-4, "{name}[{i}]: analytic {an} vs finite difference {fd}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18, "A and B of three layers, three entries each");
+}
+
+#[test]
+fn a_saved_model_loads_bit_for_bit_and_half_precision_weights_load() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Llama::random(&tiny(true), 21).unwrap();
+    save_model(&m, d.path(), &BTreeMap::new()).unwrap();
+    let (back, files) = load_model(d.path()).unwrap();
+    assert_eq!(files.dtypes.get("F32"), Some(&m.base_state().unwrap().len()));
+    assert_eq!(m.fingerprint().unwrap(), back.fingerprint().unwrap());
+    // The same weights stored as F16 and BF16 load as the exactly converted values.
+    for dt in [DType::F16, DType::BF16] {
+        let dir = d.path().join(format!("{dt:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(d.path().join("config.json"), dir.join("config.json")).unwrap();
+        let state: Vec<(String, Tensor)> = m.base_state().unwrap().into_iter().map(|(n, t)| (n, t.to_dtype(dt).unwrap())).collect();
+        candle_core::safetensors::save(&state.iter().cloned().collect::<std::collections::HashMap<_, _>>(), dir.join("model.safetensors"))
+            .unwrap();
+        let (h, files) = load_model(&dir).unwrap();
+        assert_eq!(files.dtypes.keys().collect::<Vec<_>>(), vec![&format!("{dt:?}")]);
+        for ((n, a), (_, b)) in h.base_state().unwrap().iter().zip(&state) {
+            assert_eq!(flat(a), flat(&b.to_dtype(DType::F32).unwrap()), "{n}");
+        }
+    }
+}
+
+#[test]
+fn a_short_fine_tune_lowers_the_loss_on_its_corpus_and_leaves_the_base_alone() {
+    let mut m = Llama::random(&tiny(false), 31).unwrap();
+    // A corpus the random base knows nothing about: a repeated SQL-like line.
+    let text = "SELECT id, name FROM users WHERE id = 42;\n".repeat(40);
+    let stream = {
+        let c = lora_lm::data::Corpus { path: "sql.txt".into(), train: vec![text.clone()], validation: vec![text] };
+        lora_lm::data::TokenStream::from_corpus(&c, &lora_lm::Tokenizer::bytes()).unwrap()
+    };
+    let mut mix = Mixture::new();
+    mix.add("sql", stream, 1.0).unwrap();
+    let probe = mix.batch(99, 0, 4, 16).unwrap();
+    let before_loss = batch_loss(&m, &probe, 4, 16, false).unwrap().to_scalar::<f32>().unwrap();
+    let before = m.fingerprint().unwrap();
+    let c = LoraConfig {
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        init: lora::Init::PeftGaussian,
+        ..LoraConfig::new(4, 8.0)
+    };
+    m.lora_mut().add_adapter("sql", &c, &mut StdRng::seed_from_u64(1)).unwrap();
+    m.lora_mut().set_active(&["sql"]).unwrap();
+    m.freeze_base();
+    let s = TrainSettings {
+        steps: 40,
+        batch_size: 4,
+        seq_len: 16,
+        lr: 1e-2,
+        min_lr_ratio: 0.1,
+        warmup: 4,
+        weight_decay: 0.0,
+        clip: Some(1.0),
+        seed: 0,
+    };
+    let mut t = Trainer::new(&m, s).unwrap();
+    t.run(&m, &mix, 40, |_, _| Ok(true)).unwrap();
+    let after_loss = batch_loss(&m, &probe, 4, 16, false).unwrap().to_scalar::<f32>().unwrap();
+    assert!(after_loss < 0.7 * before_loss, "loss {before_loss} → {after_loss}");
+    assert_eq!(m.fingerprint().unwrap(), before, "the frozen base changed");
+    m.lora_mut().set_active(&[]).unwrap();
+    let off = batch_loss(&m, &probe, 4, 16, false).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(off.to_bits(), before_loss.to_bits(), "adapter off must give the base's loss bit for bit");
+}
+
+#[test]
+fn a_resumed_run_continues_exactly_where_it_stopped() {
+    let cfg = tiny(false);
+    let text = "function add(a, b) { return a + b; }\n".repeat(30);
+    let c = lora_lm::data::Corpus { path: "js.txt".into(), train: vec![text.clone()], validation: vec![text] };
+    let mut mix = Mixture::new();
+    mix.add("js", lora_lm::data::TokenStream::from_corpus(&c, &lora_lm::Tokenizer::bytes()).unwrap(), 1.0).unwrap();
+    let s = TrainSettings {
+        steps: 6,
+        batch_size: 2,
+        seq_len: 12,
+        lr: 5e-3,
+        min_lr_ratio: 0.1,
+        warmup: 2,
+        weight_decay: 0.1,
+        clip: Some(1.0),
+        seed: 3,
+    };
+    let straight = Llama::random(&cfg, 41).unwrap();
+    let mut t = Trainer::new(&straight, s.clone()).unwrap();
+    t.run(&straight, &mix, 6, |_, _| Ok(true)).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck.safetensors");
+    let first = Llama::random(&cfg, 41).unwrap();
+    let mut t1 = Trainer::new(&first, s.clone()).unwrap();
+    t1.run(&first, &mix, 3, |_, _| Ok(true)).unwrap();
+    t1.save_checkpoint(&ck).unwrap();
+    let second = Llama::random(&cfg, 41).unwrap();
+    let mut t2 = Trainer::resume(&second, s.clone(), &ck).unwrap();
+    assert_eq!(t2.step(), 3);
+    t2.run(&second, &mix, 6, |_, _| Ok(true)).unwrap();
+    assert_eq!(second.fingerprint().unwrap(), straight.fingerprint().unwrap(), "resumed weights differ from an uninterrupted run");
+    let losses = |t: &Trainer| t.losses.iter().map(|l| l.1.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&t2), losses(&t));
+    let other = TrainSettings { lr: 1e-3, ..s };
+    let e = Trainer::resume(&Llama::random(&cfg, 41).unwrap(), other, &ck).unwrap_err().to_string();
+    assert!(e.contains("other settings"), "{e}");
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused_by_name() {
+    let m = Llama::random(&tiny(false), 51).unwrap();
+    let e = generate(&m, &[ids(1, 33)], 4, &Sampling::greedy(), &[], |_, _| Ok(true)).unwrap_err().to_string();
+    assert!(e.contains("prompt 1") && e.contains("33 tokens") && e.contains("context (32 tokens)"), "{e}");
+    // A prompt that fills the context stops at once without an error.
+    let out = generate(&m, &[ids(1, 32)], 4, &Sampling::greedy(), &[], |_, _| Ok(true)).unwrap();
+    assert_eq!(out[0].finish, lora_lm::generate::Finish::Context);
+}

@@ -1,0 +1,154 @@
+//! The language-model commands end to end through the real binary, on tiny shapes: pre-train, fine-tune
+//! two adapters, evaluate them on one base, generate; and `lora lm demo`'s report holds the promised keys.
+
+use std::path::Path;
+use std::process::Command;
+
+fn lora(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_lora")).args(args).current_dir(dir).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "lora {}: failed\nstdout: {out}\nstderr: {err}", args.join(" "));
+    out.into_owned()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("sql.txt"), "SELECT name FROM users WHERE id = 1;\n".repeat(40)).unwrap();
+    std::fs::write(d.join("js.txt"), "function f(x) { return x * 2; }\n".repeat(40)).unwrap();
+    let shape = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "32"];
+    let train = ["--steps", "4", "--batch-size", "2", "--seq-len", "16"];
+    let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "sql.txt:1", "--data", "js.txt:3", "--json", "pre.json"];
+    args.extend(shape);
+    args.extend(train);
+    lora(d, &args);
+    let pre = json(&d.join("pre.json"));
+    assert_eq!(pre["steps"], 4);
+    assert_eq!(pre["tokens"], 4 * 2 * 16);
+    assert!(pre["final_loss"].as_f64().unwrap().is_finite());
+    let cfg = json(&d.join("base/config.json"));
+    assert_eq!((cfg["hidden_size"].as_u64(), cfg["lora_rs_tokenizer"].as_str()), (Some(16), Some("bytes")));
+
+    for (name, data) in [("sql", "sql.txt"), ("js", "js.txt")] {
+        let mut args =
+            vec!["lm", "finetune", "--model", "base", "--data", data, "--out", name, "--rank", "2", "--alpha", "4", "--lr", "1e-2"];
+        args.extend(train);
+        let out = lora(d, &args);
+        assert!(out.contains("base weights bit-for-bit unchanged: true"), "{out}");
+        let c = json(&d.join(name).join("adapter_config.json"));
+        assert_eq!(c["task_type"], "CAUSAL_LM");
+        assert_eq!(c["target_modules"].as_array().unwrap().len(), 7);
+    }
+
+    let out = lora(
+        d,
+        &[
+            "lm",
+            "eval",
+            "--model",
+            "base",
+            "--adapter",
+            "sql=sql",
+            "--adapter",
+            "js=js",
+            "--data",
+            "sql.txt",
+            "js.txt",
+            "--json",
+            "eval.json",
+            "--token-losses",
+            "tok.json",
+        ],
+    );
+    assert!(out.contains("bits/byte"), "{out}");
+    let e = json(&d.join("eval.json"));
+    for file in ["sql.txt", "js.txt"] {
+        for col in ["base", "sql", "js"] {
+            let s = &e[file][col];
+            assert!(s["loss"].as_f64().unwrap() > 0.0 && s["bits_per_byte"].as_f64().unwrap() > 0.0, "{file} {col}: {s}");
+            // Every byte of the file but the first of each window of 32 is predicted.
+            let bytes = std::fs::metadata(d.join(file)).unwrap().len() as usize;
+            assert_eq!(s["tokens"].as_u64().unwrap(), (bytes - bytes.div_ceil(32)) as u64);
+        }
+    }
+    let tok = json(&d.join("tok.json"));
+    let windows = tok["sql.txt"]["sql"].as_array().unwrap();
+    let total: f64 = windows.iter().flat_map(|w| w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).sum();
+    let n: usize = windows.iter().map(|w| w.as_array().unwrap().len()).sum();
+    assert!((total / n as f64 - e["sql.txt"]["sql"]["loss"].as_f64().unwrap()).abs() < 1e-9, "per-token losses average to the loss");
+
+    let out = lora(d, &["lm", "generate", "--model", "base", "--adapter", "sql", "--prompt", "SELECT", "--max-tokens", "8"]);
+    assert!(out.starts_with("SELECT") && out.len() >= 6, "{out:?}");
+    let out = lora(
+        d,
+        &[
+            "lm",
+            "generate",
+            "--model",
+            "base",
+            "--prompt",
+            "SELECT",
+            "--prompt",
+            "fun",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3",
+        ],
+    );
+    assert!(out.contains("--- prompt 1 ---\nSELECT") && out.contains("--- prompt 2 ---\nfun"), "{out}");
+}
+
+#[test]
+fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/code");
+    let out = lora(
+        d,
+        &[
+            "lm",
+            "demo",
+            "--out",
+            "run",
+            "--data",
+            data.to_str().unwrap(),
+            "--pretrain-steps",
+            "2",
+            "--finetune-steps",
+            "1",
+            "--eval-tokens",
+            "600",
+            "--sample-tokens",
+            "4",
+            "--report",
+            "rep",
+        ],
+    );
+    assert!(out.contains("samples with the sql adapter"), "{out}");
+    let r = json(&d.join("run/report.json"));
+    assert_eq!(r["params"], 3_279_104);
+    assert_eq!(r["pretrain"]["steps"], 2);
+    assert_eq!(r["pretrain"]["tokens"], 2 * 16 * 256);
+    assert!(r["pretrain"]["seconds"].as_f64().unwrap() > 0.0 && r["pretrain"]["final_loss"].as_f64().unwrap().is_finite());
+    for corpus in ["sql", "js", "python"] {
+        for col in ["base", "sql", "js"] {
+            assert!(r["eval"][corpus][col].as_f64().unwrap() > 0.0, "eval.{corpus}.{col}");
+        }
+    }
+    for f in ["base/config.json", "base/model.safetensors", "adapters/sql/adapter_config.json", "adapters/js/adapter_model.safetensors"] {
+        assert!(d.join("run").join(f).exists(), "{f}");
+    }
+    assert!(d.join("rep/report.html").exists() && d.join("rep/loss.png").exists());
+}
