@@ -288,8 +288,9 @@ pub struct FinetuneArgs {
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The base model (safetensors).
-    #[arg(long, value_name = "FILE")]
+    /// The base model: an MNIST safetensors file, or a language-model directory (config.json +
+    /// model.safetensors; --out is then a model directory too).
+    #[arg(long, value_name = "FILE|DIR")]
     pub model: PathBuf,
     /// An adapter directory to fold in, optionally weighted as DIR:WEIGHT (repeatable; default weight 1).
     #[arg(long, value_name = "DIR[:WEIGHT]", value_parser = parse_weighted_adapter, required = true)]
@@ -304,7 +305,8 @@ pub struct MergeArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A model .safetensors file, or an adapter directory (or its adapter_model.safetensors).
+    /// A model .safetensors file, a language-model directory (config.json + weights), or an adapter
+    /// directory (or its adapter_model.safetensors).
     pub path: PathBuf,
 }
 

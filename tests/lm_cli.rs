@@ -82,6 +82,14 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
     let n: usize = windows.iter().map(|w| w.as_array().unwrap().len()).sum();
     assert!((total / n as f64 - e["sql.txt"]["sql"]["loss"].as_f64().unwrap()).abs() < 1e-9, "per-token losses average to the loss");
 
+    // A merged model scores as the base with the adapter on (up to the rounding of W + s·B·A).
+    lora(d, &["merge", "--model", "base", "--adapter", "sql", "--out", "merged"]);
+    lora(d, &["lm", "eval", "--model", "merged", "--data", "sql.txt", "--json", "merged.json"]);
+    let (m, a) = (json(&d.join("merged.json"))["sql.txt"]["base"]["loss"].as_f64().unwrap(), e["sql.txt"]["sql"]["loss"].as_f64().unwrap());
+    assert!((m - a).abs() < 1e-4 * a, "merged {m} vs adapter {a}");
+    let out = lora(d, &["inspect", "merged"]);
+    assert!(out.contains("Llama model directory") && out.contains("context 32"), "{out}");
+
     let out = lora(d, &["lm", "generate", "--model", "base", "--adapter", "sql", "--prompt", "SELECT", "--max-tokens", "8"]);
     assert!(out.starts_with("SELECT") && out.len() >= 6, "{out:?}");
     let out = lora(

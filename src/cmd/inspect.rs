@@ -19,8 +19,44 @@ fn adapter_dir(p: &Path) -> Option<&Path> {
     (p.file_name()? == WEIGHTS_FILE && parent.join(CONFIG_FILE).is_file()).then_some(parent)
 }
 
+/// A Hugging Face model directory (config.json + weights): architecture, tensors, size, fingerprint.
+fn lm_model(dir: &Path) -> Result<()> {
+    let (model, files) = lora_lm::hf::load_model(dir)?;
+    let c = model.config();
+    println!("Llama model directory {}", dir.display());
+    println!(
+        "  vocab {}, hidden {}, MLP {}, {} layers, {} heads ({} key/value heads, head_dim {}), context {}",
+        c.vocab_size,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.max_position_embeddings
+    );
+    println!(
+        "  rope_theta {}, rms_norm_eps {:e}, tied embeddings {}, tokenizer {:?}",
+        c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.tokenizer
+    );
+    println!(
+        "  {} parameters in {} tensors; weights {:?}, {} bytes in {} file(s)",
+        group(model.num_params()),
+        model.base_state()?.len(),
+        files.dtypes,
+        files.bytes,
+        files.weight_files.len()
+    );
+    println!("  LoRA-able modules: {} ({} per layer and lm_head)", model.lora().layer_names().count(), lora_lm::PROJECTIONS.join(", "));
+    println!("  base SHA-256 {}", model.fingerprint()?);
+    Ok(())
+}
+
 pub fn run(a: InspectArgs) -> Result<()> {
     anyhow::ensure!(a.path.exists(), "{}: no such file or directory", a.path.display());
+    if a.path.is_dir() && a.path.join(lora_lm::hf::CONFIG_FILE).is_file() {
+        return lm_model(&a.path);
+    }
     if let Some(dir) = adapter_dir(&a.path) {
         let f = read_adapter(dir)?;
         let c = &f.config;

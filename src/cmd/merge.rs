@@ -9,34 +9,78 @@ use lora::{Combination, LoadOptions};
 use crate::cli::MergeArgs;
 use crate::common::{fingerprint, load_model};
 
-pub fn run(a: MergeArgs) -> Result<()> {
-    let mut net = load_model(&a.model)?;
-    let before = net.model.base_state()?;
-    let opts = LoadOptions { base_fingerprint: Some(fingerprint(&net)?), force: a.force };
+/// Loads the adapters onto one model, combined by weight when there are several; returns the name to merge.
+fn combine(model: &mut lora::LoraModel, a: &MergeArgs, opts: &LoadOptions) -> Result<String> {
     let mut weighted = Vec::new();
     for (i, (dir, w)) in a.adapter.iter().enumerate() {
         let name = format!("adapter{i}");
-        net.model.load_adapter(&name, dir, &opts).with_context(|| format!("loading adapter {}", dir.display()))?;
+        model.load_adapter(&name, dir, opts).with_context(|| format!("loading adapter {}", dir.display()))?;
         weighted.push((name, *w));
     }
-    let target = if weighted.len() == 1 && weighted[0].1 == 1.0 {
-        weighted[0].0.clone()
-    } else {
-        // Concatenated ranks: exactly the weighted sum of the adapters' updates.
-        let refs: Vec<(&str, f64)> = weighted.iter().map(|(n, w)| (n.as_str(), *w)).collect();
-        net.model.combine_adapters(&refs, Combination::Cat, "combined")?;
-        "combined".to_string()
-    };
+    if weighted.len() == 1 && weighted[0].1 == 1.0 {
+        return Ok(weighted[0].0.clone());
+    }
+    // Concatenated ranks: exactly the weighted sum of the adapters' updates.
+    let refs: Vec<(&str, f64)> = weighted.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+    model.combine_adapters(&refs, Combination::Cat, "combined")?;
+    Ok("combined".to_string())
+}
+
+fn print_deltas(before: &[(String, candle_core::Tensor)], after: &[(String, candle_core::Tensor)]) -> Result<()> {
+    for ((n, w0), (_, w1)) in before.iter().zip(after) {
+        let d = (w1 - w0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        if d > 0.0 || before.len() <= 8 {
+            println!("  {n:<16} max |ΔW| = {d:.3e}");
+        }
+    }
+    Ok(())
+}
+
+/// A Hugging Face model directory: the merged model is written as a model directory at --out.
+fn merge_lm(a: &MergeArgs) -> Result<()> {
+    lm_check_out(&a.out)?;
+    let (mut model, _) = lora_lm::hf::load_model(&a.model)?;
+    let before = model.base_state()?;
+    let opts = LoadOptions { base_fingerprint: Some(model.fingerprint()?), force: a.force };
+    let target = combine(model.lora_mut(), a, &opts)?;
+    model.lora_mut().merge(&target, true).with_context(|| format!("merging into {}", a.model.display()))?;
+    let after = model.base_state()?;
+    let list: Vec<String> = a.adapter.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect();
+    let meta = std::collections::BTreeMap::from([("lora_rs.merged".to_string(), list.join(","))]);
+    lora_lm::hf::save_model(&model, &a.out, &meta)?;
+    println!("Merged {} adapter(s) into {} (weights that changed):", a.adapter.len(), a.model.display());
+    print_deltas(&before, &after)?;
+    println!("Wrote the model directory {}", a.out.display());
+    Ok(())
+}
+
+fn lm_check_out(out: &std::path::Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("{}: exists and is not a directory (a merged language model is a model directory)", out.display());
+    }
+    for f in [lora_lm::hf::CONFIG_FILE, lora_lm::hf::WEIGHTS_FILE] {
+        if out.join(f).exists() {
+            anyhow::bail!("{}: already exists; choose another --out", out.join(f).display());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: MergeArgs) -> Result<()> {
+    if a.model.is_dir() {
+        return merge_lm(&a);
+    }
+    let mut net = load_model(&a.model)?;
+    let before = net.model.base_state()?;
+    let opts = LoadOptions { base_fingerprint: Some(fingerprint(&net)?), force: a.force };
+    let target = combine(&mut net.model, &a, &opts)?;
     net.model.merge(&target, true).with_context(|| format!("merging into {}", a.model.display()))?;
     let after = net.model.base_state()?;
     let list: Vec<String> = a.adapter.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("lora_rs.merged".to_string(), list.join(","))]);
     save_safetensors(&a.out, &after, &meta)?;
     println!("Merged {} adapter(s) into {}:", a.adapter.len(), a.model.display());
-    for ((n, w0), (_, w1)) in before.iter().zip(&after) {
-        let d = (w1 - w0)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        println!("  {n:<16} max |ΔW| = {d:.3e}");
-    }
+    print_deltas(&before, &after)?;
     println!("Wrote {} ({} bytes)", a.out.display(), std::fs::metadata(&a.out)?.len());
     Ok(())
 }

@@ -219,7 +219,8 @@ impl Llama {
         out
     }
 
-    /// The base weights with transformers' names, as stored now (lm_head omitted when tied).
+    /// A copy of the base weights with transformers' names, as stored now (lm_head omitted when tied),
+    /// sorted by name. Copies, not views: later writes to the model (merge, training) do not change them.
     pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.as_tensor().clone())];
         for (l, (a, b)) in self.norms.iter().enumerate() {
@@ -237,7 +238,7 @@ impl Llama {
         }
         out.push(("model.norm.weight".into(), self.final_norm.as_tensor().clone()));
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        out.into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect()
     }
 
     /// SHA-256 fingerprint of the base weights (what adapters record to detect another base).

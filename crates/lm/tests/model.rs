@@ -266,3 +266,20 @@ fn a_prompt_longer_than_the_context_is_refused_by_name() {
     let out = generate(&m, &[ids(1, 32)], 4, &Sampling::greedy(), &[], |_, _| Ok(true)).unwrap();
     assert_eq!(out[0].finish, lora_lm::generate::Finish::Context);
 }
+
+#[test]
+fn base_state_is_a_snapshot_that_later_merges_do_not_change() {
+    let mut m = Llama::random(&tiny(false), 61).unwrap();
+    with_adapter(&mut m, "a", 62);
+    let before = m.base_state().unwrap();
+    let x = Tensor::from_vec(ids(63, 8), (1, 8), &Device::Cpu).unwrap();
+    let unmerged = flat(&m.forward(&x, None, false).unwrap());
+    m.lora_mut().merge("a", true).unwrap();
+    let after = m.base_state().unwrap();
+    let changed = before.iter().zip(&after).filter(|((_, a), (_, b))| flat(a) != flat(b)).count();
+    assert_eq!(changed, 15, "7 projections × 2 layers and lm_head change; the snapshot taken before must not");
+    // Merged forward = unmerged forward up to the rounding of W + s·B·A (values ≲ 10, f32: ≲ 1e-5).
+    for (a, b) in flat(&m.forward(&x, None, false).unwrap()).iter().zip(&unmerged) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+}
