@@ -158,5 +158,7 @@ fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
     for f in ["base/config.json", "base/model.safetensors", "adapters/sql/adapter_config.json", "adapters/js/adapter_model.safetensors"] {
         assert!(d.join("run").join(f).exists(), "{f}");
     }
-    assert!(d.join("rep/report.html").exists() && d.join("rep/loss.png").exists());
+    for f in ["report.html", "loss.png", "scores.png", "scores.svg", "metrics-pre-training.csv"] {
+        assert!(d.join("rep").join(f).exists(), "report file {f}");
+    }
 }

@@ -103,6 +103,24 @@ pub struct WrongChart {
     pub series: Vec<Counts>,
 }
 
+/// Grouped bars of any real values: per group (x axis), one bar per named series, each labelled with its
+/// value (e.g. validation bits per byte per corpus, one bar per model or adapter).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarChart {
+    /// Chart title.
+    pub title: String,
+    /// The y axis' description.
+    pub y_desc: String,
+    /// The x axis' description.
+    pub x_desc: String,
+    /// Group labels along the x axis.
+    pub groups: Vec<String>,
+    /// (name, one value per group), one colour each.
+    pub series: Vec<(String, Vec<f64>)>,
+    /// Decimals of the value labels.
+    pub decimals: usize,
+}
+
 /// Confusion matrices as heat maps, one panel per model: green diagonal (correct), red off-diagonal
 /// (errors, log-scaled so single mistakes show), every cell labelled with its count.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +155,8 @@ pub enum Chart {
     Confusion(ConfusionChart),
     /// Parameter counts.
     Params(ParamsChart),
+    /// Grouped bars of real values.
+    Bars(BarChart),
 }
 
 /// A plotters error turned into text (the backends' error types differ).
@@ -158,6 +178,7 @@ impl Chart {
             Chart::Wrong(c) => &c.title,
             Chart::Confusion(c) => &c.title,
             Chart::Params(c) => &c.title,
+            Chart::Bars(c) => &c.title,
         }
     }
 
@@ -166,6 +187,7 @@ impl Chart {
         match self {
             Chart::Loss(c) => (if c.series.len() > 1 { 1200 } else { 800 }, 440),
             Chart::Wrong(_) => (1100, 460),
+            Chart::Bars(c) => ((240 + 110 * c.groups.len() * c.series.len().max(1)).clamp(700, 1400) as u32, 460),
             Chart::Confusion(c) => {
                 let cols = c.matrices.len().clamp(1, 3) as u32;
                 let rows = c.matrices.len().div_ceil(3).max(1) as u32;
@@ -198,6 +220,17 @@ impl Chart {
                 }
                 if let Some(s) = c.series.iter().find(|s| s.counts.len() != c.classes.len()) {
                     return bad(format!("series \"{}\" has {} counts for {} classes", s.name, s.counts.len(), c.classes.len()));
+                }
+            }
+            Chart::Bars(c) => {
+                if c.series.is_empty() || c.groups.is_empty() {
+                    return bad("no series or no groups".into());
+                }
+                if let Some((n, v)) = c.series.iter().find(|(_, v)| v.len() != c.groups.len()) {
+                    return bad(format!("series \"{n}\" has {} values for {} groups", v.len(), c.groups.len()));
+                }
+                if let Some((n, _)) = c.series.iter().find(|(_, v)| v.iter().any(|x| !x.is_finite() || *x < 0.0)) {
+                    return bad(format!("series \"{n}\" has a negative or non-finite value"));
                 }
             }
             Chart::Confusion(c) => {
@@ -266,6 +299,7 @@ impl Chart {
         match self {
             Chart::Loss(c) => draw_loss(c, &body),
             Chart::Wrong(c) => draw_wrong(c, root, &body),
+            Chart::Bars(c) => draw_bars(c, root, &body),
             Chart::Confusion(c) => draw_confusion(c, root, &body),
             Chart::Params(c) => draw_params(c, root, &body),
         }
@@ -377,21 +411,51 @@ fn draw_wrong<DB: DrawingBackend>(c: &WrongChart, root: &DrawingArea<DB, Shift>,
 where
     DB::ErrorType: 'static,
 {
-    let k = c.classes.len();
-    let n = c.series.len();
-    let top = c.series.iter().flat_map(|s| s.counts.iter()).cloned().max().unwrap_or(0).max(1) as f64 * 1.12;
-    let rows = if n > 3 { 2 } else { 1 };
-    let (legend, plot) = body.split_vertically(12 + 24 * rows);
-    let items: Vec<(String, RGBColor)> = c
+    let bars = BarChart {
+        title: c.title.clone(),
+        y_desc: "wrong answers (test set)".into(),
+        x_desc: "true digit".into(),
+        groups: c.classes.clone(),
+        series: c.series.iter().map(|s| (s.name.clone(), s.counts.iter().map(|&v| v as f64).collect())).collect(),
+        decimals: 0,
+    };
+    let legend: Vec<String> = c
         .series
         .iter()
-        .enumerate()
-        .map(|(i, s)| match s.accuracy {
-            Some(a) => (format!("{} (accuracy {a:.4})", s.name), color(i)),
-            None => (s.name.clone(), color(i)),
+        .map(|s| match s.accuracy {
+            Some(a) => format!("{} (accuracy {a:.4})", s.name),
+            None => s.name.clone(),
         })
         .collect();
+    grouped_bars(&bars, &legend, root, body)
+}
+
+fn draw_bars<DB: DrawingBackend>(c: &BarChart, root: &DrawingArea<DB, Shift>, body: &DrawingArea<DB, Shift>) -> Drawn
+where
+    DB::ErrorType: 'static,
+{
+    let legend: Vec<String> = c.series.iter().map(|s| s.0.clone()).collect();
+    grouped_bars(c, &legend, root, body)
+}
+
+/// Grouped bars with a legend row, value labels (up to 4 series) and group labels under the axis.
+fn grouped_bars<DB: DrawingBackend>(
+    c: &BarChart,
+    legend_names: &[String],
+    root: &DrawingArea<DB, Shift>,
+    body: &DrawingArea<DB, Shift>,
+) -> Drawn
+where
+    DB::ErrorType: 'static,
+{
+    let k = c.groups.len();
+    let n = c.series.len();
+    let top = c.series.iter().flat_map(|s| s.1.iter()).cloned().fold(0.0, f64::max).max(if c.decimals == 0 { 1.0 } else { 1e-9 }) * 1.12;
+    let rows = if n > 3 { 2 } else { 1 };
+    let (legend, plot) = body.split_vertically(12 + 24 * rows);
+    let items: Vec<(String, RGBColor)> = legend_names.iter().enumerate().map(|(i, s)| (s.clone(), color(i))).collect();
     legend_row(&legend, &items)?;
+    let dec = c.decimals;
     let mut ch = ChartBuilder::on(&plot)
         .margin(12)
         .margin_right(24)
@@ -401,8 +465,8 @@ where
     ch.configure_mesh()
         .disable_x_mesh()
         .x_labels(0)
-        .y_desc("wrong answers (test set)")
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc(c.y_desc.as_str())
+        .y_label_formatter(&|v| if dec == 0 { format!("{v:.0}") } else { format!("{v:.2}") })
         .label_style(label_font(14))
         .axis_desc_style(label_font(15))
         .light_line_style(WHITE)
@@ -412,9 +476,9 @@ where
     let bar_w = group_w / n as f64;
     for (si, s) in c.series.iter().enumerate() {
         let col = color(si);
-        let bars = s.counts.iter().enumerate().map(|(d, &v)| {
+        let bars = s.1.iter().enumerate().map(|(d, &v)| {
             let x0 = d as f64 - group_w / 2.0 + si as f64 * bar_w;
-            Rectangle::new([(x0 + bar_w * 0.06, 0.0), (x0 + bar_w * 0.94, v as f64)], col.filled())
+            Rectangle::new([(x0 + bar_w * 0.06, 0.0), (x0 + bar_w * 0.94, v)], col.filled())
         });
         ch.draw_series(bars)?;
     }
@@ -423,18 +487,18 @@ where
         let size = if n <= 3 { 12 } else { 10 };
         let style = label_font(size).pos(Pos::new(HPos::Center, VPos::Bottom));
         for (si, s) in c.series.iter().enumerate() {
-            for (d, &v) in s.counts.iter().enumerate() {
+            for (d, &v) in s.1.iter().enumerate() {
                 let x = d as f64 - group_w / 2.0 + (si as f64 + 0.5) * bar_w;
-                let (px, py) = ch.backend_coord(&(x, v as f64));
-                root.draw(&Text::new(v.to_string(), (px, py - 2), style.clone()))?;
+                let (px, py) = ch.backend_coord(&(x, v));
+                root.draw(&Text::new(format!("{v:.dec$}"), (px, py - 2), style.clone()))?;
             }
         }
     }
     let y0 = ch.backend_coord(&(0.0, 0.0)).1 + 8;
-    let at: Vec<(i32, String)> = c.classes.iter().enumerate().map(|(d, l)| (ch.backend_coord(&(d as f64, 0.0)).0, l.clone())).collect();
+    let at: Vec<(i32, String)> = c.groups.iter().enumerate().map(|(d, l)| (ch.backend_coord(&(d as f64, 0.0)).0, l.clone())).collect();
     x_labels(root, &at, y0, 18)?;
     let (xr, yb) = ch.backend_coord(&(k as f64 - 0.5, 0.0));
-    root.draw(&Text::new("true digit", (xr, yb + 32), label_font(16).pos(Pos::new(HPos::Right, VPos::Top))))?;
+    root.draw(&Text::new(c.x_desc.clone(), (xr, yb + 32), label_font(16).pos(Pos::new(HPos::Right, VPos::Top))))?;
     Ok(())
 }
 
@@ -675,5 +739,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not 2 × 2"), "{e}");
+    }
+
+    #[test]
+    fn bar_charts_of_real_values_label_every_bar_and_refuse_ragged_or_negative_series() {
+        let mut c = BarChart {
+            title: "Validation bits per byte".into(),
+            y_desc: "bits per byte".into(),
+            x_desc: "data".into(),
+            groups: vec!["sql".into(), "js".into()],
+            series: vec![("base".into(), vec![2.5, 2.25]), ("sql".into(), vec![1.875, 2.375])],
+            decimals: 3,
+        };
+        let svg = Chart::Bars(c.clone()).to_svg().unwrap();
+        for label in ["2.500", "2.250", "1.875", "2.375", "base", "sql", "js", "bits per byte"] {
+            assert!(svg.contains(label), "{label} missing from the SVG");
+        }
+        c.series[1].1.pop();
+        assert!(Chart::Bars(c.clone()).validate().unwrap_err().to_string().contains("has 1 values for 2 groups"));
+        c.series[1].1.push(-1.0);
+        assert!(Chart::Bars(c).validate().unwrap_err().to_string().contains("negative or non-finite"));
     }
 }

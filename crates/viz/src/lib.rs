@@ -28,7 +28,7 @@ mod html;
 mod metrics;
 mod report;
 
-pub use chart::{smooth, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
+pub use chart::{smooth, BarChart, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
 pub use data::{group, slug, Check, Counts, FileInfo, LayerCount, LossPoint, LossSeries, Matrix, Table, Timing};
 pub use dot::{graphviz_available, render_dot, GraphLayer, GraphLora, NetGraph};
 pub use error::{Result, VizError};

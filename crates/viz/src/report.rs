@@ -4,7 +4,7 @@ use std::path::Path;
 
 use lora::io::write_atomic;
 
-use crate::chart::{fmt_loss, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
+use crate::chart::{fmt_loss, BarChart, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
 use crate::data::{group, slug, Check, Counts, FileInfo, LayerCount, LossSeries, Matrix, Table, Timing};
 use crate::dot::{graphviz_available, render_dot, NetGraph};
 use crate::error::Result;
@@ -43,6 +43,8 @@ pub struct RunReport {
     pub params_lora_name: String,
     /// Facts with pass/fail (e.g. the proof that the base is unchanged); shown as the page's banner too.
     pub checks: Vec<Check>,
+    /// Grouped bars of real values (e.g. validation loss per corpus and model), written as `scores.{png,svg}`.
+    pub scores: Option<(BarChart, String)>,
     /// Further tables, shown side by side in a section of their own.
     pub tables: Vec<Table>,
     /// The network, written as `network.dot`.
@@ -115,6 +117,9 @@ impl RunReport {
                 Chart::Wrong(WrongChart { title: "Wrong answers per digit".into(), classes: classes.clone(), series: self.wrong.clone() }),
                 "Test-set images of each digit that the model got wrong, one bar per model.".to_string(),
             ));
+        }
+        if let Some((bars, caption)) = &self.scores {
+            out.push(("scores", Chart::Bars(bars.clone()), caption.clone()));
         }
         if !self.confusion.is_empty() {
             out.push((
@@ -244,6 +249,9 @@ impl RunReport {
             sections.push(Section { title: "Evaluation".into(), blocks });
         } else if let Some(f) = figure("confusion") {
             sections.push(Section { title: "Evaluation".into(), blocks: vec![f] });
+        }
+        if let Some(f) = figure("scores") {
+            sections.push(Section { title: "Scores".into(), blocks: vec![f] });
         }
         if !self.params.is_empty() || self.graph.is_some() {
             let mut blocks: Vec<Block> = figure("params").into_iter().collect();

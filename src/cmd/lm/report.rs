@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use lora_lm::train::Trainer;
-use lora_viz::{LossSeries, RunReport, Table as VizTable, Timing};
+use lora_viz::{BarChart, LossSeries, RunReport, Table as VizTable, Timing};
 use serde_json::Value;
 
 use super::eval::Table;
@@ -59,6 +59,22 @@ pub fn training(dir: &Path, title: &str, runs: &[(&str, &Trainer)], evals: &[&Ta
     }
     for t in evals {
         r.tables.extend(tables(t));
+    }
+    if let Some(t) = evals.first() {
+        let series =
+            t.columns.iter().enumerate().map(|(j, col)| (col.clone(), t.scores.iter().map(|row| row[j].bits_per_byte).collect())).collect();
+        let bars = BarChart {
+            title: "Validation bits per byte".into(),
+            y_desc: "bits per byte (lower is better)".into(),
+            x_desc: "validation data".into(),
+            groups: t.corpora.clone(),
+            series,
+            decimals: 3,
+        };
+        r.scores = Some((
+            bars,
+            "Validation bits per byte of each corpus, one bar per model: the base alone and each adapter on the same loaded base.".into(),
+        ));
     }
     r.tables.push(json_table("Summary (JSON)", summary));
     r.json = Some(summary.clone());
