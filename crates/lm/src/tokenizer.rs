@@ -45,7 +45,8 @@ impl Tokenizer {
         Ok(self.encode_with_bytes(text)?.0)
     }
 
-    /// Token ids of `text` and, per token, the number of text bytes it covers (0 for added special tokens).
+    /// Token ids of `text` and, per token, the number of text bytes it newly covers (0 for special tokens), so
+    /// the counts add up to the bytes of the text.
     pub fn encode_with_bytes(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         match self {
             Tokenizer::Bytes => Ok((text.bytes().map(u32::from).collect(), vec![1; text.len()])),
@@ -53,11 +54,21 @@ impl Tokenizer {
                 let enc = t
                     .encode(text, true)
                     .map_err(|e| LmError::invalid("text", format!("{:.40?}", text), format!("tokenizer failed: {e}")))?;
+                // A token covers the text from the end of everything before it to its own end, so overlapping
+                // spans (a Metaspace "▁" and the token after it) count once and the bytes add up to the text.
+                let mut covered = 0usize;
                 let bytes = enc
                     .get_offsets()
                     .iter()
                     .zip(enc.get_special_tokens_mask())
-                    .map(|(&(a, b), &s)| if s == 1 { 0 } else { (b - a) as u32 })
+                    .map(|(&(_, end), &special)| {
+                        if special == 1 || end <= covered {
+                            return 0;
+                        }
+                        let n = end - covered;
+                        covered = end;
+                        n as u32
+                    })
                     .collect();
                 Ok((enc.get_ids().to_vec(), bytes))
             }
@@ -74,6 +85,20 @@ impl Tokenizer {
         }
     }
 
+    /// The text that `new` adds after `prompt`: decoded together (so a word-start marker such as
+    /// SentencePiece's "▁" keeps its space) minus the prompt's own text.
+    pub fn decode_continuation(&self, prompt: &[u32], new: &[u32]) -> Result<String> {
+        if self.is_bytes() {
+            return self.decode(new);
+        }
+        let head = self.decode(prompt)?;
+        let all = self.decode(&[prompt, new].concat())?;
+        Ok(match all.strip_prefix(&head) {
+            Some(rest) => rest.to_string(),
+            None => self.decode(new)?,
+        })
+    }
+
     /// Whether this is the byte-level tokenizer.
     pub fn is_bytes(&self) -> bool {
         matches!(self, Tokenizer::Bytes)
@@ -81,8 +106,10 @@ impl Tokenizer {
 }
 
 /// Turns a growing list of generated ids into text pieces as soon as they decode to whole characters.
+/// Decodes after the prompt's ids, so the first piece keeps a leading space that only context shows.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
+    prompt: Vec<u32>,
     ids: Vec<u32>,
     emitted: usize,
 }
@@ -93,10 +120,15 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// A decoder of what follows `prompt`.
+    pub fn after(prompt: &[u32]) -> Self {
+        StreamDecoder { prompt: prompt.to_vec(), ..Self::default() }
+    }
+
     /// Adds one id; returns the new text it completes, if any (held back while it ends in a cut character).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
+        let text = tok.decode_continuation(&self.prompt, &self.ids)?;
         if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
             return Ok(None);
         }
@@ -107,7 +139,7 @@ impl StreamDecoder {
 
     /// Whatever is left at the end (a cut character shows as U+FFFD).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        let text = tok.decode(&self.ids)?;
+        let text = tok.decode_continuation(&self.prompt, &self.ids)?;
         let rest = if text.is_char_boundary(self.emitted.min(text.len())) {
             text[self.emitted.min(text.len())..].to_string()
         } else {

@@ -95,8 +95,8 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             "\n=== samples with {} (temperature 0.7, top-k 40) ===",
             if adapter == "base" { "no adapter".to_string() } else { format!("the {adapter} adapter") }
         );
-        for (p, g) in PROMPTS.iter().zip(&out) {
-            let text = format!("{p}{}", tok.decode(&g.tokens)?);
+        for ((p, ids), g) in PROMPTS.iter().zip(&prompts).zip(&out) {
+            let text = format!("{p}{}", tok.decode_continuation(ids, &g.tokens)?);
             println!("--- {p:?}\n{text}");
             samples.push(json!({"adapter": adapter, "prompt": p, "text": text}));
         }

@@ -21,7 +21,7 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
     let prompts: Vec<Vec<u32>> = a.prompt.iter().map(|p| tok.encode(p)).collect::<lora_lm::Result<_>>()?;
     let stop = model.config().eos_token_ids.clone();
     let stream = prompts.len() == 1;
-    let mut decoder = StreamDecoder::new();
+    let mut decoder = StreamDecoder::after(&prompts[0]);
     let mut stdout = std::io::stdout().lock();
     if stream {
         write!(stdout, "{}", a.prompt[0])?;
@@ -41,7 +41,7 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
     } else {
         for (i, (p, g)) in a.prompt.iter().zip(&out).enumerate() {
             writeln!(stdout, "--- prompt {} ---", i + 1)?;
-            writeln!(stdout, "{p}{}", tok.decode(&g.tokens)?)?;
+            writeln!(stdout, "{p}{}", tok.decode_continuation(&prompts[i], &g.tokens)?)?;
         }
     }
     for (i, g) in out.iter().enumerate() {
