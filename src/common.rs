@@ -228,3 +228,38 @@ pub fn dir_bytes(dir: &Path) -> Result<u64> {
     }
     Ok(n)
 }
+
+/// What an output path must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// A file (created or replaced).
+    File,
+    /// A directory (created if missing).
+    Dir,
+}
+
+/// Checks output paths before any work starts, so a long run never ends in "File exists": each path
+/// must be creatable as its kind (no existing path of the other kind, no file where a parent directory
+/// must go). `outs` holds (flag, path, kind); `None` paths are skipped.
+pub fn check_outputs(outs: &[(&str, Option<&Path>, Out)]) -> Result<()> {
+    for (flag, path, kind) in outs {
+        let Some(p) = path else { continue };
+        match kind {
+            Out::File if p.is_dir() => anyhow::bail!("{flag} {}: is a directory; give a file path", p.display()),
+            Out::Dir if p.exists() && !p.is_dir() => anyhow::bail!("{flag} {}: exists and is not a directory", p.display()),
+            _ => {}
+        }
+        for anc in p.ancestors().skip(1) {
+            if anc.as_os_str().is_empty() {
+                break;
+            }
+            if anc.exists() {
+                if !anc.is_dir() {
+                    anyhow::bail!("{flag} {}: {} is a file, not a directory", p.display(), anc.display());
+                }
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -308,6 +308,24 @@ fn build(d: &Path) -> Vec<Case> {
             vec!["merge", "--model", "model.safetensors", "--adapter", "adapter:inf", "--out", "m2.safetensors"],
             "not a finite number",
         ),
+        // Output paths are checked before any work: an existing file where a directory goes and the reverse.
+        (
+            "out_finetune_onto_a_file",
+            vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "model.safetensors"],
+            "--out model.safetensors: exists and is not a directory",
+        ),
+        ("out_pretrain_onto_a_directory", vec!["pretrain", "--data", "data", "--out", "adapter"], "--out adapter: is a directory"),
+        (
+            "out_json_under_a_file",
+            vec!["eval", "--model", "model.safetensors", "--data", "data", "--json", "model.safetensors/x.json"],
+            "model.safetensors is a file, not a directory",
+        ),
+        (
+            "out_report_onto_a_file",
+            vec!["demo", "--data", "data", "--report", "model.safetensors"],
+            "--report model.safetensors: exists and is not a directory",
+        ),
+        ("out_graph_onto_a_directory", vec!["graph", "--out", "data"], "--out data: is a directory"),
     ] {
         cases.push(case(name, &args, expect));
     }

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::cli::BenchArgs;
-use crate::common::{write_json, Data};
+use crate::common::{check_outputs, write_json, Data, Out};
 
 /// Median of `steps` training steps after `warmup` untimed ones, batch `bs`, random examples.
 fn median_step_ms(net: &ExpensiveNet, data: &Data, lr: f64, bs: usize, steps: usize, warmup: usize, rng: &mut StdRng) -> Result<f64> {
@@ -34,6 +34,7 @@ fn median_step_ms(net: &ExpensiveNet, data: &Data, lr: f64, bs: usize, steps: us
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
     let threads = a.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // candle, gemm and rayon all read this before their first parallel call.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

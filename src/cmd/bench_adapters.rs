@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::cli::BenchAdaptersArgs;
-use crate::common::{dir_bytes, group, load_model, save_model, write_json};
+use crate::common::{check_outputs, dir_bytes, group, load_model, save_model, write_json, Out};
 
 /// Median seconds of `n` runs of `f`.
 fn median_s(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -49,6 +49,7 @@ fn fresh_adapters(net: &mut ExpensiveNet, k: usize, rank: usize, dir: &Path) -> 
 }
 
 pub fn run(a: BenchAdaptersArgs) -> Result<()> {
+    check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
     let tmp = std::env::temp_dir().join(format!("lora-bench-adapters-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let result = measure(&a, &tmp);

@@ -12,8 +12,8 @@ use crate::checkpoint;
 use crate::cli::DemoArgs;
 use crate::cmd::pretrain::pretrain_with;
 use crate::common::{
-    dir_bytes, finetune_digit, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table, save_model, worst_digit,
-    write_json, Data, FinetuneJob,
+    check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table,
+    save_model, worst_digit, write_json, Data, FinetuneJob, Out,
 };
 use crate::report::*;
 
@@ -32,6 +32,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let lcfg = LoraConfig::new(a.lora.rank as usize, a.lora.alpha);
     lcfg.validate()?;
+    check_outputs(&[
+        ("--out", Some(&a.out), Out::Dir),
+        ("--json", a.json.as_deref(), Out::File),
+        ("--report", a.report.report.as_deref(), Out::Dir),
+        ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
+    ])?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
 
     // 1. Data.

@@ -6,13 +6,14 @@ use lora_train::{evaluate, Evaluation};
 use serde_json::{json, Map, Value};
 
 use crate::cli::EvalArgs;
-use crate::common::{check_input_size, fingerprint, load_model, print_eval, print_wrong_table, write_json, Data};
+use crate::common::{check_input_size, check_outputs, fingerprint, load_model, print_eval, print_wrong_table, write_json, Data, Out};
 
 fn to_json(e: &Evaluation) -> Value {
     json!({"accuracy": e.accuracy, "wrong": e.wrong, "confusion": e.confusion})
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let mut net = load_model(&a.model)?;
     let data = Data::load(&a.data.data)?;
     check_input_size(&net, &a.model, &data)?;

@@ -8,13 +8,20 @@ use serde_json::json;
 use crate::checkpoint;
 use crate::cli::FinetuneArgs;
 use crate::common::{
-    check_input_size, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data, FinetuneJob,
+    check_input_size, check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data,
+    FinetuneJob, Out,
 };
 
 /// Name of the adapter inside the model while training (PEFT's default).
 const NAME: &str = "default";
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
+    check_outputs(&[
+        ("--out", Some(&a.out), Out::Dir),
+        ("--json", a.json.as_deref(), Out::File),
+        ("--report", a.report.report.as_deref(), Out::Dir),
+        ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
+    ])?;
     let lcfg = LoraConfig {
         r: a.lora.rank as usize,
         alpha: a.lora.alpha,

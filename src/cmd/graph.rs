@@ -7,9 +7,10 @@ use lora::LoraConfig;
 use lora_train::ExpensiveNet;
 
 use crate::cli::GraphArgs;
-use crate::common::load_model;
+use crate::common::{check_outputs, load_model, Out};
 
 pub fn run(a: GraphArgs) -> Result<()> {
+    check_outputs(&[("--out", Some(&a.out), Out::File)])?;
     let net = match &a.model {
         Some(p) => load_model(p)?,
         None => ExpensiveNet::new(784, a.net.hidden1 as usize, a.net.hidden2 as usize, 10, 0, &Device::Cpu)?,

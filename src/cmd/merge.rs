@@ -7,7 +7,7 @@ use lora::io::save_safetensors;
 use lora::{Combination, LoadOptions};
 
 use crate::cli::MergeArgs;
-use crate::common::{fingerprint, load_model};
+use crate::common::{check_outputs, fingerprint, load_model, Out};
 
 /// Loads the adapters onto one model, combined by weight when there are several; returns the name to merge.
 fn combine(model: &mut lora::LoraModel, a: &MergeArgs, opts: &LoadOptions) -> Result<String> {
@@ -70,6 +70,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
     if a.model.is_dir() {
         return merge_lm(&a);
     }
+    check_outputs(&[("--out", Some(&a.out), Out::File)])?;
     let mut net = load_model(&a.model)?;
     let before = net.model.base_state()?;
     let opts = LoadOptions { base_fingerprint: Some(fingerprint(&net)?), force: a.force };

@@ -5,9 +5,10 @@ use candle_core::Device;
 use lora_train::ExpensiveNet;
 
 use crate::cli::ParamsArgs;
-use crate::common::{load_model, param_counts, print_params, write_json};
+use crate::common::{check_outputs, load_model, param_counts, print_params, write_json, Out};
 
 pub fn run(a: ParamsArgs) -> Result<()> {
+    check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
     let net = match &a.model {
         Some(p) => load_model(p)?,
         None => ExpensiveNet::new(784, a.net.hidden1 as usize, a.net.hidden2 as usize, 10, 0, &Device::Cpu)?,

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::cli::PretrainArgs;
-use crate::common::{print_eval, save_model, write_json, Data};
+use crate::common::{check_outputs, print_eval, save_model, write_json, Data, Out};
 use crate::progress::EpochBars;
 
 /// Pre-trains `net` on the training set with a progress bar per epoch, continuing from `resume` and/or
@@ -32,6 +32,12 @@ pub(crate) fn pretrain_with(
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
+    check_outputs(&[
+        ("--out", Some(&a.out), Out::File),
+        ("--json", a.json.as_deref(), Out::File),
+        ("--report", a.report.report.as_deref(), Out::Dir),
+        ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
+    ])?;
     let cfg = TrainConfig { epochs: a.epochs as usize, batch_size: a.batch_size as usize, lr: a.lr, max_steps: None, seed: a.seed };
     cfg.validate()?;
     let data = Data::load(&a.data.data)?;

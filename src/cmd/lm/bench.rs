@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::common::write_json;
+use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::LmBenchArgs;
 
 const BATCH: usize = 16;
@@ -66,6 +66,7 @@ fn train_steps(model: &Llama, rng: &mut StdRng, reps: usize, warmup: usize) -> R
 }
 
 pub fn run(a: LmBenchArgs) -> Result<()> {
+    check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
     let threads = super::set_threads(a.threads);
     let (steps, warmup) = if a.quick { (3, 1) } else { (a.steps as usize, 3) };
     let (eval_reps, gen_reps) = if a.quick { (3, 1) } else { (10, 5) };

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::eval::eval_table;
 use super::finetune::{finetune, lora_config};
 use super::pretrain::{default_mix, pretrain, settings};
-use crate::common::write_json;
+use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::{LmCheckpointArgs, LmDemoArgs, LmLoraArgs, LmTrainArgs};
 
 /// Prompts sampled with each adapter and with none.
@@ -27,9 +27,11 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             anyhow::bail!("{}: missing (--data names the directory holding sql.jsonl.gz, js.jsonl.gz and python.jsonl.gz)", p.display());
         }
     }
-    if a.out.exists() && !a.out.is_dir() {
-        anyhow::bail!("{}: exists and is not a directory", a.out.display());
-    }
+    check_outputs(&[
+        ("--out", Some(&a.out), Out::Dir),
+        ("--json", a.json.as_deref(), Out::File),
+        ("--report", a.report.report.as_deref(), Out::Dir),
+    ])?;
     let base_dir = a.out.join("base");
     let train = LmTrainArgs { batch_size: 16, seq_len: 256, warmup: None, clip: 1.0, seed: a.seed };
     let no_ckpt = LmCheckpointArgs { checkpoint_every: None, resume: None };

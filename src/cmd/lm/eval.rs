@@ -10,7 +10,7 @@ use lora_lm::{Llama, Tokenizer};
 use serde_json::{json, Map, Value};
 
 use super::corpus;
-use crate::common::write_json;
+use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::LmEvalArgs;
 
 /// Scores of every (corpus, model) pair: rows = corpora, columns = "base" then each adapter.
@@ -102,6 +102,11 @@ impl Table {
 }
 
 pub fn run(a: LmEvalArgs) -> Result<()> {
+    check_outputs(&[
+        ("--json", a.json.as_deref(), Out::File),
+        ("--token-losses", a.token_losses.as_deref(), Out::File),
+        ("--report", a.report.report.as_deref(), Out::Dir),
+    ])?;
     let t0 = Instant::now();
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     let tok = load_tokenizer(&a.model, model.config())?;

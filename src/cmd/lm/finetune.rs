@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::pretrain::{mixture, settings, train_with_bar};
 use super::{check_out_dir, checkpoint_path};
-use crate::common::write_json;
+use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::{LmCheckpointArgs, LmFinetuneArgs, LmLoraArgs};
 
 /// The adapter config of the LoRA flags.
@@ -110,6 +110,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     if a.checkpoint.resume.is_none() {
         check_out_dir(&a.out, &[lora::adapter::CONFIG_FILE, lora::adapter::WEIGHTS_FILE])?;
     }
+    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = lora_config(&a.lora)?;
     let s = settings(&a.train, a.steps, a.lr, 0.0);
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;

@@ -11,7 +11,7 @@ use lora_lm::{Llama, LlamaConfig, Tokenizer};
 use serde_json::{json, Value};
 
 use super::{check_out_dir, checkpoint_path, corpus, StepBar};
-use crate::common::write_json;
+use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::{LmCheckpointArgs, LmPretrainArgs, LmShapeArgs, LmTrainArgs};
 
 /// The default pre-training mix: mostly Python, a little SQL and JavaScript, so adapters have
@@ -128,6 +128,7 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
     if a.checkpoint.resume.is_none() {
         check_out_dir(&a.out, &[CONFIG_FILE, WEIGHTS_FILE])?;
     }
+    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = shape_config(&a.shape)?;
     let files = if a.data.is_empty() { default_mix(Path::new("data/code")) } else { a.data.clone() };
     let s = settings(&a.train, a.steps, a.lr, 0.1);
