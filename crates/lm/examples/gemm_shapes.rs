@@ -50,6 +50,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }),
             ),
         ];
+        {
+            let dev = candle_core::Device::Cpu;
+            let xt = candle_core::Tensor::from_slice(&x, (n, inp), &dev)?;
+            let wt = candle_core::Tensor::from_slice(&w, (out, inp), &dev)?;
+            let gt = candle_core::Tensor::from_slice(&g, (n, out), &dev)?;
+            let wtt = wt.t()?.contiguous()?;
+            for (name, f) in [
+                ("candle x·Wᵀ (strided)", Box::new(|| xt.matmul(&wt.t()?)) as Box<dyn Fn() -> candle_core::Result<candle_core::Tensor>>),
+                ("candle x·(Wᵀ contiguous)", Box::new(|| xt.matmul(&wtt))),
+                ("candle g·W", Box::new(|| gt.matmul(&wt))),
+                ("candle gᵀ·x", Box::new(|| gt.t()?.matmul(&xt))),
+            ] {
+                f()?;
+                let s = Instant::now();
+                for _ in 0..10 {
+                    f()?;
+                }
+                let t = s.elapsed().as_secs_f64() / 10.0;
+                println!("({n}, {inp}) -> {out} {name}: {:.2} ms, {:.1} GFLOP/s", t * 1e3, flop / t * 1e-9);
+            }
+        }
         for (name, f) in &cases {
             let mut d = Vec::new();
             f(&mut d)?;

@@ -124,6 +124,27 @@ pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f3
                 beta,
                 accumulate,
             },
+            // Many rows (a whole batch of tokens times Wᵀ): copying B into contiguous rows (k·n values)
+            // is cheaper than packing Aᵀ (m·k values), and the direct loop then writes C in row order.
+            Plan::Transposed if m > n => {
+                pack = PACK.with(|p| p.take());
+                pack_rows(&rhs, &mut pack);
+                Job {
+                    rows: m,
+                    cols: n,
+                    k,
+                    a: lhs.data.as_ptr(),
+                    a_rs: lhs.rs as isize,
+                    a_ks: lhs.cs as isize,
+                    b: pack.as_ptr(),
+                    b_ks: n as isize,
+                    b_panel: NR as isize,
+                    c_rs: n as isize,
+                    c_cs: 1,
+                    beta,
+                    accumulate,
+                }
+            }
             Plan::Transposed => {
                 pack = PACK.with(|p| p.take());
                 pack_transposed(&lhs, &mut pack);
@@ -192,6 +213,26 @@ thread_local! {
     /// The pack buffer, reused across calls on this thread (taken out during a call, so a nested call on
     /// the same thread, e.g. a rayon job run while waiting, allocates its own instead of sharing it).
     static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies B (k × n, any strides) into `pack` as a row-major k × n matrix, in 16 × 16 blocks so that
+/// both the reads and the writes stay within a few cache lines at a time.
+#[cfg(target_arch = "x86_64")]
+fn pack_rows(b: &MatRef<'_>, pack: &mut Vec<f32>) {
+    const T: usize = 16;
+    let (k, n) = (b.rows, b.cols);
+    if pack.len() < k * n {
+        pack.resize(k * n, 0.0);
+    }
+    for j0 in (0..n).step_by(T) {
+        for k0 in (0..k).step_by(T) {
+            for j in j0..(j0 + T).min(n) {
+                for kk in k0..(k0 + T).min(k) {
+                    pack[kk * n + j] = b.data[kk * b.rs + j * b.cs];
+                }
+            }
+        }
+    }
 }
 
 /// Packs Aᵀ (k × m) in panels of NR columns: `pack[p·k·NR + kk·NR + jj] = A[p·NR + jj, kk]`; the unused
@@ -552,6 +593,11 @@ unsafe fn dot_tile<const R: usize, const N: usize>(t: &DotTile) {
 /// Largest fraction of non-zeros in A for which [`sparse_direct`] is used: at 50 % it does half the
 /// multiply-adds of the dense tiles with twice their loads per multiply-add, about even.
 const SPARSE_MAX_DENSITY: f64 = 0.5;
+/// Lines of A (in memory order) [`Csr::build`] looks at before counting all of A…
+const SPARSE_PROBE_LINES: usize = 16;
+/// …and gives up on A when more than this fraction of them is non-zero (a ReLU gradient of a trained
+/// layer has 75–88 % zeros; a gradient that flows through no ReLU has none).
+const SPARSE_PROBE_DENSITY: f64 = 0.9;
 /// Columns of C per pass of [`sparse_tile`] (16 vectors of 16).
 const SPARSE_COLS: usize = 256;
 /// Rows of B per block of [`sparse_direct`]: a block of 64 rows of a 1000-column B is 250 KiB, kept in L2
@@ -575,9 +621,18 @@ impl Csr {
     fn build(a: &MatRef<'_>) -> Option<Csr> {
         let (m, k) = (a.rows, a.cols);
         let by_rows = a.cs == 1 || a.rs != 1;
+        let at = |i: usize, kk: usize| a.data[i * a.rs + kk * a.cs];
+        // A quick look first: when the first lines in memory order are nearly all non-zero, A is a dense
+        // gradient (no ReLU before it), and counting the rest would cost a pass over all of A for nothing.
+        let (outer, inner) = if by_rows { (m, k) } else { (k, m) };
+        let probe = outer.min(SPARSE_PROBE_LINES);
+        let probe_nnz: usize =
+            (0..probe).map(|o| (0..inner).filter(|&x| if by_rows { at(o, x) != 0.0 } else { at(x, o) != 0.0 }).count()).sum();
+        if outer > probe && probe_nnz as f64 > SPARSE_PROBE_DENSITY * (probe * inner) as f64 {
+            return None;
+        }
         let mut count = vec![0usize; m + 1];
         let mut nnz = 0usize;
-        let at = |i: usize, kk: usize| a.data[i * a.rs + kk * a.cs];
         if by_rows {
             for (i, c) in count[1..].iter_mut().enumerate() {
                 *c = (0..k).filter(|&kk| at(i, kk) != 0.0).count();
