@@ -43,7 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times.remove(0);
         times.sort_by(f64::total_cmp);
-        println!("{mode}: {:.0} tokens/s (median of {reps}, best {:.0})", (rows * 128) as f64 / times[times.len() / 2], (rows * 128) as f64 / times[0]);
+        println!(
+            "{mode}: {:.0} tokens/s (median of {reps}, best {:.0})",
+            (rows * 128) as f64 / times[times.len() / 2],
+            (rows * 128) as f64 / times[0]
+        );
         return Ok(());
     }
     let mut opt = AdamW::new(model.trainable_vars(), 0.0);

@@ -493,46 +493,70 @@ const DOT_ROWS: usize = 4;
 const DOT_COLS: usize = 6;
 
 /// [`Plan::Dots`]: `C (m×n) = [C +] β·A·B` with A's rows and B's columns contiguous, in tiles of 4 rows ×
-/// up to 6 columns, split by rows across threads.
+/// up to 6 columns, split by rows across threads (by columns when there are few rows).
 #[cfg(target_arch = "x86_64")]
 fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     let tiles = m.div_ceil(DOT_ROWS);
-    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN { 1 } else { threads.min(tiles) };
+    let col_tiles = n.div_ceil(DOT_COLS);
+    // Few rows (a generation step's handful of tokens against a weight): split the columns, so each part
+    // reads its own share of B once; otherwise split the rows.
+    let split_cols = tiles < 2 * threads;
+    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
+        1
+    } else {
+        threads.min(if split_cols { col_tiles } else { tiles })
+    };
     let c = Out(dst.as_mut_ptr());
     let run = |p: usize| {
         let c = &c; // the whole wrapper (Sync), not its raw pointer field
-        let (lo, hi) = (tiles * p / parts, tiles * (p + 1) / parts);
-        for it in lo..hi {
-            let i0 = it * DOT_ROWS;
-            let rows = (m - i0).min(DOT_ROWS);
-            for j0 in (0..n).step_by(DOT_COLS) {
-                let cols = (n - j0).min(DOT_COLS);
-                let t = DotTile {
-                    k,
-                    a: lhs.data[i0 * lhs.rs..].as_ptr(),
-                    a_rs: lhs.rs,
-                    b: rhs.data[j0 * rhs.cs..].as_ptr(),
-                    b_cs: rhs.cs,
-                    c: c.0,
-                    c_off: i0 * n + j0,
-                    ldc: n,
-                    beta,
-                    accumulate,
+        let ((r0, r1), (c0, c1)) = if split_cols {
+            ((0, tiles), (col_tiles * p / parts, col_tiles * (p + 1) / parts))
+        } else {
+            ((tiles * p / parts, tiles * (p + 1) / parts), (0, col_tiles))
+        };
+        let tile = |it: usize, jt: usize| {
+            let (i0, j0) = (it * DOT_ROWS, jt * DOT_COLS);
+            let (rows, cols) = ((m - i0).min(DOT_ROWS), (n - j0).min(DOT_COLS));
+            let t = DotTile {
+                k,
+                a: lhs.data[i0 * lhs.rs..].as_ptr(),
+                a_rs: lhs.rs,
+                b: rhs.data[j0 * rhs.cs..].as_ptr(),
+                b_cs: rhs.cs,
+                c: c.0,
+                c_off: i0 * n + j0,
+                ldc: n,
+                beta,
+                accumulate,
+            };
+            macro_rules! go {
+                ($($r:literal),*) => {
+                    match (rows, cols) {
+                        $(($r, 6) => dot_tile::<$r, 6>(&t), ($r, 5) => dot_tile::<$r, 5>(&t),
+                          ($r, 4) => dot_tile::<$r, 4>(&t), ($r, 3) => dot_tile::<$r, 3>(&t),
+                          ($r, 2) => dot_tile::<$r, 2>(&t), ($r, _) => dot_tile::<$r, 1>(&t),)*
+                        _ => unreachable!("dot tiles have 1..=4 rows"),
+                    }
                 };
-                macro_rules! go {
-                    ($($r:literal),*) => {
-                        match (rows, cols) {
-                            $(($r, 6) => dot_tile::<$r, 6>(&t), ($r, 5) => dot_tile::<$r, 5>(&t),
-                              ($r, 4) => dot_tile::<$r, 4>(&t), ($r, 3) => dot_tile::<$r, 3>(&t),
-                              ($r, 2) => dot_tile::<$r, 2>(&t), ($r, _) => dot_tile::<$r, 1>(&t),)*
-                            _ => unreachable!("dot tiles have 1..=4 rows"),
-                        }
-                    };
+            }
+            // SAFETY: AVX-512 F is available (plan); the tile reads rows i0.. of A and columns j0.. of B
+            // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
+            unsafe { go!(4, 3, 2, 1) }
+        };
+        if split_cols {
+            // Column blocks outer: the ≤ 6 columns of B a block reads stay in L1 for every row tile.
+            for jt in c0..c1 {
+                for it in r0..r1 {
+                    tile(it, jt);
                 }
-                // SAFETY: AVX-512 F is available (plan); the tile reads rows i0.. of A and columns j0.. of B
-                // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
-                unsafe { go!(4, 3, 2, 1) }
+            }
+        } else {
+            // Row tiles outer: each row tile of A is read once, against all of (a narrow) B.
+            for it in r0..r1 {
+                for jt in c0..c1 {
+                    tile(it, jt);
+                }
             }
         }
         clean_upper_state();
