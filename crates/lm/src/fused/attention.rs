@@ -28,8 +28,8 @@ use super::{cpu_slice, dot, exp, max, multiversion, sum, tensor, with_values, CR
 
 /// Queries per block.
 const BLOCK: usize = 64;
-/// Below this many multiply-adds of q·kᵀ the pairs run in turn on the calling thread.
-const PARALLEL_MIN: usize = 1 << 16;
+/// Below this many multiply-adds of q·kᵀ (≈ 50 µs of work) the pairs run in turn on the calling thread.
+const PARALLEL_MIN: usize = 1 << 20;
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, PartialEq, Eq)]

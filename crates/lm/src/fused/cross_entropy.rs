@@ -12,9 +12,8 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{cpu_slice, exp, max, multiversion, sum_zip, tensor, with_values, CResult};
+use super::{cpu_slice, exp, for_each, max, multiversion, sum_zip, tensor, with_values, CResult};
 
 /// The target of a row that does not count.
 pub const IGNORE: u32 = u32::MAX;
@@ -81,22 +80,17 @@ impl CustomOp1 for CrossEntropy {
             [n, v] if *n == self.targets.len() => *v,
             d => candle_core::bail!("cross_entropy: logits {d:?} for {} targets", self.targets.len()),
         };
-        let total: f64 = z
-            .par_chunks(BLOCK * v)
-            .zip(self.targets.par_chunks(BLOCK))
-            .map(|(zb, tb)| {
-                let mut acc = 0f64;
-                for (row, &t) in zb.chunks_exact(v).zip(tb) {
-                    if t != IGNORE {
-                        let (m, s) = row_stats(row);
-                        acc += (m + s.ln()) as f64 - row[t as usize] as f64;
-                    }
+        let mut partial = vec![0f64; self.targets.len().div_ceil(BLOCK)];
+        let jobs = z.chunks(BLOCK * v).zip(self.targets.chunks(BLOCK)).zip(partial.iter_mut()).collect();
+        for_each(jobs, z.len(), |_, ((zb, tb), acc)| {
+            for (row, &t) in zb.chunks_exact(v).zip(tb) {
+                if t != IGNORE {
+                    let (m, s) = row_stats(row);
+                    *acc += (m + s.ln()) as f64 - row[t as usize] as f64;
                 }
-                acc
-            })
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum();
+            }
+        });
+        let total: f64 = partial.iter().sum();
         Ok((CpuStorage::F32(vec![(total / self.kept as f64) as f32]), Shape::from(())))
     }
 
@@ -105,7 +99,8 @@ impl CustomOp1 for CrossEntropy {
         let c = grad.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) / self.kept as f32;
         with_values(self.name(), logits, |z| {
             let mut dz = vec![0f32; z.len()];
-            dz.par_chunks_mut(BLOCK * v).zip(z.par_chunks(BLOCK * v)).zip(self.targets.par_chunks(BLOCK)).for_each(|((db, zb), tb)| {
+            let jobs = dz.chunks_mut(BLOCK * v).zip(z.chunks(BLOCK * v)).zip(self.targets.chunks(BLOCK)).collect();
+            for_each(jobs, z.len(), |_, ((db, zb), tb)| {
                 for ((drow, row), &t) in db.chunks_exact_mut(v).zip(zb.chunks_exact(v)).zip(tb) {
                     if t != IGNORE {
                         let (m, s) = row_stats(row);

@@ -173,6 +173,22 @@ pub(crate) fn max(a: &[f32]) -> f32 {
     acc.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
+/// Values below which an op runs on the calling thread: handing work to the rayon pool from outside it
+/// costs a wake-up and a sleep of another thread (tens of µs), more than such small work (a generation
+/// step's few tokens).
+pub(crate) const SERIAL_MAX: usize = 1 << 15;
+
+/// Runs `f(i, item)` for every item, on the rayon threads when `work` (values touched) is large enough to
+/// pay for the hand-off, else in order on this thread.
+pub(crate) fn for_each<T: Send>(items: Vec<T>, work: usize, f: impl Fn(usize, T) + Sync + Send) {
+    use rayon::prelude::*;
+    if work <= SERIAL_MAX || items.len() <= 1 {
+        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
+    } else {
+        items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
+    }
+}
+
 /// A contiguous f32 view of a custom op's CPU input, or an error naming the op.
 pub(crate) fn cpu_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
     let data = match s {

@@ -11,9 +11,8 @@
 //! not depend on the thread count.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{cpu_slice, dot, multiversion, tensor, with_values, CResult};
+use super::{cpu_slice, dot, for_each, multiversion, tensor, with_values, CResult};
 
 /// Rows per parallel block.
 const BLOCK: usize = 64;
@@ -100,7 +99,8 @@ impl CustomOp2 for RmsNorm {
         }
         let mut y = vec![0f32; x.len()];
         if h > 0 {
-            y.par_chunks_mut(BLOCK * h).zip(x.par_chunks(BLOCK * h)).for_each(|(yb, xb)| forward_rows(xb, w, self.eps, yb));
+            let n = x.len();
+            for_each(y.chunks_mut(BLOCK * h).zip(x.chunks(BLOCK * h)).collect(), n, |_, (yb, xb)| forward_rows(xb, w, self.eps, yb));
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -121,7 +121,7 @@ impl CustomOp2 for RmsNorm {
                         if want_x { dx.chunks_mut(BLOCK * h).collect() } else { (0..blocks).map(|_| &mut [][..]).collect() };
                     let dw_chunks: Vec<&mut [f32]> =
                         if want_w { dw_parts.chunks_mut(h).collect() } else { (0..blocks).map(|_| &mut [][..]).collect() };
-                    dx_chunks.into_par_iter().zip(dw_chunks).enumerate().for_each(|(bi, (dxb, dwb))| {
+                    for_each(dx_chunks.into_iter().zip(dw_chunks).collect(), 2 * xs.len(), |bi, (dxb, dwb)| {
                         let r = bi * BLOCK * h..((bi + 1) * BLOCK * h).min(xs.len());
                         backward_rows(&xs[r.clone()], ws, &gs[r], self.eps, dxb, dwb);
                     });

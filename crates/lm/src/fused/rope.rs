@@ -12,9 +12,8 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{cpu_slice, multiversion, tensor, with_values, CResult};
+use super::{cpu_slice, for_each, multiversion, tensor, with_values, CResult};
 
 /// cos and sin of position·frequency for positions `0..max_positions` and the d/2 frequencies,
 /// row-major (positions, d/2).
@@ -93,7 +92,8 @@ impl RopeOp {
         if per == 0 {
             return y;
         }
-        y.par_chunks_mut(per * 16).zip(x.par_chunks(per * 16)).enumerate().for_each(|(ci, (yc, xc))| {
+        let n = x.len();
+        for_each(y.chunks_mut(per * 16).zip(x.chunks(per * 16)).collect(), n, |ci, (yc, xc)| {
             for (si, (ys, xs)) in yc.chunks_exact_mut(per).zip(xc.chunks_exact(per)).enumerate() {
                 let p = self.positions[ci * 16 + si] as usize;
                 let cos = &self.tables.cos[p * half..(p + 1) * half];

@@ -8,9 +8,8 @@
 //! silu is computed as candle computes it, g / (1 + e^(−g)); nothing is stored for the backward.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{cpu_slice, exp, multiversion, tensor, with_values, CResult};
+use super::{cpu_slice, exp, for_each, multiversion, tensor, with_values, CResult};
 
 /// Values per parallel chunk.
 const CHUNK: usize = 1 << 14;
@@ -60,7 +59,8 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", l1.dims(), l2.dims())
         }
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(yc, (gc, uc))| forward_chunk(gc, uc, yc));
+        let n = g.len();
+        for_each(y.chunks_mut(CHUNK).zip(g.chunks(CHUNK).zip(u.chunks(CHUNK))).collect(), n, |_, (yc, (gc, uc))| forward_chunk(gc, uc, yc));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -70,7 +70,7 @@ impl CustomOp2 for SwiGlu {
                 with_values(self.name(), grad, |ds| {
                     let mut dg = vec![0f32; gs.len()];
                     let mut du = vec![0f32; gs.len()];
-                    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dgc, duc))| {
+                    for_each(dg.chunks_mut(CHUNK).zip(du.chunks_mut(CHUNK)).collect(), gs.len(), |i, (dgc, duc)| {
                         let r = i * CHUNK..(i * CHUNK + dgc.len());
                         backward_chunk(&gs[r.clone()], &us[r.clone()], &ds[r], dgc, duc);
                     });

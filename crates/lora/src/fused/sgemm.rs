@@ -502,7 +502,10 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
     // Few rows (a generation step's handful of tokens against a weight): split the columns, so each part
     // reads its own share of B once; otherwise split the rows.
     let split_cols = tiles < 2 * threads;
-    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
+    // Split by columns, the parts share no operand traffic (each reads its own columns of B), so smaller
+    // products pay for the hand-off.
+    let min = if split_cols { PARALLEL_MIN / 4 } else { PARALLEL_MIN };
+    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < min {
         1
     } else {
         threads.min(if split_cols { col_tiles } else { tiles })
