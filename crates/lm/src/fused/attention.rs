@@ -139,6 +139,34 @@ multiversion! {
     }
 }
 
+/// Query blocks of at most this many rows take [`scores_row`] and [`mix_row`] instead of products.
+const SMALL_ROWS: usize = 4;
+
+multiversion! {
+    /// s_j = q·k_j for the keys in `k`, one every `stride` values (d = q's length each).
+    fn scores_row(q: &[f32], k: &[f32], stride: usize, s: &mut [f32]) {
+        let d = q.len();
+        for (j, x) in s.iter_mut().enumerate() {
+            *x = dot(q, &k[j * stride..j * stride + d]);
+        }
+    }
+}
+
+multiversion! {
+    /// o = Σ_j p_j·v_j for the values in `v`, one every `stride` values (d = o's length each).
+    fn mix_row(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+        let d = o.len();
+        o.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                for (x, y) in o.iter_mut().zip(&v[j * stride..j * stride + d]) {
+                    *x += pj * y;
+                }
+            }
+        }
+    }
+}
+
 /// The forward of one (row, K/V head): outputs (group heads, T_q, d) and L (group heads, T_q).
 fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usize, b: usize, kh: usize) -> CResult<(Vec<f32>, Vec<f32>)> {
     let (g, d, scale) = (s.heads / s.kv_heads, s.d, s.scale());
@@ -155,6 +183,21 @@ fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usiz
             let nk = hi + 1 - lo;
             let rows = i1 - i0;
             sbuf.resize(rows * nk, 0.0);
+            if rows <= SMALL_ROWS {
+                // A generation step's query or few: plain loops beat setting up two products.
+                let stride = s.kv_heads * d;
+                let kv0 = ((b * slots + lo) * s.kv_heads + kh) * d;
+                let kv_len = (nk - 1) * stride + d;
+                for (ri, row) in sbuf.chunks_exact_mut(nk).enumerate() {
+                    let i = i0 + ri;
+                    let qrow = &q[((b * s.tq + i) * s.heads + kh * g + r) * d..][..d];
+                    scores_row(qrow, &k[kv0..kv0 + kv_len], stride, row);
+                    let (a, z) = s.range(b, i);
+                    lse[r * s.tq + i] = softmax_row(row, a - lo, z - lo, scale);
+                    mix_row(row, &v[kv0..kv0 + kv_len], stride, &mut out[(r * s.tq + i) * d..][..d]);
+                }
+                continue;
+            }
             let kw = kall.row_range(lo, hi + 1)?;
             matmul_into(&mut sbuf, qall.row_range(i0, i1)?, kw.t(), 1.0, false)?;
             for (ri, row) in sbuf.chunks_exact_mut(nk).enumerate() {
