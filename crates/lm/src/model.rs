@@ -339,12 +339,27 @@ impl Llama {
     /// Logits (B, T, V) for token ids (B, T). With a cache, the ids continue the cached slots (and are
     /// added to it); `train` turns on adapter dropout.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
-        let h = self.hidden(ids, cache, train)?;
-        Ok(self.lora.layer(LM_HEAD)?.forward_t(&h, train)?)
+        let (b, t) = ids.dims2()?;
+        let logits = self.logits_rows(ids, cache, train)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Logits as (B·T, V) rows (the shape the loss wants; the fused path never makes a 3-D tensor, whose
+    /// reshapes would each copy a gradient in the backward).
+    pub(crate) fn logits_rows(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let h = self.hidden_rows(ids, cache, train)?;
+        let logits = self.lora.layer(LM_HEAD)?.forward_t(&h, train)?;
+        Ok(if logits.rank() == 2 { logits } else { logits.reshape(((), self.config.vocab_size))? })
     }
 
     /// The final hidden states (B, T, H), after the last norm.
-    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.hidden_rows(ids, cache, train)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// The final hidden states: (B·T, H) on the fused path, (B, T, H) on the reference path.
+    fn hidden_rows(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -375,21 +390,27 @@ impl Llama {
             let w = self.param(w);
             Ok(if fast { fused::rms_norm(x, &w, c.rms_norm_eps)? } else { rms_norm(x, &w, c.rms_norm_eps)? })
         };
-        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        // The fused path keeps every activation as (B·T, features) rows, the layout of the projections'
+        // inputs and outputs: no reshape enters the graph.
+        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?;
+        if !fast {
+            h = h.reshape((b, t, c.hidden_size))?;
+        }
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         for (l, names) in self.names.iter().enumerate() {
             let layer = |i: usize| self.lora.layer(&names[i]);
             let x = norm(&h, &self.norms[l].0)?;
-            // (B, T, heads, d): the projections' own layout.
-            let q = layer(0)?.forward_t(&x, train)?.reshape((b, t, nh, d))?;
-            let k = layer(1)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?;
-            let v = layer(2)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?;
+            let q = layer(0)?.forward_t(&x, train)?;
+            let k = layer(1)?.forward_t(&x, train)?;
+            let v = layer(2)?.forward_t(&x, train)?;
             let a = match (&rope_op, &tables, &mask) {
                 (Some(rope), _, _) => {
                     let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
                     self.fused_attention(l, q, k, v, cache.as_deref_mut(), train, &pad)?
                 }
                 (None, Some((cos, sin)), Some(mask)) => {
+                    // (B, heads, T, d) for the reference ops.
+                    let (q, k, v) = (q.reshape((b, t, nh, d))?, k.reshape((b, t, nkv, d))?, v.reshape((b, t, nkv, d))?);
                     let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
                     let mut k = apply_rope(&k.transpose(1, 2)?, cos, sin)?; // (B, n_kv, T, d)
                     let mut v = v.transpose(1, 2)?.contiguous()?;
@@ -402,11 +423,10 @@ impl Llama {
                         k = ck.transpose(1, 2)?.contiguous()?;
                         v = cv.transpose(1, 2)?.contiguous()?;
                     }
-                    attention(&q, &k, &v, mask)?.transpose(1, 2)?
+                    attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, t, nh * d))?
                 }
                 _ => return Err(LmError::invalid("backend", "fused", "internal error: tables missing")),
             };
-            let a = a.reshape((b, t, nh * d))?;
             h = (h + layer(3)?.forward_t(&a, train)?)?;
             let x = norm(&h, &self.norms[l].1)?;
             let gate = layer(4)?.forward_t(&x, train)?;
@@ -424,8 +444,8 @@ impl Llama {
         norm(&h, &self.final_norm)
     }
 
-    /// The fused attention of layer `l` on roped q (B, T, n_h, d), k and v (B, T, n_kv, d), through the
-    /// cache when there is one → (B, T, n_h, d).
+    /// The fused attention of layer `l` on roped q (B·T, n_h·d), k and v (B·T, n_kv·d), through the cache
+    /// when there is one → (B·T, n_h·d).
     #[allow(clippy::too_many_arguments)]
     fn fused_attention(
         &self,
@@ -437,32 +457,27 @@ impl Llama {
         train: bool,
         pad: &[usize],
     ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (q, k, v) = if train { (q, k, v) } else { (q.detach(), k.detach(), v.detach()) };
         let Some(cache) = cache else {
-            return Ok(fused::attention(&q, &k, &v, 0, pad)?);
+            return Ok(fused::attention(&q, &k, &v, nh, nkv, 0, pad)?);
         };
-        let (b, t, nh, d) = q.dims4()?;
+        let b = pad.len();
+        let t = q.dim(0)? / b.max(1);
         let offset = cache.len;
         // Cached keys and values are constants: no graph is kept alive across generation steps.
         let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.detach().flatten_all()?.to_vec1::<f32>()?) };
         cache.write(l, &values(&k)?, &values(&v)?, t);
         if q.track_op() {
             let (ck, cv) = cache.tensors(l, offset + t, d)?;
-            return Ok(fused::attention(&q, &ck, &cv, offset, pad)?);
+            let rows = b * (offset + t);
+            return Ok(fused::attention(&q, &ck.reshape((rows, nkv * d))?, &cv.reshape((rows, nkv * d))?, nh, nkv, offset, pad)?);
         }
-        let shape = AttentionShape {
-            batch: b,
-            tq: t,
-            tk: offset + t,
-            heads: nh,
-            kv_heads: self.config.num_key_value_heads,
-            d,
-            offset,
-            pad: pad.to_vec(),
-        };
+        let shape = AttentionShape { batch: b, tq: t, tk: offset + t, heads: nh, kv_heads: nkv, d, offset, pad: pad.to_vec() };
         let (kb, vb) = &cache.layers[l];
         let (out, _) = fused::attention::attention_forward(&values(&q)?, kb, vb, cache.cap, &shape)?;
-        Ok(Tensor::from_vec(out, (b, t, nh, d), q.device())?)
+        Ok(Tensor::from_vec(out, (b * t, nh * d), q.device())?)
     }
 }
 

@@ -12,8 +12,8 @@
 //!   dq_i = Σ_j ds_ij·k_j/√d,   dk_j = Σ_(heads, i) ds_ij·q_i/√d,   dv_j = Σ_(heads, i) p_ij·dO_i
 //! ```
 //!
-//! Layouts are the projections' own, so no transpose is ever materialised: q and dq (B, T_q, n_h, d),
-//! k, v, dk, dv (B, T_k, n_kv, d). The work is split over (batch row, K/V head) pairs on the rayon
+//! Layouts are the projections' own, so no transpose is ever materialised: q and dq (B·T_q, n_h·d), k, v,
+//! dk, dv (B·T_k, n_kv·d), i.e. (B, T, heads, d) in memory. The work is split over (batch row, K/V head) pairs on the rayon
 //! threads; each pair's query heads run in blocks of [`BLOCK`] queries over the keys that block can see
 //! (a causal block skips the keys after its last query), with the products of
 //! [`lora::fused::matmul_into`] on strided views.
@@ -295,16 +295,26 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], slots: usize, s: &Atte
     Ok((out, lse))
 }
 
-/// Causal grouped-query attention: q (B, T_q, n_h, d), k and v (B, T_k, n_kv, d) → (B, T_q, n_h, d), with
-/// queries at cache slots `offset..offset + T_q` and `pad[b]` leading padding slots in row b
-/// (differentiable in q, k and v).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, pad: &[usize]) -> CResult<Tensor> {
-    let (b, tq, heads, d) = q.dims4()?;
-    let (bk, tk, kv_heads, dk) = k.dims4()?;
-    if bk != b || dk != d || v.dims() != k.dims() {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims())
+/// Causal grouped-query attention on the projections' outputs: q (B·T_q, n_h·d), k and v (B·T_k, n_kv·d)
+/// → (B·T_q, n_h·d), with B = `pad.len()`, queries at cache slots `offset..offset + T_q` and `pad[b]`
+/// leading padding slots in row b (differentiable in q, k and v). Taking the 2-D outputs as they are
+/// keeps reshapes out of the graph (each would cost a copy of its gradient in the backward).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, offset: usize, pad: &[usize]) -> CResult<Tensor> {
+    let b = pad.len();
+    let ((nq, wq), (nk, wk)) = (q.dims2()?, k.dims2()?);
+    if b == 0 || heads == 0 || kv_heads == 0 || nq % b != 0 || nk % b != 0 || wq % heads != 0 || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} are not (B·T, heads·d) for B = {b}, {heads}/{kv_heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
     }
-    let shape = AttentionShape { batch: b, tq, tk, heads, kv_heads, d, offset, pad: pad.to_vec() };
+    let d = wq / heads;
+    if wk != kv_heads * d {
+        candle_core::bail!("attention: k {:?} is not (B·T, {kv_heads}·{d})", k.dims())
+    }
+    let shape = AttentionShape { batch: b, tq: nq / b, tk: nk / b, heads, kv_heads, d, offset, pad: pad.to_vec() };
     shape.check()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let track = q.track_op() || k.track_op() || v.track_op();
@@ -410,19 +420,21 @@ mod tests {
     /// Fused vs reference output and dq, dk, dv for one configuration.
     fn compare(b: usize, tq: usize, offset: usize, heads: usize, kv_heads: usize, d: usize, pad: &[usize], seed: u64) {
         let tk = offset + tq;
-        let q = rand_var(&[b, tq, heads, d], seed, 2.0);
-        let k = rand_var(&[b, tk, kv_heads, d], seed + 1, 2.0);
-        let v = rand_var(&[b, tk, kv_heads, d], seed + 2, 1.0);
-        let c = Tensor::from_vec(rand_vec(b * tq * heads * d, seed + 3, 1.0), (b, tq, heads, d), &Device::Cpu).unwrap();
+        // The fused op takes (B·T, heads·d); the reference (B, heads, T, d).
+        let q = rand_var(&[b * tq, heads * d], seed, 2.0);
+        let k = rand_var(&[b * tk, kv_heads * d], seed + 1, 2.0);
+        let v = rand_var(&[b * tk, kv_heads * d], seed + 2, 1.0);
+        let c = Tensor::from_vec(rand_vec(b * tq * heads * d, seed + 3, 1.0), (b * tq, heads * d), &Device::Cpu).unwrap();
         let grads = |o: &Tensor, vars: [&Var; 3]| {
             let g = (o * &c).unwrap().sum_all().unwrap().backward().unwrap();
             vars.map(|x| flat(g.get(x.as_tensor()).unwrap()))
         };
-        let of = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), offset, pad).unwrap();
+        let of = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, kv_heads, offset, pad).unwrap();
         let gf = grads(&of, [&q, &k, &v]);
         let mask = causal_mask(tq, tk, offset, pad, &Device::Cpu).unwrap();
-        let t = |x: &Var| x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap();
-        let or = crate::ops::attention(&t(&q), &t(&k), &t(&v), &mask).unwrap().transpose(1, 2).unwrap();
+        let t = |x: &Var, t: usize, h: usize| x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let or = crate::ops::attention(&t(&q, tq, heads), &t(&k, tk, kv_heads), &t(&v, tk, kv_heads), &mask).unwrap();
+        let or = or.transpose(1, 2).unwrap().reshape((b * tq, heads * d)).unwrap();
         let gr = grads(&or, [&q, &k, &v]);
         // Sums of ≤ 40 products (d = 7, ≤ 40 keys) of values ≤ 2 in f32 in another order, and a softmax whose
         // exp is ours: ≲ 40·6e-8 relative to the largest value; 2e-5 of it fails on any wrong mask entry,
@@ -452,11 +464,12 @@ mod tests {
 
     #[test]
     fn mismatched_shapes_are_refused_by_name() {
-        let q = Tensor::zeros((1, 4, 4, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let k = Tensor::zeros((1, 4, 3, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = attention(&q, &k, &k, 0, &[0]).unwrap_err().to_string();
+        let q = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::zeros((4, 24), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = attention(&q, &k, &k, 4, 3, 0, &[0]).unwrap_err().to_string();
         assert!(e.contains("4 query heads cannot share 3 K/V heads"), "{e}");
-        let k = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(attention(&q, &k, &k, 1, &[0]).unwrap_err().to_string().contains("only 4 keys"));
+        let k = Tensor::zeros((4, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(attention(&q, &k, &k, 4, 2, 1, &[0]).unwrap_err().to_string().contains("only 4 keys"));
+        assert!(attention(&q, &k, &k, 4, 2, 0, &[0, 0, 0]).is_err(), "4 rows are not 3 batch rows of equal length");
     }
 }

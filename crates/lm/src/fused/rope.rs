@@ -46,7 +46,8 @@ impl RopeTables {
     }
 }
 
-/// RoPE over x (B, T, heads, d) at `positions` (B·T, row-major): the op, applied by [`RopeOp::apply`].
+/// RoPE over x, (B, T, heads, d) in memory (e.g. a projection's (B·T, heads·d) output), at `positions`
+/// (B·T, row-major): the op, applied by [`RopeOp::apply`].
 #[derive(Debug, Clone)]
 pub struct RopeOp {
     tables: Arc<RopeTables>,
@@ -63,7 +64,8 @@ impl RopeOp {
         Ok(RopeOp { tables, positions: Arc::new(positions) })
     }
 
-    /// y = RoPE(x) for x (B, T, heads, d) with B·T = the number of positions (differentiable in x).
+    /// y = RoPE(x) for x of any shape that is (B, T, heads, d) in memory, B·T = the number of positions
+    /// (differentiable in x).
     pub fn apply(&self, x: &Tensor) -> CResult<Tensor> {
         let x = x.contiguous()?;
         if x.track_op() {
@@ -73,15 +75,14 @@ impl RopeOp {
         }
     }
 
+    /// (heads, d) of an input of `dims`: (B, T, …) in memory with every slot's `heads·d` values together.
     fn check(&self, dims: &[usize]) -> CResult<(usize, usize)> {
-        match dims {
-            [b, t, heads, d] if b * t == self.positions.len() && *d == 2 * self.tables.half => Ok((*heads, *d)),
-            _ => candle_core::bail!(
-                "rope: input {dims:?} is not (B, T, heads, d) with B·T = {} and d = {}",
-                self.positions.len(),
-                2 * self.tables.half
-            ),
+        let (slots, d) = (self.positions.len(), 2 * self.tables.half);
+        let n: usize = dims.iter().product();
+        if slots == 0 || d == 0 || n % (slots * d) != 0 {
+            candle_core::bail!("rope: input {dims:?} is not {slots} slots of heads × {d} values")
         }
+        Ok((n / (slots * d), d))
     }
 
     /// Rotates each (row, slot) block of `heads·d` values by its position; `sign` −1 is the inverse.
