@@ -36,6 +36,8 @@ const MR: usize = 6;
 const NR: usize = 64;
 /// B operands up to this many values (256 KiB, a quarter of L2) are swept once per row tile.
 const ROW_ORDER_MAX_B: usize = 1 << 16;
+/// Steps of k per block when k is long and B large (a 64-column panel of KC rows is 128 KiB, in L2).
+const KC: usize = 512;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
@@ -269,6 +271,7 @@ unsafe impl Sync for Out {}
 /// (i, j) of C at `c + i·c_rs + j·c_cs`, A's (i, kk) at `a + i·a_rs + kk·a_ks`, and B's row kk of panel p
 /// (columns p·NR …) at `b + p·b_panel + kk·b_ks` (b_panel = NR: B itself; k·NR: the pack buffer).
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 struct Job {
     rows: usize,
     cols: usize,
@@ -296,6 +299,32 @@ impl Job {
     /// # Safety
     /// AVX-512 F must be available, and the job's pointers valid for every element it describes.
     unsafe fn run(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+        // A long k (dW = Gᵀ·X over a batch of thousands of tokens) with a large B: a 64-column panel of all
+        // k rows would not stay in L2, so k is cut into blocks of KC steps, each block's products added to
+        // C in turn (every element still sums its terms in increasing k, in the same blocks whatever the
+        // thread count).
+        if self.k > KC && self.k * self.cols > ROW_ORDER_MAX_B {
+            for k0 in (0..self.k).step_by(KC) {
+                let part = Job {
+                    k: KC.min(self.k - k0),
+                    a: self.a.offset(k0 as isize * self.a_ks),
+                    b: self.b.offset(k0 as isize * self.b_ks),
+                    accumulate: self.accumulate || k0 > 0,
+                    ..*self
+                };
+                part.run_block(c, (r0, r1), (c0, c1));
+            }
+        } else {
+            self.run_block(c, (r0, r1), (c0, c1));
+        }
+        clean_upper_state();
+    }
+
+    /// [`Job::run`] for a k short enough to run in one pass.
+    ///
+    /// # Safety
+    /// As for [`Job::run`].
+    unsafe fn run_block(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
         // Loop order: when B is small (dW = Gᵀ·X: B = X, 64 rows) sweep it once per row tile and write C
         // row block by row block, in address order; when B is large (dX = G·W: B = W) keep one 64-column
         // panel of it in L2 and run every row tile over it before the next.
@@ -321,7 +350,6 @@ impl Job {
                 }
             }
         }
-        clean_upper_state();
     }
 }
 
