@@ -6,6 +6,9 @@ use lora::fused::{matmul_into, MatRef};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// One timed product writing into its output buffer.
+type Case<'a> = Box<dyn Fn(&mut Vec<f32>) -> candle_core::Result<()> + 'a>;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = 4096;
     for (inp, out) in [(256, 768), (768, 256), (256, 256), (256, 128)] {
@@ -13,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let w: Vec<f32> = (0..out * inp).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
         let g: Vec<f32> = (0..n * out).map(|i| ((i * 31) % 1000) as f32 * 1e-3 - 0.5).collect();
         let flop = 2.0 * (n * inp * out) as f64;
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<f32>) -> candle_core::Result<()>>)> = vec![
+        let cases: Vec<(&str, Case)> = vec![
             (
                 "fwd x·Wᵀ",
                 Box::new(|d: &mut Vec<f32>| {

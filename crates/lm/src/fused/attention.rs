@@ -418,6 +418,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Fused vs reference output and dq, dk, dv for one configuration.
+    #[allow(clippy::too_many_arguments)]
     fn compare(b: usize, tq: usize, offset: usize, heads: usize, kv_heads: usize, d: usize, pad: &[usize], seed: u64) {
         let tk = offset + tq;
         // The fused op takes (B·T, heads·d); the reference (B, heads, T, d).
