@@ -17,6 +17,7 @@ mod config;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod fused;
 pub mod generate;
 pub mod hf;
 mod model;

@@ -12,12 +12,17 @@
 //! logits = RMSNorm(h; w_final) · W_headᵀ                           (B, T, V)
 //! ```
 //!
+//! The norms, RoPE, attention, SwiGLU gate (and the training loss) run as the fused CPU kernels of
+//! [`crate::fused`] by default; [`Llama::set_fused`]`(false)` selects the reference ops of [`crate::ops`]
+//! (plain candle ops), which the fused ones are tested against.
+//!
 //! Each `W·` above is a LoRA layer (`W₀ + s·B·A` when an adapter is active) named as transformers names
 //! the module (`model.layers.0.self_attn.q_proj`, …, `lm_head`), so PEFT adapter files map one to one.
 //! With `tie_word_embeddings`, `lm_head` holds the embedding's own variable: one tensor, two uses.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lora::{LoraLinear, LoraModel};
@@ -27,6 +32,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
+use crate::fused::{self, AttentionShape, RopeOp, RopeTables};
 use crate::ops::{apply_rope, attention, causal_mask, rms_norm, Rope};
 
 /// The seven projections of a decoder layer, in PEFT's usual `target_modules` order.
@@ -41,9 +47,16 @@ pub fn module_name(layer: usize, proj: &str) -> String {
 }
 
 /// Keys and values of every layer for the slots seen so far (generation).
+///
+/// Each layer's keys and values live in one buffer per tensor of shape (B, capacity, n_kv, d), filled
+/// slot by slot; the capacity grows geometrically (up to the model's context), so a generation step
+/// copies only its own new slots.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>, // (B, n_kv, slots, d) each
+    layers: Vec<(Vec<f32>, Vec<f32>)>, // (B, cap, n_kv, d) each
+    width: usize,                      // n_kv · d
+    cap: usize,
+    max: usize,
     pad: Vec<usize>,
     len: usize,
 }
@@ -51,7 +64,57 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `rows` sequences whose first `pad[row]` slots will be left padding.
     pub fn new(config: &LlamaConfig, pad: Vec<usize>) -> Self {
-        KvCache { layers: vec![None; config.num_hidden_layers], pad, len: 0 }
+        KvCache {
+            layers: vec![(Vec::new(), Vec::new()); config.num_hidden_layers],
+            width: config.num_key_value_heads * config.head_dim,
+            cap: 0,
+            max: config.max_position_embeddings,
+            pad,
+            len: 0,
+        }
+    }
+
+    /// Makes room for `slots` slots per row, keeping the filled ones.
+    fn reserve(&mut self, slots: usize) {
+        if slots <= self.cap {
+            return;
+        }
+        let cap = slots.max(2 * self.cap).max(16).min(self.max.max(slots));
+        let (rows, w, old) = (self.pad.len(), self.width, self.cap);
+        for (k, v) in &mut self.layers {
+            for buf in [k, v] {
+                let mut grown = vec![0f32; rows * cap * w];
+                for r in 0..rows {
+                    grown[r * cap * w..][..self.len * w].copy_from_slice(&buf[r * old * w..][..self.len * w]);
+                }
+                *buf = grown;
+            }
+        }
+        self.cap = cap;
+    }
+
+    /// Writes `t` new slots (B, t, n_kv, d) of layer `l` after the filled ones (room reserved).
+    fn write(&mut self, l: usize, k: &[f32], v: &[f32], t: usize) {
+        let (cap, w, len) = (self.cap, self.width, self.len);
+        let (kb, vb) = &mut self.layers[l];
+        for (buf, new) in [(kb, k), (vb, v)] {
+            for (r, rows) in new.chunks_exact(t * w).enumerate() {
+                buf[(r * cap + len) * w..][..t * w].copy_from_slice(rows);
+            }
+        }
+    }
+
+    /// Layer `l`'s keys and values of slots `0..slots` as tensors (B, slots, n_kv, d).
+    fn tensors(&self, l: usize, slots: usize, d: usize) -> Result<(Tensor, Tensor)> {
+        let (rows, w, cap) = (self.pad.len(), self.width, self.cap);
+        let take = |buf: &[f32]| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(rows * slots * w);
+            for r in 0..rows {
+                out.extend_from_slice(&buf[r * cap * w..][..slots * w]);
+            }
+            Ok(Tensor::from_vec(out, (rows, slots, w / d, d), &Device::Cpu)?)
+        };
+        Ok((take(&self.layers[l].0)?, take(&self.layers[l].1)?))
     }
     /// Slots filled so far.
     pub fn len(&self) -> usize {
@@ -78,6 +141,8 @@ pub struct Llama {
     lora: LoraModel,         // the projections and lm_head
     base_trainable: bool,    // embedding and norms train (pre-training)
     rope: Rope,
+    rope_tables: Arc<RopeTables>,
+    fused: bool,
 }
 
 fn var(t: Tensor) -> Result<Var> {
@@ -158,7 +223,20 @@ impl Llama {
         };
         lora.push(LM_HEAD, head)?;
         let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
-        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope })
+        let rope_tables = Arc::new(RopeTables::new(config.rope_theta, config.head_dim, config.max_position_embeddings));
+        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope, rope_tables, fused: true })
+    }
+
+    /// Chooses the fused CPU kernels of [`crate::fused`] (`true`, the default) or the reference ops of
+    /// [`crate::ops`] for the norms, RoPE, attention, SwiGLU and the training loss. The fused kernels
+    /// serve f32 models on the CPU; others take the reference ops either way.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// Whether the fused kernels run now (chosen, and the model is f32 on the CPU).
+    pub fn is_fused(&self) -> bool {
+        self.fused && fused::supports(self.embed.as_tensor())
     }
 
     /// The architecture.
@@ -262,12 +340,27 @@ impl Llama {
     /// Logits (B, T, V) for token ids (B, T). With a cache, the ids continue the cached slots (and are
     /// added to it); `train` turns on adapter dropout.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
-        let h = self.hidden(ids, cache, train)?;
-        Ok(self.lora.layer(LM_HEAD)?.forward_t(&h, train)?)
+        let (b, t) = ids.dims2()?;
+        let logits = self.logits_rows(ids, cache, train)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Logits as (B·T, V) rows (the shape the loss wants; the fused path never makes a 3-D tensor, whose
+    /// reshapes would each copy a gradient in the backward).
+    pub(crate) fn logits_rows(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let h = self.hidden_rows(ids, cache, train)?;
+        let logits = self.lora.layer(LM_HEAD)?.forward_t(&h, train)?;
+        Ok(if logits.rank() == 2 { logits } else { logits.reshape(((), self.config.vocab_size))? })
     }
 
     /// The final hidden states (B, T, H), after the last norm.
-    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.hidden_rows(ids, cache, train)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// The final hidden states: (B·T, H) on the fused path, (B, T, H) on the reference path.
+    fn hidden_rows(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -282,38 +375,65 @@ impl Llama {
                 format!("longer than the model's context (max_position_embeddings = {})", self.rope.max_positions()),
             ));
         }
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.reserve(offset + t);
+        }
         let dev = ids.device();
         let positions: Vec<u32> = pad.iter().flat_map(|&p| (offset..offset + t).map(move |s| s.saturating_sub(p) as u32)).collect();
-        let (cos, sin) = self.rope.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
-        let mask = causal_mask(t, offset + t, offset, &pad, dev)?;
-        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let fast = self.is_fused();
+        let (tables, mask, rope_op) = if fast {
+            (None, None, Some(RopeOp::new(self.rope_tables.clone(), positions)?))
+        } else {
+            let tables = self.rope.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
+            (Some(tables), Some(causal_mask(t, offset + t, offset, &pad, dev)?), None)
+        };
+        let norm = |x: &Tensor, w: &Var| -> Result<Tensor> {
+            let w = self.param(w);
+            Ok(if fast { fused::rms_norm(x, &w, c.rms_norm_eps)? } else { rms_norm(x, &w, c.rms_norm_eps)? })
+        };
+        // The fused path keeps every activation as (B·T, features) rows, the layout of the projections'
+        // inputs and outputs: no reshape enters the graph.
+        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?;
+        if !fast {
+            h = h.reshape((b, t, c.hidden_size))?;
+        }
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         for (l, names) in self.names.iter().enumerate() {
             let layer = |i: usize| self.lora.layer(&names[i]);
-            let x = rms_norm(&h, &self.param(&self.norms[l].0), c.rms_norm_eps)?;
-            let q = layer(0)?.forward_t(&x, train)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
-            let k = layer(1)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?.transpose(1, 2)?;
-            let v = layer(2)?.forward_t(&x, train)?.reshape((b, t, nkv, d))?.transpose(1, 2)?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let mut k = apply_rope(&k, &cos, &sin)?;
-            let mut v = v.contiguous()?;
-            if let Some(cache) = cache.as_deref_mut() {
-                // Cached keys and values are constants: no graph is kept alive across generation steps.
-                let (kd, vd) = (k.detach(), v.detach());
-                if let Some((ck, cv)) = &cache.layers[l] {
-                    k = Tensor::cat(&[ck, &kd], 2)?;
-                    v = Tensor::cat(&[cv, &vd], 2)?;
-                } else {
-                    (k, v) = (kd, vd);
+            let x = norm(&h, &self.norms[l].0)?;
+            let q = layer(0)?.forward_t(&x, train)?;
+            let k = layer(1)?.forward_t(&x, train)?;
+            let v = layer(2)?.forward_t(&x, train)?;
+            let a = match (&rope_op, &tables, &mask) {
+                (Some(rope), _, _) => {
+                    let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
+                    self.fused_attention(l, q, k, v, cache.as_deref_mut(), train, &pad)?
                 }
-                cache.layers[l] = Some((k.clone(), v.clone()));
-            }
-            let a = attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+                (None, Some((cos, sin)), Some(mask)) => {
+                    // (B, heads, T, d) for the reference ops.
+                    let (q, k, v) = (q.reshape((b, t, nh, d))?, k.reshape((b, t, nkv, d))?, v.reshape((b, t, nkv, d))?);
+                    let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
+                    let mut k = apply_rope(&k.transpose(1, 2)?, cos, sin)?; // (B, n_kv, T, d)
+                    let mut v = v.transpose(1, 2)?.contiguous()?;
+                    if let Some(cache) = cache.as_deref_mut() {
+                        // Cached keys and values are constants: no graph is kept alive across generation steps.
+                        let kt = k.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                        let vt = v.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                        cache.write(l, &kt, &vt, t);
+                        let (ck, cv) = cache.tensors(l, offset + t, d)?;
+                        k = ck.transpose(1, 2)?.contiguous()?;
+                        v = cv.transpose(1, 2)?.contiguous()?;
+                    }
+                    attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, t, nh * d))?
+                }
+                _ => return Err(LmError::invalid("backend", "fused", "internal error: tables missing")),
+            };
             h = (h + layer(3)?.forward_t(&a, train)?)?;
-            let x = rms_norm(&h, &self.param(&self.norms[l].1), c.rms_norm_eps)?;
-            let gate = layer(4)?.forward_t(&x, train)?.silu()?;
+            let x = norm(&h, &self.norms[l].1)?;
+            let gate = layer(4)?.forward_t(&x, train)?;
             let up = layer(5)?.forward_t(&x, train)?;
-            h = (h + layer(6)?.forward_t(&(gate * up)?, train)?)?;
+            let gu = if fast { fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
+            h = (h + layer(6)?.forward_t(&gu, train)?)?;
             if !train {
                 // Inference: cut the graph at each layer so intermediates are freed as soon as they are used.
                 h = h.detach();
@@ -322,7 +442,43 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len += t;
         }
-        rms_norm(&h, &self.param(&self.final_norm), c.rms_norm_eps)
+        norm(&h, &self.final_norm)
+    }
+
+    /// The fused attention of layer `l` on roped q (B·T, n_h·d), k and v (B·T, n_kv·d), through the cache
+    /// when there is one → (B·T, n_h·d).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention(
+        &self,
+        l: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+        pad: &[usize],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (q, k, v) = if train { (q, k, v) } else { (q.detach(), k.detach(), v.detach()) };
+        let Some(cache) = cache else {
+            return Ok(fused::attention(&q, &k, &v, nh, nkv, 0, pad)?);
+        };
+        let b = pad.len();
+        let t = q.dim(0)? / b.max(1);
+        let offset = cache.len;
+        // Cached keys and values are constants: no graph is kept alive across generation steps.
+        let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.detach().flatten_all()?.to_vec1::<f32>()?) };
+        cache.write(l, &values(&k)?, &values(&v)?, t);
+        if q.track_op() {
+            let (ck, cv) = cache.tensors(l, offset + t, d)?;
+            let rows = b * (offset + t);
+            return Ok(fused::attention(&q, &ck.reshape((rows, nkv * d))?, &cv.reshape((rows, nkv * d))?, nh, nkv, offset, pad)?);
+        }
+        let shape = AttentionShape { batch: b, tq: t, tk: offset + t, heads: nh, kv_heads: nkv, d, offset, pad: pad.to_vec() };
+        let (kb, vb) = &cache.layers[l];
+        let (out, _) = fused::attention::attention_forward(&values(&q)?, kb, vb, cache.cap, &shape)?;
+        Ok(Tensor::from_vec(out, (b * t, nh * d), q.device())?)
     }
 }
 

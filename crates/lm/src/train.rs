@@ -165,7 +165,19 @@ pub struct Trainer {
 
 /// The loss of one batch of token ids (rows, len): mean cross-entropy of next-token predictions.
 pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
+    if ids.len() != rows * len || len < 2 {
+        return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} rows of {len} ≥ 2 tokens")));
+    }
     let t = Tensor::from_vec(ids.to_vec(), (rows, len), &Device::Cpu)?;
+    if model.is_fused() {
+        let logits = model.logits_rows(&t, None, train)?; // (rows·len, V)
+        if crate::fused::supports(&logits) {
+            // Every position predicts the next token; the last of each row predicts nothing.
+            let ignore = crate::fused::cross_entropy::IGNORE;
+            let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
+            return Ok(crate::fused::cross_entropy(&logits, &targets)?);
+        }
+    }
     let logits = model.forward(&t, None, train)?; // (rows, len, V)
     let v = logits.dim(2)?;
     let pred = logits.narrow(1, 0, len - 1)?.reshape((rows * (len - 1), v))?;

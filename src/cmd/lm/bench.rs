@@ -119,7 +119,7 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
         "threads": threads,
         "params": params,
         "lora_params": lora_params,
-        "attn": "grouped (candle ops)",
+        "attn": if model.is_fused() { "grouped, fused CPU kernels (flash-style)" } else { "grouped (candle ops)" },
         "full_step_ms": round3(full * 1e3),
         "lora_step_ms": round3(lora * 1e3),
         "eval_tokens_per_s": (eval_tps * 10.0).round() / 10.0,

@@ -36,6 +36,8 @@ const MR: usize = 6;
 const NR: usize = 64;
 /// B operands up to this many values (256 KiB, a quarter of L2) are swept once per row tile.
 const ROW_ORDER_MAX_B: usize = 1 << 16;
+/// Steps of k per block when k is long and B large (a 64-column panel of KC rows is 128 KiB, in L2).
+const KC: usize = 512;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
@@ -124,6 +126,27 @@ pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f3
                 beta,
                 accumulate,
             },
+            // Many rows (a whole batch of tokens times Wᵀ): copying B into contiguous rows (k·n values)
+            // is cheaper than packing Aᵀ (m·k values), and the direct loop then writes C in row order.
+            Plan::Transposed if m > n => {
+                pack = PACK.with(|p| p.take());
+                pack_rows(&rhs, &mut pack);
+                Job {
+                    rows: m,
+                    cols: n,
+                    k,
+                    a: lhs.data.as_ptr(),
+                    a_rs: lhs.rs as isize,
+                    a_ks: lhs.cs as isize,
+                    b: pack.as_ptr(),
+                    b_ks: n as isize,
+                    b_panel: NR as isize,
+                    c_rs: n as isize,
+                    c_cs: 1,
+                    beta,
+                    accumulate,
+                }
+            }
             Plan::Transposed => {
                 pack = PACK.with(|p| p.take());
                 pack_transposed(&lhs, &mut pack);
@@ -194,6 +217,26 @@ thread_local! {
     static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Copies B (k × n, any strides) into `pack` as a row-major k × n matrix, in 16 × 16 blocks so that
+/// both the reads and the writes stay within a few cache lines at a time.
+#[cfg(target_arch = "x86_64")]
+fn pack_rows(b: &MatRef<'_>, pack: &mut Vec<f32>) {
+    const T: usize = 16;
+    let (k, n) = (b.rows, b.cols);
+    if pack.len() < k * n {
+        pack.resize(k * n, 0.0);
+    }
+    for j0 in (0..n).step_by(T) {
+        for k0 in (0..k).step_by(T) {
+            for j in j0..(j0 + T).min(n) {
+                for kk in k0..(k0 + T).min(k) {
+                    pack[kk * n + j] = b.data[kk * b.rs + j * b.cs];
+                }
+            }
+        }
+    }
+}
+
 /// Packs Aᵀ (k × m) in panels of NR columns: `pack[p·k·NR + kk·NR + jj] = A[p·NR + jj, kk]`; the unused
 /// columns of the last panel are left as they are (the kernel's masked loads never read them).
 #[cfg(target_arch = "x86_64")]
@@ -228,6 +271,7 @@ unsafe impl Sync for Out {}
 /// (i, j) of C at `c + i·c_rs + j·c_cs`, A's (i, kk) at `a + i·a_rs + kk·a_ks`, and B's row kk of panel p
 /// (columns p·NR …) at `b + p·b_panel + kk·b_ks` (b_panel = NR: B itself; k·NR: the pack buffer).
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 struct Job {
     rows: usize,
     cols: usize,
@@ -255,6 +299,32 @@ impl Job {
     /// # Safety
     /// AVX-512 F must be available, and the job's pointers valid for every element it describes.
     unsafe fn run(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+        // A long k (dW = Gᵀ·X over a batch of thousands of tokens) with a large B: a 64-column panel of all
+        // k rows would not stay in L2, so k is cut into blocks of KC steps, each block's products added to
+        // C in turn (every element still sums its terms in increasing k, in the same blocks whatever the
+        // thread count).
+        if self.k > KC && self.k * self.cols > ROW_ORDER_MAX_B {
+            for k0 in (0..self.k).step_by(KC) {
+                let part = Job {
+                    k: KC.min(self.k - k0),
+                    a: self.a.offset(k0 as isize * self.a_ks),
+                    b: self.b.offset(k0 as isize * self.b_ks),
+                    accumulate: self.accumulate || k0 > 0,
+                    ..*self
+                };
+                part.run_block(c, (r0, r1), (c0, c1));
+            }
+        } else {
+            self.run_block(c, (r0, r1), (c0, c1));
+        }
+        clean_upper_state();
+    }
+
+    /// [`Job::run`] for a k short enough to run in one pass.
+    ///
+    /// # Safety
+    /// As for [`Job::run`].
+    unsafe fn run_block(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
         // Loop order: when B is small (dW = Gᵀ·X: B = X, 64 rows) sweep it once per row tile and write C
         // row block by row block, in address order; when B is large (dX = G·W: B = W) keep one 64-column
         // panel of it in L2 and run every row tile over it before the next.
@@ -280,7 +350,6 @@ impl Job {
                 }
             }
         }
-        clean_upper_state();
     }
 }
 
@@ -452,46 +521,73 @@ const DOT_ROWS: usize = 4;
 const DOT_COLS: usize = 6;
 
 /// [`Plan::Dots`]: `C (m×n) = [C +] β·A·B` with A's rows and B's columns contiguous, in tiles of 4 rows ×
-/// up to 6 columns, split by rows across threads.
+/// up to 6 columns, split by rows across threads (by columns when there are few rows).
 #[cfg(target_arch = "x86_64")]
 fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     let tiles = m.div_ceil(DOT_ROWS);
-    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN { 1 } else { threads.min(tiles) };
+    let col_tiles = n.div_ceil(DOT_COLS);
+    // Few rows (a generation step's handful of tokens against a weight): split the columns, so each part
+    // reads its own share of B once; otherwise split the rows.
+    let split_cols = tiles < 2 * threads;
+    // Split by columns, the parts share no operand traffic (each reads its own columns of B), so smaller
+    // products pay for the hand-off.
+    let min = if split_cols { PARALLEL_MIN / 4 } else { PARALLEL_MIN };
+    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < min {
+        1
+    } else {
+        threads.min(if split_cols { col_tiles } else { tiles })
+    };
     let c = Out(dst.as_mut_ptr());
     let run = |p: usize| {
         let c = &c; // the whole wrapper (Sync), not its raw pointer field
-        let (lo, hi) = (tiles * p / parts, tiles * (p + 1) / parts);
-        for it in lo..hi {
-            let i0 = it * DOT_ROWS;
-            let rows = (m - i0).min(DOT_ROWS);
-            for j0 in (0..n).step_by(DOT_COLS) {
-                let cols = (n - j0).min(DOT_COLS);
-                let t = DotTile {
-                    k,
-                    a: lhs.data[i0 * lhs.rs..].as_ptr(),
-                    a_rs: lhs.rs,
-                    b: rhs.data[j0 * rhs.cs..].as_ptr(),
-                    b_cs: rhs.cs,
-                    c: c.0,
-                    c_off: i0 * n + j0,
-                    ldc: n,
-                    beta,
-                    accumulate,
+        let ((r0, r1), (c0, c1)) = if split_cols {
+            ((0, tiles), (col_tiles * p / parts, col_tiles * (p + 1) / parts))
+        } else {
+            ((tiles * p / parts, tiles * (p + 1) / parts), (0, col_tiles))
+        };
+        let tile = |it: usize, jt: usize| {
+            let (i0, j0) = (it * DOT_ROWS, jt * DOT_COLS);
+            let (rows, cols) = ((m - i0).min(DOT_ROWS), (n - j0).min(DOT_COLS));
+            let t = DotTile {
+                k,
+                a: lhs.data[i0 * lhs.rs..].as_ptr(),
+                a_rs: lhs.rs,
+                b: rhs.data[j0 * rhs.cs..].as_ptr(),
+                b_cs: rhs.cs,
+                c: c.0,
+                c_off: i0 * n + j0,
+                ldc: n,
+                beta,
+                accumulate,
+            };
+            macro_rules! go {
+                ($($r:literal),*) => {
+                    match (rows, cols) {
+                        $(($r, 6) => dot_tile::<$r, 6>(&t), ($r, 5) => dot_tile::<$r, 5>(&t),
+                          ($r, 4) => dot_tile::<$r, 4>(&t), ($r, 3) => dot_tile::<$r, 3>(&t),
+                          ($r, 2) => dot_tile::<$r, 2>(&t), ($r, _) => dot_tile::<$r, 1>(&t),)*
+                        _ => unreachable!("dot tiles have 1..=4 rows"),
+                    }
                 };
-                macro_rules! go {
-                    ($($r:literal),*) => {
-                        match (rows, cols) {
-                            $(($r, 6) => dot_tile::<$r, 6>(&t), ($r, 5) => dot_tile::<$r, 5>(&t),
-                              ($r, 4) => dot_tile::<$r, 4>(&t), ($r, 3) => dot_tile::<$r, 3>(&t),
-                              ($r, 2) => dot_tile::<$r, 2>(&t), ($r, _) => dot_tile::<$r, 1>(&t),)*
-                            _ => unreachable!("dot tiles have 1..=4 rows"),
-                        }
-                    };
+            }
+            // SAFETY: AVX-512 F is available (plan); the tile reads rows i0.. of A and columns j0.. of B
+            // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
+            unsafe { go!(4, 3, 2, 1) }
+        };
+        if split_cols {
+            // Column blocks outer: the ≤ 6 columns of B a block reads stay in L1 for every row tile.
+            for jt in c0..c1 {
+                for it in r0..r1 {
+                    tile(it, jt);
                 }
-                // SAFETY: AVX-512 F is available (plan); the tile reads rows i0.. of A and columns j0.. of B
-                // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
-                unsafe { go!(4, 3, 2, 1) }
+            }
+        } else {
+            // Row tiles outer: each row tile of A is read once, against all of (a narrow) B.
+            for it in r0..r1 {
+                for jt in c0..c1 {
+                    tile(it, jt);
+                }
             }
         }
         clean_upper_state();
@@ -552,6 +648,11 @@ unsafe fn dot_tile<const R: usize, const N: usize>(t: &DotTile) {
 /// Largest fraction of non-zeros in A for which [`sparse_direct`] is used: at 50 % it does half the
 /// multiply-adds of the dense tiles with twice their loads per multiply-add, about even.
 const SPARSE_MAX_DENSITY: f64 = 0.5;
+/// Lines of A (in memory order) [`Csr::build`] looks at before counting all of A…
+const SPARSE_PROBE_LINES: usize = 16;
+/// …and gives up on A when more than this fraction of them is non-zero (a ReLU gradient of a trained
+/// layer has 75–88 % zeros; a gradient that flows through no ReLU has none).
+const SPARSE_PROBE_DENSITY: f64 = 0.9;
 /// Columns of C per pass of [`sparse_tile`] (16 vectors of 16).
 const SPARSE_COLS: usize = 256;
 /// Rows of B per block of [`sparse_direct`]: a block of 64 rows of a 1000-column B is 250 KiB, kept in L2
@@ -575,9 +676,18 @@ impl Csr {
     fn build(a: &MatRef<'_>) -> Option<Csr> {
         let (m, k) = (a.rows, a.cols);
         let by_rows = a.cs == 1 || a.rs != 1;
+        let at = |i: usize, kk: usize| a.data[i * a.rs + kk * a.cs];
+        // A quick look first: when the first lines in memory order are nearly all non-zero, A is a dense
+        // gradient (no ReLU before it), and counting the rest would cost a pass over all of A for nothing.
+        let (outer, inner) = if by_rows { (m, k) } else { (k, m) };
+        let probe = outer.min(SPARSE_PROBE_LINES);
+        let probe_nnz: usize =
+            (0..probe).map(|o| (0..inner).filter(|&x| if by_rows { at(o, x) != 0.0 } else { at(x, o) != 0.0 }).count()).sum();
+        if outer > probe && probe_nnz as f64 > SPARSE_PROBE_DENSITY * (probe * inner) as f64 {
+            return None;
+        }
         let mut count = vec![0usize; m + 1];
         let mut nnz = 0usize;
-        let at = |i: usize, kk: usize| a.data[i * a.rs + kk * a.cs];
         if by_rows {
             for (i, c) in count[1..].iter_mut().enumerate() {
                 *c = (0..k).filter(|&kk| at(i, kk) != 0.0).count();
