@@ -17,6 +17,7 @@ use lora_lm::train::StepReport;
 use crate::lm_cli::{LmArgs, LmCommand};
 
 pub fn run(a: LmArgs) -> Result<()> {
+    short_spin();
     match a.command {
         LmCommand::Demo(a) => demo::run(a),
         LmCommand::Pretrain(a) => pretrain::run(a),
@@ -85,12 +86,16 @@ pub fn checkpoint_path(out: &Path) -> PathBuf {
 pub fn set_threads(threads: Option<u32>) -> usize {
     let n = threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    // candle's own pool (its elementwise ops) spins 25,000 rounds after each op by default, competing with
-    // the rayon threads of the fused kernels for the same cores; a short spin measured faster on 2 cores.
+    n
+}
+
+/// candle's own pool (its elementwise ops) spins 25,000 rounds after each op by default, competing with
+/// the rayon threads of the fused kernels for the same cores; a short spin measured faster on 2 cores.
+/// Set before candle's first op; an explicit `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins.
+fn short_spin() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "500");
     }
-    n
 }
 
 /// Reads a corpus, naming it in the error.
