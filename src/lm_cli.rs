@@ -257,10 +257,10 @@ pub struct LmDemoArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Pre-training steps (batches of 16 × 256 bytes).
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub pretrain_steps: u32,
     /// Fine-tuning steps per adapter.
-    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub finetune_steps: u32,
     /// Validation tokens scored per corpus (each corpus holds ~750k–885k).
     #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(2..))]

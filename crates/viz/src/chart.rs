@@ -185,7 +185,7 @@ impl Chart {
     /// Width and height in pixels.
     pub fn size(&self) -> (u32, u32) {
         match self {
-            Chart::Loss(c) => (if c.series.len() > 1 { 1200 } else { 800 }, 440),
+            Chart::Loss(c) => ((600 * c.series.len()).max(800) as u32, 440),
             Chart::Wrong(_) => (1100, 460),
             Chart::Bars(c) => ((240 + 110 * c.groups.len() * c.series.len().max(1)).clamp(700, 1400) as u32, 460),
             Chart::Confusion(c) => {

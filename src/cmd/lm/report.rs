@@ -10,19 +10,10 @@ use serde_json::Value;
 use super::eval::Table;
 use crate::viz::{command_line, json_table, write};
 
-/// A training run's losses as a series (per-step seconds from the cumulative clock).
+/// A training run's losses as a series, with the seconds elapsed at each step.
 fn series(name: &str, t: &Trainer) -> Result<LossSeries> {
     let losses: Vec<f32> = t.losses.iter().map(|l| l.1 as f32).collect();
-    let mut prev = 0.0;
-    let secs: Vec<f64> = t
-        .losses
-        .iter()
-        .map(|l| {
-            let d = l.2 - prev;
-            prev = l.2;
-            d
-        })
-        .collect();
+    let secs: Vec<f64> = t.losses.iter().map(|l| l.2).collect();
     Ok(LossSeries::new(name, &losses, &secs)?)
 }
 
