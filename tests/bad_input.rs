@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use lora::io::{safetensors_bytes, write_atomic};
@@ -16,6 +15,9 @@ use lora::{LoraConfig, SaveOptions};
 use lora_train::ExpensiveNet;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+
+mod support;
+use support::Case;
 
 fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut v = magic.to_be_bytes().to_vec();
@@ -95,17 +97,8 @@ fn edit_weights(dir: &Path, f: impl Fn(&mut Vec<(String, Tensor)>)) {
     st(&p, &t);
 }
 
-struct Case {
-    name: &'static str,
-    args: Vec<String>,
-    /// Text the error must contain (a file, field or value).
-    expect: String,
-    /// A path that must not exist afterwards (nothing half-written).
-    absent: Option<String>,
-}
-
 fn case(name: &'static str, args: &[&str], expect: &str) -> Case {
-    Case { name, args: args.iter().map(|s| s.to_string()).collect(), expect: expect.to_string(), absent: None }
+    Case::new(name, args, expect)
 }
 
 /// Builds every fixture under `d` and returns the cases (paths relative to `d`, the working directory).
@@ -363,31 +356,8 @@ fn every_bad_input_fails_cleanly_naming_what_is_wrong() {
     let d = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&d).unwrap();
     let cases = build(&d);
-    let mut failures = Vec::new();
-    let mut tsv = String::new();
-    for c in &cases {
-        let o = Command::new(env!("CARGO_BIN_EXE_lora")).args(&c.args).current_dir(&d).env("RUST_BACKTRACE", "1").output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        let mut why = Vec::new();
-        if o.status.success() {
-            why.push("exited 0".to_string());
-        }
-        if err.contains("panicked") || err.contains("stack backtrace") {
-            why.push("panicked".into());
-        }
-        if !err.contains(&c.expect) {
-            why.push(format!("stderr lacks {:?}", c.expect));
-        }
-        if let Some(p) = &c.absent {
-            if d.join(p).exists() {
-                why.push(format!("{p} was written"));
-            }
-        }
-        if !why.is_empty() {
-            failures.push(format!("{} {:?}: {}\n  stderr: {}", c.name, c.args, why.join(", "), err.trim()));
-        }
-        tsv.push_str(&format!("{}\t{}\t{}\n", c.name, c.expect, c.args.join("\t")));
-    }
+    let failures = support::failures(&d, &cases);
+    let tsv: String = cases.iter().map(|c| format!("{}\t{}\t{}\n", c.name, c.expect, c.args.join("\t"))).collect();
     if keep.is_some() {
         std::fs::write(d.join("cases.tsv"), tsv).unwrap();
     }

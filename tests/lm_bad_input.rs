@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use lora::io::{safetensors_bytes, write_atomic};
@@ -11,6 +10,9 @@ use lora_lm::hf::{save_adapter, save_model};
 use lora_lm::{Llama, LlamaConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+
+mod support;
+use support::Case;
 
 fn tiny() -> LlamaConfig {
     LlamaConfig {
@@ -43,15 +45,8 @@ fn write_tensors(path: &Path, t: &[(String, Tensor)]) {
     write_atomic(path, &safetensors_bytes(t, &HashMap::from([("format".to_string(), "pt".to_string())])).unwrap()).unwrap();
 }
 
-struct Case {
-    name: &'static str,
-    args: Vec<String>,
-    expect: String,
-    absent: Option<&'static str>,
-}
-
 fn case(name: &'static str, args: &str, expect: &str, absent: Option<&'static str>) -> Case {
-    Case { name, args: args.split(' ').map(String::from).collect(), expect: expect.into(), absent }
+    Case { absent: absent.map(String::from), ..Case::new(name, &args.split(' ').collect::<Vec<_>>(), expect) }
 }
 
 /// Builds the fixtures under `d` and returns the cases.
@@ -265,29 +260,7 @@ fn every_bad_language_model_input_fails_cleanly_naming_what_is_wrong() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cases = build(d);
-    let mut failures = Vec::new();
-    for c in &cases {
-        let o = Command::new(env!("CARGO_BIN_EXE_lora")).args(&c.args).current_dir(d).env("RUST_BACKTRACE", "1").output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        let mut why = Vec::new();
-        if o.status.success() {
-            why.push("exited 0".to_string());
-        }
-        if err.contains("panicked") || err.contains("stack backtrace") {
-            why.push("panicked".into());
-        }
-        if !err.contains(&c.expect) {
-            why.push(format!("stderr lacks {:?}", c.expect));
-        }
-        if let Some(p) = c.absent {
-            if d.join(p).exists() {
-                why.push(format!("{p} was written"));
-            }
-        }
-        if !why.is_empty() {
-            failures.push(format!("{} {:?}: {}\n  stderr: {}", c.name, c.args.join(" "), why.join(", "), err.trim()));
-        }
-    }
+    let failures = support::failures(d, &cases);
     assert!(cases.len() >= 35, "the matrix shrank to {} cases", cases.len());
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
