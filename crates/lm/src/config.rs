@@ -114,14 +114,14 @@ impl LlamaConfig {
                 return Err(LmError::invalid(k, v, "must be at least 1"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(LmError::invalid(
                 "num_key_value_heads",
                 self.num_key_value_heads,
                 format!("must divide num_attention_heads = {}", self.num_attention_heads),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(LmError::invalid("head_dim", self.head_dim, "must be even (RoPE rotates pairs of features)"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {

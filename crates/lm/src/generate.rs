@@ -5,9 +5,12 @@
 //! of most likely tokens whose probability reaches top-p → renormalise → draw. Temperature 0 is greedy
 //! (the first most likely token). Each row draws from its own generator seeded by (seed, row).
 
+use std::sync::Mutex;
+
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::error::{LmError, Result};
 use crate::model::{KvCache, Llama};
@@ -121,7 +124,7 @@ pub fn generate(
     max_tokens: usize,
     sampling: &Sampling,
     stop: &[u32],
-    mut on_token: impl FnMut(usize, u32) -> Result<bool>,
+    on_token: impl FnMut(usize, u32) -> Result<bool> + Send,
 ) -> Result<Vec<Generated>> {
     sampling.validate()?;
     let ctx = model.config().max_position_embeddings;
@@ -144,14 +147,59 @@ pub fn generate(
             return Err(LmError::invalid(format!("prompt {}", i + 1), format!("token {id}"), format!("outside the vocabulary ({vocab})")));
         }
     }
+    // Rows generate independently, so a batch runs as one group per core, each group's products on its
+    // own core: a decode step of a few rows is too little work to split well inside each product (batch 8
+    // measured no faster on 2 threads than on 1 that way).
+    let groups = lora::fused::threads().min(prompts.len()).max(1);
+    if groups == 1 {
+        let mut on_token = on_token;
+        return generate_rows(model, prompts, 0, max_tokens, sampling, stop, &mut on_token);
+    }
+    let per = prompts.len().div_ceil(groups);
+    let callback = Mutex::new(on_token);
+    let parts: Vec<Result<Vec<Generated>>> = prompts
+        .chunks(per)
+        .enumerate()
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|(g, chunk)| {
+            let mut cb = |r: usize, id: u32| -> Result<bool> {
+                let mut f =
+                    callback.lock().map_err(|_| LmError::invalid("generation", "a token callback", "panicked on another thread"))?;
+                f(r, id)
+            };
+            lora::fused::serial(|| generate_rows(model, chunk, g * per, max_tokens, sampling, stop, &mut cb))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(prompts.len());
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+/// Generates for `prompts` as one batch; `first` is the index of the first prompt in the caller's list
+/// (the row numbers `on_token` sees and the rows' generator seeds).
+fn generate_rows(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    first: usize,
+    max_tokens: usize,
+    sampling: &Sampling,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(usize, u32) -> Result<bool>,
+) -> Result<Vec<Generated>> {
+    let ctx = model.config().max_position_embeddings;
+    let vocab = model.config().vocab_size;
     let rows = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
     let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied())).collect();
     let mut cache = KvCache::new(model.config(), pad);
     let mut logits = last_logits(model, &Tensor::from_vec(ids, (rows, longest), &Device::Cpu)?, &mut cache)?;
-    let mut rngs: Vec<StdRng> =
-        (0..rows).map(|r| StdRng::seed_from_u64(sampling.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))).collect();
+    let mut rngs: Vec<StdRng> = (first..first + rows)
+        .map(|r| StdRng::seed_from_u64(sampling.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))))
+        .collect();
     let mut out: Vec<Generated> = (0..rows).map(|_| Generated { tokens: Vec::new(), finish: Finish::Length }).collect();
     let mut live = vec![true; rows];
     for _ in 0..max_tokens {
@@ -176,7 +224,7 @@ pub fn generate(
                 continue;
             }
             out[r].tokens.push(id);
-            if !on_token(r, id)? {
+            if !on_token(first + r, id)? {
                 live[r] = false;
                 out[r].finish = Finish::Stop;
             }

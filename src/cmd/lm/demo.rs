@@ -9,7 +9,7 @@ use lora_lm::generate::{generate, Sampling};
 use lora_lm::{LlamaConfig, Tokenizer};
 use serde_json::{json, Map, Value};
 
-use super::eval::eval_table;
+use super::eval::{eval_table, Windows};
 use super::finetune::{finetune, lora_config};
 use super::pretrain::{default_mix, pretrain, settings};
 use crate::common::{check_outputs, write_json, Out};
@@ -69,16 +69,8 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
     let tok = Tokenizer::bytes();
     let cs: Vec<lora_lm::data::Corpus> = corpora.iter().map(|(_, p)| super::corpus(p)).collect::<Result<_>>()?;
     println!("Validation bits per byte (first {} bytes of each corpus' validation split), one loaded base:", a.eval_tokens);
-    let table = eval_table(
-        &mut model,
-        &tok,
-        &cs,
-        &["sql".into(), "js".into()],
-        config.max_position_embeddings,
-        Some(a.eval_tokens as usize),
-        16,
-        false,
-    )?;
+    let w = Windows { ctx: config.max_position_embeddings, max_tokens: Some(a.eval_tokens as usize), batch: 16, per_token: false };
+    let table = eval_table(&mut model, &tok, &cs, &["sql".into(), "js".into()], w)?;
     table.print();
     let mut eval = Map::new();
     for ((short, _), row) in corpora.iter().zip(&table.scores) {

@@ -21,17 +21,22 @@ pub struct Table {
     pub token_losses: Vec<Vec<Vec<Vec<f64>>>>,
 }
 
+/// How the windows are cut and scored.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    /// Window length in tokens.
+    pub ctx: usize,
+    /// Tokens scored per file at most.
+    pub max_tokens: Option<usize>,
+    /// Windows per forward pass.
+    pub batch: usize,
+    /// Keep every per-token loss.
+    pub per_token: bool,
+}
+
 /// Scores `corpora` with the base (adapters off) and with each adapter in `adapters` active alone.
-pub fn eval_table(
-    model: &mut Llama,
-    tok: &Tokenizer,
-    corpora: &[Corpus],
-    adapters: &[String],
-    ctx: usize,
-    max_tokens: Option<usize>,
-    batch: usize,
-    per_token: bool,
-) -> Result<Table> {
+pub fn eval_table(model: &mut Llama, tok: &Tokenizer, corpora: &[Corpus], adapters: &[String], w: Windows) -> Result<Table> {
+    let Windows { ctx, max_tokens, batch, per_token } = w;
     let mut columns = vec!["base".to_string()];
     columns.extend(adapters.iter().cloned());
     let mut scores = Vec::new();
@@ -123,16 +128,9 @@ pub fn run(a: LmEvalArgs) -> Result<()> {
     if ctx > model.config().max_position_embeddings {
         anyhow::bail!("--context {ctx} is longer than the model's context ({})", model.config().max_position_embeddings);
     }
-    let table = eval_table(
-        &mut model,
-        &tok,
-        &corpora,
-        &names,
-        ctx,
-        a.max_tokens.map(|m| m as usize),
-        a.batch_size as usize,
-        a.token_losses.is_some(),
-    )?;
+    let w =
+        Windows { ctx, max_tokens: a.max_tokens.map(|m| m as usize), batch: a.batch_size as usize, per_token: a.token_losses.is_some() };
+    let table = eval_table(&mut model, &tok, &corpora, &names, w)?;
     table.print();
     let seconds = t0.elapsed().as_secs_f64();
     println!("({seconds:.1} s)");

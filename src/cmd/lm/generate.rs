@@ -22,20 +22,22 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
     let stop = model.config().eos_token_ids.clone();
     let stream = prompts.len() == 1;
     let mut decoder = StreamDecoder::after(&prompts[0]);
-    let mut stdout = std::io::stdout().lock();
     if stream {
+        let mut stdout = std::io::stdout();
         write!(stdout, "{}", a.prompt[0])?;
         stdout.flush()?;
     }
     let out = generate(&model, &prompts, a.max_tokens as usize, &sampling, &stop, |_, id| {
         if stream {
             if let Some(piece) = decoder.push(&tok, id)? {
+                let mut stdout = std::io::stdout();
                 let _ = write!(stdout, "{piece}");
                 let _ = stdout.flush();
             }
         }
         Ok(true)
     })?;
+    let mut stdout = std::io::stdout().lock();
     if stream {
         writeln!(stdout, "{}", decoder.finish(&tok)?)?;
     } else {

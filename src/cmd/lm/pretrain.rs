@@ -29,7 +29,7 @@ pub fn shape_config(s: &LmShapeArgs) -> Result<LlamaConfig> {
     c.num_attention_heads = s.heads as usize;
     c.num_key_value_heads = s.kv_heads as usize;
     c.max_position_embeddings = s.context as usize;
-    if c.hidden_size % c.num_attention_heads != 0 {
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         anyhow::bail!("--hidden {} is not a multiple of --heads {}", c.hidden_size, c.num_attention_heads);
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;

@@ -55,7 +55,7 @@ pub struct AttentionShape {
 impl AttentionShape {
     fn check(&self) -> CResult<()> {
         let s = self;
-        if s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
             candle_core::bail!("attention: {} query heads cannot share {} K/V heads", s.heads, s.kv_heads)
         }
         if s.pad.len() != s.batch {

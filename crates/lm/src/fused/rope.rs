@@ -79,7 +79,7 @@ impl RopeOp {
     fn check(&self, dims: &[usize]) -> CResult<(usize, usize)> {
         let (slots, d) = (self.positions.len(), 2 * self.tables.half);
         let n: usize = dims.iter().product();
-        if slots == 0 || d == 0 || n % (slots * d) != 0 {
+        if slots == 0 || d == 0 || !n.is_multiple_of(slots * d) {
             candle_core::bail!("rope: input {dims:?} is not {slots} slots of heads × {d} values")
         }
         Ok((n / (slots * d), d))
