@@ -115,7 +115,7 @@ fn two_adapters_on_one_base_match_each_alone_and_merge_matches_unmerged() {
 }
 
 #[test]
-fn a_rank_one_adapter_is_a_fraction_of_the_checkpoint_and_switching_takes_microseconds() {
+fn a_rank_one_adapter_is_a_fraction_of_the_checkpoint_and_trains_a_fraction_of_the_parameters() {
     let d = tempfile::tempdir().unwrap();
     let j = d.path().join("b.json");
     ok(&["bench-adapters", "--adapters", "3", "--repeat", "5", "--json", s(&j)]);

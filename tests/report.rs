@@ -170,9 +170,9 @@ fn check_self_contained(doc: &roxmltree::Document, dir: &Path) {
     }
 }
 
+/// Digit grouping as the page writes it (`lora_viz::group`, unit-tested in its crate).
 fn group(n: u64) -> String {
-    let s = n.to_string();
-    s.chars().enumerate().flat_map(|(i, c)| (i > 0 && (s.len() - i).is_multiple_of(3)).then_some(',').into_iter().chain([c])).collect()
+    lora_viz::group(n as usize)
 }
 
 /// Reads a metrics CSV, checks its header and step numbering, returns the losses and seconds.

@@ -65,14 +65,16 @@ impl<'a> MatRef<'a> {
     /// A view of `rows × cols` elements with row stride `rs` and column stride `cs`; every element must
     /// lie inside `data`.
     pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> CResult<Self> {
-        if rows > 0 && cols > 0 && (rows - 1) * rs + (cols - 1) * cs >= data.len() {
+        // Checked arithmetic: a wrapped bound would let a view reach outside `data` in the kernels.
+        let last = (rows.max(1) - 1).checked_mul(rs).zip((cols.max(1) - 1).checked_mul(cs)).and_then(|(a, b)| a.checked_add(b));
+        if rows > 0 && cols > 0 && last.is_none_or(|last| last >= data.len()) {
             candle_core::bail!("matrix view {rows}x{cols} (strides {rs}, {cs}) does not fit in {} values", data.len())
         }
         Ok(MatRef { data, rows, cols, rs, cs })
     }
     /// A contiguous row-major view.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> CResult<Self> {
-        if data.len() != rows * cols {
+        if rows.checked_mul(cols) != Some(data.len()) {
             candle_core::bail!("row-major matrix {rows}x{cols} needs {} values, got {}", rows * cols, data.len())
         }
         Self::new(data, rows, cols, cols, 1)
@@ -864,5 +866,17 @@ mod tests {
             }
         }
         assert!(MatRef::new(&a, 3, 4, 4, 2).is_err(), "a view past the end of its slice must be refused");
+    }
+
+    #[test]
+    fn views_whose_bounds_would_wrap_around_are_refused() {
+        let a = [0f32; 8];
+        // (2 − 1)·usize::MAX + (2 − 1)·2 wraps to 1 in unchecked release arithmetic: it must not pass.
+        assert!(MatRef::new(&a, 2, 2, usize::MAX, 2).is_err());
+        assert!(MatRef::new(&a, usize::MAX, 2, 1 << 63, 1).is_err());
+        // rows·cols wrapping to the slice's length.
+        assert!(MatRef::row_major(&a, 1 << 62, 4 + 1).is_err());
+        assert!(MatRef::row_major(&a, (1usize << 63) + 4, 2).is_err());
+        assert!(MatRef::new(&a, 2, 4, 4, 1).is_ok());
     }
 }

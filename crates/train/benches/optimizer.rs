@@ -21,7 +21,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("fused", |b| {
         b.iter(|| {
             t += 1;
-            adam_update(&mut theta, &gv, &mut m, &mut v, AdamStep::new(&cfg, t));
+            adam_update(&mut theta, &gv, &mut m, &mut v, AdamStep::new(&cfg, t)).unwrap();
         })
     });
 

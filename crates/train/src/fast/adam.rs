@@ -94,13 +94,17 @@ fn kernel_body(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: Ad
     }
 }
 
-/// One Adam step over slices of equal length (θ, m, v updated in place).
-pub fn adam_update(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
-    let n = theta.len().min(g.len()).min(m.len()).min(v.len());
-    let (theta, g, m, v) = (&mut theta[..n], &g[..n], &mut m[..n], &mut v[..n]);
+/// One Adam step over slices of equal length (θ, m, v updated in place). Slices of different lengths are
+/// an error, not a silently shorter update; nothing is written then.
+pub fn adam_update(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) -> candle_core::Result<()> {
+    let n = theta.len();
+    if g.len() != n || m.len() != n || v.len() != n {
+        candle_core::bail!("Adam: parameter of {n} values, gradient {}, moments {} / {}", g.len(), m.len(), v.len())
+    }
     let threads = rayon::current_num_threads();
     if n < PARALLEL_MIN || threads < 2 {
-        return kernel(theta, g, m, v, c);
+        kernel(theta, g, m, v, c);
+        return Ok(());
     }
     // A few chunks per thread, each a multiple of 16 values (whole cache lines, whole SIMD vectors).
     let chunk = n.div_ceil(threads * 4).next_multiple_of(16);
@@ -110,6 +114,7 @@ pub fn adam_update(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c
         .zip(m.par_chunks_mut(chunk))
         .zip(v.par_chunks_mut(chunk))
         .for_each(|(((t, g), m), v)| kernel(t, g, m, v, c));
+    Ok(())
 }
 
 /// [`adam_update`] as a candle in-place op on the parameter's own storage.
@@ -139,8 +144,7 @@ impl InplaceOp1 for AdamOp<'_> {
         if m.len() != n || v.len() != n {
             candle_core::bail!("fused Adam: moments hold {} / {} values, parameter {n}", m.len(), v.len())
         }
-        adam_update(theta, self.grad, m, v, self.step);
-        Ok(())
+        adam_update(theta, self.grad, m, v, self.step)
     }
 }
 
@@ -219,6 +223,18 @@ mod tests {
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
         (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn mismatched_lengths_are_an_error_and_nothing_is_written() {
+        let c = AdamStep::new(&AdamConfig::default(), 1);
+        let (mut theta, mut m, mut v) = (vec![1f32; 4], vec![0f32; 4], vec![0f32; 4]);
+        let e = adam_update(&mut theta, &[0.5; 3], &mut m, &mut v, c).unwrap_err().to_string();
+        assert!(e.contains("parameter of 4 values, gradient 3"), "{e}");
+        assert_eq!(theta, vec![1f32; 4]);
+        assert!(adam_update(&mut theta, &[0.5; 4], &mut m[..2], &mut v, c).is_err());
+        adam_update(&mut theta, &[0.5; 4], &mut m, &mut v, c).unwrap();
+        assert!(theta.iter().all(|&t| t < 1.0));
     }
 
     #[test]
