@@ -137,3 +137,25 @@ fn a_demo_killed_in_pretraining_or_resumed_in_finetuning_ends_like_an_uninterrup
     assert!(stdout.contains("Pre-training already finished") && stdout.contains("at step 50"), "{stdout}");
     same_as_full(&out);
 }
+
+#[test]
+fn language_model_pretraining_killed_mid_run_and_resumed_matches_an_uninterrupted_run_bit_for_bit() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("code.txt");
+    std::fs::write(&data, "SELECT id FROM t WHERE x = 1;\nfunction f(a) { return a + 1; }\n".repeat(50)).unwrap();
+    let shape = ["--hidden", "32", "--intermediate", "48", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--context", "64"];
+    let train = ["--steps", "400", "--batch-size", "4", "--seq-len", "64", "--seed", "5", "--data", s(&data)];
+    let args: Vec<&str> = ["lm", "pretrain"].iter().chain(&shape).chain(&train).copied().collect();
+    let full = d.path().join("full");
+    ok(&[&args[..], &["--out", s(&full)]].concat());
+
+    let out = d.path().join("killed");
+    let ckpt = d.path().join("killed.ckpt.safetensors");
+    kill_after_first_checkpoint(&[&args[..], &["--out", s(&out), "--checkpoint-every", "40"]].concat(), &ckpt, Duration::from_millis(100));
+    assert!(!out.join("model.safetensors").exists(), "the run finished before it was killed: the test proves nothing");
+
+    ok(&[&args[..], &["--out", s(&out), "--resume", s(&ckpt)]].concat());
+    let bytes = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(&full), bytes(&out), "resumed weights differ from the uninterrupted run");
+    assert!(!ckpt.exists(), "the finished run's checkpoint is removed");
+}
