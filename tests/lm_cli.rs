@@ -87,6 +87,18 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
     lora(d, &["lm", "eval", "--model", "merged", "--data", "sql.txt", "--json", "merged.json"]);
     let (m, a) = (json(&d.join("merged.json"))["sql.txt"]["base"]["loss"].as_f64().unwrap(), e["sql.txt"]["sql"]["loss"].as_f64().unwrap());
     assert!((m - a).abs() < 1e-4 * a, "merged {m} vs adapter {a}");
+    // LORA_LOG=info logs what was loaded and written (stderr; stdout keeps the table).
+    let o = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(["lm", "eval", "--model", "base", "--adapter", "js=js", "--data", "js.txt", "--json", "logged.json"])
+        .current_dir(d)
+        .env("LORA_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    for want in ["loaded model", "loaded adapter", "wrote file", "logged.json"] {
+        assert!(err.contains(want), "LORA_LOG=info: {want:?} missing from stderr:\n{err}");
+    }
+    assert!(!err.contains('\u{1b}'), "no colour codes when stderr is not a terminal");
     let out = lora(d, &["inspect", "merged"]);
     assert!(out.contains("Llama model directory") && out.contains("context 32"), "{out}");
 

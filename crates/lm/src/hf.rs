@@ -109,6 +109,7 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
         return Err(LmError::file(dir, format!("holds neither {WEIGHTS_FILE} nor {INDEX_FILE}")));
     };
     let model = Llama::from_tensors(&config, tensors, &source)?;
+    tracing::info!(dir = %dir.display(), params = model.num_params(), files = files.weight_files.len(), bytes = files.bytes, "loaded model");
     Ok((model, files))
 }
 

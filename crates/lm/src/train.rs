@@ -252,6 +252,7 @@ impl Trainer {
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();
             self.losses.push((self.step, value, seconds));
             let report = StepReport { step: self.step, steps: s.steps, loss: value, lr, grad_norm, tokens, seconds };
+            tracing::debug!(step = self.step, loss = value, lr, grad_norm, seconds, "training step");
             if !on_step(self, &report)? {
                 break;
             }
@@ -277,6 +278,7 @@ impl Trainer {
             (CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).map_err(|e| LmError::file(path, e.to_string()))?),
         ]);
         lora::io::save_safetensors(path, &tensors, &meta)?;
+        tracing::info!(step = self.step, path = %path.display(), "checkpoint saved");
         Ok(())
     }
 
@@ -318,6 +320,7 @@ impl Trainer {
         t.opt.steps = state.adam_steps;
         t.losses = state.losses;
         t.seconds_before = t.seconds();
+        tracing::info!(step = t.step, path = %path.display(), "resumed from checkpoint");
         Ok(t)
     }
 }

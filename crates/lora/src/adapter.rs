@@ -345,6 +345,7 @@ impl LoraModel {
             }
         }
         self.insert_adapter_files(name, &files)?;
+        tracing::info!(adapter = name, dir = %dir.display(), params = files.num_params(), "loaded adapter");
         Ok(files)
     }
 

@@ -61,6 +61,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    } else {
+        tracing::info!(path = %path.display(), bytes = bytes.len(), "wrote file");
     }
     result.map_err(io)
 }

@@ -181,6 +181,7 @@ pub fn train_with(
                 avg_loss: (sum / (i + 1) as f64) as f32,
                 seconds,
             };
+            tracing::debug!(epoch, step = info.global_step, loss = l, seconds, "training step");
             on_step(&info);
             if losses.len() >= total {
                 break 'outer;
@@ -194,6 +195,7 @@ pub fn train_with(
                         optim: trainer.state()?,
                     };
                     (c.save)(&ck)?;
+                    tracing::info!(step = ck.global_step, "checkpoint saved");
                 }
             }
         }
