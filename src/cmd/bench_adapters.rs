@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use lora::{LoadOptions, LoraConfig, SaveOptions};
 use lora_train::ExpensiveNet;
@@ -50,11 +50,9 @@ fn fresh_adapters(net: &mut ExpensiveNet, k: usize, rank: usize, dir: &Path) -> 
 
 pub fn run(a: BenchAdaptersArgs) -> Result<()> {
     check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
-    let tmp = std::env::temp_dir().join(format!("lora-bench-adapters-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let result = measure(&a, &tmp);
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+    // Removed when dropped, also when measuring fails.
+    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    measure(&a, tmp.path())
 }
 
 fn measure(a: &BenchAdaptersArgs, tmp: &Path) -> Result<()> {

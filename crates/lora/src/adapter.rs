@@ -439,7 +439,8 @@ mod tests {
             let b = l.adapter("a").unwrap().b();
             b.set(&Tensor::randn(0f32, 1.0, b.shape(), &Device::Cpu).unwrap()).unwrap();
         }
-        let dir = std::env::temp_dir().join(format!("lora-adapter-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let opts = SaveOptions { base_fingerprint: Some("abc".into()), ..Default::default() };
         m.save_adapter("a", &dir, &opts).unwrap();
         let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
@@ -459,7 +460,6 @@ mod tests {
         let e = model().load_adapter("b", &dir, &lo).unwrap_err().to_string();
         assert!(e.contains("different base model") && e.contains("--force"), "{e}");
         model().load_adapter("b", &dir, &LoadOptions { force: true, ..lo }).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -479,7 +479,8 @@ mod tests {
 
     #[test]
     fn unknown_modules_wrong_shapes_and_rank_mismatches_name_the_tensor() {
-        let dir = std::env::temp_dir().join(format!("lora-adapter-bad-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let write = |cfg: &str, tensors: Vec<(&str, Vec<usize>)>| {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(CONFIG_FILE), cfg).unwrap();
@@ -513,6 +514,5 @@ mod tests {
         );
         let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
         assert!(e.contains("unexpected tensor base_model.model.linear1.bias"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

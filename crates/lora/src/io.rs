@@ -190,7 +190,8 @@ mod tests {
 
     #[test]
     fn save_then_load_is_bit_identical_and_keeps_metadata() {
-        let dir = std::env::temp_dir().join(format!("lora-io-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("x.safetensors");
         let a = Tensor::from_vec(vec![1.5f32, -0.0, 3.25e-20, 7.0], (2, 2), &Device::Cpu).unwrap();
         let b = Tensor::from_vec(vec![9f32], 1, &Device::Cpu).unwrap();
@@ -200,8 +201,7 @@ mod tests {
         let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(f.get("z.w").unwrap()), bits(&a));
         assert_eq!(f.metadata["format"], "pt");
-        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
     }
 
     #[test]

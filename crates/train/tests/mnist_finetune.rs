@@ -94,7 +94,8 @@ fn saved_adapter_reloads_bit_identically_and_merging_keeps_test_logits_within_to
     net.model.set_active(&["a"]).unwrap();
     let unmerged = evaluate(&net, &test_set, 1000).unwrap();
 
-    let dir = std::env::temp_dir().join(format!("lora-rt-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     net.model.save_adapter("a", &dir, &lora::SaveOptions::default()).unwrap();
     let state = net.model.base_state().unwrap();
     let mut net2 = ExpensiveNet::from_tensors(|n| state.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone()), "mem").unwrap();
@@ -102,7 +103,6 @@ fn saved_adapter_reloads_bit_identically_and_merging_keeps_test_logits_within_to
     net2.model.set_active(&["a"]).unwrap();
     let reloaded = evaluate(&net2, &test_set, 1000).unwrap();
     assert_eq!(unmerged.logits, reloaded.logits, "save → load changed the logits");
-    std::fs::remove_dir_all(&dir).unwrap();
 
     let snap = net.model.snapshot_base().unwrap();
     net.model.merge("a", true).unwrap();
