@@ -29,15 +29,13 @@ fn median_step_ms(net: &ExpensiveNet, data: &Data, lr: f64, bs: usize, steps: us
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(if times.len() % 2 == 1 { times[times.len() / 2] } else { (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0 })
+    Ok(super::median(times))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
-    let threads = a.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // candle, gemm and rayon all read this before their first parallel call.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // candle, gemm and rayon all read RAYON_NUM_THREADS before their first parallel call.
+    let threads = super::set_threads(a.threads);
     let backend = if a.reference { Backend::Reference } else { Backend::Fused };
     let (bs, lr) = (64usize, 1e-3);
 
@@ -71,10 +69,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "impl": format!("lora-rs {} ({})", env!("CARGO_PKG_VERSION"), match backend { Backend::Fused => "fused", Backend::Reference => "reference candle" }),
         "device": "cpu",
         "threads": threads,
-        "pretrain_epoch_s": round3(pretrain_epoch_s),
-        "full_step_ms": round3(full_step_ms),
-        "lora_step_ms": round3(lora_step_ms),
-        "eval_s": round3(eval_s),
+        "pretrain_epoch_s": super::round3(pretrain_epoch_s),
+        "full_step_ms": super::round3(full_step_ms),
+        "lora_step_ms": super::round3(lora_step_ms),
+        "eval_s": super::round3(eval_s),
         "peak_rss_mb": super::peak_rss_mb(),
         "pretrain_accuracy": pretrain_accuracy,
         "pretrain_steps": stats.steps,
@@ -85,8 +83,4 @@ pub fn run(a: BenchArgs) -> Result<()> {
         write_json(p, &out).with_context(|| format!("writing {}", Path::new(p).display()))?;
     }
     Ok(())
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }

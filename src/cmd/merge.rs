@@ -38,7 +38,7 @@ fn print_deltas(before: &[(String, candle_core::Tensor)], after: &[(String, cand
 
 /// A Hugging Face model directory: the merged model is written as a model directory at --out.
 fn merge_lm(a: &MergeArgs) -> Result<()> {
-    lm_check_out(&a.out)?;
+    super::lm::check_out_dir(&a.out, &[lora_lm::hf::CONFIG_FILE, lora_lm::hf::WEIGHTS_FILE])?;
     let (mut model, _) = lora_lm::hf::load_model(&a.model)?;
     let before = model.base_state()?;
     let opts = LoadOptions { base_fingerprint: Some(model.fingerprint()?), force: a.force };
@@ -51,18 +51,6 @@ fn merge_lm(a: &MergeArgs) -> Result<()> {
     println!("Merged {} adapter(s) into {} (weights that changed):", a.adapter.len(), a.model.display());
     print_deltas(&before, &after)?;
     println!("Wrote the model directory {}", a.out.display());
-    Ok(())
-}
-
-fn lm_check_out(out: &std::path::Path) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        anyhow::bail!("{}: exists and is not a directory (a merged language model is a model directory)", out.display());
-    }
-    for f in [lora_lm::hf::CONFIG_FILE, lora_lm::hf::WEIGHTS_FILE] {
-        if out.join(f).exists() {
-            anyhow::bail!("{}: already exists; choose another --out", out.join(f).display());
-        }
-    }
     Ok(())
 }
 

@@ -32,6 +32,29 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Sets the number of threads candle, gemm and rayon use (before their first parallel call): `threads`,
+/// else every core. Returns it.
+pub fn set_threads(threads: Option<u32>) -> usize {
+    let n = threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
+/// The median (the mean of the middle two for an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Rounded to 3 decimals, for JSON reports.
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
 /// Peak resident memory of this process (VmHWM), in MiB.
 pub fn peak_rss_mb() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -27,16 +27,6 @@ const SEQ: usize = 256;
 const PROMPT: usize = 16;
 const NEW_TOKENS: usize = 128;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn random_ids(rng: &mut StdRng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..256u32)).collect()
 }
@@ -52,7 +42,7 @@ fn time<F: FnMut(Vec<u32>) -> Result<()>>(rng: &mut StdRng, n: usize, reps: usiz
             t.push(s.elapsed().as_secs_f64());
         }
     }
-    Ok(median(t))
+    Ok(crate::cmd::median(t))
 }
 
 fn train_steps(model: &Llama, rng: &mut StdRng, reps: usize, warmup: usize) -> Result<f64> {
@@ -67,7 +57,7 @@ fn train_steps(model: &Llama, rng: &mut StdRng, reps: usize, warmup: usize) -> R
 
 pub fn run(a: LmBenchArgs) -> Result<()> {
     check_outputs(&[("--json", a.json.as_deref(), Out::File)])?;
-    let threads = super::set_threads(a.threads);
+    let threads = crate::cmd::set_threads(a.threads);
     let (steps, warmup) = if a.quick { (3, 1) } else { (a.steps as usize, 3) };
     let (eval_reps, gen_reps) = if a.quick { (3, 1) } else { (10, 5) };
     let config = LlamaConfig::byte_default();
@@ -120,8 +110,8 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
         "params": params,
         "lora_params": lora_params,
         "attn": if model.is_fused() { "grouped, fused CPU kernels (flash-style)" } else { "grouped (candle ops)" },
-        "full_step_ms": round3(full * 1e3),
-        "lora_step_ms": round3(lora * 1e3),
+        "full_step_ms": crate::cmd::round3(full * 1e3),
+        "lora_step_ms": crate::cmd::round3(lora * 1e3),
         "eval_tokens_per_s": (eval_tps * 10.0).round() / 10.0,
         "generate_tokens_per_s": ((NEW_TOKENS as f64 / g1) * 100.0).round() / 100.0,
         "generate_batch8_tokens_per_s": (((8 * NEW_TOKENS) as f64 / g8) * 100.0).round() / 100.0,
@@ -132,8 +122,4 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
         write_json(p, &out)?;
     }
     Ok(())
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }

@@ -82,13 +82,6 @@ pub fn checkpoint_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Sets the number of threads candle, gemm and rayon use (before their first parallel call).
-pub fn set_threads(threads: Option<u32>) -> usize {
-    let n = threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    n
-}
-
 /// candle's own pool (its elementwise ops) spins 25,000 rounds after each op by default, competing with
 /// the rayon threads of the fused kernels for the same cores; a short spin measured faster on 2 cores.
 /// Set before candle's first op; an explicit `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins.
