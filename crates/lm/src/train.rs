@@ -296,8 +296,15 @@ impl Trainer {
             return Err(LmError::file(path, format!("was written with other settings ({:?}); resume with the same ones", state.settings)));
         }
         let tensors: BTreeMap<&str, &Tensor> = f.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let params = t.opt.params().to_vec();
-        for (name, var) in &params {
+        if f.tensors.len() != 3 * t.opt.params().len() {
+            return Err(LmError::file(
+                path,
+                format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len()),
+            ));
+        }
+        // Every tensor is found and checked before any is written: a bad checkpoint leaves the model as it was.
+        let mut found = Vec::with_capacity(t.opt.params().len());
+        for (name, var) in t.opt.params() {
             let get = |k: String| {
                 let x = tensors.get(k.as_str()).ok_or_else(|| LmError::file(path, format!("missing tensor {k}")))?;
                 if x.dims() != var.dims() {
@@ -305,16 +312,12 @@ impl Trainer {
                 }
                 Ok(*x)
             };
-            var.set(get(format!("param/{name}"))?)?;
-            let m = get(format!("adam_m/{name}"))?.flatten_all()?.to_vec1::<f32>()?;
-            let v = get(format!("adam_v/{name}"))?.flatten_all()?.to_vec1::<f32>()?;
-            t.opt.moments.insert(name.clone(), Moments { m, v });
+            let (p, m, v) = (get(format!("param/{name}"))?, get(format!("adam_m/{name}"))?, get(format!("adam_v/{name}"))?);
+            found.push((name.clone(), var.clone(), p, m.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?));
         }
-        if f.tensors.len() != 3 * t.opt.params().len() {
-            return Err(LmError::file(
-                path,
-                format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len()),
-            ));
+        for (name, var, p, m, v) in found {
+            var.set(p)?;
+            t.opt.moments.insert(name, Moments { m, v });
         }
         t.step = state.step;
         t.opt.steps = state.adam_steps;

@@ -252,6 +252,12 @@ fn a_resumed_run_continues_exactly_where_it_stopped() {
     assert_eq!(second.fingerprint().unwrap(), straight.fingerprint().unwrap(), "resumed weights differ from an uninterrupted run");
     let losses = |t: &Trainer| t.losses.iter().map(|l| l.1.to_bits()).collect::<Vec<_>>();
     assert_eq!(losses(&t2), losses(&t));
+    // A checkpoint of another shape is refused before any tensor is written.
+    let wider = Llama::random(&LlamaConfig { intermediate_size: 48, ..cfg.clone() }, 41).unwrap();
+    let fp = wider.fingerprint().unwrap();
+    let e = Trainer::resume(&wider, s.clone(), &ck).unwrap_err().to_string();
+    assert!(e.contains("shape"), "{e}");
+    assert_eq!(wider.fingerprint().unwrap(), fp, "a refused checkpoint changed the model");
     let other = TrainSettings { lr: 1e-3, ..s };
     let e = Trainer::resume(&Llama::random(&cfg, 41).unwrap(), other, &ck).unwrap_err().to_string();
     assert!(e.contains("other settings"), "{e}");
