@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use lora_lm::data::Corpus;
 use lora_lm::generate::{generate, Sampling};
 use lora_lm::{LlamaConfig, Tokenizer};
 use serde_json::{json, Map, Value};
@@ -32,14 +33,17 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         ("--json", a.json.as_deref(), Out::File),
         ("--report", a.report.report.as_deref(), Out::Dir),
     ])?;
+    // Each corpus is read once: pre-training, fine-tuning and scoring share them.
+    let cs: Vec<Corpus> = corpora.iter().map(|(_, p)| super::corpus(p)).collect::<Result<_>>()?;
+    let mix: Vec<(&Corpus, f64)> =
+        default_mix(&a.data).into_iter().filter_map(|(p, w)| cs.iter().find(|c| c.path == p).map(|c| (c, w))).collect();
     let base_dir = a.out.join("base");
     let train = LmTrainArgs { batch_size: 16, seq_len: 256, warmup: None, clip: 1.0, seed: a.seed };
     let no_ckpt = LmCheckpointArgs { checkpoint_every: None, resume: None };
 
     // 1. Pre-training.
     let config = LlamaConfig::byte_default();
-    let (mut model, pre, pre_summary) =
-        pretrain(&config, &default_mix(&a.data), settings(&train, a.pretrain_steps, 3e-3, 0.1), &no_ckpt, &base_dir)?;
+    let (mut model, pre, pre_summary) = pretrain(&config, &mix, settings(&train, a.pretrain_steps, 3e-3, 0.1), &no_ckpt, &base_dir)?;
     println!(
         "Pre-trained: final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}\n",
         pre_summary["final_loss"].as_f64().unwrap_or(f64::NAN),
@@ -57,17 +61,15 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         rslora: false,
     })?;
     let mut tuned = Vec::new();
-    for name in ["sql", "js"] {
-        let data = a.data.join(format!("{name}.jsonl.gz"));
+    for (name, data) in ["sql", "js"].into_iter().zip(&cs) {
         let out = a.out.join("adapters").join(name);
-        let f = finetune(&mut model, &base_dir, name, &data, &lora, settings(&train, a.finetune_steps, 2e-3, 0.0), &no_ckpt, &out)?;
+        let f = finetune(&mut model, &base_dir, name, data, &lora, settings(&train, a.finetune_steps, 2e-3, 0.0), &no_ckpt, &out)?;
         println!();
         tuned.push((name, f));
     }
 
     // 3. One loaded base, three columns.
     let tok = Tokenizer::bytes();
-    let cs: Vec<lora_lm::data::Corpus> = corpora.iter().map(|(_, p)| super::corpus(p)).collect::<Result<_>>()?;
     println!("Validation bits per byte (first {} bytes of each corpus' validation split), one loaded base:", a.eval_tokens);
     let w = Windows { ctx: config.max_position_embeddings, max_tokens: Some(a.eval_tokens as usize), batch: 16, per_token: false };
     let table = eval_table(&mut model, &tok, &cs, &["sql".into(), "js".into()], w)?;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lora_lm::data::TokenStream;
+use lora_lm::data::{Corpus, TokenStream};
 use lora_lm::hf::{save_model, CONFIG_FILE, WEIGHTS_FILE};
 use lora_lm::train::{Mixture, TrainSettings, Trainer};
 use lora_lm::{Llama, LlamaConfig, Tokenizer};
@@ -37,13 +37,17 @@ pub fn shape_config(s: &LmShapeArgs) -> Result<LlamaConfig> {
     Ok(c)
 }
 
-/// A mixture of byte streams from weighted corpus files.
-pub fn mixture(files: &[(PathBuf, f64)], tok: &Tokenizer) -> Result<Mixture> {
+/// Reads weighted corpus files (each once; errors name the file).
+pub fn read_weighted(files: &[(PathBuf, f64)]) -> Result<Vec<(Corpus, f64)>> {
+    files.iter().map(|(p, w)| Ok((corpus(p)?, *w))).collect()
+}
+
+/// A mixture of token streams from weighted corpora.
+pub fn mixture(corpora: &[(&Corpus, f64)], tok: &Tokenizer) -> Result<Mixture> {
     let mut m = Mixture::new();
-    for (path, w) in files {
-        let c = corpus(path)?;
-        let s = TokenStream::from_corpus(&c, tok)?;
-        m.add(&c.short_name(), s, *w).with_context(|| format!("data {}", path.display()))?;
+    for (c, w) in corpora {
+        let s = TokenStream::from_corpus(c, tok)?;
+        m.add(&c.short_name(), s, *w).with_context(|| format!("data {}", c.path.display()))?;
     }
     Ok(m)
 }
@@ -86,13 +90,13 @@ pub fn train_with_bar(label: &str, model: &Llama, data: &Mixture, s: TrainSettin
 /// Pre-trains a base and writes it to `out`; returns the model, the trainer and the JSON summary.
 pub fn pretrain(
     config: &LlamaConfig,
-    files: &[(PathBuf, f64)],
+    corpora: &[(&Corpus, f64)],
     s: TrainSettings,
     ck: &LmCheckpointArgs,
     out: &Path,
 ) -> Result<(Llama, Trainer, Value)> {
     let model = Llama::random(config, s.seed)?;
-    let data = mixture(files, &Tokenizer::bytes())?;
+    let data = mixture(corpora, &Tokenizer::bytes())?;
     for (name, tokens, w) in data.sources() {
         println!("  {name:<8} {tokens:>10} train bytes, weight {w}");
     }
@@ -132,7 +136,9 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
     let config = shape_config(&a.shape)?;
     let files = if a.data.is_empty() { default_mix(Path::new("data/code")) } else { a.data.clone() };
     let s = settings(&a.train, a.steps, a.lr, 0.1);
-    let (_, trainer, summary) = pretrain(&config, &files, s, &a.checkpoint, &a.out)?;
+    let corpora = read_weighted(&files)?;
+    let weighted: Vec<(&Corpus, f64)> = corpora.iter().map(|(c, w)| (c, *w)).collect();
+    let (_, trainer, summary) = pretrain(&config, &weighted, s, &a.checkpoint, &a.out)?;
     println!(
         "Final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}",
         summary["final_loss"].as_f64().unwrap_or(f64::NAN),
