@@ -284,8 +284,7 @@ impl Llama {
             }
             if !layer.is_disabled() {
                 for ad in layer.active().iter().filter(|a| !layer.merged().contains(a)) {
-                    let ad_ref = layer.adapter(ad);
-                    if let Ok(x) = ad_ref {
+                    if let Ok(x) = layer.adapter(ad) {
                         out.push((format!("{name}.lora_A.{ad}"), x.a().clone()));
                         out.push((format!("{name}.lora_B.{ad}"), x.b().clone()));
                     }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora_lm::train::StepReport;
 
+use crate::common::{check_outputs, Out};
 use crate::lm_cli::{LmArgs, LmCommand};
 
 pub fn run(a: LmArgs) -> Result<()> {
@@ -63,9 +64,7 @@ impl StepBar {
 /// Refuses to start when an output directory already holds files the command would overwrite, or when
 /// its path is an existing file: checked before any work is done.
 pub fn check_out_dir(dir: &Path, files: &[&str]) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        anyhow::bail!("{}: exists and is not a directory (the output is a directory)", dir.display());
-    }
+    check_outputs(&[("--out", Some(dir), Out::Dir)])?;
     for f in files {
         let p = dir.join(f);
         if p.exists() {
