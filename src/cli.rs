@@ -43,6 +43,88 @@ pub enum Command {
     /// Language models: pre-train, fine-tune, evaluate, generate and benchmark a Llama-architecture
     /// decoder with LoRA adapters, reading and writing Hugging Face files.
     Lm(crate::lm_cli::LmArgs),
+    /// Serve one base model with many LoRA adapters over HTTP (OpenAI-compatible completions for a
+    /// language model, predictions for an MNIST model): adapters chosen per request, mixed in one batch,
+    /// loaded and unloaded while requests run.
+    Serve(ServeArgs),
+    /// Drive a `lora serve` on this machine with N clients for S seconds and report throughput and latency.
+    Loadtest(LoadtestArgs),
+}
+
+/// `lora serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The base: an LM model directory (config.json + safetensors) or an MNIST model file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// The adapters folder: every sub-folder holding a PEFT adapter is loaded under its folder name, and
+    /// /v1/load_lora_adapter loads from inside it only.
+    #[arg(long, value_name = "DIR")]
+    pub adapters: Option<PathBuf>,
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// The base's name in requests' "model" (default: the model path's file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Most adapters held in memory; the least recently used beyond it go back to disk (read again on use).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_loaded_adapters: u32,
+    /// Most rows per batched forward pass: sequences for a language model, images for a classifier.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch: Option<u32>,
+    /// How long an idle batcher waits for more requests after the first, milliseconds.
+    #[arg(long, default_value_t = 2)]
+    pub batch_window_ms: u64,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Most images per prediction request.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_images: u32,
+    /// Most prompts per completion request.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_prompts: u32,
+    /// Largest max_tokens a completion may ask for.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+    /// Threads for the model's kernels (default: every core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+}
+
+/// `lora loadtest`.
+#[derive(Debug, Args)]
+pub struct LoadtestArgs {
+    /// The server (a loopback address: this command only drives servers on this machine).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Length of the run, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub seconds: f64,
+    /// Models to address in turn, comma-separated (the base's name or adapters' names).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub models: Vec<String>,
+    /// Completions: max_tokens per request (greedy).
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Completions: the prompt.
+    #[arg(long, default_value = "SELECT ")]
+    pub prompt: String,
+    /// Predictions: images per request.
+    #[arg(long, default_value_t = 16)]
+    pub images: usize,
+    /// Meanwhile keep reloading the named adapters in place and loading and unloading a copy.
+    #[arg(long)]
+    pub churn: bool,
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Pictures and the HTML page.

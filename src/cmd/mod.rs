@@ -8,9 +8,11 @@ mod finetune;
 mod graph;
 mod inspect;
 mod lm;
+mod loadtest;
 mod merge;
 mod params;
 mod pretrain;
+mod serve;
 
 use anyhow::Result;
 
@@ -29,6 +31,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Graph(a) => graph::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Lm(a) => lm::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Loadtest(a) => loadtest::run(a),
     }
 }
 

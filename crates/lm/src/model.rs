@@ -53,12 +53,12 @@ pub fn module_name(layer: usize, proj: &str) -> String {
 /// copies only its own new slots.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<(Vec<f32>, Vec<f32>)>, // (B, cap, n_kv, d) each
-    width: usize,                      // n_kv · d
-    cap: usize,
+    pub(crate) layers: Vec<(Vec<f32>, Vec<f32>)>, // (B, cap, n_kv, d) each
+    width: usize,                                 // n_kv · d
+    pub(crate) cap: usize,
     max: usize,
     pad: Vec<usize>,
-    len: usize,
+    pub(crate) len: usize,
 }
 
 impl KvCache {
@@ -75,7 +75,7 @@ impl KvCache {
     }
 
     /// Makes room for `slots` slots per row, keeping the filled ones.
-    fn reserve(&mut self, slots: usize) {
+    pub(crate) fn reserve(&mut self, slots: usize) {
         if slots <= self.cap {
             return;
         }
@@ -94,7 +94,7 @@ impl KvCache {
     }
 
     /// Writes `t` new slots (B, t, n_kv, d) of layer `l` after the filled ones (room reserved).
-    fn write(&mut self, l: usize, k: &[f32], v: &[f32], t: usize) {
+    pub(crate) fn write(&mut self, l: usize, k: &[f32], v: &[f32], t: usize) {
         let (cap, w, len) = (self.cap, self.width, self.len);
         let (kb, vb) = &mut self.layers[l];
         for (buf, new) in [(kb, k), (vb, v)] {
@@ -133,15 +133,15 @@ impl KvCache {
 /// A Llama-architecture decoder whose projections are LoRA layers.
 #[derive(Debug)]
 pub struct Llama {
-    config: LlamaConfig,
-    embed: Var,              // (V, H)
-    norms: Vec<(Var, Var)>,  // input_layernorm, post_attention_layernorm: (H) each
-    final_norm: Var,         // (H)
-    names: Vec<[String; 7]>, // module names per layer, PROJECTIONS order
-    lora: LoraModel,         // the projections and lm_head
-    base_trainable: bool,    // embedding and norms train (pre-training)
+    pub(crate) config: LlamaConfig,
+    pub(crate) embed: Var,             // (V, H)
+    pub(crate) norms: Vec<(Var, Var)>, // input_layernorm, post_attention_layernorm: (H) each
+    pub(crate) final_norm: Var,        // (H)
+    names: Vec<[String; 7]>,           // module names per layer, PROJECTIONS order
+    pub(crate) lora: LoraModel,        // the projections (layer l's p-th at 7·l + p) and lm_head (last)
+    base_trainable: bool,              // embedding and norms train (pre-training)
     rope: Rope,
-    rope_tables: Arc<RopeTables>,
+    pub(crate) rope_tables: Arc<RopeTables>,
     fused: bool,
 }
 

@@ -281,12 +281,9 @@ pub struct SaveOptions {
 }
 
 impl LoraModel {
-    /// Inserts adapter `name` from validated files: every module must exist with matching shapes, and every
-    /// module the config targets must have tensors. On error the model is left unchanged.
-    pub fn insert_adapter_files(&mut self, name: &str, files: &AdapterFiles) -> Result<()> {
-        if self.adapter_names().iter().any(|n| n == name) {
-            return Err(LoraError::DuplicateAdapter(name.to_string()));
-        }
+    /// Checks validated files against this model: every module exists with matching shapes, every module
+    /// the config targets has tensors, every named target exists.
+    pub fn check_adapter_files(&self, files: &AdapterFiles) -> Result<()> {
         let wpath = files.dir.join(WEIGHTS_FILE);
         let known: Vec<String> = self.layer_names().map(String::from).collect();
         for (module, (a, b)) in &files.tensors {
@@ -322,6 +319,16 @@ impl LoraModel {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Inserts adapter `name` from validated files: every module must exist with matching shapes, and every
+    /// module the config targets must have tensors. On error the model is left unchanged.
+    pub fn insert_adapter_files(&mut self, name: &str, files: &AdapterFiles) -> Result<()> {
+        if self.adapter_names().iter().any(|n| n == name) {
+            return Err(LoraError::DuplicateAdapter(name.to_string()));
+        }
+        self.check_adapter_files(files)?;
         for (module, (a, b)) in &files.tensors {
             let c = &files.config;
             let ad = Adapter::from_tensors(a, b, c.alpha_for(module), c.scale_for(module), c.dropout)?;

@@ -19,6 +19,7 @@ pub mod fused;
 pub mod io;
 mod linear;
 mod merge;
+mod mixed;
 mod model;
 
 pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
@@ -27,4 +28,5 @@ pub use error::{LoraError, Result};
 pub use fused::{Activation, Backend};
 pub use linear::{Adapter, LoraLinear};
 pub use merge::{BaseSnapshot, Combination};
+pub use mixed::{PackedAdapter, RowGroup};
 pub use model::LoraModel;

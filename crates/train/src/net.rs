@@ -64,6 +64,20 @@ impl ExpensiveNet {
         Ok(ExpensiveNet { model })
     }
 
+    /// A network from a safetensors file written by `lora pretrain` (PyTorch state_dict names); any other
+    /// tensor in the file is refused by name.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let f = lora::io::TensorFile::load(path, &Device::Cpu).map_err(|e| TrainError::Lora(lora::LoraError::File(e)))?;
+        let known: Vec<String> = LAYERS.iter().flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")]).collect();
+        if let Some((extra, _)) = f.tensors.iter().find(|(n, _)| !known.contains(n)) {
+            return Err(TrainError::Model {
+                path: path.display().to_string(),
+                why: format!("unexpected tensor {extra} (an ExpensiveNet file holds {})", known.join(", ")),
+            });
+        }
+        Self::from_tensors(|n| f.get(n).cloned(), &path.display().to_string())
+    }
+
     /// Logits for x: (B, inputs) → (B, classes). `train` enables adapter dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.model.layer("linear1")?.forward_act_t(x, train, Activation::Relu)?; // (B, h1)

@@ -1,0 +1,84 @@
+//! One decode step of a serving batch (16 sequences, 32 cached tokens each) on the LM demo's shape
+//! (hidden 256, MLP 768, 4 layers): no adapter, one adapter for every row, and 16 adapters mixed.
+//! The mixed/one ratio is the serving issue's ≥ 0.8 goal at the level of the model.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use lora::LoraConfig;
+use lora_lm::mixed::Sequence;
+use lora_lm::{KvCache, Llama, LlamaConfig, PROJECTIONS};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn setup() -> (Llama, Vec<lora::PackedAdapter>) {
+    let c = LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        head_dim: 32,
+        max_position_embeddings: 256,
+        ..LlamaConfig::byte_default()
+    };
+    let mut m = Llama::random(&c, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = LoraConfig {
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        init: lora::Init::PeftGaussian,
+        ..LoraConfig::new(8, 16.0)
+    };
+    let mut packed = Vec::new();
+    for i in 0..16 {
+        let name = format!("a{i}");
+        m.lora_mut().add_adapter(&name, &config, &mut StdRng::seed_from_u64(i)).unwrap();
+        let d = dir.path().join(&name);
+        lora_lm::hf::save_adapter(&m, &name, &d, None, Default::default()).unwrap();
+        packed.push(m.pack_adapter(&lora::read_adapter(&d).unwrap()).unwrap());
+        m.lora_mut().remove_adapter(&name).unwrap();
+    }
+    (m, packed)
+}
+
+fn caches(m: &Llama, n: usize) -> Vec<KvCache> {
+    (0..n)
+        .map(|i| {
+            let mut c = m.sequence_cache();
+            let prompt: Vec<u32> = (0..32).map(|t| ((t * 7 + i) % 256) as u32).collect();
+            m.forward_mixed(&mut [Sequence { tokens: &prompt, cache: &mut c, adapter: None }]).unwrap();
+            c
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let (m, packed) = setup();
+    let rows = 16;
+    let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [(i * 13 % 256) as u32]).collect();
+    let mut g = c.benchmark_group("decode step, 16 sequences");
+    for (label, pick) in [("base", None), ("one adapter", Some(false)), ("16 adapters", Some(true))] {
+        let base = caches(&m, rows);
+        g.bench_function(label, |b| {
+            b.iter_batched_ref(
+                || base.clone(),
+                |cs| {
+                    let mut seqs: Vec<Sequence<'_>> = cs
+                        .iter_mut()
+                        .zip(&tokens)
+                        .enumerate()
+                        .map(|(i, (cache, t))| Sequence {
+                            tokens: t,
+                            cache,
+                            adapter: pick.map(|mixed: bool| &packed[if mixed { i } else { 0 }]),
+                        })
+                        .collect();
+                    m.forward_mixed(&mut seqs).unwrap()
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

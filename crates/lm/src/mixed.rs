@@ -1,0 +1,156 @@
+//! Ragged, mixed-adapter batches for serving: sequences of different lengths, at different positions,
+//! each with its own adapter and its own cache, run through the model as one batch of rows.
+//!
+//! For sequences s = 1…S with t_s new tokens after c_s cached ones, the rows of every projection are
+//! the Σ t_s new tokens one after another (no padding):
+//!
+//! ```text
+//! h = E[tokens]                                        (Σ t_s, H)
+//! per layer: x = RMSNorm(h)
+//!            q, k, v = x·Wᵀ + s_a·(x·A_aᵀ)·B_aᵀ         one base product for all rows, each row's own delta
+//!            RoPE at each row's own position c_s + j
+//!            attention per sequence over its cache     (t_s queries, c_s + t_s keys, causal)
+//!            h = h + o_proj(…);  h = h + down(SwiGLU(gate(x), up(x)))
+//! logits of each sequence's last row = RMSNorm(h_last)·W_headᵀ (+ its delta)   (S, V)
+//! ```
+//!
+//! The same kernels as [`Llama::forward`]'s fused path (norm, RoPE, attention, SwiGLU); the projections
+//! are [`lora::LoraModel::forward_mixed`]. A sequence's logits therefore do not depend on the other
+//! sequences' adapters, and differ from its logits alone only by the f32 rounding of the base products'
+//! batch-size-dependent summation order.
+
+use candle_core::{Device, Tensor};
+use lora::{Activation, PackedAdapter, RowGroup};
+
+use crate::error::{LmError, Result};
+use crate::fused::{self, attention::attention_forward, AttentionShape, RopeOp};
+use crate::model::{KvCache, Llama, LM_HEAD};
+
+/// One sequence of a mixed batch: its new tokens, its cache (made by [`Llama::sequence_cache`]) and
+/// its adapter.
+#[derive(Debug)]
+pub struct Sequence<'a> {
+    /// Tokens after the cached ones (the prompt, then one token per step).
+    pub tokens: &'a [u32],
+    /// The sequence's keys and values so far; the new tokens are added.
+    pub cache: &'a mut KvCache,
+    /// The adapter for this sequence (`None`: the base model).
+    pub adapter: Option<&'a PackedAdapter>,
+}
+
+impl Llama {
+    /// An empty cache for one sequence of [`Llama::forward_mixed`].
+    pub fn sequence_cache(&self) -> KvCache {
+        KvCache::new(&self.config, vec![0])
+    }
+
+    /// Lays out adapter files for mixed batches of this model, after checking them against it.
+    pub fn pack_adapter(&self, files: &lora::AdapterFiles) -> Result<PackedAdapter> {
+        Ok(self.lora.pack_adapter(files)?)
+    }
+
+    /// Runs every sequence's new tokens as one batch; returns the logits after each sequence's last
+    /// token, (S, V) flat. Nothing is recorded for gradients.
+    ///
+    /// With several threads and several sequences, the sequences are split into one part per thread,
+    /// each part a batch of its own on its own core (as [`crate::generate::generate`] splits its rows):
+    /// a decode step's products are too small to split well inside each product.
+    pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        self.check_sequences(seqs)?;
+        let parts = lora::fused::threads().min(seqs.len());
+        if parts <= 1 {
+            return self.forward_part(seqs);
+        }
+        let per = seqs.len().div_ceil(parts);
+        let outs: Vec<Result<Vec<f32>>> = seqs.par_chunks_mut(per).map(|part| lora::fused::serial(|| self.forward_part(part))).collect();
+        let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
+        for o in outs {
+            logits.extend(o?);
+        }
+        Ok(logits)
+    }
+
+    fn check_sequences(&self, seqs: &[Sequence<'_>]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        let max = self.rope_tables.max_positions();
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() || s.cache.pad().len() != 1 || s.cache.len + s.tokens.len() > max {
+                return Err(LmError::invalid(
+                    format!("sequence {i}"),
+                    format!("{} new tokens after {}", s.tokens.len(), s.cache.len),
+                    format!("needs at least one token, a one-sequence cache and at most {max} positions"),
+                ));
+            }
+            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(LmError::invalid(format!("sequence {i}"), format!("token {t}"), format!("outside the vocabulary ({vocab})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Llama::forward_mixed`] of checked sequences as one batch.
+    fn forward_part(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let groups: Vec<RowGroup<'_>> = seqs.iter().map(|s| RowGroup { rows: s.tokens.len(), adapter: s.adapter }).collect();
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let positions: Vec<u32> = seqs.iter().flat_map(|s| (s.cache.len..s.cache.len + s.tokens.len()).map(|p| p as u32)).collect();
+        let rows = ids.len();
+        for s in seqs.iter_mut() {
+            let want = s.cache.len + s.tokens.len();
+            s.cache.reserve(want);
+        }
+        let rope = RopeOp::new(self.rope_tables.clone(), positions)?;
+        let dev = Device::Cpu;
+        let embed = self.embed.as_detached_tensor();
+        let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
+        let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity)?) };
+        for l in 0..c.num_hidden_layers {
+            let at = 7 * l;
+            let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
+            let q = rope.apply(&proj(at, &x)?)?;
+            let k = rope.apply(&proj(at + 1, &x)?)?;
+            let v = proj(at + 2, &x)?;
+            let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
+            let mut a = Vec::with_capacity(rows * nh * d);
+            let mut r0 = 0;
+            for s in seqs.iter_mut() {
+                let t = s.tokens.len();
+                let cache = &mut *s.cache;
+                cache.write(l, &k[r0 * nkv * d..(r0 + t) * nkv * d], &v[r0 * nkv * d..(r0 + t) * nkv * d], t);
+                let shape =
+                    AttentionShape { batch: 1, tq: t, tk: cache.len + t, heads: nh, kv_heads: nkv, d, offset: cache.len, pad: vec![0] };
+                let (kb, vb) = &cache.layers[l];
+                let (out, _) = attention_forward(&q[r0 * nh * d..(r0 + t) * nh * d], kb, vb, cache.cap, &shape)?;
+                a.extend_from_slice(&out);
+                r0 += t;
+            }
+            let a = Tensor::from_vec(a, (rows, nh * d), &dev)?;
+            h = (h + proj(at + 3, &a)?)?;
+            let x = fused::rms_norm(&h, &self.norms[l].1.as_detached_tensor(), c.rms_norm_eps)?;
+            let gu = fused::swiglu(&proj(at + 4, &x)?, &proj(at + 5, &x)?)?;
+            h = (h + proj(at + 6, &gu)?)?;
+        }
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut r = 0;
+        for s in seqs.iter_mut() {
+            r += s.tokens.len();
+            last.push((r - 1) as u32);
+            s.cache.len += s.tokens.len();
+        }
+        let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
+        let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
+        let heads: Vec<RowGroup<'_>> = seqs.iter().map(|s| RowGroup { rows: 1, adapter: s.adapter }).collect();
+        let head = 7 * c.num_hidden_layers;
+        debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
+        flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity)?)
+    }
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}

@@ -1,0 +1,288 @@
+//! Mixed-adapter batches: rows that name different adapters share one base product (Punica's BGMV idea).
+//!
+//! For rows x_i (n, in), each with its own adapter a(i) or none, a layer computes
+//!
+//! ```text
+//! y_i = act(x_i·W0ᵀ + b + s_a(i) · (x_i·A_a(i)ᵀ)·B_a(i)ᵀ)
+//! ```
+//!
+//! The base product `X·W0ᵀ` runs once for the whole batch ([`crate::fused::matmul_into`]); then each
+//! group of rows gets the delta of its adapter, two thin products of r·(in + out) multiply-adds per row
+//! (a few percent of the row's base product). A [`PackedAdapter`] stores A as (r, in) and B transposed,
+//! (r, out), so both products read contiguous rows and their kernels are chosen by layout alone: a row's
+//! delta is the same whatever else is in the batch. The base product's kernel is chosen by shape,
+//! including the batch's size, so a row's output in a batch differs from its output alone by f32
+//! rounding only.
+
+use candle_core::{DType, Tensor};
+
+use crate::adapter::AdapterFiles;
+use crate::config::LoraConfig;
+use crate::error::{LoraError, Result};
+use crate::fused::{matmul_into, Activation, Held, MatRef};
+use crate::model::LoraModel;
+
+/// One layer's delta of a packed adapter.
+#[derive(Debug, Clone)]
+struct PackedDelta {
+    a: Vec<f32>,  // A, (r, in)
+    bt: Vec<f32>, // Bᵀ, (r, out)
+    r: usize,
+    inp: usize,
+    out: usize,
+    scale: f32,
+}
+
+impl PackedDelta {
+    /// `y += s·(x·Aᵀ)·Bᵀ` for x (n, in), y (n, out); `xa` and `d` are scratch.
+    fn add_to(&self, x: &[f32], n: usize, y: &mut [f32], xa: &mut Vec<f32>, d: &mut Vec<f32>) -> Result<()> {
+        xa.resize(n * self.r, 0.0);
+        d.resize(n * self.out, 0.0);
+        // x·Aᵀ as dot products of x's rows with A's rows; then (x·Aᵀ)·Bᵀ with Bᵀ's rows contiguous: both
+        // plans are chosen by the operands' layouts, not by n, so a row's delta is the same in any batch.
+        matmul_into(xa, MatRef::row_major(x, n, self.inp)?, MatRef::row_major(&self.a, self.r, self.inp)?.t(), 1.0, false)?;
+        matmul_into(d, MatRef::row_major(xa, n, self.r)?, MatRef::row_major(&self.bt, self.r, self.out)?, 1.0, false)?;
+        for (yo, o) in y.iter_mut().zip(d.iter()) {
+            *yo += o * self.scale; // the fused layer's `y + (d * s)`, same rounding
+        }
+        Ok(())
+    }
+}
+
+/// An adapter laid out for mixed batches of one [`LoraModel`]: per layer (in the model's order), the
+/// delta or nothing. Immutable once built; share it with `Arc`.
+#[derive(Debug, Clone)]
+pub struct PackedAdapter {
+    layers: Vec<Option<PackedDelta>>,
+    config: LoraConfig,
+    params: usize,
+}
+
+impl PackedAdapter {
+    /// The adapter's configuration (`target_modules` = the layers it adapts).
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+    /// Trainable parameters held (Σ r·(in + out)).
+    pub fn num_params(&self) -> usize {
+        self.params
+    }
+    /// Whether layer `i` (in the model's order) has a delta.
+    pub fn adapts(&self, i: usize) -> bool {
+        self.layers.get(i).is_some_and(Option::is_some)
+    }
+}
+
+/// A run of consecutive rows of a batch that share an adapter (`None`: the base alone).
+#[derive(Debug, Clone, Copy)]
+pub struct RowGroup<'a> {
+    /// How many rows.
+    pub rows: usize,
+    /// Their adapter.
+    pub adapter: Option<&'a PackedAdapter>,
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl LoraModel {
+    /// Lays out validated adapter files for [`LoraModel::forward_mixed`], after the same checks as
+    /// [`LoraModel::insert_adapter_files`] (modules, shapes, targets). The model is not changed.
+    pub fn pack_adapter(&self, files: &AdapterFiles) -> Result<PackedAdapter> {
+        self.check_adapter_files(files)?;
+        let mut layers = Vec::new();
+        for (name, layer) in self.layers() {
+            let Some((a, b)) = files.tensors.get(name) else {
+                layers.push(None);
+                continue;
+            };
+            let (r, inp, out) = (a.dims()[0], layer.in_features(), layer.out_features());
+            let a = values(&a.contiguous()?)?;
+            let bt = values(&b.t()?.contiguous()?)?;
+            layers.push(Some(PackedDelta { a, bt, r, inp, out, scale: files.config.scale_for(name) as f32 }));
+        }
+        let config = LoraConfig { target_modules: files.tensors.keys().cloned().collect(), ..files.config.clone() };
+        Ok(PackedAdapter { layers, config, params: files.num_params() })
+    }
+
+    /// Layer `index`'s output for a batch whose rows come in `groups`, each group with its own adapter:
+    /// x (n, in) → (n, out), n = Σ rows. Only the adapters in `groups` apply (the layer's own active
+    /// adapters do not); nothing is recorded for gradients.
+    pub fn forward_mixed(&self, index: usize, x: &Tensor, groups: &[RowGroup<'_>], act: Activation) -> Result<Tensor> {
+        let layer = self.layer_at(index).ok_or_else(|| LoraError::config("layer", index, "no layer at this position"))?;
+        let (inp, out) = (layer.in_features(), layer.out_features());
+        let (n, cols) = x.dims2()?;
+        let total: usize = groups.iter().map(|g| g.rows).sum();
+        if cols != inp || total != n {
+            return Err(LoraError::config(
+                "batch",
+                format!("({n}, {cols})"),
+                format!("expected ({total}, {inp}): the groups' rows and the layer's inputs"),
+            ));
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
+        let (hx, hw) = (Held::new(&x), Held::new(&w));
+        let xs = hx.slice()?;
+        let mut y = vec![0f32; n * out];
+        matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?;
+        if let Some(b) = layer.bias() {
+            let b = values(b.as_tensor())?;
+            for row in y.chunks_exact_mut(out) {
+                for (v, bv) in row.iter_mut().zip(&b) {
+                    *v += *bv;
+                }
+            }
+        }
+        let (mut xa, mut d) = (Vec::new(), Vec::new());
+        let mut row = 0;
+        // The deltas are small products: each on this thread (splitting them would cost more than they do).
+        crate::fused::serial(|| -> Result<()> {
+            for g in groups {
+                if let Some(delta) = g.adapter.and_then(|a| a.layers.get(index)).and_then(Option::as_ref) {
+                    if delta.inp != inp || delta.out != out {
+                        return Err(LoraError::config(
+                            "adapter",
+                            format!("({}, {})", delta.inp, delta.out),
+                            "was packed for another model",
+                        ));
+                    }
+                    let rows = row..row + g.rows;
+                    delta.add_to(
+                        &xs[rows.start * inp..rows.end * inp],
+                        g.rows,
+                        &mut y[rows.start * out..rows.end * out],
+                        &mut xa,
+                        &mut d,
+                    )?;
+                }
+                row += g.rows;
+            }
+            Ok(())
+        })?;
+        if act == Activation::Relu {
+            for v in &mut y {
+                *v = v.max(0.0);
+            }
+        }
+        Ok(Tensor::from_vec(y, (n, out), x.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::{Adapter, LoraLinear};
+    use candle_core::Device;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::PathBuf;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut g = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
+    }
+    fn t2(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    const IN: usize = 37;
+    const OUT: usize = 29;
+
+    fn model() -> LoraModel {
+        let mut m = LoraModel::new();
+        let w = t2(rand_vec(OUT * IN, 1), (OUT, IN));
+        m.push("fc", LoraLinear::new(w, Some(Tensor::from_vec(rand_vec(OUT, 2), OUT, &Device::Cpu).unwrap())).unwrap()).unwrap();
+        m
+    }
+
+    fn files(r: usize, alpha: f64, seed: u64) -> AdapterFiles {
+        let a = t2(rand_vec(r * IN, seed), (r, IN));
+        let b = t2(rand_vec(OUT * r, seed + 1), (OUT, r));
+        let config = LoraConfig { r, alpha, target_modules: vec!["fc".into()], ..LoraConfig::default() };
+        AdapterFiles {
+            dir: PathBuf::from("mem"),
+            config,
+            base_model_name_or_path: None,
+            tensors: BTreeMap::from([("fc".to_string(), (a, b))]),
+            metadata: HashMap::new(),
+            dtypes: Vec::new(),
+            bytes: (0, 0),
+        }
+    }
+
+    #[test]
+    fn each_row_of_a_mixed_batch_gets_its_own_adapters_output() {
+        let m = model();
+        let adapters = [files(3, 5.0, 10), files(5, 2.0, 20)];
+        let packed: Vec<PackedAdapter> = adapters.iter().map(|f| m.pack_adapter(f).unwrap()).collect();
+        // Rows: 2 with adapter 0, 1 with none, 3 with adapter 1.
+        let groups = [
+            RowGroup { rows: 2, adapter: Some(&packed[0]) },
+            RowGroup { rows: 1, adapter: None },
+            RowGroup { rows: 3, adapter: Some(&packed[1]) },
+        ];
+        let x = t2(rand_vec(6 * IN, 30), (6, IN));
+        let got = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu).unwrap());
+        // The reference: each adapter inserted into a copy of the layer and run through candle's ops.
+        let mut reference = model();
+        for (i, f) in adapters.iter().enumerate() {
+            let (a, b) = &f.tensors["fc"];
+            let ad = Adapter::from_tensors(a, b, f.config.alpha, f.config.scale_for("fc"), 0.0).unwrap();
+            reference.layer_mut("fc").unwrap().insert_adapter(&format!("a{i}"), ad).unwrap();
+        }
+        let mut want = Vec::new();
+        for (rows, active) in [(0..2, Some("a0")), (2..3, None), (3..6, Some("a1"))] {
+            let l = reference.layer_mut("fc").unwrap();
+            l.set_active(&active.into_iter().collect::<Vec<_>>()).unwrap();
+            l.set_backend(crate::Backend::Reference);
+            let xr = x.narrow(0, rows.start, rows.len()).unwrap();
+            want.extend(flat(&l.forward_act_t(&xr, false, Activation::Relu).unwrap()));
+        }
+        // Sums of 37 + r terms of size ≲ 1 in another order than candle's: f32 rounding ≈ 40·6e-8; 1e-5 is
+        // far above that and far below any wrong term (≈ 0.1).
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "row {} col {}: {g} vs {w}", i / OUT, i % OUT);
+        }
+    }
+
+    #[test]
+    fn a_rows_delta_does_not_depend_on_the_rest_of_the_batch() {
+        let m = model();
+        let p = [m.pack_adapter(&files(4, 8.0, 40)).unwrap(), m.pack_adapter(&files(2, 1.0, 50)).unwrap()];
+        let x = t2(rand_vec(3 * IN, 60), (3, IN));
+        let mixed = flat(
+            &m.forward_mixed(
+                0,
+                &x,
+                &[RowGroup { rows: 1, adapter: Some(&p[0]) }, RowGroup { rows: 2, adapter: Some(&p[1]) }],
+                Activation::Identity,
+            )
+            .unwrap(),
+        );
+        let base = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap());
+        let alone = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: Some(&p[1]) }], Activation::Identity).unwrap());
+        // Same batch, same base product: rows 1 and 2 are bit-identical to the batch where every row has
+        // adapter 1, and row 0 differs from the base.
+        assert_eq!(&mixed[OUT..], &alone[OUT..]);
+        assert_ne!(&mixed[..OUT], &base[..OUT]);
+    }
+
+    #[test]
+    fn an_adapter_for_another_shape_or_a_wrong_batch_is_refused_by_name() {
+        let m = model();
+        let mut f = files(2, 2.0, 70);
+        let (a, _) = f.tensors["fc"].clone();
+        f.tensors.insert("fc".into(), (a, t2(rand_vec(5 * 2, 1), (5, 2))));
+        let e = m.pack_adapter(&f).unwrap_err().to_string();
+        assert!(e.contains("lora_B") && e.contains("[5, 2]"), "{e}");
+        let x = t2(rand_vec(2 * IN, 1), (2, IN));
+        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap_err().to_string();
+        assert!(e.contains("batch"), "{e}");
+    }
+}

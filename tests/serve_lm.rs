@@ -1,0 +1,534 @@
+//! `lora serve` with a language model, through the real binary and real HTTP: completions equal `lora lm
+//! generate`, a mixed batch gives every row what it gets alone, bad requests get a 4xx and the server
+//! keeps serving, and adapters load, reload and unload while 16 clients stream.
+
+mod serve_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use futures_util::future::join_all;
+use lora::LoraConfig;
+use lora_lm::hf::{save_adapter, save_model};
+use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use serve_support::{get, post, post_raw, s, stream, Served};
+
+fn config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        // Large random weights: the logits' top two are far apart, so greedy choices are robust to the
+        // f32 rounding that batch sizes change.
+        initializer_range: 0.3,
+        ..LlamaConfig::byte_default()
+    }
+}
+
+/// Writes adapter `name` (random non-zero B on every projection) for `m` into `dir`.
+fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
+    let c = LoraConfig {
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        init: lora::Init::PeftGaussian,
+        ..LoraConfig::new(4, 8.0)
+    };
+    m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
+    let mut g = StdRng::seed_from_u64(seed + 1000);
+    for (_, l) in m.lora().layers() {
+        if let Ok(ad) = l.adapter(name) {
+            let b = ad.b();
+            let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() - 0.5).collect();
+            b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    save_adapter(m, name, dir, None, BTreeMap::new()).unwrap();
+    m.lora_mut().remove_adapter(name).unwrap();
+}
+
+/// base/ (the model), adapters/{sql,js} (registered at start), adapters/spare/{sql_v2,foreign} (loadable
+/// at run time; `foreign` was trained on another base).
+fn fixture(root: &Path) {
+    let mut m = Llama::random(&config(), 1).unwrap();
+    save_model(&m, &root.join("base"), &BTreeMap::new()).unwrap();
+    write_adapter(&mut m, "sql", 1, &root.join("adapters/sql"));
+    write_adapter(&mut m, "js", 2, &root.join("adapters/js"));
+    write_adapter(&mut m, "sql_v2", 3, &root.join("adapters/spare/sql_v2"));
+    let mut other = Llama::random(&config(), 99).unwrap();
+    write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
+}
+
+fn start(root: &Path, extra: &[&str]) -> Served {
+    let (m, a) = (root.join("base"), root.join("adapters"));
+    let mut args = vec!["--model", s(&m), "--adapters", s(&a), "--threads", "2"];
+    args.extend_from_slice(extra);
+    Served::start(&args)
+}
+
+async fn complete(c: &reqwest::Client, url: &str, model: &str, prompt: &str, max_tokens: usize) -> String {
+    let (status, v) =
+        post(c, &format!("{url}/v1/completions"), &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}))
+            .await;
+    assert_eq!(status, 200, "{model}: {v}");
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_equal_the_clis_greedy_generation_for_the_base_and_each_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let server = start(d.path(), &[]);
+    let c = reqwest::Client::new();
+    let (_, models) = get(&c, &format!("{}/v1/models", server.url)).await;
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["base", "js", "sql"]);
+    assert_eq!(models["data"][2]["parent"], "base");
+    assert_eq!(models["data"][2]["lora"]["rank"], 4);
+    let prompt = "SELECT name FROM";
+    let mut seen = Vec::new();
+    for (model, adapter) in [("base", None), ("sql", Some("sql")), ("js", Some("js"))] {
+        let text = complete(&c, &server.url, model, prompt, 20).await;
+        let base = d.path().join("base");
+        let dir = adapter.map(|a| d.path().join("adapters").join(a));
+        let mut args = vec!["lm", "generate", "--model", s(&base), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"];
+        if let Some(dir) = &dir {
+            args.extend(["--adapter", s(dir)]);
+        }
+        let cli = serve_support::lora(&args);
+        assert_eq!(format!("{prompt}{text}\n"), cli, "{model}: the server and `lora lm generate` disagree");
+        // Streamed, the same text arrives in pieces, then one finish reason and [DONE].
+        let body = json!({"model": model, "prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": true});
+        let (streamed, finishes) = stream(&c, &server.url, &body, || {}).await.unwrap();
+        assert_eq!(streamed, text, "{model}: streamed text differs");
+        assert_eq!(finishes, ["length"]);
+        seen.push(text);
+    }
+    assert!(seen[0] != seen[1] && seen[1] != seen[2] && seen[0] != seen[2], "the adapters change nothing: {seen:?}");
+    // Several prompts in one request: one choice each, in order, each what it gets alone.
+    let (status, v) = post(
+        &c,
+        &format!("{}/v1/completions", server.url),
+        &json!({"model": "sql", "prompt": [prompt, "function f("], "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["choices"][0]["text"], seen[1].as_str());
+    assert_eq!(v["choices"][1]["text"], complete(&c, &server.url, "sql", "function f(", 20).await.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    // A stop string cuts the completion before it.
+    // (The random model writes random bytes; cut at an ASCII character past the first two characters.)
+    let cut = seen[1].chars().skip(2).find(|c| c.is_ascii_graphic()).expect("an ASCII character in the completion").to_string();
+    let cut = cut.as_str();
+    let (_, v) = post(
+        &c,
+        &format!("{}/v1/completions", server.url),
+        &json!({"model": "sql", "prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": [cut]}),
+    )
+    .await;
+    let want = &seen[1][..seen[1].find(cut).unwrap()];
+    assert_eq!((v["choices"][0]["text"].as_str().unwrap(), v["choices"][0]["finish_reason"].as_str().unwrap()), (want, "stop"));
+    // The same seed samples the same text as the CLI with that seed.
+    let (_, v) = post(
+        &c,
+        &format!("{}/v1/completions", server.url),
+        &json!({"model": "js", "prompt": prompt, "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+    )
+    .await;
+    let (base, js) = (d.path().join("base"), d.path().join("adapters/js"));
+    let cli = serve_support::lora(&[
+        "lm",
+        "generate",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&js),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    ]);
+    assert_eq!(format!("{prompt}{}\n", v["choices"][0]["text"].as_str().unwrap()), cli);
+    assert!(server.stop().success(), "SIGTERM should stop the server cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_adapter_batch_gives_every_request_exactly_what_it_gets_alone() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    // A long batching window: requests sent together start in one batch.
+    let server = start(d.path(), &["--batch-window-ms", "400"]);
+    let c = reqwest::Client::new();
+    let requests: Vec<(&str, String)> = (0..9)
+        .map(|i| (["base", "sql", "js"][i % 3], format!("{} {i} FROM t WHERE x = {}", ["SELECT", "UPDATE", "function"][i / 3], i * 7)))
+        .collect();
+    let together = join_all(requests.iter().map(|(m, p)| complete(&c, &server.url, m, p, 16))).await;
+    let metrics = c.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
+    let bucket = |le: &str| -> f64 {
+        let key = format!("lora_batch_rows_bucket{{le=\"{le}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&key)).unwrap().parse().unwrap()
+    };
+    assert!(bucket("4.0") < bucket("16.0"), "no batch held more than 4 sequences:\n{metrics}");
+    for ((model, prompt), got) in requests.iter().zip(&together) {
+        let alone = complete(&c, &server.url, model, prompt, 16).await;
+        assert_eq!(got, &alone, "{model} {prompt:?}: in a mixed batch it got another text than alone");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_a_4xx_with_a_json_error_and_the_next_good_request_succeeds() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let server = start(d.path(), &["--max-body-bytes", "4096", "--max-prompts", "2", "--max-tokens", "32"]);
+    let c = reqwest::Client::new();
+    let u = |route: &str| format!("{}{route}", server.url);
+    let ok = json!({"model": "sql", "prompt": "SELECT", "max_tokens": 4, "temperature": 0});
+    let long = "x".repeat(60);
+    let huge = "y".repeat(5000);
+    let foreign = d.path().join("adapters/spare/foreign");
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("malformed JSON", "/v1/completions", b"{\"model\": ".to_vec(), 400, "not valid JSON"),
+        (
+            "unknown model",
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "a"}).to_string().into_bytes(),
+            404,
+            "`nope` does not exist",
+        ),
+        ("no model", "/v1/completions", json!({"prompt": "a"}).to_string().into_bytes(), 400, "missing field `model`"),
+        (
+            "prompt past the context",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": long, "max_tokens": 8}).to_string().into_bytes(),
+            400,
+            "maximum context length is 64 tokens",
+        ),
+        (
+            "max_tokens over the limit",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": "a", "max_tokens": 33}).to_string().into_bytes(),
+            400,
+            "max_tokens = 33",
+        ),
+        (
+            "body over the limit",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": huge}).to_string().into_bytes(),
+            413,
+            "over the limit of 4096 bytes",
+        ),
+        (
+            "too many prompts",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": ["a", "b", "c"]}).to_string().into_bytes(),
+            400,
+            "3 prompts",
+        ),
+        ("empty prompt", "/v1/completions", json!({"model": "sql", "prompt": ""}).to_string().into_bytes(), 400, "empty"),
+        ("prompt not text", "/v1/completions", json!({"model": "sql", "prompt": 5}).to_string().into_bytes(), 400, "prompt = 5"),
+        (
+            "temperature out of range",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": "a", "temperature": 5}).to_string().into_bytes(),
+            400,
+            "temperature = 5",
+        ),
+        ("n > 1", "/v1/completions", json!({"model": "sql", "prompt": "a", "n": 2}).to_string().into_bytes(), 400, "n: only n = 1"),
+        (
+            "too many stop strings",
+            "/v1/completions",
+            json!({"model": "sql", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}).to_string().into_bytes(),
+            400,
+            "up to 4",
+        ),
+        (
+            "a classifier route",
+            "/v1/predict",
+            json!({"model": "sql", "images": [[0]]}).to_string().into_bytes(),
+            404,
+            "/v1/predict is not served here",
+        ),
+        ("no such route", "/v2/nothing", b"{}".to_vec(), 404, "no route /v2/nothing"),
+        (
+            "adapter name not plain",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "../evil", "lora_path": "sql"}).to_string().into_bytes(),
+            400,
+            "not a plain name",
+        ),
+        (
+            "adapter name of the base",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "base", "lora_path": "sql"}).to_string().into_bytes(),
+            400,
+            "the base model's name",
+        ),
+        (
+            "load path outside the folder",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "../base"}).to_string().into_bytes(),
+            400,
+            "outside the adapters folder",
+        ),
+        (
+            "load path absolute outside",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "/"}).to_string().into_bytes(),
+            400,
+            "outside the adapters folder",
+        ),
+        (
+            "load path missing",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "nothing-here"}).to_string().into_bytes(),
+            400,
+            "nothing-here",
+        ),
+        (
+            "adapter for another base",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": s(&foreign)}).to_string().into_bytes(),
+            400,
+            "trained on another base",
+        ),
+        (
+            "name in use",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "sql", "lora_path": "js"}).to_string().into_bytes(),
+            400,
+            "load_inplace",
+        ),
+        (
+            "unload unknown",
+            "/v1/unload_lora_adapter",
+            json!({"lora_name": "ghost"}).to_string().into_bytes(),
+            404,
+            "no adapter named \"ghost\"",
+        ),
+    ];
+    for (what, route, body, status, text) in cases {
+        let (got, v) = post_raw(&c, &u(route), body).await;
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(got, status, "{what}: {v}");
+        assert!(message.contains(text), "{what}: {message:?} lacks {text:?}");
+        let (after, v) = post(&c, &u("/v1/completions"), &ok).await;
+        assert_eq!(after, 200, "after {what}, a good request failed: {v}");
+    }
+    // The errors are counted by route and status.
+    let metrics = c.get(u("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("lora_request_errors_total{route=\"/v1/completions\",model=\"-\",status=\"413\"} 1"), "{metrics}");
+    // No half-loaded adapter is left behind by the refused loads.
+    let (_, models) = get(&c, &u("/v1/models")).await;
+    assert_eq!(models["data"].as_array().unwrap().len(), 3, "{models}");
+}
+
+#[test]
+fn a_server_that_cannot_start_says_why_and_exits_non_zero() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let base = d.path().join("base");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", "no/such/model"], "no/such/model"),
+        (vec!["--model", s(&base), "--adapters", "no/such/dir"], "no/such/dir"),
+        (vec!["--model", s(&base), "--addr", "not-an-address"], "--addr not-an-address"),
+        (vec!["--model", s(&base), "--name", "a b"], "name = a b"),
+    ];
+    for (args, want) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lora")).arg("serve").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A folder holding an adapter for another base stops the start, naming the folder.
+    std::fs::rename(d.path().join("adapters/spare/foreign"), d.path().join("adapters/foreign")).unwrap();
+    let a = d.path().join("adapters");
+    let o =
+        std::process::Command::new(env!("CARGO_BIN_EXE_lora")).args(["serve", "--model", s(&base), "--adapters", s(&a)]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("foreign") && err.contains("another base"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_reload_and_unload_while_16_clients_stream_and_no_request_fails_or_gets_another_adapters_text() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let server = start(d.path(), &["--max-loaded-adapters", "2"]);
+    let c = reqwest::Client::new();
+    let url = server.url.clone();
+    let load = |name: &str, path: &str| json!({"lora_name": name, "lora_path": path, "load_inplace": true});
+    let prompt = "SELECT id FROM";
+    // What each content gives alone.
+    let (base, sql, js) = (
+        complete(&c, &url, "base", prompt, 24).await,
+        complete(&c, &url, "sql", prompt, 24).await,
+        complete(&c, &url, "js", prompt, 24).await,
+    );
+    assert_eq!(post(&c, &format!("{url}/v1/load_lora_adapter"), &load("v2", "spare/sql_v2")).await.0, 200);
+    let v2 = complete(&c, &url, "v2", prompt, 24).await;
+    let all = [&base, &sql, &js, &v2];
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            assert_ne!(a, b, "two contents give the same text: the test could not tell them apart");
+        }
+    }
+    // 16 clients stream while "sql" is reloaded in place with new weights and back, and a third adapter
+    // is loaded and unloaded; only 2 adapters may be held, so others are evicted and read again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ops = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (route, body) in [
+                    ("load_lora_adapter", load("sql", "spare/sql_v2")),
+                    ("load_lora_adapter", load("extra", "js")),
+                    ("load_lora_adapter", load("sql", "sql")),
+                    ("unload_lora_adapter", json!({"lora_name": "extra"})),
+                ] {
+                    let (status, v) = post(&c, &format!("{url}/v1/{route}"), &body).await;
+                    assert_eq!(status, 200, "{route}: {v}");
+                    ops += 1;
+                }
+            }
+            ops
+        })
+    };
+    let mut clients = Vec::new();
+    for k in 0..16 {
+        let (c, url) = (c.clone(), url.clone());
+        let (base, sql, js, v2) = (base.clone(), sql.clone(), js.clone(), v2.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0..4 {
+                let model = ["sql", "js", "base", "extra"][(k + i) % 4];
+                let body = json!({"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": true});
+                let text = match stream(&c, &url, &body, || {}).await {
+                    Ok((text, _)) => text,
+                    // "extra" comes and goes: a request that finds it unloaded is refused before it starts.
+                    Err(e) if model == "extra" && e.starts_with("404") => continue,
+                    Err(e) => panic!("client {k}, {model}: {e}"),
+                };
+                let allowed: Vec<&String> = match model {
+                    "sql" => vec![&sql, &v2], // either content "sql" had when the request started
+                    "js" | "extra" => vec![&js],
+                    _ => vec![&base],
+                };
+                assert!(allowed.contains(&&text), "client {k}: {model} got another adapter's text: {text:?}");
+            }
+        }));
+    }
+    for h in clients {
+        h.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(churn.await.unwrap() >= 4);
+    // A name reloaded with new weights never serves the old ones.
+    assert_eq!(post(&c, &format!("{url}/v1/load_lora_adapter"), &load("sql", "spare/sql_v2")).await.0, 200);
+    assert_eq!(complete(&c, &url, "sql", prompt, 24).await, v2);
+    let metrics = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let evictions: f64 = metrics.lines().find_map(|l| l.strip_prefix("lora_adapter_evictions_total ")).unwrap().parse().unwrap();
+    assert!(evictions > 0.0, "the cap of 2 never evicted:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_or_replacing_an_adapter_never_changes_a_request_already_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    // An idle batcher waits 300 ms for company before it starts: a request accepted meanwhile is in flight
+    // (its adapter resolved, its response begun) but not yet computed.
+    let server = start(d.path(), &["--batch-window-ms", "300"]);
+    let c = reqwest::Client::new();
+    let url = server.url.clone();
+    let prompt = "SELECT id FROM";
+    let load = |name: &str, path: &str| json!({"lora_name": name, "lora_path": path, "load_inplace": true});
+    let v2 = {
+        assert_eq!(post(&c, &format!("{url}/v1/load_lora_adapter"), &load("tmp", "spare/sql_v2")).await.0, 200);
+        complete(&c, &url, "tmp", prompt, 24).await
+    };
+    let sql = complete(&c, &url, "sql", prompt, 24).await;
+    let js = complete(&c, &url, "js", prompt, 24).await;
+    assert_ne!(sql, v2);
+    let body = |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": true});
+    // Unload while accepted: the stream's headers are in, its tokens are not.
+    let r = c.post(format!("{url}/v1/completions")).json(&body("tmp")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(post(&c, &format!("{url}/v1/unload_lora_adapter"), &json!({"lora_name": "tmp"})).await.0, 200);
+    assert_eq!(sse_text(r).await, v2, "the unload changed a request in flight");
+    assert_eq!(post(&c, &format!("{url}/v1/completions"), &json!({"model": "tmp", "prompt": "a"})).await.0, 404);
+    // Replace while accepted: the request keeps the weights it started with; the next one gets the new.
+    let r = c.post(format!("{url}/v1/completions")).json(&body("sql")).send().await.unwrap();
+    assert_eq!(post(&c, &format!("{url}/v1/load_lora_adapter"), &load("sql", "spare/sql_v2")).await.0, 200);
+    assert_eq!(sse_text(r).await, sql, "the replacement changed a request in flight");
+    assert_eq!(complete(&c, &url, "sql", prompt, 24).await, v2, "the replaced name served its old weights");
+    // SIGTERM while a request is accepted: it still completes, then the server exits cleanly.
+    let r = c.post(format!("{url}/v1/completions")).json(&body("js")).send().await.unwrap();
+    server.terminate();
+    assert_eq!(sse_text(r).await, js, "the drained request was cut short or changed");
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reports_throughput_latency_and_no_errors_with_adapters_churning() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let server = start(d.path(), &[]);
+    let addr = server.url.strip_prefix("http://").unwrap().to_string();
+    let out = d.path().join("load.json");
+    let o = tokio::task::spawn_blocking(move || {
+        serve_support::lora(&[
+            "loadtest",
+            "--addr",
+            &addr,
+            "--clients",
+            "4",
+            "--seconds",
+            "1.5",
+            "--models",
+            "base,sql,js",
+            "--max-tokens",
+            "8",
+            "--churn",
+            "--json",
+            s(&out),
+        ]);
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&out).unwrap()).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!((o["errors"].as_u64(), o["churn_errors"].as_u64()), (Some(0), Some(0)), "{o}");
+    assert!(o["requests"].as_u64().unwrap() > 10 && o["churn_ops"].as_u64().unwrap() > 3, "{o}");
+    assert!(
+        o["tokens_per_s"].as_f64().unwrap() > 0.0 && o["latency_ms"]["p99"].as_f64().unwrap() >= o["latency_ms"]["p50"].as_f64().unwrap()
+    );
+    // Only servers on this machine.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(["loadtest", "--addr", "192.0.2.1:80", "--models", "m"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("loopback"), "{err}");
+}
+
+/// The text of a streamed completion's body.
+async fn sse_text(r: reqwest::Response) -> String {
+    let body = r.text().await.unwrap();
+    let mut text = String::new();
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line != "[DONE]" {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            text.push_str(v["choices"][0]["text"].as_str().unwrap());
+        }
+    }
+    assert!(body.contains("data: [DONE]"), "{body}");
+    text
+}

@@ -1,0 +1,139 @@
+//! Starting a real `lora serve` on a free loopback port, and talking to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// A running `lora serve`, killed when dropped.
+pub struct Served {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Served {
+    /// Starts `lora serve ARGS --addr 127.0.0.1:0` and waits until it listens.
+    pub fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lora"))
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(rest) = l.strip_prefix("lora serve: listening on ") {
+                        break rest.trim().to_string();
+                    }
+                }
+                _ => {
+                    let mut err = String::new();
+                    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                    panic!("lora serve {args:?} did not start:\n{err}");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Served { child, url }
+    }
+
+    /// Sends SIGTERM (what Ctrl-C's SIGINT also does: drain, then exit).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// POSTs JSON; returns the status and the JSON body (every answer of the server is JSON).
+pub async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}")))
+}
+
+/// POSTs raw bytes as JSON.
+pub async fn post_raw(c: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = c.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}")))
+}
+
+/// GETs JSON.
+pub async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}")))
+}
+
+/// A streamed completion: the concatenated text of every chunk, the finish reasons seen and whether
+/// the stream ended with `[DONE]`. Calls `on_first` once the first chunk has arrived.
+pub async fn stream(c: &reqwest::Client, url: &str, body: &Value, mut on_first: impl FnMut()) -> Result<(String, Vec<String>), String> {
+    let mut r = c.post(format!("{url}/v1/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+    }
+    let (mut buf, mut text, mut finishes, mut done, mut first) = (String::new(), String::new(), Vec::new(), false, true);
+    while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let data = event.trim().strip_prefix("data:").ok_or_else(|| format!("not an SSE data line: {event:?}"))?.trim().to_string();
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data}"))?;
+            if v.get("error").is_some() {
+                return Err(format!("error event: {data}"));
+            }
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+                finishes.push(f.to_string());
+            }
+            if first {
+                first = false;
+                on_first();
+            }
+        }
+    }
+    if !done {
+        return Err("the stream ended without [DONE]".into());
+    }
+    Ok((text, finishes))
+}
+
+/// Runs the `lora` binary; panics with its output unless it succeeds.
+pub fn lora(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_lora")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert!(o.status.success(), "{args:?} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
