@@ -4,66 +4,11 @@
 
 mod serve_support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
 use futures_util::future::join_all;
-use lora::LoraConfig;
-use lora_lm::hf::{save_adapter, save_model};
-use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::json;
-use serve_support::{get, post, post_raw, s, stream, Served};
-
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        max_position_embeddings: 64,
-        // Large random weights: the logits' top two are far apart, so greedy choices are robust to the
-        // f32 rounding that batch sizes change.
-        initializer_range: 0.3,
-        ..LlamaConfig::byte_default()
-    }
-}
-
-/// Writes adapter `name` (random non-zero B on every projection) for `m` into `dir`.
-fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
-    let c = LoraConfig {
-        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
-        init: lora::Init::PeftGaussian,
-        ..LoraConfig::new(4, 8.0)
-    };
-    m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
-    let mut g = StdRng::seed_from_u64(seed + 1000);
-    for (_, l) in m.lora().layers() {
-        if let Ok(ad) = l.adapter(name) {
-            let b = ad.b();
-            let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() - 0.5).collect();
-            b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();
-        }
-    }
-    save_adapter(m, name, dir, None, BTreeMap::new()).unwrap();
-    m.lora_mut().remove_adapter(name).unwrap();
-}
-
-/// base/ (the model), adapters/{sql,js} (registered at start), adapters/spare/{sql_v2,foreign} (loadable
-/// at run time; `foreign` was trained on another base).
-fn fixture(root: &Path) {
-    let mut m = Llama::random(&config(), 1).unwrap();
-    save_model(&m, &root.join("base"), &BTreeMap::new()).unwrap();
-    write_adapter(&mut m, "sql", 1, &root.join("adapters/sql"));
-    write_adapter(&mut m, "js", 2, &root.join("adapters/js"));
-    write_adapter(&mut m, "sql_v2", 3, &root.join("adapters/spare/sql_v2"));
-    let mut other = Llama::random(&config(), 99).unwrap();
-    write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
-}
+use serve_support::{fixture, get, post, post_raw, s, stream, Served};
 
 fn start(root: &Path, extra: &[&str]) -> Served {
     let (m, a) = (root.join("base"), root.join("adapters"));

@@ -9,6 +9,10 @@ use lora_lm::{KvCache, Llama, LlamaConfig, PROJECTIONS};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+/// The allocator `lora` uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn setup() -> (Llama, Vec<lora::PackedAdapter>) {
     let c = LlamaConfig {
         hidden_size: 256,
@@ -53,28 +57,25 @@ fn caches(m: &Llama, n: usize) -> Vec<KvCache> {
 fn bench(c: &mut Criterion) {
     let (m, packed) = setup();
     let rows = 16;
+    let distinct: usize = std::env::var("MIXED_DISTINCT").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [(i * 13 % 256) as u32]).collect();
     let mut g = c.benchmark_group("decode step, 16 sequences");
     for (label, pick) in [("base", None), ("one adapter", Some(false)), ("16 adapters", Some(true))] {
-        let base = caches(&m, rows);
+        let mut cs = caches(&m, rows);
         g.bench_function(label, |b| {
-            b.iter_batched_ref(
-                || base.clone(),
-                |cs| {
-                    let mut seqs: Vec<Sequence<'_>> = cs
-                        .iter_mut()
-                        .zip(&tokens)
-                        .enumerate()
-                        .map(|(i, (cache, t))| Sequence {
-                            tokens: t,
-                            cache,
-                            adapter: pick.map(|mixed: bool| &packed[if mixed { i } else { 0 }]),
-                        })
-                        .collect();
-                    m.forward_mixed(&mut seqs).unwrap()
-                },
-                criterion::BatchSize::SmallInput,
-            )
+            b.iter(|| {
+                // Each step decodes the 33rd token, then the caches forget it again: a steady decode step.
+                let mut seqs: Vec<Sequence<'_>> = cs
+                    .iter_mut()
+                    .zip(&tokens)
+                    .enumerate()
+                    .map(|(i, (cache, t))| {
+                        cache.truncate(32);
+                        Sequence { tokens: t, cache, adapter: pick.map(|mixed: bool| &packed[if mixed { i % distinct } else { 0 }]) }
+                    })
+                    .collect();
+                m.forward_mixed(&mut seqs).unwrap()
+            })
         });
     }
     g.finish();

@@ -96,7 +96,14 @@ impl Llama {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let groups: Vec<RowGroup<'_>> = seqs.iter().map(|s| RowGroup { rows: s.tokens.len(), adapter: s.adapter }).collect();
+        // Neighbours with the same adapter form one group: one pair of delta products for all their rows.
+        let mut groups: Vec<RowGroup<'_>> = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            match groups.last_mut() {
+                Some(g) if same(g.adapter, s.adapter) => g.rows += s.tokens.len(),
+                _ => groups.push(RowGroup { rows: s.tokens.len(), adapter: s.adapter }),
+            }
+        }
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let positions: Vec<u32> = seqs.iter().flat_map(|s| (s.cache.len..s.cache.len + s.tokens.len()).map(|p| p as u32)).collect();
         let rows = ids.len();
@@ -144,10 +151,25 @@ impl Llama {
         }
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
-        let heads: Vec<RowGroup<'_>> = seqs.iter().map(|s| RowGroup { rows: 1, adapter: s.adapter }).collect();
+        let mut heads: Vec<RowGroup<'_>> = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            match heads.last_mut() {
+                Some(g) if same(g.adapter, s.adapter) => g.rows += 1,
+                _ => heads.push(RowGroup { rows: 1, adapter: s.adapter }),
+            }
+        }
         let head = 7 * c.num_hidden_layers;
         debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
         flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity)?)
+    }
+}
+
+/// Whether two sequences use the same packed adapter (the same one in memory, or both none).
+fn same(a: Option<&PackedAdapter>, b: Option<&PackedAdapter>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

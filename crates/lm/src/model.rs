@@ -116,6 +116,10 @@ impl KvCache {
         };
         Ok((take(&self.layers[l].0)?, take(&self.layers[l].1)?))
     }
+    /// Forgets every slot after the first `len` (a later forward overwrites them); no memory is freed.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
     /// Slots filled so far.
     pub fn len(&self) -> usize {
         self.len

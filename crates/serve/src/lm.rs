@@ -161,6 +161,11 @@ impl Worker {
             if running.is_empty() {
                 continue;
             }
+            // Sequences of one adapter side by side share their delta products (the order changes no result).
+            running.sort_by(|a, b| {
+                let key = |r: &Running| r.job.adapter.as_ref().map(|a| a.fingerprint.clone());
+                key(a).cmp(&key(b))
+            });
             self.step(&mut running);
         }
     }

@@ -40,6 +40,7 @@ type S = AxState<Arc<State>>;
 pub(crate) fn router(state: Arc<State>) -> Router {
     let limit = state.limits.max_body_bytes;
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
@@ -160,6 +161,11 @@ fn wrong_kind(state: &State, route: &str) -> ApiError {
     )
 }
 
+/// The page to try the adapters (issue: a web page, no build step, no external files).
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("page.html"))
+}
+
 async fn health(AxState(state): S) -> Response {
     Json(json!({"status": "ok", "kind": state.kind.as_str(), "model": state.registry.base_name(),
         "adapters_loaded": state.registry.held()}))
@@ -197,11 +203,12 @@ struct UnloadRequest {
 async fn load_adapter(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -> Response {
     observed(state, "/v1/load_lora_adapter", |state, model| async move {
         let r: LoadRequest = parse(body(b, state.limits.max_body_bytes)?)?;
-        model.set(r.lora_name.clone());
         let registry = state.registry.clone();
         let info = tokio::task::spawn_blocking(move || registry.load(&r.lora_name, &r.lora_path, r.load_inplace))
             .await
             .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        // Labelled only once accepted: refused names (any text a client sends) never become label values.
+        model.set(info.name.clone());
         Ok(Json(json!({"status": "ok", "adapter": info})).into_response())
     })
     .await
@@ -210,8 +217,8 @@ async fn load_adapter(AxState(state): S, b: Result<Json<Value>, JsonRejection>) 
 async fn unload_adapter(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -> Response {
     observed(state, "/v1/unload_lora_adapter", |state, model| async move {
         let r: UnloadRequest = parse(body(b, state.limits.max_body_bytes)?)?;
-        model.set(r.lora_name.clone());
         state.registry.unload(&r.lora_name)?;
+        model.set(r.lora_name.clone());
         Ok(Json(json!({"status": "ok", "unloaded": r.lora_name})).into_response())
     })
     .await
@@ -229,6 +236,7 @@ struct CompletionRequest {
     stop: Option<Value>,
     #[serde(default)]
     stream: bool,
+    stream_options: Option<StreamOptions>,
     n: Option<u64>,
     best_of: Option<u64>,
     echo: Option<bool>,
@@ -237,6 +245,12 @@ struct CompletionRequest {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     logit_bias: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 fn strings(v: &Value, field: &str, what: &str) -> Result<Vec<String>, ApiError> {
@@ -349,7 +363,8 @@ async fn completions(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let n = prompts.len();
         if r.stream {
-            Ok(stream_completion(rx, id, created, r.model).into_response())
+            let usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage).then_some(prompt_tokens);
+            Ok(stream_completion(rx, id, created, r.model, usage).into_response())
         } else {
             collect_completion(rx, n, id, created, r.model, prompt_tokens).await
         }
@@ -363,22 +378,40 @@ fn chunk(id: &str, created: u64, model: &str, index: usize, text: &str, finish: 
     .to_string()
 }
 
+/// Server-sent events: a chunk per piece of text, one with each prompt's finish reason, then (with
+/// `stream_options.include_usage`, given the prompt tokens) a chunk with the usage, then `[DONE]`.
 fn stream_completion(
     rx: mpsc::UnboundedReceiver<Event>,
     id: String,
     created: u64,
     model: String,
+    usage: Option<usize>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let generated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = generated.clone();
+    let (id2, model2) = (id.clone(), model.clone());
     let events = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) }).map(move |e| {
         let data = match e {
             Event::Text(i, text) => chunk(&id, created, &model, i, &text, None),
-            Event::Done(i, f, _) => chunk(&id, created, &model, i, "", Some(f)),
+            Event::Done(i, f, tokens) => {
+                counted.fetch_add(tokens, Ordering::Relaxed);
+                chunk(&id, created, &model, i, "", Some(f))
+            }
             Event::Failed(_, why) => json!({"error": {"message": why, "type": "server_error", "code": 500}}).to_string(),
         };
         Ok(SseEvent::default().data(data))
     });
+    let tail = stream::once(async move {
+        usage.map(|prompt_tokens| {
+            let completion_tokens = generated.load(Ordering::Relaxed);
+            let v = json!({"id": id2, "object": "text_completion", "created": created, "model": model2, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}});
+            Ok(SseEvent::default().data(v.to_string()))
+        })
+    })
+    .filter_map(|x| async move { x });
     let done = stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
-    Sse::new(events.chain(done))
+    Sse::new(events.chain(tail).chain(done))
 }
 
 async fn collect_completion(

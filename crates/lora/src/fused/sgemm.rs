@@ -538,6 +538,9 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
     } else {
         threads.min(if split_cols { col_tiles } else { tiles })
     };
+    // A few rows (a part of a serving batch, ≤ 32 KiB of A) against a large B: read B once, not once per
+    // row tile. The tiles are the same either way; only their order changes (results are identical).
+    let small_a = m * k <= 1 << 13;
     let c = Out(dst.as_mut_ptr());
     let run = |p: usize| {
         let c = &c; // the whole wrapper (Sync), not its raw pointer field
@@ -575,8 +578,9 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
             // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
             unsafe { go!(4, 3, 2, 1) }
         };
-        if split_cols {
-            // Column blocks outer: the ≤ 6 columns of B a block reads stay in L1 for every row tile.
+        if split_cols || small_a {
+            // Column blocks outer: the ≤ 6 columns of B a block reads stay in L1 for every row tile, and B
+            // is read once (A, small, stays in cache).
             for jt in c0..c1 {
                 for it in r0..r1 {
                     tile(it, jt);
