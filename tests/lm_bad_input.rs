@@ -54,7 +54,8 @@ fn build(d: &Path) -> Vec<Case> {
     let m = Llama::random(&tiny(), 0).unwrap();
     save_model(&m, &d.join("m"), &BTreeMap::new()).unwrap();
     let mut ma = Llama::random(&tiny(), 0).unwrap();
-    let cfg = lora::LoraConfig { target_modules: vec!["q_proj".into(), "v_proj".into()], ..lora::LoraConfig::new(2, 4.0) };
+    let cfg =
+        lora::LoraConfig { target_modules: lora::Targets::Names(vec!["q_proj".into(), "v_proj".into()]), ..lora::LoraConfig::new(2, 4.0) };
     ma.lora_mut().add_adapter("a", &cfg, &mut StdRng::seed_from_u64(1)).unwrap();
     save_adapter(&ma, "a", &d.join("ad"), None, BTreeMap::new()).unwrap();
     let mut other = Llama::random(&tiny(), 9).unwrap();

@@ -226,6 +226,8 @@ impl Llama {
             LoraLinear::new(take("lm_head.weight")?, None)?
         };
         lora.push(LM_HEAD, head)?;
+        // transformers' output embedding: PEFT's "all-linear" leaves it out.
+        lora.set_output_layer(LM_HEAD)?;
         let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
         let rope_tables = Arc::new(RopeTables::new(config.rope_theta, config.head_dim, config.max_position_embeddings));
         Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope, rope_tables, fused: true })

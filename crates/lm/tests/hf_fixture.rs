@@ -169,7 +169,7 @@ fn a_checkpoint_with_a_tokenizer_fine_tunes_evaluates_and_generates() {
     assert_eq!(all as usize, c.validation[0].len(), "the windows cover every byte once");
     assert_eq!(before.bytes, (all - firsts) as u64, "bits per byte divide by the bytes of the predicted tokens");
     let cfg = lora::LoraConfig {
-        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        target_modules: lora::Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
         init: lora::Init::PeftGaussian,
         ..lora::LoraConfig::new(4, 8.0)
     };

@@ -45,7 +45,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn with_adapter(m: &mut Llama, name: &str, seed: u64) {
     let mut targets: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
     targets.push("lm_head".into());
-    let c = LoraConfig { target_modules: targets, init: lora::Init::PeftGaussian, ..LoraConfig::new(3, 5.0) };
+    let c = LoraConfig { target_modules: targets.into(), init: lora::Init::PeftGaussian, ..LoraConfig::new(3, 5.0) };
     m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
     let mut g = StdRng::seed_from_u64(seed + 100);
     for (_, l) in m.lora().layers() {
@@ -296,7 +296,7 @@ fn base_state_is_a_snapshot_that_later_merges_do_not_change() {
 fn add_adapter(m: &mut Llama, name: &str, r: usize, seed: u64) {
     let mut targets: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
     targets.push("lm_head".into());
-    let c = LoraConfig { target_modules: targets, init: lora::Init::PeftGaussian, ..LoraConfig::new(r, 2.0 * r as f64 + 1.0) };
+    let c = LoraConfig { target_modules: targets.into(), init: lora::Init::PeftGaussian, ..LoraConfig::new(r, 2.0 * r as f64 + 1.0) };
     m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
     let mut g = StdRng::seed_from_u64(seed + 100);
     for (_, l) in m.lora().layers() {

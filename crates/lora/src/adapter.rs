@@ -18,6 +18,7 @@ use crate::config::{LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::{save_safetensors, write_atomic, FileError, TensorFile};
 use crate::linear::Adapter;
+use crate::matching::{Exclude, Pattern, Targets};
 use crate::model::LoraModel;
 
 /// File name of the config inside an adapter directory.
@@ -81,8 +82,65 @@ fn finite_number(path: &Path, key: &str, v: &Value) -> Result<f64> {
     }
 }
 
-fn plain_module_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+/// Keys of PEFT 0.21's `LoraConfig` that lora-rs reads (honours) or that only describe the file.
+const KNOWN_KEYS: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "init_lora_weights",
+    "bias",
+    "use_dora",
+    "fan_in_fan_out",
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+    "ensure_weight_tying",
+    "modules_to_save",
+    "trainable_token_indices",
+    "target_parameters",
+    // Settings of features that are off unless their own key turns them on (checked above).
+    "megatron_core",
+    "qalora_group_size",
+    "runtime_config",
+];
+
+/// Keys of features lora-rs does not have: accepted only when they hold PEFT's "off" value.
+const OFF_ONLY_KEYS: &[&str] = &[
+    "megatron_config",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "layer_replication",
+    "arrow_config",
+    "kasa_config",
+];
+
+/// PEFT's "off" values: null, false, an empty list or object.
+fn is_off(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 /// Parses and validates PEFT's `adapter_config.json` text. `path` names the file in errors.
@@ -109,9 +167,35 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         }
     };
     let scaling = if flag("use_rslora")? { Scaling::RankStabilized } else { Scaling::Standard };
-    for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora"] {
+    for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
         if flag(key)? {
             return Err(bad(path, format!("{key} = true is not supported by lora-rs")));
+        }
+    }
+    // Every other key of PEFT's LoraConfig: honoured below, metadata, or a feature lora-rs does not have
+    // (refused unless it holds PEFT's "off" value); see docs/peft-compat.md.
+    for (key, v) in obj {
+        if KNOWN_KEYS.contains(&key.as_str()) || is_off(v) {
+            continue;
+        }
+        if OFF_ONLY_KEYS.contains(&key.as_str()) {
+            return Err(bad(path, format!("{key} = {v} is not supported by lora-rs (only its default, off)")));
+        }
+        return Err(bad(path, format!("{key} = {v}: not a key of PEFT 0.21's LoraConfig, so lora-rs cannot honour it")));
+    }
+    match field(obj, "init_lora_weights") {
+        None | Some(Value::Bool(_)) => {}
+        Some(Value::String(s)) if s == "gaussian" => {}
+        // PiSSA, OLoRA, LoftQ, EVA, CorDA… adapters that were not converted back to plain LoRA on saving
+        // only work on the base they rewrote.
+        Some(other) => {
+            return Err(bad(
+                path,
+                format!(
+                    "init_lora_weights = {other}: an adapter initialised this way needs the base it modified; \
+                     save it from PEFT converted to plain LoRA (path_initial_model_for_weight_conversion)"
+                ),
+            ))
         }
     }
     match field(obj, "bias") {
@@ -119,46 +203,81 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         Some(Value::String(s)) if s == "none" => {}
         Some(other) => return Err(bad(path, format!("bias = {other}: only \"none\" is supported (the file holds no bias tensors)"))),
     }
-    for key in ["modules_to_save", "layers_to_transform", "layers_pattern", "trainable_token_indices", "target_parameters"] {
+    for key in ["modules_to_save", "trainable_token_indices", "target_parameters"] {
         match field(obj, key) {
             None => {}
             Some(Value::Array(a)) if a.is_empty() => {}
             Some(other) => return Err(bad(path, format!("{key} = {other} is not supported by lora-rs"))),
         }
     }
-    let target_modules = match require("target_modules")? {
-        Value::String(s) if plain_module_name(s) => vec![s.clone()],
-        Value::String(s) => {
-            return Err(bad(path, format!("target_modules = {s:?}: regular expressions are not supported; list module names")))
-        }
-        Value::Array(a) => a
-            .iter()
+    let names = |key: &str, v: &Value| -> Result<Vec<String>> {
+        let a = v.as_array().ok_or_else(|| bad(path, format!("{key} = {v}: must be a string or a list of strings")))?;
+        a.iter()
             .map(|m| match m.as_str() {
-                Some(s) if plain_module_name(s) => Ok(s.to_string()),
-                _ => Err(bad(path, format!("target_modules entry {m} is not a module name"))),
+                Some(s) if !s.is_empty() => Ok(s.to_string()),
+                _ => Err(bad(path, format!("{key} entry {m} is not a module name"))),
             })
-            .collect::<Result<Vec<_>>>()?,
-        other => return Err(bad(path, format!("target_modules = {other}: must be a list of module names"))),
+            .collect()
     };
-    if target_modules.is_empty() {
+    // As PEFT: a string is a regular expression matched against whole module names ("all-linear" aside),
+    // a list holds names matched whole or as dotted suffixes.
+    let target_modules = match require("target_modules")? {
+        Value::String(s) if s.eq_ignore_ascii_case("all-linear") => Targets::AllLinear,
+        Value::String(s) => Targets::Regex(s.clone()),
+        v => Targets::Names(names("target_modules", v)?),
+    };
+    if target_modules.names().is_empty() && matches!(target_modules, Targets::Names(_)) {
         return Err(bad(path, "target_modules = []: names no module"));
     }
-    let pattern = |key: &str| -> Result<Vec<(String, Value)>> {
-        match field(obj, key) {
-            None => Ok(Vec::new()),
-            Some(Value::Object(m)) => Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
-            Some(other) => Err(bad(path, format!("{key} = {other}: must be an object"))),
+    let exclude_modules = match field(obj, "exclude_modules") {
+        None => None,
+        Some(Value::String(s)) => Some(Exclude::Regex(s.clone())),
+        Some(v) => Some(Exclude::Names(names("exclude_modules", v)?)).filter(|e| !matches!(e, Exclude::Names(v) if v.is_empty())),
+    };
+    let layers_to_transform = match field(obj, "layers_to_transform") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|i| i.as_u64().map(|i| i as usize).ok_or_else(|| bad(path, format!("layers_to_transform entry {i} is not a layer index"))))
+            .collect::<Result<Vec<_>>>()?,
+        Some(v) => {
+            vec![v.as_u64().ok_or_else(|| bad(path, format!("layers_to_transform = {v}: must be a layer index or a list of them")))?
+                as usize]
         }
     };
-    let mut rank_pattern = BTreeMap::new();
-    for (k, v) in pattern("rank_pattern")? {
-        rank_pattern.insert(k.clone(), positive_int(path, &format!("rank_pattern.{k}"), &v)?);
+    let layers_pattern = match field(obj, "layers_pattern") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(v) => names("layers_pattern", v)?,
+    };
+    // The patterns in file order (the first key that matches a module wins), which a parsed Value loses.
+    #[derive(serde::Deserialize)]
+    struct Ordered {
+        rank_pattern: Option<Pattern<Value>>,
+        alpha_pattern: Option<Pattern<Value>>,
     }
-    let mut alpha_pattern = BTreeMap::new();
-    for (k, v) in pattern("alpha_pattern")? {
-        alpha_pattern.insert(k.clone(), finite_number(path, &format!("alpha_pattern.{k}"), &v)?);
+    let ordered: Ordered = serde_json::from_str(text).map_err(|e| bad(path, format!("rank_pattern / alpha_pattern: {e}")))?;
+    let mut rank_pattern = Pattern::new();
+    for (k, v) in ordered.rank_pattern.unwrap_or_default().iter() {
+        rank_pattern.insert(k.clone(), positive_int(path, &format!("rank_pattern.{k}"), v)?);
     }
-    let config = LoraConfig { r, alpha, dropout, scaling, target_modules, rank_pattern, alpha_pattern, ..LoraConfig::default() };
+    let mut alpha_pattern = Pattern::new();
+    for (k, v) in ordered.alpha_pattern.unwrap_or_default().iter() {
+        alpha_pattern.insert(k.clone(), finite_number(path, &format!("alpha_pattern.{k}"), v)?);
+    }
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        scaling,
+        target_modules,
+        exclude_modules,
+        layers_to_transform,
+        layers_pattern,
+        rank_pattern,
+        alpha_pattern,
+        ..LoraConfig::default()
+    };
     config.validate().map_err(|e| bad(path, e.to_string()))?;
     let base = field(obj, "base_model_name_or_path").and_then(Value::as_str).map(String::from);
     Ok((config, base))
@@ -175,16 +294,24 @@ pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&st
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": config.target_modules,
-        "exclude_modules": null,
+        "target_modules": match &config.target_modules {
+            Targets::Names(v) => json!(v),
+            Targets::Regex(r) => json!(r),
+            Targets::AllLinear => json!("all-linear"),
+        },
+        "exclude_modules": match &config.exclude_modules {
+            None => Value::Null,
+            Some(Exclude::Names(v)) => json!(v),
+            Some(Exclude::Regex(r)) => json!(r),
+        },
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": "gaussian",
         "use_rslora": config.scaling == Scaling::RankStabilized,
         "use_dora": false,
         "modules_to_save": null,
-        "layers_to_transform": null,
-        "layers_pattern": null,
+        "layers_to_transform": if config.layers_to_transform.is_empty() { Value::Null } else { json!(config.layers_to_transform) },
+        "layers_pattern": if config.layers_pattern.is_empty() { Value::Null } else { json!(config.layers_pattern) },
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "lora_bias": false,
@@ -311,7 +438,7 @@ impl LoraModel {
         if let Some(m) = targets.iter().find(|m| !files.tensors.contains_key(*m)) {
             return Err(bad(&wpath, format!("target module {m} has no tensors {PEFT_PREFIX}{m}.lora_A.weight / lora_B.weight")));
         }
-        for t in &files.config.target_modules {
+        for t in files.config.target_modules.names() {
             if !known.iter().any(|m| m == t || m.ends_with(&format!(".{t}"))) {
                 return Err(bad(
                     &files.dir.join(CONFIG_FILE),
@@ -334,7 +461,10 @@ impl LoraModel {
             let ad = Adapter::from_tensors(a, b, c.alpha_for(module), c.scale_for(module), c.dropout)?;
             self.layer_mut(module)?.insert_adapter(name, ad)?;
         }
-        self.set_adapter_config(name, LoraConfig { target_modules: files.tensors.keys().cloned().collect(), ..files.config.clone() });
+        self.set_adapter_config(
+            name,
+            LoraConfig { target_modules: Targets::Names(files.tensors.keys().cloned().collect()), ..files.config.clone() },
+        );
         Ok(())
     }
 
@@ -360,29 +490,38 @@ impl LoraModel {
     /// most common ones go to `rank_pattern`/`alpha_pattern`).
     pub fn peft_config(&self, name: &str) -> Result<LoraConfig> {
         let base = self.adapter_config(name)?.clone();
-        let mut c = LoraConfig { rank_pattern: BTreeMap::new(), alpha_pattern: BTreeMap::new(), target_modules: Vec::new(), ..base };
+        // Written as the explicit list of what is adapted, so the rules that chose it are not needed again.
+        let mut c = LoraConfig {
+            rank_pattern: Pattern::new(),
+            alpha_pattern: Pattern::new(),
+            target_modules: Targets::default(),
+            exclude_modules: None,
+            layers_to_transform: Vec::new(),
+            layers_pattern: Vec::new(),
+            ..base
+        };
+        let mut adapted: Vec<String> = Vec::new();
         let mut suffixes: Vec<String> = Vec::new();
         for (module, layer) in self.layers() {
             if let Ok(ad) = layer.adapter(name) {
-                c.target_modules.push(module.to_string());
+                adapted.push(module.to_string());
                 let last = module.rsplit('.').next().unwrap_or(module).to_string();
                 if !suffixes.contains(&last) {
                     suffixes.push(last);
                 }
+                // Pattern keys are regular expressions: a module's own name, escaped, matches only it.
                 if ad.rank() != c.r {
-                    c.rank_pattern.insert(module.to_string(), ad.rank());
+                    c.rank_pattern.insert(regex::escape(module), ad.rank());
                 }
                 if ad.alpha() != c.alpha {
-                    c.alpha_pattern.insert(module.to_string(), ad.alpha());
+                    c.alpha_pattern.insert(regex::escape(module), ad.alpha());
                 }
             }
         }
         // Name the targets as a user would (`q_proj`, not every `model.layers.N.self_attn.q_proj`) when the
         // short names select exactly the adapted modules under PEFT's suffix match.
         let selected: Vec<&str> = self.layer_names().filter(|m| suffixes.iter().any(|s| m == s || m.ends_with(&format!(".{s}")))).collect();
-        if selected.len() == c.target_modules.len() {
-            c.target_modules = suffixes;
-        }
+        c.target_modules = Targets::Names(if selected.len() == adapted.len() { suffixes } else { adapted });
         Ok(c)
     }
 
@@ -440,7 +579,7 @@ mod tests {
         let mut m = model();
         let mut c = LoraConfig::new(2, 3.0);
         c.scaling = Scaling::RankStabilized;
-        c.rank_pattern.insert("linear2".into(), 3);
+        c.rank_pattern.insert("linear2", 3);
         m.add_adapter("a", &c, &mut StdRng::seed_from_u64(5)).unwrap();
         for (_, l) in m.layers() {
             let b = l.adapter("a").unwrap().b();
@@ -481,7 +620,35 @@ mod tests {
         assert!(config_err(&ok.replace("}", ",\"use_dora\":true}")).contains("use_dora = true"));
         assert!(config_err(&ok.replace("}", ",\"bias\":\"all\"}")).contains("bias = \"all\""));
         assert!(config_err(&ok.replace("LORA", "IA3")).contains("peft_type = \"IA3\""));
-        assert!(config_err(&ok.replace("[\"linear1\"]", "\".*proj\"")).contains("regular expressions"));
+        // A string is a regular expression (as in PEFT); one that does not compile is refused by key.
+        let (c, _) = parse_peft_config(Path::new("c.json"), &ok.replace("[\"linear1\"]", "\"linear[12]\"")).unwrap();
+        assert_eq!(c.target_modules, crate::Targets::Regex("linear[12]".into()));
+        assert!(config_err(&ok.replace("[\"linear1\"]", "\"linear(\"")).contains("target_modules"));
+    }
+
+    #[test]
+    fn every_key_of_a_feature_lora_rs_lacks_is_refused_by_name_unless_it_is_off() {
+        let ok = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["linear1"]"#;
+        let with = |key: &str, v: &str| format!("{ok},\"{key}\":{v}}}");
+        for key in OFF_ONLY_KEYS {
+            for off in ["null", "false", "[]", "{}"] {
+                assert!(parse_peft_config(Path::new("c.json"), &with(key, off)).is_ok(), "{key} = {off}");
+            }
+            let e = config_err(&with(key, r#"{"x":1}"#));
+            assert!(e.contains(&format!("{key} = {{\"x\":1}} is not supported")), "{e}");
+        }
+        for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
+            assert!(config_err(&with(key, "true")).contains(&format!("{key} = true")));
+        }
+        for init in [r#""pissa""#, r#""olora""#, r#""loftq""#, r#""eva""#] {
+            assert!(config_err(&with("init_lora_weights", init)).contains("init_lora_weights"), "{init}");
+        }
+        for init in ["true", "false", r#""gaussian""#] {
+            assert!(parse_peft_config(Path::new("c.json"), &with("init_lora_weights", init)).is_ok(), "{init}");
+        }
+        let e = config_err(&with("use_magic", "3"));
+        assert!(e.contains("use_magic = 3: not a key of PEFT"), "{e}");
+        assert!(parse_peft_config(Path::new("c.json"), &with("future_switch", "false")).is_ok());
     }
 
     #[test]

@@ -2,14 +2,13 @@
 //!
 //! Scaling of the update `s·B·A`: standard LoRA uses `s = alpha / r`; rank-stabilised LoRA (rsLoRA,
 //! Kalajievo 2023) uses `s = alpha / √r`, so the update's magnitude does not shrink as the rank grows.
-//! Per-module rank and alpha overrides (`rank_pattern`, `alpha_pattern`) follow PEFT: a key matches a
-//! module whose name equals it or ends with `.key`.
-
-use std::collections::BTreeMap;
+//! Which modules are adapted, and per-module rank and alpha overrides (`rank_pattern`, `alpha_pattern`),
+//! follow PEFT's rules exactly: see [`crate::matching`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LoraError, Result};
+use crate::matching::{fullmatch, layer_index, name_match, Exclude, Pattern, Targets};
 
 /// How the adapter's update is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -71,12 +70,18 @@ pub struct LoraConfig {
     pub bias: Bias,
     /// How A is initialised.
     pub init: Init,
-    /// Names of the modules to adapt; empty means every linear layer of the model.
-    pub target_modules: Vec<String>,
-    /// Per-module rank overrides.
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides.
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// The modules to adapt (names, a regex or all-linear); an empty list means every layer.
+    pub target_modules: Targets,
+    /// Modules never adapted, even when targeted.
+    pub exclude_modules: Option<Exclude>,
+    /// Only these layer indexes (with a list of target names; empty: every layer).
+    pub layers_to_transform: Vec<usize>,
+    /// The name(s) of the layer list whose index `layers_to_transform` reads (empty: the first number).
+    pub layers_pattern: Vec<String>,
+    /// Per-module rank overrides, first matching key wins.
+    pub rank_pattern: Pattern<usize>,
+    /// Per-module alpha overrides, first matching key wins.
+    pub alpha_pattern: Pattern<f64>,
 }
 
 impl Default for LoraConfig {
@@ -88,15 +93,14 @@ impl Default for LoraConfig {
             scaling: Scaling::Standard,
             bias: Bias::None,
             init: Init::Normal,
-            target_modules: Vec::new(),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            target_modules: Targets::default(),
+            exclude_modules: None,
+            layers_to_transform: Vec::new(),
+            layers_pattern: Vec::new(),
+            rank_pattern: Pattern::new(),
+            alpha_pattern: Pattern::new(),
         }
     }
-}
-
-fn pattern_lookup<'a, T>(pattern: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
-    pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
 }
 
 impl LoraConfig {
@@ -123,34 +127,83 @@ impl LoraConfig {
         };
         check_r("r".into(), self.r)?;
         check_alpha("lora_alpha".into(), self.alpha)?;
-        for (k, &r) in &self.rank_pattern {
+        for (k, &r) in self.rank_pattern.iter() {
             check_r(format!("rank_pattern.{k}"), r)?;
+            crate::matching::regex(k, &format!("rank_pattern.{k}"))?;
         }
-        for (k, &a) in &self.alpha_pattern {
+        for (k, &a) in self.alpha_pattern.iter() {
             check_alpha(format!("alpha_pattern.{k}"), a)?;
+            crate::matching::regex(k, &format!("alpha_pattern.{k}"))?;
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(LoraError::config("lora_dropout", self.dropout, "dropout must be in [0, 1)"));
         }
-        if let Some(m) = self.target_modules.iter().find(|m| m.is_empty()) {
-            return Err(LoraError::config("target_modules", format!("{m:?}"), "module names must not be empty"));
+        match &self.target_modules {
+            Targets::Names(v) => {
+                if let Some(m) = v.iter().find(|m| m.is_empty()) {
+                    return Err(LoraError::config("target_modules", format!("{m:?}"), "module names must not be empty"));
+                }
+            }
+            Targets::Regex(r) => {
+                crate::matching::regex(r, "target_modules")?;
+                if !self.layers_to_transform.is_empty() {
+                    return Err(LoraError::config(
+                        "layers_to_transform",
+                        format!("{:?}", self.layers_to_transform),
+                        "cannot be used when target_modules is a regular expression (as in PEFT)",
+                    ));
+                }
+            }
+            Targets::AllLinear => {}
+        }
+        if let Some(Exclude::Regex(r)) = &self.exclude_modules {
+            crate::matching::regex(r, "exclude_modules")?;
+        }
+        for p in &self.layers_pattern {
+            crate::matching::regex(p, "layers_pattern")?;
+        }
+        if !self.layers_pattern.is_empty() && self.layers_to_transform.is_empty() {
+            return Err(LoraError::config("layers_pattern", format!("{:?}", self.layers_pattern), "needs layers_to_transform"));
         }
         Ok(())
     }
 
-    /// Whether `module` is adapted by this config.
+    /// Whether `module` is excluded by `exclude_modules`.
+    pub fn excludes(&self, module: &str) -> bool {
+        match &self.exclude_modules {
+            None => false,
+            Some(Exclude::Names(v)) => name_match(v, module),
+            Some(Exclude::Regex(r)) => fullmatch(r, module, "exclude_modules").unwrap_or(false),
+        }
+    }
+
+    /// Whether `module` is adapted by this config (PEFT's `check_target_module_exists`). With
+    /// `all-linear`, every module not excluded is (the model leaves out its output layer).
     pub fn targets(&self, module: &str) -> bool {
-        self.target_modules.is_empty() || self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+        if self.excludes(module) {
+            return false;
+        }
+        match &self.target_modules {
+            Targets::AllLinear => true,
+            Targets::Regex(r) => fullmatch(r, module, "target_modules").unwrap_or(false),
+            Targets::Names(v) if v.is_empty() => true,
+            Targets::Names(v) if v.iter().any(|t| t == module) => true,
+            Targets::Names(v) => {
+                name_match(v, module)
+                    && (self.layers_to_transform.is_empty()
+                        || layer_index(module, &self.layers_pattern).ok().flatten().is_some_and(|i| self.layers_to_transform.contains(&i)))
+            }
+        }
     }
 
-    /// The rank used for `module` (its `rank_pattern` entry, else `r`).
+    /// The rank used for `module` (the first matching `rank_pattern` key's, else `r`).
     pub fn rank_for(&self, module: &str) -> usize {
-        pattern_lookup(&self.rank_pattern, module).copied().unwrap_or(self.r)
+        self.rank_pattern.lookup(module).ok().flatten().copied().unwrap_or(self.r)
     }
 
-    /// The alpha used for `module` (its `alpha_pattern` entry, else `alpha`).
+    /// The alpha used for `module` (the first matching `alpha_pattern` key's, else `alpha`).
     pub fn alpha_for(&self, module: &str) -> f64 {
-        pattern_lookup(&self.alpha_pattern, module).copied().unwrap_or(self.alpha)
+        self.alpha_pattern.lookup(module).ok().flatten().copied().unwrap_or(self.alpha)
     }
 
     /// The scale `s` used for `module`.
@@ -173,8 +226,8 @@ mod tests {
     fn patterns_override_rank_and_alpha_per_module() {
         let mut c = LoraConfig::new(2, 4.0);
         c.scaling = Scaling::RankStabilized;
-        c.rank_pattern.insert("linear3".into(), 4);
-        c.alpha_pattern.insert("linear3".into(), 2.0);
+        c.rank_pattern.insert("linear3", 4);
+        c.alpha_pattern.insert("linear3", 2.0);
         assert_eq!((c.rank_for("linear1"), c.alpha_for("linear1")), (2, 4.0));
         assert_eq!((c.rank_for("model.linear3"), c.alpha_for("linear3")), (4, 2.0));
         assert!((c.scale_for("linear1") - 4.0 / 2f64.sqrt()).abs() < 1e-15);
@@ -188,7 +241,7 @@ mod tests {
         let e = LoraConfig::new(1, f64::NAN).validate().unwrap_err().to_string();
         assert!(e.contains("lora_alpha = NaN"), "{e}");
         let mut c = LoraConfig::new(1, 1.0);
-        c.rank_pattern.insert("linear2".into(), 0);
+        c.rank_pattern.insert("linear2", 0);
         assert!(c.validate().unwrap_err().to_string().contains("rank_pattern.linear2 = 0"));
         c = LoraConfig { dropout: 1.0, ..LoraConfig::default() };
         assert!(c.validate().unwrap_err().to_string().contains("lora_dropout = 1"));
@@ -198,7 +251,7 @@ mod tests {
     fn empty_target_list_targets_every_module() {
         let mut c = LoraConfig::default();
         assert!(c.targets("anything"));
-        c.target_modules = vec!["linear1".into()];
+        c.target_modules = crate::Targets::Names(vec!["linear1".into()]);
         assert!(c.targets("linear1") && c.targets("net.linear1") && !c.targets("linear2"));
     }
 }

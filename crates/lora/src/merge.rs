@@ -99,11 +99,12 @@ impl LoraModel {
         let mut config = LoraConfig { scaling: Scaling::Standard, ..LoraConfig::default() };
         config.r = built.first().map_or(1, |(_, a)| a.rank());
         config.alpha = config.r as f64;
+        config.target_modules = built.iter().map(|(m, _)| m.clone()).collect();
         for (module, ad) in &built {
-            config.target_modules.push(module.clone());
             if ad.rank() != config.r {
-                config.rank_pattern.insert(module.clone(), ad.rank());
-                config.alpha_pattern.insert(module.clone(), ad.rank() as f64);
+                // Pattern keys are regular expressions: a module's own name, escaped, matches only it.
+                config.rank_pattern.insert(regex::escape(module), ad.rank());
+                config.alpha_pattern.insert(regex::escape(module), ad.rank() as f64);
             }
         }
         for (module, ad) in built {

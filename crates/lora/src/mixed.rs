@@ -220,7 +220,7 @@ mod tests {
     fn files(r: usize, alpha: f64, seed: u64) -> AdapterFiles {
         let a = t2(rand_vec(r * IN, seed), (r, IN));
         let b = t2(rand_vec(OUT * r, seed + 1), (OUT, r));
-        let config = LoraConfig { r, alpha, target_modules: vec!["fc".into()], ..LoraConfig::default() };
+        let config = LoraConfig { r, alpha, target_modules: crate::Targets::Names(vec!["fc".into()]), ..LoraConfig::default() };
         AdapterFiles {
             dir: PathBuf::from("mem"),
             config,

@@ -19,6 +19,8 @@ pub struct LoraModel {
     layers: Vec<(String, LoraLinear)>,
     /// Each adapter's configuration, `target_modules` resolved to the layers that hold it.
     configs: BTreeMap<String, LoraConfig>,
+    /// The output layer, left out by `"all-linear"`.
+    output: Option<String>,
 }
 
 impl LoraModel {
@@ -66,14 +68,37 @@ impl LoraModel {
         self.layers.iter_mut().map(|(n, l)| (n.as_str(), l))
     }
 
-    /// Names of the layers `config` adapts; a named target that matches no layer is an error.
+    /// Marks layer `name` as the model's output layer, which `"all-linear"` leaves out (as PEFT does for a
+    /// transformers model's output embedding).
+    pub fn set_output_layer(&mut self, name: &str) -> Result<()> {
+        self.layer(name)?;
+        self.output = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Names of the layers `config` adapts, by PEFT's rules ([`crate::matching`]). A listed name that
+    /// matches no layer, and a config that adapts nothing, are errors.
     pub fn targeted(&self, config: &LoraConfig) -> Result<Vec<String>> {
-        for t in &config.target_modules {
+        config.validate()?;
+        for t in config.target_modules.names() {
             if !self.layer_names().any(|n| n == t || n.ends_with(&format!(".{t}"))) {
                 return Err(self.unknown_module(t));
             }
         }
-        Ok(self.layer_names().filter(|n| config.targets(n)).map(String::from).collect())
+        let out: Vec<String> = self
+            .layer_names()
+            .filter(|n| !(config.target_modules == crate::Targets::AllLinear && self.output.as_deref() == Some(*n)))
+            .filter(|n| config.targets(n))
+            .map(String::from)
+            .collect();
+        if out.is_empty() {
+            return Err(LoraError::config(
+                "target_modules",
+                config.target_modules.to_string(),
+                format!("adapts no module of this model (it has {})", self.layer_names().collect::<Vec<_>>().join(", ")),
+            ));
+        }
+        Ok(out)
     }
 
     /// Adds adapter `name` to every layer `config` targets: A drawn from `rng` per `config.init`, B = 0.
@@ -89,7 +114,7 @@ impl LoraModel {
             let scale = config.scale_for(module);
             self.layer_mut(module)?.add_adapter(name, r, alpha, scale, config.dropout, config.init, rng)?;
         }
-        self.configs.insert(name.to_string(), LoraConfig { target_modules: targets, ..config.clone() });
+        self.configs.insert(name.to_string(), LoraConfig { target_modules: crate::Targets::Names(targets), ..config.clone() });
         Ok(())
     }
 
@@ -278,12 +303,12 @@ mod tests {
     fn adding_an_adapter_targets_the_named_modules_with_their_ranks() {
         let mut m = model();
         let mut c = LoraConfig::new(2, 4.0);
-        c.rank_pattern.insert("linear2".into(), 3);
+        c.rank_pattern.insert("linear2", 3);
         m.add_adapter("a", &c, &mut StdRng::seed_from_u64(0)).unwrap();
         assert_eq!(m.layer("linear1").unwrap().adapter("a").unwrap().rank(), 2);
         assert_eq!(m.layer("linear2").unwrap().adapter("a").unwrap().rank(), 3);
         assert_eq!(m.num_adapter_params("a"), 2 * (6 + 5) + 3 * (5 + 4));
-        c.target_modules = vec!["linear9".into()];
+        c.target_modules = crate::Targets::Names(vec!["linear9".into()]);
         let e = m.add_adapter("b", &c, &mut StdRng::seed_from_u64(0)).unwrap_err().to_string();
         assert!(e.contains("linear9") && e.contains("linear1, linear2"), "{e}");
     }

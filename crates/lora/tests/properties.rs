@@ -26,9 +26,9 @@ proptest! {
         let c = LoraConfig {
             dropout,
             scaling: if rslora { Scaling::RankStabilized } else { Scaling::Standard },
-            target_modules: targets,
-            rank_pattern: ranks,
-            alpha_pattern: alphas,
+            target_modules: targets.into(),
+            rank_pattern: ranks.into_iter().collect(),
+            alpha_pattern: alphas.into_iter().collect(),
             ..LoraConfig::new(r, alpha)
         };
         let text = serde_json::to_string_pretty(&peft_config_json(&c, Some("base"), Some("CAUSAL_LM"))).unwrap();
