@@ -145,10 +145,10 @@ impl Browser {
         self.call("Input.dispatchMouseEvent", json!({"type": kind, "x": x, "y": y, "button": button, "buttons": buttons, "clickCount": 1}));
     }
 
-    /// A real click in the middle of the element.
+    /// A real click in the middle of the element (scrolled into view, after two frames of layout).
     fn click(&mut self, selector: &str) {
         let r = self.eval(&format!(
-            "(() => {{ const e = document.querySelector({selector:?}); e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+            "(async () => {{ const e = document.querySelector({selector:?}); e.scrollIntoView({{block: 'center'}}); await new Promise(f => requestAnimationFrame(() => requestAnimationFrame(f))); const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
         ));
         let (x, y) = (r[0].as_f64().unwrap(), r[1].as_f64().unwrap());
         self.mouse("mousePressed", x, y, 1);
@@ -334,10 +334,12 @@ fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_doe
     b.wait_for("document.querySelector('#sample-label').textContent.includes('labelled')", "a test image");
     b.wait_for(settled, "the charts of the test image");
     b.assert_no_errors("after a test image");
-    fits_a_phone(&mut b);
     // An adapter unloaded elsewhere while ticked: the next prediction's error appears in the page.
-    post(&format!("{}/v1/unload_lora_adapter", server.url), &json!({"lora_name": "digit7"}));
+    let unloaded = post(&format!("{}/v1/unload_lora_adapter", server.url), &json!({"lora_name": "digit7"}));
+    assert_eq!(unloaded["status"], "ok", "{unloaded}");
     b.click("#clear");
     let shown = b.wait_for("!document.querySelector('#error').hidden && document.querySelector('#error').textContent", "the error");
     assert!(shown.as_str().unwrap().contains("digit7"), "{shown}");
+    // Last, as it changes the viewport under the mouse.
+    fits_a_phone(&mut b);
 }

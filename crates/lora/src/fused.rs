@@ -145,6 +145,60 @@ pub fn prefetch(data: &[f32]) {
     let _ = data;
 }
 
+/// The widest instructions the kernels of lora-rs use (ours; the `gemm` crate dispatches on its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// The build's baseline only (SSE2 on x86-64, NEON on aarch64): the path of CPUs without AVX2.
+    Portable,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F, BW, DQ and VL, with AVX2 and FMA.
+    Avx512,
+}
+
+/// What this CPU offers, capped by the `LORA_KERNELS` environment variable (`portable`, `avx2`, `avx512` or
+/// `auto`, the default), read once: so that the paths other CPUs take run, and are tested and measured, on
+/// this one. A cap can only lower the level, never claim what the CPU lacks; an unknown value is ignored
+/// (with a warning).
+pub fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = detect_simd();
+        let cap = match std::env::var("LORA_KERNELS").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Simd::Avx512,
+            Ok("portable") => Simd::Portable,
+            Ok("avx2") => Simd::Avx2,
+            Ok("avx512") => Simd::Avx512,
+            Ok(other) => {
+                tracing::warn!(value = other, "LORA_KERNELS: expected portable, avx2, avx512 or auto; using auto");
+                Simd::Avx512
+            }
+        };
+        let level = detected.min(cap);
+        tracing::debug!(?detected, ?level, "kernel instruction set");
+        level
+    })
+}
+
+fn detect_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma");
+        if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            Simd::Avx512
+        } else if avx2 {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Simd::Portable
+    }
+}
+
 /// The number of threads the kernels use: candle's (`RAYON_NUM_THREADS`, else the machine's cores).
 pub fn threads() -> usize {
     candle_core::utils::get_num_threads()

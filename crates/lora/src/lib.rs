@@ -26,7 +26,7 @@ mod model;
 pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
-pub use fused::{Activation, Backend};
+pub use fused::{simd, Activation, Backend, Simd};
 pub use linear::{Adapter, LoraLinear};
 pub use matching::{Exclude, Pattern, Targets};
 pub use merge::{BaseSnapshot, Combination};

@@ -63,24 +63,13 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// 2: AVX-512 (F, BW, DQ, VL) with AVX2 and FMA; 1: AVX2 and FMA; 0: neither (or not x86-64).
+/// 2: AVX-512 (F, BW, DQ, VL) with AVX2 and FMA; 1: AVX2 and FMA; 0: neither (or not x86-64); as
+/// [`lora::simd`] detects it, capped by `LORA_KERNELS`.
 pub(crate) fn simd_level() -> u8 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
-            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-                2
-            } else {
-                u8::from(avx2)
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        0
+    match lora::simd() {
+        lora::Simd::Avx512 => 2,
+        lora::Simd::Avx2 => 1,
+        lora::Simd::Portable => 0,
     }
 }
 

@@ -49,17 +49,9 @@ fn lane_mask(w: usize) -> u16 {
     }
 }
 
-/// Whether this CPU runs the kernel (AVX-512 F), detected once.
+/// Whether the kernel runs: AVX-512 on this CPU and not capped by `LORA_KERNELS` ([`super::simd`]).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::simd() == super::Simd::Avx512
 }
 
 /// How the kernel reads a product: which operand is streamed (A, broadcast) and which is loaded as rows (B).

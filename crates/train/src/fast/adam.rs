@@ -67,8 +67,8 @@ const PARALLEL_MIN: usize = 1 << 15;
 
 fn kernel(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F (checked just above).
+    if lora::simd() == lora::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`lora::simd` detected it; a LORA_KERNELS cap only lowers the level).
         return unsafe { kernel_avx512(theta, g, m, v, c) };
     }
     kernel_body(theta, g, m, v, c)
