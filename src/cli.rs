@@ -353,6 +353,9 @@ pub struct FinetuneArgs {
     /// Use rank-stabilised scaling alpha/sqrt(r) (rsLoRA) instead of alpha/r.
     #[arg(long)]
     pub rslora: bool,
+    /// LoRA+: B learns at this multiple of --lr (as PEFT's create_loraplus_optimizer; its paper uses 16).
+    #[arg(long, value_name = "RATIO", allow_negative_numbers = true)]
+    pub loraplus_lr_ratio: Option<f64>,
     /// Dropout probability on the adapter's input during training.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,

@@ -153,6 +153,9 @@ pub struct LmFinetuneArgs {
     /// Peak learning rate (AdamW, no weight decay).
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// LoRA+: B learns at this multiple of --lr (as PEFT's create_loraplus_optimizer; its paper uses 16).
+    #[arg(long, value_name = "RATIO", allow_negative_numbers = true)]
+    pub loraplus_lr_ratio: Option<f64>,
     #[command(flatten)]
     pub train: LmTrainArgs,
     #[command(flatten)]

@@ -293,6 +293,11 @@ fn build(d: &Path) -> Vec<Case> {
             vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--dropout", "1.5"],
             "lora_dropout = 1.5",
         ),
+        (
+            "flag_loraplus_ratio_negative",
+            vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--loraplus-lr-ratio", "-2"],
+            "loraplus_lr_ratio = -2",
+        ),
         ("flag_hidden_zero", vec!["params", "--hidden1", "0"], "--hidden1"),
         ("flag_adapter_without_name", vec!["eval", "--model", "model.safetensors", "--adapter", "adapter"], "NAME=DIR"),
         ("flag_unknown", vec!["demo", "--rnak", "2"], "--rnak"),

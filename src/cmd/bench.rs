@@ -44,7 +44,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     net.set_backend(backend);
 
     // 1. One pre-training epoch: 938 shuffled steps of 64, Adam, all parameters.
-    let cfg = TrainConfig { epochs: 1, batch_size: bs, lr, max_steps: None, seed: a.seed };
+    let cfg = TrainConfig { epochs: 1, batch_size: bs, lr, max_steps: None, seed: a.seed, loraplus_lr_ratio: None };
     let t = Instant::now();
     let stats = train(&net, &data.train, &cfg, |_| {})?;
     let pretrain_epoch_s = t.elapsed().as_secs_f64();

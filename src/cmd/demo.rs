@@ -45,8 +45,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("MNIST: {} training and {} test images; mean {:.4}, std {:.4}", data.train.len(), data.test.len(), data.mean, data.std);
 
     // 2-3. Model and pre-training (resumable: see `pretrain_phase`).
-    let pcfg =
-        TrainConfig { epochs: a.epochs as usize, batch_size: a.pretrain_batch_size as usize, lr: 1e-3, max_steps: None, seed: a.seed };
+    let pcfg = TrainConfig {
+        epochs: a.epochs as usize,
+        batch_size: a.pretrain_batch_size as usize,
+        lr: 1e-3,
+        max_steps: None,
+        seed: a.seed,
+        loraplus_lr_ratio: None,
+    };
     let base_path = a.out.join("base.safetensors");
     let ck_root = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| a.out.join("checkpoint"));
     let (mut net, pstats) = pretrain_phase(&a, &data, &pcfg, &base_path, &ck_root)?;
@@ -66,8 +72,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     // 6-7. LoRA on every linear layer, base frozen; fine-tune on the worst digit.
     let digit = a.digit.unwrap_or_else(|| worst_digit(&pre));
-    let fcfg =
-        TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: 1e-3, max_steps: Some(a.steps as usize), seed: a.seed };
+    let fcfg = TrainConfig {
+        epochs: usize::MAX,
+        batch_size: a.batch_size as usize,
+        lr: 1e-3,
+        max_steps: Some(a.steps as usize),
+        seed: a.seed,
+        loraplus_lr_ratio: None,
+    };
     let ft_settings = json!({"base_sha256": lora::io::fingerprint(&original)?, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha,
         "steps": a.steps, "batch_size": a.batch_size, "lr": 1e-3, "seed": a.seed});
     let ft_resume = match &a.checkpoint.resume {

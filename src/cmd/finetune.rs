@@ -30,8 +30,14 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         ..LoraConfig::default()
     };
     lcfg.validate()?;
-    let tcfg =
-        TrainConfig { epochs: usize::MAX, batch_size: a.batch_size as usize, lr: a.lr, max_steps: Some(a.steps as usize), seed: a.seed };
+    let tcfg = TrainConfig {
+        epochs: usize::MAX,
+        batch_size: a.batch_size as usize,
+        lr: a.lr,
+        max_steps: Some(a.steps as usize),
+        seed: a.seed,
+        loraplus_lr_ratio: a.loraplus_lr_ratio,
+    };
     tcfg.validate()?;
     let mut net = load_model(&a.model)?;
     let fp = fingerprint(&net)?;
@@ -40,7 +46,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let before = evaluate(&net, &data.test, 1000)?;
     let digit = a.digit.unwrap_or_else(|| worst_digit(&before));
     let settings = json!({"base_sha256": fp, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha, "rslora": a.rslora,
-        "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed});
+        "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+        "loraplus_lr_ratio": a.loraplus_lr_ratio});
     let resume = match &a.checkpoint.resume {
         Some(dir) => {
             let l = checkpoint::load(dir, "finetune", &settings)?;

@@ -38,7 +38,14 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         ("--report", a.report.report.as_deref(), Out::Dir),
         ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
     ])?;
-    let cfg = TrainConfig { epochs: a.epochs as usize, batch_size: a.batch_size as usize, lr: a.lr, max_steps: None, seed: a.seed };
+    let cfg = TrainConfig {
+        epochs: a.epochs as usize,
+        batch_size: a.batch_size as usize,
+        lr: a.lr,
+        max_steps: None,
+        seed: a.seed,
+        loraplus_lr_ratio: None,
+    };
     cfg.validate()?;
     let data = Data::load(&a.data.data)?;
     let settings = json!({"hidden1": a.net.hidden1, "hidden2": a.net.hidden2, "epochs": a.epochs, "batch_size": a.batch_size,

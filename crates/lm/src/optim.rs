@@ -69,6 +69,8 @@ pub struct AdamW {
     pub eps: f64,
     /// Decoupled weight decay λ, applied to tensors of two or more dimensions.
     pub weight_decay: f64,
+    /// Each parameter's learning rate as a multiple of the step's (1 unless LoRA+ set it).
+    lr_scales: Vec<f64>,
 }
 
 impl AdamW {
@@ -76,7 +78,22 @@ impl AdamW {
     pub fn new(params: Vec<(String, Var)>, weight_decay: f64) -> Self {
         let moments =
             params.iter().map(|(n, v)| (n.clone(), Moments { m: vec![0.0; v.elem_count()], v: vec![0.0; v.elem_count()] })).collect();
-        AdamW { params, moments, steps: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        let lr_scales = vec![1.0; params.len()];
+        AdamW { params, moments, steps: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, lr_scales }
+    }
+
+    /// LoRA+ (Hayou et al. 2024), grouped as PEFT's `create_loraplus_optimizer` groups: a parameter whose name
+    /// holds `lora_B`, or of one dimension, learns at `ratio` times the learning rate; the others at it.
+    pub fn with_loraplus(mut self, ratio: f64) -> Self {
+        for ((name, var), s) in self.params.iter().zip(&mut self.lr_scales) {
+            *s = if name.contains("lora_B") || var.rank() == 1 { ratio } else { 1.0 };
+        }
+        self
+    }
+
+    /// Each parameter's learning rate as a multiple of the step's, in [`AdamW::params`] order.
+    pub fn lr_scales(&self) -> &[f64] {
+        &self.lr_scales
     }
 
     /// The parameters it updates.
@@ -107,10 +124,11 @@ impl AdamW {
         let t = self.steps as i32;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = 1.0 - self.beta1.powi(t);
-        let step_size = (lr / bc1) as f32;
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
         let eps = self.eps as f32;
-        for ((name, var), g) in self.params.iter().zip(gs) {
+        for (((name, var), g), &scale) in self.params.iter().zip(gs).zip(&self.lr_scales) {
+            let lr = lr * scale;
+            let step_size = (lr / bc1) as f32;
             let mo = self.moments.get_mut(name).ok_or_else(|| LmError::invalid("parameter", name, "has no optimizer state"))?;
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             if p.len() != mo.m.len() || g.len() != p.len() {
@@ -133,6 +151,26 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loraplus_moves_b_and_one_dimensional_tensors_at_ratio_times_the_learning_rate() {
+        let dev = candle_core::Device::Cpu;
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::ones(shape, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let (a, b, bias) = (var(&[2, 3]), var(&[3, 2]), var(&[3]));
+        let params =
+            vec![("m.lora_A.x".to_string(), a.clone()), ("m.lora_B.x".to_string(), b.clone()), ("m.bias".to_string(), bias.clone())];
+        let mut opt = AdamW::new(params, 0.0).with_loraplus(16.0);
+        assert_eq!(opt.lr_scales(), [1.0, 16.0, 16.0]);
+        let loss =
+            ((a.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap() + bias.as_tensor().sum_all().unwrap()).unwrap();
+        opt.step(&loss.backward().unwrap(), 1e-3, None).unwrap();
+        // First Adam step from zero moments: each element moves by lr·g/(|g| + ε·…) = lr (g = 1 here), up to
+        // ε/|g| = 1e-8 relative; 1e-6 absolute on a step of 1e-3 is far tighter than a wrong ratio (16×).
+        let moved = |v: &Var| 1.0 - v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((moved(&a) - 1e-3).abs() < 1e-6, "{}", moved(&a));
+        assert!((moved(&b) - 16e-3).abs() < 1e-6, "{}", moved(&b));
+        assert!((moved(&bias) - 16e-3).abs() < 1e-6, "{}", moved(&bias));
+    }
     use candle_core::Device;
 
     #[test]

@@ -43,6 +43,9 @@ pub struct TrainSettings {
     pub clip: Option<f64>,
     /// Seed of the data draws (and of adapter dropout).
     pub seed: u64,
+    /// LoRA+: B matrices (and one-dimensional tensors) learn at this multiple of `lr` (`None`: off).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl TrainSettings {
@@ -63,6 +66,9 @@ impl TrainSettings {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(LmError::invalid("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]"));
+        }
+        if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(LmError::invalid("loraplus_lr_ratio", r, "must be a positive number (PEFT suggests 2 to 16 or more)"));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(LmError::invalid("weight_decay", self.weight_decay, "must be a non-negative number"));
@@ -193,7 +199,11 @@ impl Trainer {
         if params.is_empty() {
             return Err(LmError::invalid("trainable tensors", "none", "nothing would train: add an adapter or unfreeze the base"));
         }
-        Ok(Trainer { opt: AdamW::new(params, settings.weight_decay), settings, step: 0, losses: Vec::new(), seconds_before: 0.0 })
+        let mut opt = AdamW::new(params, settings.weight_decay);
+        if let Some(ratio) = settings.loraplus_lr_ratio {
+            opt = opt.with_loraplus(ratio);
+        }
+        Ok(Trainer { opt, settings, step: 0, losses: Vec::new(), seconds_before: 0.0 })
     }
 
     /// The settings.

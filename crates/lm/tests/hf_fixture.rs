@@ -188,6 +188,7 @@ fn a_checkpoint_with_a_tokenizer_fine_tunes_evaluates_and_generates() {
         weight_decay: 0.0,
         clip: Some(1.0),
         seed: 0,
+        loraplus_lr_ratio: None,
     };
     let mut t = lora_lm::train::Trainer::new(&model, s).unwrap();
     t.run(&model, &mix, 30, |_, _| Ok(true)).unwrap();

@@ -209,6 +209,7 @@ fn a_short_fine_tune_lowers_the_loss_on_its_corpus_and_leaves_the_base_alone() {
         weight_decay: 0.0,
         clip: Some(1.0),
         seed: 0,
+        loraplus_lr_ratio: None,
     };
     let mut t = Trainer::new(&m, s).unwrap();
     t.run(&m, &mix, 40, |_, _| Ok(true)).unwrap();
@@ -237,6 +238,7 @@ fn a_resumed_run_continues_exactly_where_it_stopped() {
         weight_decay: 0.1,
         clip: Some(1.0),
         seed: 3,
+        loraplus_lr_ratio: None,
     };
     let straight = Llama::random(&cfg, 41).unwrap();
     let mut t = Trainer::new(&straight, s.clone()).unwrap();

@@ -24,11 +24,13 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     /// Seed of the shuffling generator.
     pub seed: u64,
+    /// LoRA+: adapters' B matrices (and vectors) learn at this multiple of `lr` (`None`: off).
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 1, batch_size: 64, lr: 1e-3, max_steps: None, seed: 0 }
+        TrainConfig { epochs: 1, batch_size: 64, lr: 1e-3, max_steps: None, seed: 0, loraplus_lr_ratio: None }
     }
 }
 
@@ -43,6 +45,9 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(TrainError::setting("lr", self.lr, "must be a positive number"));
+        }
+        if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(TrainError::setting("loraplus_lr_ratio", r, "must be a positive number"));
         }
         if self.max_steps == Some(0) {
             return Err(TrainError::setting("steps", 0, "must be at least 1"));
@@ -136,7 +141,7 @@ pub fn train_with(
     if checkpoints.as_ref().is_some_and(|c| c.every == 0) {
         return Err(TrainError::setting("checkpoint_every", 0, "must be at least 1"));
     }
-    let mut trainer = Trainer::new(net, cfg.lr)?; // Adam; fused or reference as the net's backend says
+    let mut trainer = Trainer::with_loraplus(net, cfg.lr, cfg.loraplus_lr_ratio)?; // Adam; fused or reference as the net's backend says
     let mut losses = Vec::new();
     let mut step_seconds = Vec::new();
     if let Some(c) = resume {

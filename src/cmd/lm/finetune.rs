@@ -114,7 +114,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     }
     check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = lora_config(&a.lora)?;
-    let s = settings(&a.train, a.steps, a.lr, 0.0);
+    let s = lora_lm::train::TrainSettings { loraplus_lr_ratio: a.loraplus_lr_ratio, ..settings(&a.train, a.steps, a.lr, 0.0) };
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     // Fail before the work: the data must read and the targets must exist.
     let data = super::corpus(&a.data)?;

@@ -65,6 +65,7 @@ pub fn settings(t: &LmTrainArgs, steps: u32, lr: f64, weight_decay: f64) -> Trai
         weight_decay,
         clip: Some(t.clip),
         seed: t.seed,
+        loraplus_lr_ratio: None,
     }
 }
 

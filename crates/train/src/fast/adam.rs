@@ -46,6 +46,11 @@ pub struct AdamStep {
 }
 
 impl AdamStep {
+    /// The same step at `scale` times the learning rate (LoRA+).
+    pub fn with_lr_scale(self, scale: f32) -> Self {
+        AdamStep { lr: self.lr * scale, ..self }
+    }
+
     /// The constants for step `t` (≥ 1).
     pub fn new(cfg: &AdamConfig, t: usize) -> Self {
         let t = t.max(1) as i32;

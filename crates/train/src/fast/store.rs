@@ -108,6 +108,7 @@ struct Param {
     var: Var,
     grad: GradSource,
     moments: Arc<Mutex<Moments>>,
+    lr_scale: f32,
 }
 
 impl Param {
@@ -144,7 +145,14 @@ impl ParamStore {
         if !var.as_tensor().is_contiguous() || var.dtype() != candle_core::DType::F32 || !var.device().is_cpu() {
             return Err(TrainError::setting("parameter", name, "the fused optimizer needs contiguous f32 tensors on the CPU"));
         }
-        self.params.push(Param { name: name.to_string(), var, grad, moments });
+        self.params.push(Param { name: name.to_string(), var, grad, moments, lr_scale: 1.0 });
+        Ok(())
+    }
+    /// Sets the learning rate of parameter `name` to `scale` times the store's (LoRA+).
+    pub fn set_lr_scale(&mut self, name: &str, scale: f32) -> Result<()> {
+        let p =
+            self.params.iter_mut().find(|p| p.name == name).ok_or_else(|| TrainError::setting("parameter", name, "not in the store"))?;
+        p.lr_scale = scale;
         Ok(())
     }
     /// Adds a parameter whose gradient candle's autograd computes.
@@ -176,7 +184,7 @@ impl ParamStore {
         for p in &self.params {
             if let GradSource::Buffer(buf) = &p.grad {
                 if let Some(ib) = buf.lock()?.in_backward.as_mut() {
-                    ib.armed = Some(step);
+                    ib.armed = Some(step.with_lr_scale(p.lr_scale));
                 }
             }
         }
@@ -240,8 +248,9 @@ impl ParamStore {
     /// again.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
-        let step = AdamStep::new(&self.cfg, self.t);
+        let base = AdamStep::new(&self.cfg, self.t);
         for p in &self.params {
+            let step = base.with_lr_scale(p.lr_scale);
             let theta = p.var.as_tensor();
             match &p.grad {
                 GradSource::Buffer(buf) => {

@@ -22,7 +22,8 @@ pub struct Trainer {
 
 enum Kind {
     Fused(FusedTrainer),
-    Reference(AdamW),
+    /// One candle AdamW per learning rate (two with LoRA+).
+    Reference(Vec<AdamW>),
 }
 
 struct FusedTrainer {
@@ -41,14 +42,41 @@ impl std::fmt::Debug for Trainer {
 impl Trainer {
     /// A trainer with Adam (β = 0.9, 0.999, ε = 1e-8, no weight decay) at learning rate `lr`.
     pub fn new(net: &ExpensiveNet, lr: f64) -> Result<Self> {
+        Self::with_loraplus(net, lr, None)
+    }
+
+    /// [`Trainer::new`] with LoRA+ (`Some(ratio)`): adapters' B matrices and one-dimensional tensors learn at
+    /// `ratio` times `lr`, as PEFT's `create_loraplus_optimizer` groups them.
+    pub fn with_loraplus(net: &ExpensiveNet, lr: f64, loraplus_lr_ratio: Option<f64>) -> Result<Self> {
         let cfg = AdamConfig { lr, ..AdamConfig::default() };
         if net.model.trainable_vars().is_empty() {
             return Err(TrainError::setting("trainable tensors", 0, "nothing to train: every tensor is frozen"));
         }
+        if let Some(r) = loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(TrainError::setting("loraplus_lr_ratio", r, "must be a positive number"));
+        }
+        // LoRA+'s group B: every active adapter's B, and every trainable vector.
+        let ratio = loraplus_lr_ratio.unwrap_or(1.0);
+        let mut b_ids = std::collections::HashSet::new();
+        for (_, l) in net.model.layers() {
+            for a in l.active() {
+                if let Ok(ad) = l.adapter(a) {
+                    b_ids.insert(ad.b().as_tensor().id());
+                }
+            }
+        }
+        let in_b = |v: &candle_core::Var| b_ids.contains(&v.as_tensor().id()) || v.rank() == 1;
         let kind = match net.backend() {
             Backend::Reference => {
-                let p = ParamsAdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: 0.0 };
-                Kind::Reference(AdamW::new(net.model.trainable_vars(), p)?) // weight_decay 0: exactly Adam
+                let (b, a): (Vec<_>, Vec<_>) = net.model.trainable_vars().into_iter().partition(|v| loraplus_lr_ratio.is_some() && in_b(v));
+                let mut opts = Vec::new();
+                for (vars, lr) in [(a, lr), (b, lr * ratio)] {
+                    if !vars.is_empty() {
+                        let p = ParamsAdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: 0.0 };
+                        opts.push(AdamW::new(vars, p)?); // weight_decay 0: exactly Adam
+                    }
+                }
+                Kind::Reference(opts)
             }
             Backend::Fused => {
                 let mut store = ParamStore::new(cfg);
@@ -60,11 +88,14 @@ impl Trainer {
                         ((true, true), Some(b), false) => {
                             let dw = store.add_updated_in_backward(&format!("{name}.weight"), l.weight().clone())?;
                             let db = store.add_buffered(&format!("{name}.bias"), b.clone())?;
+                            store.set_lr_scale(&format!("{name}.bias"), ratio as f32)?; // a vector: LoRA+'s group B
                             Some((dw, db))
                         }
                         _ => {
                             for (i, v) in l.trainable_vars().into_iter().enumerate() {
+                                let scale = if loraplus_lr_ratio.is_some() && in_b(&v) { ratio as f32 } else { 1.0 };
                                 store.add_autograd(&format!("{name}.{i}"), v)?;
+                                store.set_lr_scale(&format!("{name}.{i}"), scale)?;
                             }
                             None
                         }
@@ -117,11 +148,14 @@ impl Trainer {
             return rayon::scope(|_| self.step_with(net, x, y, global_step, in_backward));
         }
         match &mut self.kind {
-            Kind::Reference(opt) => {
+            Kind::Reference(opts) => {
                 let logits = net.forward_t(x, true)?; // (B, classes)
                 let loss = candle_nn::loss::cross_entropy(&logits, y)?;
                 let l = finite(loss.to_scalar::<f32>()?, global_step)?;
-                opt.backward_step(&loss)?;
+                let grads = loss.backward()?;
+                for opt in opts.iter_mut() {
+                    opt.step(&grads)?;
+                }
                 Ok(l)
             }
             Kind::Fused(t) => {
@@ -208,6 +242,63 @@ mod tests {
             tensors.push(flat(ad.b().as_tensor()));
         }
         (losses, tensors)
+    }
+
+    /// One LoRA step from the same start on each backend, with LoRA+ ratio `ratio` (or none): how far each
+    /// adapter tensor moved, in layer order (A, B, A, B, …).
+    fn loraplus_moves(backend: Backend, ratio: Option<f64>) -> Vec<Vec<f32>> {
+        let dev = Device::Cpu;
+        let mut g = StdRng::seed_from_u64(9);
+        let (n, feat) = (32, 12);
+        let x = Tensor::from_vec((0..n * feat).map(|_| g.random::<f32>() * 2.0 - 1.0).collect::<Vec<_>>(), (n, feat), &dev).unwrap();
+        let y = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), n, &dev).unwrap();
+        let mut net = ExpensiveNet::new(feat, 10, 8, 3, 4, &dev).unwrap();
+        net.set_backend(backend);
+        net.model.add_adapter("a", &LoraConfig::new(2, 2.0), &mut StdRng::seed_from_u64(1)).unwrap();
+        net.model.set_active(&["a"]).unwrap();
+        net.model.freeze_base(Bias::None);
+        // A non-zero B, so that A gets a gradient too.
+        for (_, l) in net.model.layers() {
+            let b = l.adapter("a").unwrap().b();
+            let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() - 0.5).collect();
+            b.set(&Tensor::from_vec(v, b.shape(), &dev).unwrap()).unwrap();
+        }
+        let before: Vec<Vec<f32>> = net
+            .model
+            .layers()
+            .flat_map(|(_, l)| [flat(l.adapter("a").unwrap().a().as_tensor()), flat(l.adapter("a").unwrap().b().as_tensor())])
+            .collect();
+        let mut t = Trainer::with_loraplus(&net, 1e-3, ratio).unwrap();
+        t.step(&net, &x, &y, 1).unwrap();
+        let after: Vec<Vec<f32>> = net
+            .model
+            .layers()
+            .flat_map(|(_, l)| [flat(l.adapter("a").unwrap().a().as_tensor()), flat(l.adapter("a").unwrap().b().as_tensor())])
+            .collect();
+        before.iter().zip(&after).map(|(b, a)| b.iter().zip(a).map(|(x, y)| y - x).collect()).collect()
+    }
+
+    #[test]
+    fn loraplus_moves_b_at_ratio_times_the_learning_rate_on_both_backends_and_a_as_before() {
+        for backend in [Backend::Fused, Backend::Reference] {
+            let plain = loraplus_moves(backend, None);
+            let plus = loraplus_moves(backend, Some(16.0));
+            for (k, (p, q)) in plain.iter().zip(&plus).enumerate() {
+                let want = if k % 2 == 1 { 16.0 } else { 1.0 };
+                for (a, b) in p.iter().zip(q) {
+                    // The first Adam step moves each element by lr·g/(|g| + ε): the same g both times, so
+                    // the moves differ by the learning rates' ratio exactly, up to f32 rounding of p − p₀
+                    // (≈ 1e-7 on moves of 1e-3; 1e-3 relative is far below a wrong ratio).
+                    if a.abs() > 1e-6 {
+                        assert!((b / a - want).abs() < 1e-3 * want, "{backend:?} tensor {k}: moved {b} vs {a} without LoRA+");
+                    }
+                }
+            }
+        }
+        assert!(Trainer::with_loraplus(&ExpensiveNet::new(4, 3, 3, 2, 0, &Device::Cpu).unwrap(), 1e-3, Some(-1.0))
+            .unwrap_err()
+            .to_string()
+            .contains("loraplus_lr_ratio = -1"));
     }
 
     #[test]
