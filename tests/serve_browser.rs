@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use serve_support::{fixture, lora, s, Served};
+use serve_support::{fixture, mnist_fixture, s, Served};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
@@ -271,17 +271,9 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
 #[test]
 fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_does() {
     let d = tempfile::tempdir().unwrap();
-    let p = |n: &str| d.path().join(n);
     let (m, a) = match std::env::var("LORA_SCREENSHOT_MNIST") {
         Ok(dir) => (PathBuf::from(&dir).join("m.safetensors"), PathBuf::from(&dir).join("adapters")),
-        Err(_) => {
-            lora(&["pretrain", "--hidden1", "48", "--hidden2", "24", "--batch-size", "300", "--out", s(&p("m.safetensors"))]);
-            for digit in ["7", "1"] {
-                let out = p(&format!("adapters/digit{digit}"));
-                lora(&["finetune", "--model", s(&p("m.safetensors")), "--digit", digit, "--steps", "25", "--out", s(&out)]);
-            }
-            (p("m.safetensors"), p("adapters"))
-        }
+        Err(_) => mnist_fixture(d.path(), &["7", "1"], &[]),
     };
     let server = Served::start(&["--model", s(&m), "--adapters", s(&a)]);
     let mut b = Browser::launch();

@@ -6,7 +6,7 @@ mod serve_support;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use serve_support::{get, lora, post, s, Served};
+use serve_support::{get, lora, mnist_fixture, post, s, Served};
 
 /// The confusion matrix (true digit × predicted digit) of `model`'s predictions on every test image.
 async fn confusion(c: &reqwest::Client, url: &str, model: &str, images: &[u8], labels: &[u8]) -> Vec<Vec<u64>> {
@@ -30,29 +30,10 @@ fn matrix(v: &Value) -> Vec<Vec<u64>> {
 async fn predictions_equal_lora_evals_for_the_base_and_each_adapter_requested_at_once() {
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n);
-    lora(&["pretrain", "--hidden1", "48", "--hidden2", "24", "--batch-size", "300", "--out", s(&p("m.safetensors"))]);
-    for digit in ["9", "4"] {
-        let out = p(&format!("adapters/digit{digit}"));
-        lora(&[
-            "finetune",
-            "--model",
-            s(&p("m.safetensors")),
-            "--digit",
-            digit,
-            "--steps",
-            "25",
-            "--rank",
-            "2",
-            "--alpha",
-            "3",
-            "--out",
-            s(&out),
-        ]);
-    }
+    let (m, a) = mnist_fixture(d.path(), &["9", "4"], &["--rank", "2", "--alpha", "3"]);
     let (a9, a4) = (format!("digit9={}", s(&p("adapters/digit9"))), format!("digit4={}", s(&p("adapters/digit4"))));
     lora(&["eval", "--model", s(&p("m.safetensors")), "--adapter", &a9, "--adapter", &a4, "--json", s(&p("eval.json"))]);
     let eval: Value = serde_json::from_slice(&std::fs::read(p("eval.json")).unwrap()).unwrap();
-    let (m, a) = (p("m.safetensors"), p("adapters"));
     let server = Served::start(&["--model", s(&m), "--adapters", s(&a), "--threads", "2"]);
     let c = reqwest::Client::new();
     let test = mnist::Mnist::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))).unwrap().test;

@@ -140,6 +140,20 @@ pub fn lora(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A small MNIST base `DIR/m.safetensors` (hidden 48 and 24, one epoch) and a LoRA adapter per digit in
+/// `DIR/adapters/digitD` (25 steps each, `extra` flags added), made with the real binary.
+pub fn mnist_fixture(dir: &Path, digits: &[&str], extra: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let m = dir.join("m.safetensors");
+    lora(&["pretrain", "--hidden1", "48", "--hidden2", "24", "--batch-size", "300", "--out", s(&m)]);
+    for digit in digits {
+        let out = dir.join(format!("adapters/digit{digit}"));
+        let mut args = vec!["finetune", "--model", s(&m), "--digit", digit, "--steps", "25", "--out", s(&out)];
+        args.extend_from_slice(extra);
+        lora(&args);
+    }
+    (m, dir.join("adapters"))
+}
+
 /// A path as &str.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()

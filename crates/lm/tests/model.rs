@@ -41,18 +41,9 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// An adapter with non-zero B on every projection and lm_head (a fresh one has B = 0).
+/// An active adapter with non-zero B on every projection and lm_head (a fresh one has B = 0), rank 3.
 fn with_adapter(m: &mut Llama, name: &str, seed: u64) {
-    let mut targets: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
-    targets.push("lm_head".into());
-    let c = LoraConfig { target_modules: targets.into(), init: lora::Init::PeftGaussian, ..LoraConfig::new(3, 5.0) };
-    m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
-    let mut g = StdRng::seed_from_u64(seed + 100);
-    for (_, l) in m.lora().layers() {
-        let b = l.adapter(name).unwrap().b();
-        let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() * 0.2 - 0.1).collect();
-        b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();
-    }
+    add_adapter(m, name, 3, seed);
     m.lora_mut().set_active(&[name]).unwrap();
 }
 

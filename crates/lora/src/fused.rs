@@ -755,27 +755,36 @@ impl LoraLinear {
     }
 }
 
+/// Helpers for the crate's unit tests: deterministic random values and tensors.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::linear::Adapter;
-    use candle_core::{Device, Var};
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     /// Deterministic values in [-1, 1), never exactly zero in practice.
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
         (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
     }
 
-    fn t2(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
+    /// A (rows, cols) tensor of `v`.
+    pub fn t2(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn flat(t: &Tensor) -> Vec<f32> {
+    /// Every value of `t`, flat.
+    pub fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::{flat, rand_vec, t2};
+    use super::*;
+    use crate::linear::Adapter;
+    use candle_core::{Device, Var};
 
     /// A layer (out, in) with bias and one active adapter of rank r, alpha ≠ r, and a non-zero B.
     fn layer(inp: usize, out: usize, r: usize, alpha: f64, frozen: bool, backend: Backend) -> LoraLinear {

@@ -189,23 +189,11 @@ impl LoraModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::test_util::{flat, rand_vec, t2};
     use crate::linear::{Adapter, LoraLinear};
     use candle_core::Device;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
     use std::collections::{BTreeMap, HashMap};
     use std::path::PathBuf;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut g = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
-    }
-    fn t2(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    }
 
     const IN: usize = 37;
     const OUT: usize = 29;
