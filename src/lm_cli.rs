@@ -126,9 +126,20 @@ pub struct LmLoraArgs {
     /// Dropout probability on the adapter's input during training.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub dropout: f64,
-    /// Modules to adapt, comma-separated (names or suffixes: q_proj,k_proj,…,lm_head).
+    /// Modules to adapt, comma-separated (names or dotted suffixes: q_proj,k_proj,…,lm_head), or all-linear
+    /// (every projection, not lm_head), matched as PEFT matches them.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
     pub target_modules: Vec<String>,
+    /// Adapt the modules whose whole name matches this regular expression instead (PEFT's string form of
+    /// target_modules), e.g. '.*layers\.[0-1]\..*_proj'.
+    #[arg(long, value_name = "REGEX")]
+    pub target_regex: Option<String>,
+    /// Never adapt these modules (names or dotted suffixes), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_modules: Vec<String>,
+    /// Adapt only these layer indexes (with names in --target-modules), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub layers_to_transform: Vec<usize>,
     /// Rank-stabilised scaling alpha/sqrt(r) (rsLoRA).
     #[arg(long)]
     pub rslora: bool,

@@ -209,6 +209,24 @@ fn build(d: &Path) -> Vec<Case> {
             Some("out_b"),
         ),
         case(
+            "finetune_target_regex_that_does_not_compile",
+            "lm finetune --model m --data t.txt --out out_c --steps 1 --target-regex (bad",
+            "target_modules = \"(bad\": not a regular expression",
+            Some("out_c"),
+        ),
+        case(
+            "finetune_target_regex_matching_nothing",
+            "lm finetune --model m --data t.txt --out out_d --steps 1 --target-regex .*nothing",
+            "adapts no module of this model",
+            Some("out_d"),
+        ),
+        case(
+            "finetune_loraplus_ratio_zero",
+            "lm finetune --model m --data t.txt --out out_e --steps 1 --loraplus-lr-ratio 0",
+            "loraplus_lr_ratio = 0",
+            Some("out_e"),
+        ),
+        case(
             "finetune_out_is_a_file",
             "lm finetune --model m --data t.txt --out a_file --steps 1",
             "a_file: exists and is not a directory",

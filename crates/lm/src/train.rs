@@ -51,6 +51,9 @@ pub struct TrainSettings {
 impl TrainSettings {
     /// Checks every field against the model; errors name the setting and value.
     pub fn validate(&self, model: &Llama) -> Result<()> {
+        if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(LmError::invalid("loraplus_lr_ratio", r, "must be a positive number (PEFT suggests 2 to 16 or more)"));
+        }
         if self.steps == 0 {
             return Err(LmError::invalid("steps", 0, "must be at least 1"));
         }
@@ -66,9 +69,6 @@ impl TrainSettings {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(LmError::invalid("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]"));
-        }
-        if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
-            return Err(LmError::invalid("loraplus_lr_ratio", r, "must be a positive number (PEFT suggests 2 to 16 or more)"));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(LmError::invalid("weight_decay", self.weight_decay, "must be a non-negative number"));

@@ -170,8 +170,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Pattern<T> {
 
 /// `pattern` compiled; an error names `key` (the config entry it came from).
 pub(crate) fn regex(pattern: &str, key: &str) -> Result<regex::Regex> {
-    regex::Regex::new(pattern)
-        .map_err(|e| LoraError::config(key.to_string(), format!("{pattern:?}"), format!("not a regular expression lora-rs can use: {e}")))
+    regex::Regex::new(pattern).map_err(|e| {
+        let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        LoraError::config(key.to_string(), format!("{pattern:?}"), format!("not a regular expression lora-rs can use ({why})"))
+    })
 }
 
 /// Whether `re` matches the whole of `key` (Python's `re.fullmatch`).

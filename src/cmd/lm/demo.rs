@@ -58,6 +58,9 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         alpha: 16.0,
         dropout: 0.0,
         target_modules: lora_lm::PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        target_regex: None,
+        exclude_modules: Vec::new(),
+        layers_to_transform: Vec::new(),
         rslora: false,
     })?;
     let mut tuned = Vec::new();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use lora::{Init, LoraConfig, Scaling};
+use lora::{Exclude, Init, LoraConfig, Scaling, Targets};
 use lora_lm::data::Corpus;
 use lora_lm::hf::{load_model, load_tokenizer, save_adapter};
 use lora_lm::train::{TrainSettings, Trainer};
@@ -25,7 +25,14 @@ pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
         dropout: l.dropout,
         scaling: if l.rslora { Scaling::RankStabilized } else { Scaling::Standard },
         init: Init::PeftGaussian,
-        target_modules: l.target_modules.iter().map(|s| s.trim().to_string()).collect(),
+        target_modules: match (&l.target_regex, l.target_modules.as_slice()) {
+            (Some(r), _) => Targets::Regex(r.clone()),
+            (None, [one]) if one.trim().eq_ignore_ascii_case("all-linear") => Targets::AllLinear,
+            (None, names) => names.iter().map(|s| s.trim().to_string()).collect(),
+        },
+        exclude_modules: (!l.exclude_modules.is_empty())
+            .then(|| Exclude::Names(l.exclude_modules.iter().map(|s| s.trim().to_string()).collect())),
+        layers_to_transform: l.layers_to_transform.clone(),
         ..LoraConfig::new(l.rank as usize, l.alpha)
     };
     c.validate()?;
@@ -118,7 +125,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     // Fail before the work: the data must read and the targets must exist.
     let data = super::corpus(&a.data)?;
-    model.lora().targeted(&config).context("--target-modules")?;
+    model.lora().targeted(&config).context("--target-modules / --target-regex / --exclude-modules / --layers-to-transform")?;
     let name = "adapter";
     let f = finetune(&mut model, &a.model, name, &data, &config, s, &a.checkpoint, &a.out)?;
     println!(
