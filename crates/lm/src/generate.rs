@@ -48,6 +48,12 @@ impl Sampling {
         Ok(())
     }
 
+    /// The generator of prompt `row` (each row draws from its own, seeded by (seed, row)), so a prompt
+    /// samples the same text alone, in a batch, or from a server.
+    pub fn rng(&self, row: usize) -> StdRng {
+        StdRng::seed_from_u64(self.seed.wrapping_add((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    }
+
     /// Picks a token from one row of logits.
     pub fn pick<R: Rng + ?Sized>(&self, logits: &[f32], rng: &mut R) -> u32 {
         if self.temperature == 0.0 {
@@ -197,9 +203,7 @@ fn generate_rows(
     let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied())).collect();
     let mut cache = KvCache::new(model.config(), pad);
     let mut logits = last_logits(model, &Tensor::from_vec(ids, (rows, longest), &Device::Cpu)?, &mut cache)?;
-    let mut rngs: Vec<StdRng> = (first..first + rows)
-        .map(|r| StdRng::seed_from_u64(sampling.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))))
-        .collect();
+    let mut rngs: Vec<StdRng> = (first..first + rows).map(|r| sampling.rng(r)).collect();
     let mut out: Vec<Generated> = (0..rows).map(|_| Generated { tokens: Vec::new(), finish: Finish::Length }).collect();
     let mut live = vec![true; rows];
     for _ in 0..max_tokens {

@@ -96,14 +96,7 @@ impl Llama {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        // Neighbours with the same adapter form one group: one pair of delta products for all their rows.
-        let mut groups: Vec<RowGroup<'_>> = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
-            match groups.last_mut() {
-                Some(g) if same(g.adapter, s.adapter) => g.rows += s.tokens.len(),
-                _ => groups.push(RowGroup { rows: s.tokens.len(), adapter: s.adapter }),
-            }
-        }
+        let groups = row_groups(seqs, |s| s.tokens.len());
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let positions: Vec<u32> = seqs.iter().flat_map(|s| (s.cache.len..s.cache.len + s.tokens.len()).map(|p| p as u32)).collect();
         let rows = ids.len();
@@ -151,17 +144,24 @@ impl Llama {
         }
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
-        let mut heads: Vec<RowGroup<'_>> = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
-            match heads.last_mut() {
-                Some(g) if same(g.adapter, s.adapter) => g.rows += 1,
-                _ => heads.push(RowGroup { rows: 1, adapter: s.adapter }),
-            }
-        }
+        let heads = row_groups(seqs, |_| 1);
         let head = 7 * c.num_hidden_layers;
         debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
         flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity)?)
     }
+}
+
+/// The row groups of `seqs`, each sequence contributing `rows(seq)` rows: neighbours with the same adapter
+/// form one group (one pair of delta products for all their rows).
+fn row_groups<'a>(seqs: &[Sequence<'a>], rows: impl Fn(&Sequence<'a>) -> usize) -> Vec<RowGroup<'a>> {
+    let mut groups: Vec<RowGroup<'a>> = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        match groups.last_mut() {
+            Some(g) if same(g.adapter, s.adapter) => g.rows += rows(s),
+            _ => groups.push(RowGroup { rows: rows(s), adapter: s.adapter }),
+        }
+    }
+    groups
 }
 
 /// Whether two sequences use the same packed adapter (the same one in memory, or both none).

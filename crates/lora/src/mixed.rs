@@ -140,9 +140,11 @@ impl LoraModel {
         let mut y = vec![0f32; n * out];
         matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?;
         if let Some(b) = layer.bias() {
-            let b = values(b.as_tensor())?;
+            let b = b.as_tensor().to_dtype(DType::F32)?;
+            let hb = Held::new(&b);
+            let b = hb.slice()?;
             for row in y.chunks_exact_mut(out) {
-                for (v, bv) in row.iter_mut().zip(&b) {
+                for (v, bv) in row.iter_mut().zip(b) {
                     *v += *bv;
                 }
             }

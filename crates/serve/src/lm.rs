@@ -21,7 +21,6 @@ use lora_lm::generate::Sampling;
 use lora_lm::mixed::Sequence;
 use lora_lm::{KvCache, Llama, Tokenizer};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::{Metrics, ModelLabel};
@@ -119,6 +118,11 @@ struct Running {
     rng: StdRng,
 }
 
+/// The fingerprint of a running sequence's adapter (`None`: the base), its batching order.
+fn adapter_key(r: &Running) -> Option<&str> {
+    r.job.adapter.as_ref().map(|a| a.fingerprint.as_str())
+}
+
 struct Worker {
     model: Arc<Llama>,
     tokenizer: Arc<Tokenizer>,
@@ -153,7 +157,7 @@ impl Worker {
                 if job.events.is_closed() {
                     continue;
                 }
-                let rng = StdRng::seed_from_u64(job.sampling.seed.wrapping_add((job.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                let rng = job.sampling.rng(job.index);
                 let feed = job.prompt.clone();
                 running.push(Running { cache: self.model.sequence_cache(), feed, tokens: Vec::new(), sent: 0, rng, job });
             }
@@ -162,10 +166,7 @@ impl Worker {
                 continue;
             }
             // Sequences of one adapter side by side share their delta products (the order changes no result).
-            running.sort_by(|a, b| {
-                let key = |r: &Running| r.job.adapter.as_ref().map(|a| a.fingerprint.clone());
-                key(a).cmp(&key(b))
-            });
+            running.sort_by(|a, b| adapter_key(a).cmp(&adapter_key(b)));
             self.step(&mut running);
         }
     }

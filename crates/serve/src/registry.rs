@@ -38,6 +38,17 @@ pub struct ServedAdapter {
     pub bytes: u64,
 }
 
+/// What memory holds for a name.
+#[derive(Debug)]
+pub enum Lookup {
+    /// In memory.
+    Held(Arc<ServedAdapter>),
+    /// Registered, but evicted to disk: [`Registry::reload`] reads it again.
+    Evicted,
+    /// No adapter of that name.
+    Unknown,
+}
+
 /// What `/v1/models` and the load route say about an adapter.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdapterInfo {
@@ -287,24 +298,29 @@ impl Registry {
         Ok(())
     }
 
-    /// The adapter `name` names, read again from disk if it was evicted. `Ok(None)`: no such adapter.
-    pub fn get(&self, name: &str) -> Result<Option<Arc<ServedAdapter>>, ApiError> {
-        let entry = {
-            let mut inner = self.inner.lock().map_err(internal)?;
-            let Some(entry) = inner.names.get(name).cloned() else { return Ok(None) };
-            inner.clock += 1;
-            let now = inner.clock;
-            if let Some((a, t)) = inner.held.get_mut(&entry.fingerprint) {
+    /// What memory holds for `name`, without touching the disk (marks a held adapter used now).
+    pub fn lookup(&self, name: &str) -> Result<Lookup, ApiError> {
+        let mut inner = self.inner.lock().map_err(internal)?;
+        let Some(fingerprint) = inner.names.get(name).map(|e| e.fingerprint.clone()) else { return Ok(Lookup::Unknown) };
+        inner.clock += 1;
+        let now = inner.clock;
+        Ok(match inner.held.get_mut(&fingerprint) {
+            Some((a, t)) => {
                 *t = now;
-                return Ok(Some(a.clone()));
+                Lookup::Held(a.clone())
             }
-            entry
-        };
-        // Evicted: read it again (outside the lock; the files may have changed, and the content decides).
-        let (adapter, info) = self.read(name, &entry.path)?;
+            None => Lookup::Evicted,
+        })
+    }
+
+    /// Reads an evicted adapter again and holds it (outside the lock: the files may have changed, and the
+    /// content decides). `Ok(None)`: unloaded meanwhile.
+    pub fn reload(&self, name: &str) -> Result<Option<Arc<ServedAdapter>>, ApiError> {
+        let Some(path) = self.inner.lock().map_err(internal)?.names.get(name).map(|e| e.path.clone()) else { return Ok(None) };
+        let (adapter, info) = self.read(name, &path)?;
         let mut inner = self.inner.lock().map_err(internal)?;
         match inner.names.get_mut(name) {
-            Some(e) if e.path == entry.path => {
+            Some(e) if e.path == path => {
                 e.fingerprint = adapter.fingerprint.clone();
                 e.info = info;
             }

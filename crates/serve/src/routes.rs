@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::lm::{Event, FinishReason, Job};
 use crate::metrics::{RouteLabel, RouteModel, RouteModelStatus};
-use crate::registry::ServedAdapter;
+use crate::registry::{Lookup, ServedAdapter};
 use crate::server::{ModelKind, State};
 
 type S = AxState<Arc<State>>;
@@ -138,11 +138,17 @@ async fn resolve(state: &Arc<State>, model: &str) -> Result<Option<Arc<ServedAda
     if model == state.registry.base_name() {
         return Ok(None);
     }
-    let registry = state.registry.clone();
-    let name = model.to_string();
-    let got = tokio::task::spawn_blocking(move || registry.get(&name))
-        .await
-        .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    // Held adapters are a lock away; only an evicted one is read from disk, off the async threads.
+    let got = match state.registry.lookup(model)? {
+        Lookup::Held(a) => Some(a),
+        Lookup::Unknown => None,
+        Lookup::Evicted => {
+            let (registry, name) = (state.registry.clone(), model.to_string());
+            tokio::task::spawn_blocking(move || registry.reload(&name))
+                .await
+                .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+        }
+    };
     got.map(Some).ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!("The model `{model}` does not exist."),
