@@ -181,6 +181,62 @@ pub struct LoraArgs {
     pub alpha: f64,
 }
 
+/// How a new adapter starts (PEFT's init_lora_weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitArg {
+    /// A ~ N(0, 1), B = 0: the seed tutorial's choice.
+    Normal,
+    /// A ~ N(0, 1/r²), B = 0 (PEFT's "gaussian").
+    Gaussian,
+    /// A Kaiming-uniform, B = 0 (PEFT's default, init_lora_weights=true).
+    Kaiming,
+    /// A and B as nn.Linear initialises them (PEFT's init_lora_weights=false): the adapter acts from step 0.
+    Random,
+    /// PiSSA: A and B from the top-r singular triplets of the base weight, which the adapter subtracts.
+    Pissa,
+    /// OLoRA: A and B from the QR factorisation of the base weight, which the adapter subtracts.
+    Olora,
+}
+
+impl InitArg {
+    /// The library's initialisation.
+    pub fn init(self) -> lora::Init {
+        match self {
+            InitArg::Normal => lora::Init::Normal,
+            InitArg::Gaussian => lora::Init::PeftGaussian,
+            InitArg::Kaiming => lora::Init::Kaiming,
+            InitArg::Random => lora::Init::Random,
+            InitArg::Pissa => lora::Init::Pissa { niter: None },
+            InitArg::Olora => lora::Init::Olora,
+        }
+    }
+}
+
+/// PEFT's LoRA variants, for the fine-tuning commands.
+#[derive(Debug, Clone, Args)]
+pub struct VariantArgs {
+    /// DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted weight.
+    #[arg(long)]
+    pub use_dora: bool,
+    /// How A and B start (PEFT's init_lora_weights); default: normal for MNIST, gaussian for language models.
+    #[arg(long, value_enum)]
+    pub init: Option<InitArg>,
+    /// Give B a trained bias (PEFT's lora_bias; needs --init kaiming or random, as in PEFT).
+    #[arg(long)]
+    pub lora_bias: bool,
+    /// Write a PiSSA/OLoRA adapter as the plain LoRA of rank 2r with the same update on the unchanged base
+    /// (PEFT's path_initial_model_for_weight_conversion); without it, PEFT's own PiSSA/OLoRA form.
+    #[arg(long)]
+    pub convert_to_lora: bool,
+}
+
+impl VariantArgs {
+    /// `config` with these variants applied (`default_init` when --init is not given).
+    pub fn apply(&self, config: lora::LoraConfig, default_init: lora::Init) -> lora::LoraConfig {
+        lora::LoraConfig { use_dora: self.use_dora, lora_bias: self.lora_bias, init: self.init.map_or(default_init, InitArg::init), ..config }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
@@ -359,6 +415,8 @@ pub struct FinetuneArgs {
     /// Dropout probability on the adapter's input during training.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    #[command(flatten)]
+    pub variant: VariantArgs,
     /// Seed for A's initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -386,6 +444,41 @@ pub struct MergeArgs {
     /// Merge adapters even if they were trained on a different base model.
     #[arg(long)]
     pub force: bool,
+    /// How several adapters (or one weighted adapter) combine, as PEFT's add_weighted_adapter: cat (exactly the
+    /// weighted sum of the updates), linear, svd, ties, ties_svd, dare_linear, dare_linear_svd, dare_ties,
+    /// dare_ties_svd, magnitude_prune, magnitude_prune_svd.
+    #[arg(long, default_value = "cat", value_parser = parse_combination)]
+    pub combination: lora::Combination,
+    /// Fraction of values TIES, DARE and magnitude pruning keep (needed by those combinations; 1 keeps all).
+    #[arg(long)]
+    pub density: Option<f64>,
+    /// TIES' majority sign: total (sign of the sum) or frequency (most common sign).
+    #[arg(long, default_value = "total", value_parser = parse_majority_sign)]
+    pub majority_sign: lora::MajoritySign,
+    /// Rank of the svd combinations (default: the largest rank among the adapters).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub svd_rank: Option<u32>,
+    /// Clamp the svd factors to ± this quantile of their entries, in (0, 1].
+    #[arg(long)]
+    pub svd_clamp: Option<f64>,
+    /// Seed of DARE's random masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the combined adapter here, as a PEFT adapter directory.
+    #[arg(long, value_name = "DIR")]
+    pub adapter_out: Option<PathBuf>,
+}
+
+fn parse_combination(s: &str) -> Result<lora::Combination, String> {
+    lora::Combination::from_name(s).map_err(|e| e.to_string())
+}
+
+fn parse_majority_sign(s: &str) -> Result<lora::MajoritySign, String> {
+    match s {
+        "total" => Ok(lora::MajoritySign::Total),
+        "frequency" => Ok(lora::MajoritySign::Frequency),
+        _ => Err(format!("majority sign {s:?}: must be total or frequency")),
+    }
 }
 
 #[derive(Debug, Args)]

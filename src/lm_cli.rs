@@ -143,6 +143,8 @@ pub struct LmLoraArgs {
     /// Rank-stabilised scaling alpha/sqrt(r) (rsLoRA).
     #[arg(long)]
     pub rslora: bool,
+    #[command(flatten)]
+    pub variant: crate::cli::VariantArgs,
 }
 
 #[derive(Debug, Args)]

@@ -217,7 +217,32 @@ fn build(d: &Path) -> Vec<Case> {
             Box::new(|p: &Path| edit_config(p, |v| v["target_modules"] = serde_json::json!(["linear1", "linear2", "linear3", "conv9"]))),
             "conv9",
         ),
-        ("cfg_dora", Box::new(|p: &Path| edit_config(p, |v| v["use_dora"] = true.into())), "use_dora = true"),
+        ("cfg_dora", Box::new(|p: &Path| edit_config(p, |v| v["use_dora"] = true.into())), "missing tensor base_model.model.linear1.lora_magnitude_vector"),
+        (
+            "cfg_dora_with_lora_bias",
+            Box::new(|p: &Path| {
+                edit_config(p, |v| {
+                    v["use_dora"] = true.into();
+                    v["lora_bias"] = true.into();
+                    v["init_lora_weights"] = true.into();
+                })
+            }),
+            "lora_bias = true",
+        ),
+        ("cfg_init_loftq", Box::new(|p: &Path| edit_config(p, |v| v["init_lora_weights"] = "loftq".into())), "init_lora_weights = \"loftq\""),
+        ("cfg_init_pissa_niter", Box::new(|p: &Path| edit_config(p, |v| v["init_lora_weights"] = "pissa_niter_4".into())), "pissa_niter_N"),
+        (
+            "adapter_magnitude_wrong_shape",
+            Box::new(|p: &Path| {
+                edit_config(p, |v| v["use_dora"] = true.into());
+                edit_weights(p, |t| {
+                    for (l, out) in [("linear1", 7), ("linear2", 4), ("linear3", 10)] {
+                        t.push((format!("base_model.model.{l}.lora_magnitude_vector"), Tensor::ones(out, DType::F32, &Device::Cpu).unwrap()));
+                    }
+                })
+            }),
+            "linear1.lora_magnitude_vector: shape [7], expected [8]",
+        ),
         ("cfg_bias_all", Box::new(|p: &Path| edit_config(p, |v| v["bias"] = "all".into())), "bias = \"all\""),
         ("cfg_rank_mismatch", Box::new(|p: &Path| edit_config(p, |v| v["r"] = 3.into())), "does not match r = 3"),
         (
@@ -229,10 +254,19 @@ fn build(d: &Path) -> Vec<Case> {
             "adapter_extra_tensor",
             Box::new(|p: &Path| {
                 edit_weights(p, |t| {
+                    t.push(("base_model.model.linear1.lora_C.weight".into(), Tensor::ones(8, DType::F32, &Device::Cpu).unwrap()))
+                })
+            }),
+            "unexpected tensor base_model.model.linear1.lora_C.weight",
+        ),
+        (
+            "adapter_magnitude_without_dora",
+            Box::new(|p: &Path| {
+                edit_weights(p, |t| {
                     t.push(("base_model.model.linear1.lora_magnitude_vector".into(), Tensor::ones(8, DType::F32, &Device::Cpu).unwrap()))
                 })
             }),
-            "unexpected tensor base_model.model.linear1.lora_magnitude_vector",
+            "has use_dora = false",
         ),
         (
             "adapter_nan",
@@ -292,6 +326,16 @@ fn build(d: &Path) -> Vec<Case> {
             "flag_dropout_too_big",
             vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--dropout", "1.5"],
             "lora_dropout = 1.5",
+        ),
+        (
+            "flag_lora_bias_with_normal_init",
+            vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--lora-bias"],
+            "lora_bias = true",
+        ),
+        (
+            "flag_dora_with_pissa",
+            vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--use-dora", "--init", "pissa"],
+            "use_dora = true",
         ),
         (
             "flag_loraplus_ratio_negative",

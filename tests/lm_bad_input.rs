@@ -57,10 +57,10 @@ fn build(d: &Path) -> Vec<Case> {
     let cfg =
         lora::LoraConfig { target_modules: lora::Targets::Names(vec!["q_proj".into(), "v_proj".into()]), ..lora::LoraConfig::new(2, 4.0) };
     ma.lora_mut().add_adapter("a", &cfg, &mut StdRng::seed_from_u64(1)).unwrap();
-    save_adapter(&ma, "a", &d.join("ad"), None, BTreeMap::new()).unwrap();
+    save_adapter(&ma, "a", &d.join("ad"), None, BTreeMap::new(), false).unwrap();
     let mut other = Llama::random(&tiny(), 9).unwrap();
     other.lora_mut().add_adapter("a", &cfg, &mut StdRng::seed_from_u64(1)).unwrap();
-    save_adapter(&other, "a", &d.join("ad_other_base"), None, BTreeMap::new()).unwrap();
+    save_adapter(&other, "a", &d.join("ad_other_base"), None, BTreeMap::new(), false).unwrap();
     std::fs::write(d.join("t.txt"), "SELECT 1;\n".repeat(20)).unwrap();
     std::fs::write(d.join("no_text.jsonl"), "{\"text\":\"a b c\"}\n{\"body\":\"x\"}\n").unwrap();
     std::fs::write(d.join("binary.txt"), [0xffu8, 0xfe, 0x00, 0x41]).unwrap();

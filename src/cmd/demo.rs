@@ -98,6 +98,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
     let adapter_dir = a.out.join("adapter");
     let save = SaveOptions {
+        convert_to_lora: false,
         base_model_name_or_path: Some(base_path.display().to_string()),
         base_fingerprint: Some(lora::io::fingerprint(&original)?),
         metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),

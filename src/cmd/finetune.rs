@@ -29,6 +29,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         scaling: if a.rslora { Scaling::RankStabilized } else { Scaling::Standard },
         ..LoraConfig::default()
     };
+    let lcfg = a.variant.apply(lcfg, lora::Init::Normal);
     lcfg.validate()?;
     let tcfg = TrainConfig {
         epochs: usize::MAX,
@@ -47,7 +48,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let digit = a.digit.unwrap_or_else(|| worst_digit(&before));
     let settings = json!({"base_sha256": fp, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha, "rslora": a.rslora,
         "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-        "loraplus_lr_ratio": a.loraplus_lr_ratio});
+        "loraplus_lr_ratio": a.loraplus_lr_ratio, "use_dora": lcfg.use_dora, "lora_bias": lcfg.lora_bias,
+        "init": lcfg.init.peft_value()});
     let resume = match &a.checkpoint.resume {
         Some(dir) => {
             let l = checkpoint::load(dir, "finetune", &settings)?;
@@ -65,6 +67,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         base_fingerprint: Some(fp.clone()),
         metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
         task_type: None,
+        convert_to_lora: a.variant.convert_to_lora,
     };
     net.model.save_adapter(NAME, &a.out, &save)?;
     let after = evaluate(&net, &data.test, 1000)?;

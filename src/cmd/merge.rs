@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use lora::io::save_safetensors;
-use lora::{Combination, LoadOptions};
+use lora::{Combination, CombineOptions, LoadOptions, SaveOptions};
 
 use crate::cli::MergeArgs;
 use crate::common::{check_outputs, fingerprint, load_model, Out};
@@ -17,12 +17,34 @@ fn combine(model: &mut lora::LoraModel, a: &MergeArgs, opts: &LoadOptions) -> Re
         model.load_adapter(&name, dir, opts).with_context(|| format!("loading adapter {}", dir.display()))?;
         weighted.push((name, *w));
     }
-    if weighted.len() == 1 && weighted[0].1 == 1.0 {
+    if weighted.len() == 1 && weighted[0].1 == 1.0 && a.adapter_out.is_none() {
         return Ok(weighted[0].0.clone());
     }
-    // Concatenated ranks: exactly the weighted sum of the adapters' updates.
+    let pruning = !matches!(a.combination, Combination::Cat | Combination::Linear | Combination::Svd);
+    anyhow::ensure!(
+        a.density.is_some() || !pruning || weighted.len() == 1,
+        "--combination {} needs --density (the fraction of values to keep)",
+        a.combination.name()
+    );
+    let copts = CombineOptions {
+        density: a.density.unwrap_or(1.0),
+        majority_sign: a.majority_sign,
+        svd_rank: a.svd_rank.map(|r| r as usize),
+        svd_clamp: a.svd_clamp,
+        seed: a.seed,
+    };
     let refs: Vec<(&str, f64)> = weighted.iter().map(|(n, w)| (n.as_str(), *w)).collect();
-    model.combine_adapters(&refs, Combination::Cat, "combined")?;
+    model.combine_adapters_with(&refs, a.combination, &copts, "combined")?;
+    if let Some(dir) = &a.adapter_out {
+        let list: Vec<String> = a.adapter.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect();
+        let save = SaveOptions {
+            metadata: [("lora_rs.combination".to_string(), format!("{} of {}", a.combination.name(), list.join(",")))].into(),
+            base_fingerprint: opts.base_fingerprint.clone(),
+            ..SaveOptions::default()
+        };
+        model.save_adapter("combined", dir, &save).with_context(|| format!("writing the combined adapter to {}", dir.display()))?;
+        println!("Wrote the combined adapter ({}) to {}", a.combination.name(), dir.display());
+    }
     Ok("combined".to_string())
 }
 
@@ -55,6 +77,9 @@ fn merge_lm(a: &MergeArgs) -> Result<()> {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
+    if let Some(dir) = &a.adapter_out {
+        check_outputs(&[("--adapter-out", Some(dir), Out::Dir)])?;
+    }
     if a.model.is_dir() {
         return merge_lm(&a);
     }

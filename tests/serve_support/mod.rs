@@ -191,7 +191,7 @@ fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
             b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();
         }
     }
-    save_adapter(m, name, dir, None, BTreeMap::new()).unwrap();
+    save_adapter(m, name, dir, None, BTreeMap::new(), false).unwrap();
     m.lora_mut().remove_adapter(name).unwrap();
 }
 

@@ -29,7 +29,7 @@ fn setup() -> (Llama, Vec<lora::PackedAdapter>) {
         let name = format!("a{i}");
         m.lora_mut().add_adapter(&name, &config, &mut StdRng::seed_from_u64(i)).unwrap();
         let d = dir.path().join(&name);
-        lora_lm::hf::save_adapter(&m, &name, &d, None, Default::default()).unwrap();
+        lora_lm::hf::save_adapter(&m, &name, &d, None, Default::default(), false).unwrap();
         packed.push(m.pack_adapter(&lora::read_adapter(&d).unwrap()).unwrap());
         m.lora_mut().remove_adapter(&name).unwrap();
     }

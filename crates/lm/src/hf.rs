@@ -143,19 +143,22 @@ pub fn load_adapter(model: &mut Llama, name: &str, dir: &Path, force: bool) -> R
 }
 
 /// Writes adapter `name` as a PEFT directory (`task_type: "CAUSAL_LM"`, the base fingerprint in the
-/// weights' metadata), both files atomically.
+/// weights' metadata), both files atomically; `convert_to_lora` writes a PiSSA/OLoRA adapter as the plain
+/// LoRA with the same update (see [`lora::SaveOptions`]).
 pub fn save_adapter(
     model: &Llama,
     name: &str,
     dir: &Path,
     base_model_name_or_path: Option<String>,
     metadata: BTreeMap<String, String>,
+    convert_to_lora: bool,
 ) -> Result<()> {
     let opts = lora::SaveOptions {
         base_model_name_or_path,
         base_fingerprint: Some(model.fingerprint()?),
         metadata,
         task_type: Some("CAUSAL_LM".into()),
+        convert_to_lora,
     };
     Ok(model.lora().save_adapter(name, dir, &opts)?)
 }

@@ -321,7 +321,7 @@ fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() 
     let mut packed = Vec::new();
     for name in ["sql", "js"] {
         let d = dir.path().join(name);
-        save_adapter(&m, name, &d, None, Default::default()).unwrap();
+        save_adapter(&m, name, &d, None, Default::default(), false).unwrap();
         packed.push(m.pack_adapter(&lora::read_adapter(&d).unwrap()).unwrap());
     }
     let which = [Some(0usize), None, Some(1), Some(0)];

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
-use crate::config::{LoraConfig, Scaling};
+use crate::config::{Init, LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::{save_safetensors, write_atomic, FileError, TensorFile};
 use crate::linear::Adapter;
@@ -41,6 +41,10 @@ pub struct AdapterFiles {
     pub base_model_name_or_path: Option<String>,
     /// Module → (A (r, in), B (out, r)), every pair's rank checked against the config.
     pub tensors: BTreeMap<String, (Tensor, Tensor)>,
+    /// Module → DoRA magnitude (out) (`<module>.lora_magnitude_vector`), present exactly when `use_dora`.
+    pub magnitudes: BTreeMap<String, Tensor>,
+    /// Module → bias of B (out) (`<module>.lora_B.bias`), present exactly when `lora_bias`.
+    pub lora_biases: BTreeMap<String, Tensor>,
     /// Safetensors metadata.
     pub metadata: HashMap<String, String>,
     /// Stored dtype per tensor name.
@@ -52,7 +56,8 @@ pub struct AdapterFiles {
 impl AdapterFiles {
     /// Trainable parameters held (Σ r·(in + out)).
     pub fn num_params(&self) -> usize {
-        self.tensors.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum()
+        self.tensors.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum::<usize>()
+            + self.magnitudes.values().chain(self.lora_biases.values()).map(Tensor::elem_count).sum::<usize>()
     }
     /// The base fingerprint recorded by lora-rs, if any.
     pub fn base_fingerprint(&self) -> Option<&str> {
@@ -167,7 +172,8 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         }
     };
     let scaling = if flag("use_rslora")? { Scaling::RankStabilized } else { Scaling::Standard };
-    for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
+    let (use_dora, lora_bias) = (flag("use_dora")?, flag("lora_bias")?);
+    for key in ["fan_in_fan_out", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
         if flag(key)? {
             return Err(bad(path, format!("{key} = true is not supported by lora-rs")));
         }
@@ -183,20 +189,16 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         }
         return Err(bad(path, format!("{key} = {v}: not a key of PEFT 0.21's LoraConfig, so lora-rs cannot honour it")));
     }
-    match field(obj, "init_lora_weights") {
-        None | Some(Value::Bool(_)) => {}
-        Some(Value::String(s)) if s == "gaussian" => {}
-        // PiSSA, OLoRA, LoftQ, EVA, CorDA… adapters that were not converted back to plain LoRA on saving
-        // only work on the base they rewrote.
-        Some(other) => {
-            return Err(bad(
-                path,
-                format!(
-                    "init_lora_weights = {other}: an adapter initialised this way needs the base it modified; \
-                     save it from PEFT converted to plain LoRA (path_initial_model_for_weight_conversion)"
-                ),
-            ))
-        }
+    let init = match field(obj, "init_lora_weights") {
+        None => Init::Kaiming,
+        Some(v) => Init::from_peft_value(v).map_err(|e| bad(path, e.to_string()))?,
+    };
+    if let Init::Pissa { niter: Some(_) } = init {
+        return Err(bad(
+            path,
+            "init_lora_weights = pissa_niter_N: the randomised SVD PEFT started this adapter from cannot be \
+             recomputed; save it from PEFT converted to plain LoRA (path_initial_model_for_weight_conversion)",
+        ));
     }
     match field(obj, "bias") {
         None => {}
@@ -276,6 +278,9 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         layers_pattern,
         rank_pattern,
         alpha_pattern,
+        init,
+        use_dora,
+        lora_bias,
         ..LoraConfig::default()
     };
     config.validate().map_err(|e| bad(path, e.to_string()))?;
@@ -306,26 +311,33 @@ pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&st
         },
         "bias": "none",
         "fan_in_fan_out": false,
-        "init_lora_weights": "gaussian",
+        "init_lora_weights": config.init.peft_value(),
         "use_rslora": config.scaling == Scaling::RankStabilized,
-        "use_dora": false,
+        "use_dora": config.use_dora,
         "modules_to_save": null,
         "layers_to_transform": if config.layers_to_transform.is_empty() { Value::Null } else { json!(config.layers_to_transform) },
         "layers_pattern": if config.layers_pattern.is_empty() { Value::Null } else { json!(config.layers_pattern) },
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
-        "lora_bias": false,
+        "lora_bias": config.lora_bias,
     })
 }
 
 /// Splits `base_model.model.<module>.lora_X.weight` into (module, is_a).
-fn split_key(name: &str) -> Option<(&str, bool)> {
+/// What one tensor of an adapter file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    A,
+    B,
+    Magnitude,
+    LoraBias,
+}
+
+fn split_key(name: &str) -> Option<(&str, Part)> {
     let rest = name.strip_prefix(PEFT_PREFIX)?;
-    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-        Some((m, true))
-    } else {
-        rest.strip_suffix(".lora_B.weight").map(|m| (m, false))
-    }
+    [(".lora_A.weight", Part::A), (".lora_B.weight", Part::B), (".lora_magnitude_vector", Part::Magnitude), (".lora_B.bias", Part::LoraBias)]
+        .into_iter()
+        .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|m| (m, part)))
 }
 
 /// Reads an adapter directory and checks it on its own: config keys, tensor names, A/B pairs, ranks
@@ -346,22 +358,46 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
     let file = TensorFile::from_bytes(&wpath, weights, &Device::Cpu)?;
     let mut a_of = BTreeMap::new();
     let mut b_of = BTreeMap::new();
+    let (mut magnitudes, mut lora_biases) = (BTreeMap::new(), BTreeMap::new());
     for (name, t) in &file.tensors {
-        let (module, is_a) = split_key(name).ok_or_else(|| {
-            bad(&wpath, format!("unexpected tensor {name} (expected {PEFT_PREFIX}<module>.lora_A.weight or .lora_B.weight)"))
+        let (module, part) = split_key(name).ok_or_else(|| {
+            bad(
+                &wpath,
+                format!(
+                    "unexpected tensor {name} (expected {PEFT_PREFIX}<module>.lora_A.weight, .lora_B.weight, \
+                     .lora_magnitude_vector with use_dora or .lora_B.bias with lora_bias)"
+                ),
+            )
         })?;
-        if t.rank() != 2 {
-            return Err(bad(&wpath, format!("tensor {name}: shape {:?}, expected 2 dimensions", t.dims())));
-        }
-        let want = config.rank_for(module);
-        let r = if is_a { t.dims()[0] } else { t.dims()[1] };
-        if r != want {
-            return Err(bad(&wpath, format!("tensor {name}: rank {r} does not match r = {want} for {module} in {CONFIG_FILE}")));
-        }
         if !config.targets(module) {
             return Err(bad(&wpath, format!("tensor {name}: module {module} is not in target_modules {:?}", config.target_modules)));
         }
-        if is_a { &mut a_of } else { &mut b_of }.insert(module.to_string(), t.clone());
+        match part {
+            Part::A | Part::B => {
+                if t.rank() != 2 {
+                    return Err(bad(&wpath, format!("tensor {name}: shape {:?}, expected 2 dimensions", t.dims())));
+                }
+                let want = config.rank_for(module);
+                let r = if part == Part::A { t.dims()[0] } else { t.dims()[1] };
+                if r != want {
+                    return Err(bad(&wpath, format!("tensor {name}: rank {r} does not match r = {want} for {module} in {CONFIG_FILE}")));
+                }
+                if part == Part::A { &mut a_of } else { &mut b_of }.insert(module.to_string(), t.clone());
+            }
+            Part::Magnitude | Part::LoraBias => {
+                let (on, key, map) = match part {
+                    Part::Magnitude => (config.use_dora, "use_dora", &mut magnitudes),
+                    _ => (config.lora_bias, "lora_bias", &mut lora_biases),
+                };
+                if !on {
+                    return Err(bad(&wpath, format!("tensor {name}: {CONFIG_FILE} has {key} = false")));
+                }
+                if t.rank() != 1 {
+                    return Err(bad(&wpath, format!("tensor {name}: shape {:?}, expected 1 dimension", t.dims())));
+                }
+                map.insert(module.to_string(), t.clone());
+            }
+        }
     }
     let mut tensors = BTreeMap::new();
     for (module, a) in a_of {
@@ -374,11 +410,21 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
     if tensors.is_empty() {
         return Err(bad(&wpath, "holds no LoRA tensors"));
     }
+    for (on, map, suffix) in [(config.use_dora, &magnitudes, "lora_magnitude_vector"), (config.lora_bias, &lora_biases, "lora_B.bias")] {
+        if let Some(m) = tensors.keys().find(|m| on && !map.contains_key(*m)) {
+            return Err(bad(&wpath, format!("missing tensor {PEFT_PREFIX}{m}.{suffix}")));
+        }
+        if let Some(m) = map.keys().find(|m| !tensors.contains_key(*m)) {
+            return Err(bad(&wpath, format!("tensor {PEFT_PREFIX}{m}.{suffix} has no lora_A / lora_B")));
+        }
+    }
     Ok(AdapterFiles {
         dir: dir.to_path_buf(),
         config,
         base_model_name_or_path: base,
         tensors,
+        magnitudes,
+        lora_biases,
         metadata: file.metadata,
         dtypes: file.dtypes,
         bytes: (text.len() as u64, file.bytes),
@@ -397,6 +443,9 @@ pub struct LoadOptions {
 /// Options for [`LoraModel::save_adapter`].
 #[derive(Debug, Clone, Default)]
 pub struct SaveOptions {
+    /// Write a PiSSA/OLoRA adapter as the plain LoRA of rank 2r with the same update on the original base
+    /// (PEFT's `path_initial_model_for_weight_conversion`); other adapters are written as they are.
+    pub convert_to_lora: bool,
     /// Written as `base_model_name_or_path`.
     pub base_model_name_or_path: Option<String>,
     /// Written as `task_type` (e.g. `CAUSAL_LM`, which makes PEFT load it as a `PeftModelForCausalLM`).
@@ -433,6 +482,17 @@ impl LoraModel {
                     format!("tensor {PEFT_PREFIX}{module}.lora_B.weight: shape {:?}, expected [{}, {r}]", b.dims(), layer.out_features()),
                 ));
             }
+            for (map, suffix) in [(&files.magnitudes, "lora_magnitude_vector"), (&files.lora_biases, "lora_B.bias")] {
+                if let Some(t) = map.get(module).filter(|t| t.dims() != [layer.out_features()]) {
+                    return Err(bad(
+                        &wpath,
+                        format!("tensor {PEFT_PREFIX}{module}.{suffix}: shape {:?}, expected [{}]", t.dims(), layer.out_features()),
+                    ));
+                }
+            }
+            if files.config.lora_bias && layer.bias().is_none() {
+                return Err(bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.lora_B.bias: module {module} has no bias (PEFT refuses lora_bias there)")));
+            }
         }
         let targets: Vec<String> = known.iter().filter(|m| files.config.targets(m)).cloned().collect();
         if let Some(m) = targets.iter().find(|m| !files.tensors.contains_key(*m)) {
@@ -456,9 +516,24 @@ impl LoraModel {
             return Err(LoraError::DuplicateAdapter(name.to_string()));
         }
         self.check_adapter_files(files)?;
+        let mut built = Vec::new();
         for (module, (a, b)) in &files.tensors {
             let c = &files.config;
-            let ad = Adapter::from_tensors(a, b, c.alpha_for(module), c.scale_for(module), c.dropout)?;
+            let mut ad = Adapter::from_tensors(a, b, c.alpha_for(module), c.scale_for(module), c.dropout)?;
+            if let Some(m) = files.magnitudes.get(module) {
+                ad = ad.with_magnitude(m)?;
+            }
+            if let Some(lb) = files.lora_biases.get(module) {
+                ad = ad.with_lora_bias(lb)?;
+            }
+            if c.init.rewrites_base() {
+                // As PEFT's from_pretrained: the starting factors are recomputed from the base.
+                let (a0, b0) = self.layer(module)?.initial_factors(c.spec_for(module))?;
+                ad = ad.with_initial(&a0, &b0)?;
+            }
+            built.push((module, ad));
+        }
+        for (module, ad) in built {
             self.layer_mut(module)?.insert_adapter(name, ad)?;
         }
         self.set_adapter_config(
@@ -528,13 +603,40 @@ impl LoraModel {
     /// Writes adapter `name` to `dir` as PEFT does (both files atomically). Merged adapters are saved
     /// too (their A and B are unchanged by merging).
     pub fn save_adapter(&self, name: &str, dir: &Path, opts: &SaveOptions) -> Result<()> {
-        let config = self.peft_config(name)?;
+        let mut config = self.peft_config(name)?;
+        let convert = opts.convert_to_lora && config.init.rewrites_base();
         let mut tensors = Vec::new();
         for (module, layer) in self.layers() {
             if let Ok(ad) = layer.adapter(name) {
-                tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), ad.a().as_tensor().clone()));
-                tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), ad.b().as_tensor().clone()));
+                let (mut a, mut b) = (ad.a().as_tensor().clone(), ad.b().as_tensor().clone());
+                if let (true, Some((a0, b0))) = (convert, ad.initial()) {
+                    // ΔW = s·(B·A − B0·A0) = s·[B, −B0]·[A; A0]: a plain LoRA of rank 2r, as PEFT's
+                    // subtract_mutated_init.
+                    a = Tensor::cat(&[&a, a0], 0)?;
+                    b = Tensor::cat(&[&b, &b0.neg()?], 1)?;
+                }
+                tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), a));
+                tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), b));
+                if let Some(m) = ad.magnitude() {
+                    tensors.push((format!("{PEFT_PREFIX}{module}.lora_magnitude_vector"), m.as_tensor().clone()));
+                }
+                if let Some(lb) = ad.lora_bias() {
+                    tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.bias"), lb.as_tensor().clone()));
+                }
             }
+        }
+        if convert {
+            // Twice the rank at the same scale: alpha doubles (√2 with rsLoRA's alpha/√r), as PEFT's
+            // save_pretrained(path_initial_model_for_weight_conversion=…) writes it (PEFT doubles
+            // alpha_pattern values even with rsLoRA, which changes their scale; lora-rs keeps the scale).
+            let f = if config.scaling == Scaling::RankStabilized { 2f64.sqrt() } else { 2.0 };
+            config.r *= 2;
+            config.alpha *= f;
+            config.rank_pattern = config.rank_pattern.iter().map(|(k, v)| (k.clone(), 2 * v)).collect();
+            config.alpha_pattern = config.alpha_pattern.iter().map(|(k, v)| (k.clone(), f * v)).collect();
+            config.init = Init::Kaiming;
+        } else if let Init::Pissa { niter: Some(_) } = config.init {
+            config.init = Init::Pissa { niter: None }; // lora-rs' PiSSA always takes the exact SVD
         }
         let mut meta: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
         meta.insert("format".into(), "pt".into());
@@ -617,7 +719,12 @@ mod tests {
         assert!(config_err(&ok.replace("\"r\":2", "\"r\":0")).contains("r = 0: must be a positive integer"));
         assert!(config_err(&ok.replace("\"r\":2", "\"r\":-1")).contains("r = -1"));
         assert!(config_err(&ok.replace("4", "\"four\"")).contains("lora_alpha = \"four\": must be a number"));
-        assert!(config_err(&ok.replace("}", ",\"use_dora\":true}")).contains("use_dora = true"));
+        let e = config_err(&ok.replace("}", ",\"use_dora\":true,\"lora_bias\":true,\"init_lora_weights\":true}"));
+        assert!(e.contains("lora_bias = true") && e.contains("use_dora"), "{e}");
+        let e = config_err(&ok.replace("}", ",\"lora_bias\":true,\"init_lora_weights\":\"gaussian\"}"));
+        assert!(e.contains("lora_bias = true") && e.contains("init_lora_weights"), "{e}");
+        let e = config_err(&ok.replace("}", ",\"use_dora\":1}"));
+        assert!(e.contains("use_dora = 1"), "{e}");
         assert!(config_err(&ok.replace("}", ",\"bias\":\"all\"}")).contains("bias = \"all\""));
         assert!(config_err(&ok.replace("LORA", "IA3")).contains("peft_type = \"IA3\""));
         // A string is a regular expression (as in PEFT); one that does not compile is refused by key.
@@ -637,13 +744,13 @@ mod tests {
             let e = config_err(&with(key, r#"{"x":1}"#));
             assert!(e.contains(&format!("{key} = {{\"x\":1}} is not supported")), "{e}");
         }
-        for key in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
+        for key in ["fan_in_fan_out", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
             assert!(config_err(&with(key, "true")).contains(&format!("{key} = true")));
         }
-        for init in [r#""pissa""#, r#""olora""#, r#""loftq""#, r#""eva""#] {
+        for init in [r#""pissa_niter_4""#, r#""loftq""#, r#""eva""#, r#""corda""#, r#""mica""#, r#""orthogonal""#] {
             assert!(config_err(&with("init_lora_weights", init)).contains("init_lora_weights"), "{init}");
         }
-        for init in ["true", "false", r#""gaussian""#] {
+        for init in ["true", "false", r#""gaussian""#, r#""pissa""#, r#""olora""#] {
             assert!(parse_peft_config(Path::new("c.json"), &with("init_lora_weights", init)).is_ok(), "{init}");
         }
         let e = config_err(&with("use_magic", "3"));

@@ -44,15 +44,76 @@ pub enum Bias {
     LoraOnly,
 }
 
-/// How A is initialised (B always starts at zero so a new adapter changes nothing).
+/// How a new adapter starts (PEFT's `init_lora_weights`, plus the seed tutorial's own choice).
+///
+/// Every variant but [`Init::Random`] starts with an update that changes nothing: B = 0 for the plain
+/// ones; PiSSA and OLoRA start from factors of W0 itself and subtract their initial product from the
+/// base, which lora-rs keeps inside the adapter (see [`crate::LoraLinear`]) instead of rewriting W0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Init {
-    /// A ~ N(0, 1): the seed tutorial's choice.
+    /// A ~ N(0, 1), B = 0: the seed tutorial's choice and this project's demo default (written to PEFT
+    /// files as `"gaussian"`, the nearest PEFT name: the initialisation does not change how a file loads).
     #[default]
     Normal,
-    /// A ~ N(0, 1/r²), i.e. standard deviation 1/r: PEFT's `init_lora_weights="gaussian"`. Equals `Normal` at r = 1.
+    /// A ~ N(0, 1/r²), i.e. standard deviation 1/r, B = 0: PEFT's `init_lora_weights="gaussian"`.
     PeftGaussian,
+    /// A ~ U(−1/√in, 1/√in) (PyTorch's Kaiming-uniform with a = √5), B = 0: PEFT's default,
+    /// `init_lora_weights=true`.
+    Kaiming,
+    /// A ~ U(−1/√in, 1/√in), B ~ U(−1/√r, 1/√r) (and a LoRA bias like B): `nn.Linear`'s own
+    /// initialisation, PEFT's `init_lora_weights=false`. The adapter changes the outputs from the start.
+    Random,
+    /// PiSSA (`"pissa"`): A = √S_r·V_rᵀ/√s, B = U_r·√S_r/√s from the top r singular triplets of W0
+    /// (exact SVD; `niter` records PEFT's `"pissa_niter_N"`, whose randomised SVD lora-rs replaces by the
+    /// exact one), and the base becomes W0 − s·B·A.
+    Pissa {
+        /// PEFT's `N` of `"pissa_niter_N"`, when that name was asked for.
+        niter: Option<usize>,
+    },
+    /// OLoRA (`"olora"`): W0 = Q·R, A = R[:r], B = Q[:, :r], and the base becomes W0 − s·B·A.
+    Olora,
+}
+
+impl Init {
+    /// Whether this initialisation changes the base (PiSSA, OLoRA).
+    pub fn rewrites_base(self) -> bool {
+        matches!(self, Init::Pissa { .. } | Init::Olora)
+    }
+
+    /// PEFT's `init_lora_weights` value for this initialisation.
+    pub fn peft_value(self) -> serde_json::Value {
+        match self {
+            Init::Normal | Init::PeftGaussian => serde_json::json!("gaussian"),
+            Init::Kaiming => serde_json::json!(true),
+            Init::Random => serde_json::json!(false),
+            Init::Pissa { niter: None } => serde_json::json!("pissa"),
+            Init::Pissa { niter: Some(n) } => serde_json::json!(format!("pissa_niter_{n}")),
+            Init::Olora => serde_json::json!("olora"),
+        }
+    }
+
+    /// Reads PEFT's `init_lora_weights` (`true`, `false`, `"gaussian"`, `"pissa"`, `"pissa_niter_N"`,
+    /// `"olora"`); other values are refused by name.
+    pub fn from_peft_value(v: &serde_json::Value) -> Result<Init> {
+        match v {
+            serde_json::Value::Bool(true) => Ok(Init::Kaiming),
+            serde_json::Value::Bool(false) => Ok(Init::Random),
+            serde_json::Value::String(s) if s.eq_ignore_ascii_case("gaussian") => Ok(Init::PeftGaussian),
+            serde_json::Value::String(s) if s == "pissa" => Ok(Init::Pissa { niter: None }),
+            serde_json::Value::String(s) if s.eq_ignore_ascii_case("olora") => Ok(Init::Olora),
+            serde_json::Value::String(s) if s.starts_with("pissa_niter_") => match s["pissa_niter_".len()..].parse::<usize>() {
+                Ok(n) => Ok(Init::Pissa { niter: Some(n) }),
+                Err(_) => Err(LoraError::config("init_lora_weights", v, "pissa_niter_N needs a whole number N")),
+            },
+            _ => Err(LoraError::config(
+                "init_lora_weights",
+                v,
+                "lora-rs honours true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\" and \"olora\" \
+                 (LoftQ, EVA, CorDA, LoRA-GA, MiCA and orthogonal initialisations are not supported)",
+            )),
+        }
+    }
 }
 
 /// Hyper-parameters of one adapter.
@@ -82,6 +143,13 @@ pub struct LoraConfig {
     pub rank_pattern: Pattern<usize>,
     /// Per-module alpha overrides, first matching key wins.
     pub alpha_pattern: Pattern<f64>,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output row rescales the adapted weight,
+    /// `W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row`.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// A trained bias on B (PEFT's `lora_bias`): the update becomes `s·(B·A·x + b_B)`.
+    #[serde(default)]
+    pub lora_bias: bool,
 }
 
 impl Default for LoraConfig {
@@ -99,6 +167,8 @@ impl Default for LoraConfig {
             layers_pattern: Vec::new(),
             rank_pattern: Pattern::new(),
             alpha_pattern: Pattern::new(),
+            use_dora: false,
+            lora_bias: false,
         }
     }
 }
@@ -162,6 +232,23 @@ impl LoraConfig {
         for p in &self.layers_pattern {
             crate::matching::regex(p, "layers_pattern")?;
         }
+        if self.lora_bias && self.use_dora {
+            return Err(LoraError::config("lora_bias", true, "is not supported together with use_dora (as in PEFT)"));
+        }
+        if self.lora_bias && !matches!(self.init, Init::Kaiming | Init::Random) {
+            return Err(LoraError::config(
+                "lora_bias",
+                true,
+                format!("needs init_lora_weights true or false (as in PEFT), not {}", self.init.peft_value()),
+            ));
+        }
+        if self.use_dora && self.init.rewrites_base() {
+            return Err(LoraError::config(
+                "use_dora",
+                true,
+                format!("is not supported with init_lora_weights = {} in lora-rs", self.init.peft_value()),
+            ));
+        }
         if !self.layers_pattern.is_empty() && self.layers_to_transform.is_empty() {
             return Err(LoraError::config("layers_pattern", format!("{:?}", self.layers_pattern), "needs layers_to_transform"));
         }
@@ -209,6 +296,19 @@ impl LoraConfig {
     /// The scale `s` used for `module`.
     pub fn scale_for(&self, module: &str) -> f64 {
         self.scaling.scale(self.alpha_for(module), self.rank_for(module))
+    }
+
+    /// How a new adapter on `module` is built.
+    pub fn spec_for(&self, module: &str) -> crate::AdapterSpec {
+        crate::AdapterSpec {
+            rank: self.rank_for(module),
+            alpha: self.alpha_for(module),
+            scale: self.scale_for(module),
+            dropout: self.dropout,
+            init: self.init,
+            use_dora: self.use_dora,
+            lora_bias: self.lora_bias,
+        }
     }
 }
 

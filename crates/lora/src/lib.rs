@@ -13,7 +13,9 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+mod combine;
 mod config;
+mod decompose;
 mod error;
 pub mod fused;
 pub mod io;
@@ -27,8 +29,9 @@ pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, S
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
 pub use fused::{simd, Activation, Backend, Simd};
-pub use linear::{Adapter, LoraLinear};
+pub use linear::{Adapter, AdapterSpec, LoraLinear};
 pub use matching::{Exclude, Pattern, Targets};
-pub use merge::{BaseSnapshot, Combination};
+pub use combine::MajoritySign;
+pub use merge::{BaseSnapshot, Combination, CombineOptions};
 pub use mixed::{PackedAdapter, RowGroup};
 pub use model::LoraModel;

@@ -10,8 +10,22 @@
 //! the base output). The delta is computed factorised: `(batch, in)·(in, r) → (batch, r)`, then
 //! `(batch, r)·(r, out) → (batch, out)`, costing `r·(in + out)` per row instead of `in·out`.
 //!
-//! Merging folds `s·B·A` into W (for zero-overhead inference); it is the only operation that writes the
-//! base weight.
+//! PEFT's variants, per adapter:
+//!
+//! ```text
+//! lora_bias:     delta += s·b_B                                        b_B (out), trained
+//! DoRA:          f = m / ‖W0 + s·B·A‖_row   (the norm treated as a constant, as PEFT and the paper do)
+//!                y = x·W0ᵀ + b + (f − 1)⊙(drop(x)·W0ᵀ) + f⊙s·(drop(x)·Aᵀ)·Bᵀ      m (out), trained
+//! PiSSA / OLoRA: y = x·W0ᵀ + b − s·(x·A0ᵀ)·B0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ
+//! ```
+//!
+//! where (A0, B0) are the adapter's frozen starting factors: PEFT rewrites the base to the residual
+//! W0 − s·B0·A0; lora-rs keeps that correction inside the adapter, so the base stays bit-exact and
+//! other adapters on it are unaffected.
+//!
+//! Merging folds the update into W (for zero-overhead inference); it is the only operation that writes the
+//! base weight. DoRA merges as PEFT does: `W ← f ⊙ (W + s·B·A)` with the norm taken before the merge
+//! and kept for the unmerge, `W ← W / f − s·B·A`.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -22,10 +36,11 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::config::Init;
+use crate::decompose::{qr, svd, Dense};
 use crate::error::{LoraError, Result};
 use crate::fused::{Activation, Backend};
 
-/// One named adapter of one layer: the pair (A, B) and its scale.
+/// One named adapter of one layer: the pair (A, B), its scale, and PEFT's optional parts.
 #[derive(Debug)]
 pub struct Adapter {
     a: Var, // (r, in)
@@ -33,6 +48,35 @@ pub struct Adapter {
     alpha: f64,
     scale: f64,
     dropout: f64,
+    magnitude: Option<Var>,              // (out): DoRA's m
+    lora_bias: Option<Var>,              // (out): the bias of B
+    initial: Option<(Tensor, Tensor)>,   // PiSSA/OLoRA's frozen (A0 (r, in), B0 (out, r))
+}
+
+/// How [`LoraLinear::add_adapter`] builds a new adapter (one module's share of a [`crate::LoraConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterSpec {
+    /// Rank r (≥ 1).
+    pub rank: usize,
+    /// Alpha as configured.
+    pub alpha: f64,
+    /// The factor s on the update.
+    pub scale: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// How A and B start.
+    pub init: Init,
+    /// DoRA: add a magnitude vector.
+    pub use_dora: bool,
+    /// Give B a bias.
+    pub lora_bias: bool,
+}
+
+impl AdapterSpec {
+    /// A plain adapter: rank, alpha, scale; no dropout, the seed's initialisation, no variant.
+    pub fn new(rank: usize, alpha: f64, scale: f64) -> Self {
+        AdapterSpec { rank, alpha, scale, dropout: 0.0, init: Init::Normal, use_dora: false, lora_bias: false }
+    }
 }
 
 impl Adapter {
@@ -45,7 +89,47 @@ impl Adapter {
         }
         let a = Var::from_tensor(&a.to_dtype(DType::F32)?.contiguous()?.copy()?)?;
         let b = Var::from_tensor(&b.to_dtype(DType::F32)?.contiguous()?.copy()?)?;
-        Ok(Adapter { a, b, alpha, scale, dropout })
+        Ok(Adapter { a, b, alpha, scale, dropout, magnitude: None, lora_bias: None, initial: None })
+    }
+
+    fn out_vector(&self, t: &Tensor, what: &str) -> Result<Var> {
+        let out = self.b.dims()[0];
+        if t.dims() != [out] {
+            return Err(LoraError::Shape { tensor: what.into(), expected: vec![out], found: t.dims().to_vec() });
+        }
+        Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?.copy()?)?)
+    }
+
+    /// Makes this a DoRA adapter with magnitude `m` (out).
+    pub fn with_magnitude(mut self, m: &Tensor) -> Result<Self> {
+        if self.initial.is_some() || self.lora_bias.is_some() {
+            return Err(LoraError::config("use_dora", true, "is not supported with lora_bias, PiSSA or OLoRA"));
+        }
+        self.magnitude = Some(self.out_vector(m, "lora_magnitude_vector")?);
+        Ok(self)
+    }
+
+    /// Gives B a bias `b` (out) (PEFT's `lora_bias`).
+    pub fn with_lora_bias(mut self, b: &Tensor) -> Result<Self> {
+        if self.magnitude.is_some() {
+            return Err(LoraError::config("lora_bias", true, "is not supported together with use_dora (as in PEFT)"));
+        }
+        self.lora_bias = Some(self.out_vector(b, "lora_B.bias")?);
+        Ok(self)
+    }
+
+    /// Records the frozen starting factors (A0 (r, in), B0 (out, r)) of a PiSSA/OLoRA adapter: the base it
+    /// works on is W0 − s·B0·A0.
+    pub fn with_initial(mut self, a0: &Tensor, b0: &Tensor) -> Result<Self> {
+        if a0.dims() != self.a.dims() || b0.dims() != self.b.dims() {
+            return Err(LoraError::Shape { tensor: "initial lora_A / lora_B".into(), expected: self.a.dims().to_vec(), found: a0.dims().to_vec() });
+        }
+        if self.magnitude.is_some() {
+            return Err(LoraError::config("use_dora", true, "is not supported with PiSSA or OLoRA in lora-rs"));
+        }
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?.copy()?) };
+        self.initial = Some((c(a0)?, c(b0)?));
+        Ok(self)
     }
     /// A (r, in).
     pub fn a(&self) -> &Var {
@@ -71,13 +155,47 @@ impl Adapter {
     pub fn dropout(&self) -> f64 {
         self.dropout
     }
-    /// `s·B·A`, shape (out, in): the change this adapter makes to the weight.
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?)
+    /// DoRA's magnitude m (out), when this is a DoRA adapter.
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
     }
-    /// Trainable parameter count `r·(in + out)`.
+    /// The bias of B (out), when the adapter has one.
+    pub fn lora_bias(&self) -> Option<&Var> {
+        self.lora_bias.as_ref()
+    }
+    /// PiSSA/OLoRA's frozen starting factors (A0, B0).
+    pub fn initial(&self) -> Option<(&Tensor, &Tensor)> {
+        self.initial.as_ref().map(|(a, b)| (a, b))
+    }
+    /// Whether this adapter is plain LoRA (no DoRA, no LoRA bias, no PiSSA/OLoRA starting point).
+    pub fn is_plain(&self) -> bool {
+        self.magnitude.is_none() && self.lora_bias.is_none() && self.initial.is_none()
+    }
+    /// `s·B·A` (minus `s·B0·A0` for PiSSA/OLoRA), shape (out, in): the change this adapter's factors make to
+    /// the weight (DoRA's rescaling and the LoRA bias are not part of it).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let mut ba = self.b.as_tensor().matmul(self.a.as_tensor())?;
+        if let Some((a0, b0)) = &self.initial {
+            ba = (ba - b0.matmul(a0)?)?;
+        }
+        Ok((ba * self.scale)?)
+    }
+    /// DoRA's per-row factor `f = m / ‖W + s·B·A‖_row` (out) on weight `w` (out, in), as a constant.
+    pub fn dora_factor(&self, w: &Tensor) -> Result<Option<Tensor>> {
+        let Some(m) = &self.magnitude else { return Ok(None) };
+        Ok(Some((m.as_tensor() / self.dora_norm(w)?)?))
+    }
+    /// `‖W + s·B·A‖` of each row of the weight the adapter would make from `w` (out, in), detached.
+    fn dora_norm(&self, w: &Tensor) -> Result<Tensor> {
+        let ba = (self.b.as_detached_tensor().matmul(&self.a.as_detached_tensor())? * self.scale)?;
+        Ok((w.detach() + ba)?.sqr()?.sum(1)?.sqrt()?)
+    }
+    /// Trainable parameter count `r·(in + out)` (plus out for a magnitude or a LoRA bias).
     pub fn num_params(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count() + self.b.elem_count() + self.magnitude.as_ref().map_or(0, |m| m.elem_count()) + self.lora_bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+    fn vars(&self) -> impl Iterator<Item = &Var> {
+        [Some(&self.a), Some(&self.b), self.magnitude.as_ref(), self.lora_bias.as_ref()].into_iter().flatten()
     }
 }
 
@@ -91,6 +209,7 @@ pub struct LoraLinear {
     adapters: BTreeMap<String, Adapter>,
     active: Vec<String>,
     merged: Vec<String>,
+    dora_norms: BTreeMap<String, Tensor>, // merged DoRA adapter → the row norms its merge used
     disabled: bool,
     rng: Mutex<StdRng>,
     backend: Backend,
@@ -115,6 +234,7 @@ impl LoraLinear {
             adapters: BTreeMap::new(),
             active: Vec::new(),
             merged: Vec::new(),
+            dora_norms: BTreeMap::new(),
             disabled: false,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
             backend: Backend::default(),
@@ -158,36 +278,94 @@ impl LoraLinear {
         }
     }
 
-    /// Adds a new adapter with A drawn by `init` from `rng` and B = 0, so the layer's output is unchanged.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_adapter<R: Rng + ?Sized>(
-        &mut self,
-        name: &str,
-        rank: usize,
-        alpha: f64,
-        scale: f64,
-        dropout: f64,
-        init: Init,
-        rng: &mut R,
-    ) -> Result<()> {
+    /// Adds a new adapter started as `spec.init` says (see [`Init`]), drawing from `rng`. Every
+    /// initialisation but [`Init::Random`] leaves the layer's output unchanged.
+    pub fn add_adapter<R: Rng + ?Sized>(&mut self, name: &str, spec: AdapterSpec, rng: &mut R) -> Result<()> {
+        let rank = spec.rank;
         if rank == 0 {
             return Err(LoraError::config("r", rank, "rank must be at least 1"));
         }
-        let std = match init {
-            Init::Normal => 1.0,
-            Init::PeftGaussian => 1.0 / rank as f32,
-        };
         let (out, inp) = (self.out_features(), self.in_features());
-        let a: Vec<f32> = (0..rank * inp)
-            .map(|_| {
-                let z: f32 = StandardNormal.sample(rng);
-                std * z
-            })
-            .collect();
+        let dev = self.weight.device().clone();
+        let uniform = |n: usize, bound: f64, rng: &mut R| -> Vec<f32> { (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect() };
+        let normal = |n: usize, std: f32, rng: &mut R| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let z: f32 = StandardNormal.sample(rng);
+                    std * z
+                })
+                .collect()
+        };
+        let zeros = |n: usize| vec![0f32; n];
+        let (a, b, initial) = match spec.init {
+            Init::Normal => (normal(rank * inp, 1.0, rng), zeros(out * rank), false),
+            Init::PeftGaussian => (normal(rank * inp, 1.0 / rank as f32, rng), zeros(out * rank), false),
+            Init::Kaiming => (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), zeros(out * rank), false),
+            Init::Random => (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), uniform(out * rank, 1.0 / (rank as f64).sqrt(), rng), false),
+            Init::Pissa { .. } | Init::Olora => {
+                let (a, b) = self.factor_init(spec)?;
+                (a, b, true)
+            }
+        };
+        let (a, b) = (Tensor::from_vec(a, (rank, inp), &dev)?, Tensor::from_vec(b, (out, rank), &dev)?);
+        let mut ad = Adapter::from_tensors(&a, &b, spec.alpha, spec.scale, spec.dropout)?;
+        if initial {
+            ad = ad.with_initial(&a, &b)?;
+        }
+        if spec.lora_bias {
+            let v = if spec.init == Init::Random { uniform(out, 1.0 / (rank as f64).sqrt(), rng) } else { zeros(out) };
+            ad = ad.with_lora_bias(&Tensor::from_vec(v, out, &dev)?)?;
+        }
+        if spec.use_dora {
+            if !self.merged.is_empty() {
+                return Err(LoraError::State(format!("cannot add DoRA adapter {name:?} while {:?} are merged: unmerge first", self.merged)));
+            }
+            let norm = ad.dora_norm(self.weight.as_tensor())?;
+            ad = ad.with_magnitude(&norm)?;
+        }
+        self.insert_adapter(name, ad)
+    }
+
+    /// PiSSA's or OLoRA's starting factors (A0 (r, in), B0 (out, r)) for `spec` from the weight as stored now.
+    pub fn initial_factors(&self, spec: AdapterSpec) -> Result<(Tensor, Tensor)> {
+        let (a, b) = self.factor_init(spec)?;
         let dev = self.weight.device();
-        let a = Tensor::from_vec(a, (rank, inp), dev)?;
-        let b = Tensor::zeros((out, rank), DType::F32, dev)?;
-        self.insert_adapter(name, Adapter::from_tensors(&a, &b, alpha, scale, dropout)?)
+        Ok((Tensor::from_vec(a, (spec.rank, self.in_features()), dev)?, Tensor::from_vec(b, (self.out_features(), spec.rank), dev)?))
+    }
+
+    fn factor_init(&self, spec: AdapterSpec) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (out, inp, r) = (self.out_features(), self.in_features(), spec.rank);
+        if r > out.min(inp) {
+            return Err(LoraError::config("r", r, format!("{:?} needs r ≤ min(out, in) = {}", spec.init, out.min(inp))));
+        }
+        let w = Dense::from_f32(&self.weight.as_tensor().flatten_all()?.to_vec1::<f32>()?, out, inp);
+        let mut a = Vec::with_capacity(r * inp);
+        let mut b = vec![0f32; out * r];
+        match spec.init {
+            Init::Olora => {
+                let (q, rr) = qr(&w);
+                a.extend(rr.data[..r * inp].iter().map(|&v| v as f32));
+                for i in 0..out {
+                    for k in 0..r {
+                        b[i * r + k] = q.data[i * q.cols + k] as f32;
+                    }
+                }
+            }
+            _ => {
+                // W = U·S·Vᵀ; S_r ← S_r / s; A = √S_r·V_rᵀ, B = U_r·√S_r, so s·B·A = U_r·S_r·V_rᵀ.
+                let (u, sv, vt) = svd(&w, r);
+                let root: Vec<f64> = sv.iter().map(|x| (x / spec.scale).sqrt()).collect();
+                for k in 0..r {
+                    a.extend(vt.data[k * inp..(k + 1) * inp].iter().map(|&v| (v * root[k]) as f32));
+                }
+                for i in 0..out {
+                    for k in 0..r {
+                        b[i * r + k] = (u.data[i * r + k] * root[k]) as f32;
+                    }
+                }
+            }
+        }
+        Ok((a, b))
     }
 
     /// Adds an existing adapter; its shapes must fit this layer.
@@ -214,6 +392,7 @@ impl LoraLinear {
         }
         let ad = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
         self.active.retain(|a| a != name);
+        self.dora_norms.remove(name);
         Ok(ad)
     }
 
@@ -276,8 +455,7 @@ impl LoraLinear {
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 if let Some(ad) = self.adapters.get(name) {
-                    v.push(ad.a.clone());
-                    v.push(ad.b.clone());
+                    v.extend(ad.vars().cloned());
                 }
             }
         }
@@ -322,17 +500,32 @@ impl LoraLinear {
         }
         let x2 = x.reshape(((), inp))?; // (batch, in)
         let w = Self::param(&self.weight, self.weight_trainable);
-        let mut y = x2.matmul(&w.t()?)?; // (batch, out)
+        let xw = x2.matmul(&w.t()?)?; // (batch, out)
+        let mut y = xw.clone();
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&Self::param(b, self.bias_trainable))?;
         }
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 let Some(ad) = self.adapters.get(name) else { continue };
-                let xin = if train && ad.dropout > 0.0 { self.dropout(&x2, ad.dropout)? } else { x2.clone() };
+                let dropped = train && ad.dropout > 0.0;
+                let xin = if dropped { self.dropout(&x2, ad.dropout)? } else { x2.clone() };
                 let xa = xin.matmul(&ad.a.as_tensor().t()?)?; // (batch, r)
                 let d = xa.matmul(&ad.b.as_tensor().t()?)?; // (batch, out)
+                if let Some(f) = ad.dora_factor(self.weight.as_tensor())? {
+                    // (f − 1)⊙(drop(x)·W0ᵀ) + f⊙s·delta, as PEFT's DoraLinearLayer.
+                    let base = if dropped { xin.matmul(&w.t()?)? } else { xw.clone() };
+                    y = (y + base.broadcast_mul(&(&f - 1.0)?)? + d.broadcast_mul(&(f * ad.scale)?)?)?;
+                    continue;
+                }
                 y = (y + (d * ad.scale)?)?;
+                if let Some(lb) = &ad.lora_bias {
+                    y = y.broadcast_add(&(lb.as_tensor() * ad.scale)?)?;
+                }
+                if let Some((a0, b0)) = &ad.initial {
+                    // The residual base W0 − s·B0·A0, on the undropped input as PEFT's rewritten base layer.
+                    y = (y - (x2.matmul(&a0.t()?)?.matmul(&b0.t()?)? * ad.scale)?)?;
+                }
             }
         }
         let mut out_dims = x.dims().to_vec();
@@ -356,33 +549,77 @@ impl LoraLinear {
         let mut w = self.weight.as_tensor().copy()?;
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
-                w = (w + self.adapter(name)?.delta_weight()?)?;
+                let ad = self.adapter(name)?;
+                let f = ad.dora_factor(self.weight.as_tensor())?;
+                w = (w + ad.delta_weight()?)?;
+                if let Some(f) = f {
+                    w = w.broadcast_mul(&f.unsqueeze(1)?)?;
+                }
             }
         }
         Ok(w)
     }
 
-    /// Folds adapter `name` into the weight: W ← W + s·B·A. With `safe`, the new weight is checked for
-    /// NaN/Inf before it is written, and the layer is left unchanged on error.
+    /// Folds adapter `name` into the weight: W ← W + s·B·A (DoRA: W ← f ⊙ (W + s·B·A); a LoRA bias goes
+    /// into the bias, b ← b + s·b_B). With `safe`, the new tensors are checked for NaN/Inf before they are
+    /// written, and the layer is left unchanged on error.
     pub fn merge(&mut self, name: &str, safe: bool) -> Result<()> {
         if self.merged.iter().any(|m| m == name) {
             return Err(LoraError::State(format!("adapter {name:?} is already merged")));
         }
-        let new = (self.weight.as_tensor() + self.adapter(name)?.delta_weight()?)?;
-        if safe && !all_finite(&new)? {
+        let ad = self.adapter(name)?;
+        let mut new = (self.weight.as_tensor() + ad.delta_weight()?)?;
+        let mut norm = None;
+        if ad.magnitude.is_some() {
+            if !self.merged.is_empty() {
+                return Err(LoraError::State(format!("cannot merge DoRA adapter {name:?} while {:?} are merged: unmerge first", self.merged)));
+            }
+            let n = ad.dora_norm(self.weight.as_tensor())?;
+            let f = ad.magnitude.as_ref().map(|m| m.as_tensor() / &n).transpose()?.ok_or_else(|| LoraError::State("no magnitude".into()))?;
+            new = new.broadcast_mul(&f.unsqueeze(1)?)?;
+            norm = Some(n);
+        }
+        let new_bias = match (&ad.lora_bias, &self.bias) {
+            (None, _) => None,
+            (Some(lb), Some(b)) => Some((b.as_tensor() + (lb.as_tensor() * ad.scale)?)?),
+            (Some(_), None) => {
+                return Err(LoraError::State(format!("cannot merge adapter {name:?}: it has a LoRA bias and the layer has no bias (as in PEFT)")))
+            }
+        };
+        if safe && (!all_finite(&new)? || !new_bias.as_ref().map_or(Ok(true), all_finite)?) {
             return Err(LoraError::NonFinite { tensor: format!("weight merged with {name}") });
         }
         self.weight.set(&new)?;
+        if let (Some(nb), Some(b)) = (new_bias, &self.bias) {
+            b.set(&nb)?;
+        }
+        if let Some(n) = norm {
+            self.dora_norms.insert(name.to_string(), n);
+        }
         self.merged.push(name.to_string());
         Ok(())
     }
 
-    /// Takes a merged adapter back out: W ← W − s·B·A. Exact up to float rounding of one add and one
-    /// subtract per element (|error| ≤ ulp(|W| + |s·B·A|)); use a saved copy of W0 where bits matter.
+    /// Takes a merged adapter back out: W ← W − s·B·A (DoRA: W ← W / f − s·B·A with the merge's norm; a
+    /// LoRA bias: b ← b − s·b_B). Exact up to float rounding of one add and one subtract per element
+    /// (|error| ≤ ulp(|W| + |s·B·A|)); use a saved copy of W0 where bits matter.
     pub fn unmerge(&mut self, name: &str) -> Result<()> {
         let pos = self.merged.iter().position(|m| m == name).ok_or_else(|| LoraError::State(format!("adapter {name:?} is not merged")))?;
-        let new = (self.weight.as_tensor() - self.adapter(name)?.delta_weight()?)?;
+        let ad = self.adapter(name)?;
+        let mut w = self.weight.as_tensor().clone();
+        if let (Some(m), Some(n)) = (&ad.magnitude, self.dora_norms.get(name)) {
+            w = w.broadcast_div(&(m.as_tensor() / n)?.unsqueeze(1)?)?;
+        }
+        let new = (w - ad.delta_weight()?)?;
+        let new_bias = match (&ad.lora_bias, &self.bias) {
+            (Some(lb), Some(b)) => Some((b.as_tensor() - (lb.as_tensor() * ad.scale)?)?),
+            _ => None,
+        };
         self.weight.set(&new)?;
+        if let (Some(nb), Some(b)) = (new_bias, &self.bias) {
+            b.set(&nb)?;
+        }
+        self.dora_norms.remove(name);
         self.merged.remove(pos);
         Ok(())
     }
@@ -397,6 +634,7 @@ impl LoraLinear {
             b.set(src)?;
         }
         self.merged.clear();
+        self.dora_norms.clear();
         Ok(())
     }
 
@@ -414,6 +652,7 @@ pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::Backend;
     use candle_core::Device;
 
     /// Deterministic pseudo-random values in [-1, 1) (no shared generator: each test gets its own).
@@ -488,7 +727,7 @@ mod tests {
         let mut l = LoraLinear::new(t(w, (6, 9)), None).unwrap();
         let x = t(rand_vec(4 * 9, 8), (4, 9));
         let before = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        l.add_adapter("n", 3, 2.0, 2.0 / 3.0, 0.0, Init::Normal, &mut StdRng::seed_from_u64(1)).unwrap();
+        l.add_adapter("n", AdapterSpec::new(3, 2.0, 2.0 / 3.0), &mut StdRng::seed_from_u64(1)).unwrap();
         l.set_active(&["n"]).unwrap();
         let after = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(before, after); // y + s·0 adds exact zeros
@@ -529,6 +768,99 @@ mod tests {
                 assert!((fd - g[i] as f64).abs() < 2e-3 + 2e-3 * fd.abs(), "param {i}: fd {fd} vs autograd {}", g[i]);
             }
         }
+    }
+
+    /// A DoRA layer: W, b, A, B random; m = 1 + |u| so f = m/‖W + sBA‖ is far from 1.
+    fn dora_layer(inp: usize, out: usize, r: usize, seed: u64) -> LoraLinear {
+        let (mut l, _) = layer_with_adapter(inp, out, r, 3.0, seed);
+        let ad = l.remove_adapter("x").unwrap();
+        let m: Vec<f32> = rand_vec(out, seed + 9).iter().map(|u| 1.0 + u.abs()).collect();
+        let ad = Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), 3.0, ad.scale(), 0.0)
+            .unwrap()
+            .with_magnitude(&Tensor::from_vec(m, out, &Device::Cpu).unwrap())
+            .unwrap();
+        l.insert_adapter("x", ad).unwrap();
+        l.set_active(&["x"]).unwrap();
+        l.freeze_base();
+        l.set_backend(Backend::Reference);
+        l
+    }
+
+    #[test]
+    fn dora_forward_matches_an_f64_reference_of_the_rescaled_weight() {
+        let (n, inp, out, r) = (4, 7, 5, 2);
+        let l = dora_layer(inp, out, r, 51);
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (w, b, bias) = (v(l.weight().as_tensor()), v(l.adapter("x").unwrap().b().as_tensor()), v(l.bias().unwrap().as_tensor()));
+        let (a, m, s) = (v(l.adapter("x").unwrap().a().as_tensor()), v(l.adapter("x").unwrap().magnitude().unwrap().as_tensor()), l.adapter("x").unwrap().scale());
+        let x = rand_vec(n * inp, 52);
+        let y = v(&l.forward(&t(x.clone(), (n, inp))).unwrap());
+        // W' = m ⊙ (W + sBA) / ‖W + sBA‖_row, y = x·W'ᵀ + b, all in f64.
+        for o in 0..out {
+            let row: Vec<f64> = (0..inp).map(|j| w[o * inp + j] as f64 + s * (0..r).map(|k| b[o * r + k] as f64 * a[k * inp + j] as f64).sum::<f64>()).collect();
+            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+            for i in 0..n {
+                let want = m[o] as f64 / norm * (0..inp).map(|j| x[i * inp + j] as f64 * row[j]).sum::<f64>() + bias[o] as f64;
+                // f32 sums of 7 terms ≲ 3 and one division: < 1e-5.
+                assert!((y[i * out + o] as f64 - want).abs() < 1e-5, "y[{i}, {o}] = {} vs {want}", y[i * out + o]);
+            }
+        }
+    }
+
+    #[test]
+    fn dora_gradients_of_a_b_and_the_magnitude_match_finite_differences_with_the_norm_held_constant() {
+        let (n, inp, out, r) = (3, 5, 4, 2);
+        let l = dora_layer(inp, out, r, 61);
+        let x = t(rand_vec(n * inp, 62), (n, inp));
+        let c = t(rand_vec(n * out, 63), (n, out));
+        let y = l.forward(&x).unwrap();
+        let grads = ((y.sqr().unwrap() * &c).unwrap().sum_all().unwrap() / 2.0).unwrap().backward().unwrap();
+        let ad = l.adapter("x").unwrap();
+        // PEFT (and the paper, §4.3) treat ‖W + sBA‖ as a constant: the finite differences hold it at its
+        // value for the unperturbed A, B by computing the loss through a fixed f.
+        let norm = ad.dora_norm(l.weight().as_tensor()).unwrap();
+        let loss = |a: &Tensor, b: &Tensor, m: &Tensor| -> f64 {
+            let f = (m / &norm).unwrap().to_dtype(DType::F64).unwrap();
+            let w = (l.weight().as_tensor() + (b.matmul(a).unwrap() * ad.scale()).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+            let w = w.broadcast_mul(&f.unsqueeze(1).unwrap()).unwrap();
+            let y = x.to_dtype(DType::F64).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&l.bias().unwrap().as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            (y.sqr().unwrap() * c.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() / 2.0
+        };
+        let vars = [ad.a().as_tensor().clone(), ad.b().as_tensor().clone(), ad.magnitude().unwrap().as_tensor().clone()];
+        for which in 0..3 {
+            let g = grads.get(&vars[which]).expect("every DoRA tensor gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let v0 = vars[which].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..v0.len() {
+                let h = 1e-2f32;
+                let at = |d: f32| -> f64 {
+                    let mut v = v0.clone();
+                    v[i] += d;
+                    let p = Tensor::from_vec(v, vars[which].shape(), &Device::Cpu).unwrap();
+                    let mut args = vars.clone();
+                    args[which] = p;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+                // As the plain LoRA test: central differences with h = 1e-2, truncation O(h²).
+                assert!((fd - g[i] as f64).abs() < 2e-3 + 2e-3 * fd.abs(), "tensor {which} [{i}]: fd {fd} vs autograd {}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn dora_merge_gives_the_unmerged_outputs_and_unmerge_restores_the_weight() {
+        let mut l = dora_layer(30, 20, 4, 71);
+        let x = t(rand_vec(6 * 30, 72), (6, 30));
+        let y0 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w0 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        l.merge("x", true).unwrap();
+        let y1 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Sums of 30 terms in another association, one extra rounding of f: 1e-4 as the plain test.
+        assert!(y0.iter().zip(&y1).all(|(a, b)| (a - b).abs() < 1e-4));
+        l.unmerge("x").unwrap();
+        let w2 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // W·f/f − ΔW + ΔW: four roundings of values ≲ 10.
+        assert!(w0.iter().zip(&w2).all(|(a, b)| (a - b).abs() < 1e-5), "unmerge did not restore W");
     }
 
     #[test]

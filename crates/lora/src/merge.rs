@@ -1,27 +1,125 @@
 //! Merging adapters into the base, taking them back out, and combining adapters into new ones.
 //!
 //! Merge: `W ← W + s·B·A`; unmerge: `W ← W − s·B·A` (exact up to one rounding per element each way;
-//! [`BaseSnapshot`] restores bit-exactly). Combinations follow PEFT's `add_weighted_adapter`:
+//! [`BaseSnapshot`] restores bit-exactly). Combinations compute what PEFT 0.21's `add_weighted_adapter`
+//! computes, per layer, for adapters i with weights w_i and scales s_i (the new adapter has alpha = r,
+//! so its scale is 1):
 //!
-//! - `Cat`: `A = [A_1; …; A_n]` (Σr_i, in), `B = [w_1 s_1 B_1, …, w_n s_n B_n]` (out, Σr_i), scale 1, so
-//!   `B·A = Σ w_i s_i B_i A_i` exactly as mathematics (the weighted sum of the adapters' updates).
-//! - `Linear` (equal ranks): `A = Σ √w_i · s_i · A_i`, `B = Σ √w_i · B_i`, scale 1. Not the sum of the
-//!   updates (cross terms `B_i A_j` appear); it is what PEFT computes, for adapters trained from one init.
+//! - `Cat`: `A = [w_1 s_1 A_1; …; w_n s_n A_n]` (Σr_i, in), `B = [B_1, …, B_n]` (out, Σr_i): exactly the
+//!   weighted sum of the updates, `B·A = Σ w_i s_i B_i A_i`.
+//! - `Linear`, `Ties`, `DareLinear`, `DareTies`, `MagnitudePrune` (equal ranks): the merge of
+//!   [`crate::combine`] applied to the A's with weights `sign(w_i s_i)·√|w_i s_i|` and to the B's with
+//!   weights `√|w_i s_i|`. Not the sum of the updates (cross terms `B_i A_j` appear); it is what PEFT
+//!   computes, meant for adapters trained from one initialisation.
+//! - `Svd`, `TiesSvd`, `DareLinearSvd`, `DareTiesSvd`, `MagnitudePruneSvd`: the same merges of the full
+//!   updates `ΔW_i = s_i B_i A_i` with weights w_i, then the top `svd_rank` singular triplets of the
+//!   result: `B = U·S`, `A = Vᵀ` (optionally clamped to ±the `svd_clamp` quantile of their entries).
 
 use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
+use crate::combine::{check_density, merge_tasks, quantile, MajoritySign, TaskMerge};
 use crate::config::{LoraConfig, Scaling};
+use crate::decompose::{svd, Dense};
 use crate::error::{LoraError, Result};
 use crate::linear::Adapter;
 use crate::model::LoraModel;
 
-/// How [`LoraModel::combine_adapters`] builds the new adapter.
+/// How [`LoraModel::combine_adapters`] builds the new adapter (PEFT's `combination_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Combination {
     /// Concatenate ranks: exact weighted sum of updates.
     Cat,
     /// Weighted sum of A's and of B's (equal ranks only).
     Linear,
+    /// SVD of the weighted sum of updates.
+    Svd,
+    /// TIES on the A's and on the B's.
+    Ties,
+    /// TIES on the updates, then SVD.
+    TiesSvd,
+    /// DARE (random drop, rescale) then a weighted sum, on the A's and on the B's.
+    DareLinear,
+    /// DARE on the updates, then SVD.
+    DareLinearSvd,
+    /// DARE then TIES, on the A's and on the B's.
+    DareTies,
+    /// DARE then TIES on the updates, then SVD.
+    DareTiesSvd,
+    /// Magnitude pruning then a weighted sum, on the A's and on the B's.
+    MagnitudePrune,
+    /// Magnitude pruning of the updates, then SVD.
+    MagnitudePruneSvd,
+}
+
+impl Combination {
+    /// Every combination with PEFT's name for it.
+    pub const ALL: [(Combination, &'static str); 11] = [
+        (Combination::Cat, "cat"),
+        (Combination::Linear, "linear"),
+        (Combination::Svd, "svd"),
+        (Combination::Ties, "ties"),
+        (Combination::TiesSvd, "ties_svd"),
+        (Combination::DareLinear, "dare_linear"),
+        (Combination::DareLinearSvd, "dare_linear_svd"),
+        (Combination::DareTies, "dare_ties"),
+        (Combination::DareTiesSvd, "dare_ties_svd"),
+        (Combination::MagnitudePrune, "magnitude_prune"),
+        (Combination::MagnitudePruneSvd, "magnitude_prune_svd"),
+    ];
+
+    /// PEFT's `combination_type` name.
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(c, _)| *c == self).map_or("?", |(_, n)| n)
+    }
+
+    /// The combination PEFT calls `name`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(c, _)| *c).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+            LoraError::config("combination_type", name, format!("must be one of {}", names.join(", ")))
+        })
+    }
+
+    /// The merge it applies (to A's and B's, or to the updates for the SVD kinds).
+    fn task_merge(self) -> Option<TaskMerge> {
+        use Combination::*;
+        match self {
+            Cat => None,
+            Linear | Svd => Some(TaskMerge::Linear),
+            Ties | TiesSvd => Some(TaskMerge::Ties),
+            DareLinear | DareLinearSvd => Some(TaskMerge::DareLinear),
+            DareTies | DareTiesSvd => Some(TaskMerge::DareTies),
+            MagnitudePrune | MagnitudePruneSvd => Some(TaskMerge::MagnitudePrune),
+        }
+    }
+
+    fn is_svd(self) -> bool {
+        self.name().ends_with("svd")
+    }
+}
+
+/// The settings of the pruning and SVD combinations (PEFT's `add_weighted_adapter` arguments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CombineOptions {
+    /// Fraction of values kept by TIES, DARE and magnitude pruning (≥ 1 keeps all).
+    pub density: f64,
+    /// TIES' majority sign rule.
+    pub majority_sign: MajoritySign,
+    /// Rank of the SVD combinations (default: the largest rank among the adapters).
+    pub svd_rank: Option<usize>,
+    /// Clamp the SVD factors to ± this quantile of their entries (in (0, 1]).
+    pub svd_clamp: Option<f64>,
+    /// Seed of DARE's random masks (PEFT draws them from torch's global generator; lora-rs from its own,
+    /// so a seed reproduces lora-rs' result, not PEFT's).
+    pub seed: u64,
+}
+
+impl Default for CombineOptions {
+    fn default() -> Self {
+        CombineOptions { density: 1.0, majority_sign: MajoritySign::Total, svd_rank: None, svd_clamp: None, seed: 0 }
+    }
 }
 
 /// Exact copies of every base weight and bias, for a bit-exact restore after merges.
@@ -48,49 +146,97 @@ impl LoraModel {
         Ok(())
     }
 
-    /// Creates adapter `new_name` from weighted existing adapters (see the module docs).
+    /// Creates adapter `new_name` from weighted existing adapters (see the module docs), with default
+    /// [`CombineOptions`].
     pub fn combine_adapters(&mut self, adapters: &[(&str, f64)], combination: Combination, new_name: &str) -> Result<()> {
+        self.combine_adapters_with(adapters, combination, &CombineOptions::default(), new_name)
+    }
+
+    /// Creates adapter `new_name` from weighted existing adapters (see the module docs). One adapter is
+    /// always combined as `Linear`, as PEFT does.
+    pub fn combine_adapters_with(&mut self, adapters: &[(&str, f64)], combination: Combination, opts: &CombineOptions, new_name: &str) -> Result<()> {
         if adapters.is_empty() {
             return Err(LoraError::config("adapters", "[]", "name at least one adapter to combine"));
         }
         if self.adapter_names().iter().any(|n| n == new_name) {
             return Err(LoraError::DuplicateAdapter(new_name.to_string()));
         }
+        check_density(opts.density)?;
+        if let Some(q) = opts.svd_clamp.filter(|q| !(*q > 0.0 && *q <= 1.0)) {
+            return Err(LoraError::config("svd_clamp", q, "must be in (0, 1]"));
+        }
+        if opts.svd_rank == Some(0) {
+            return Err(LoraError::config("svd_rank", 0, "must be at least 1"));
+        }
+        let combination = if adapters.len() == 1 { Combination::Linear } else { combination };
         for (name, w) in adapters {
             self.check_adapter(name)?;
-            if !w.is_finite() || (combination == Combination::Linear && *w < 0.0) {
-                return Err(LoraError::config(format!("weight of {name}"), w, "must be a finite number (non-negative for linear)"));
+            if !w.is_finite() {
+                return Err(LoraError::config(format!("weight of {name}"), w, "must be a finite number"));
+            }
+            for (module, layer) in self.layers() {
+                if layer.adapter(name).is_ok_and(|ad| !ad.is_plain()) {
+                    return Err(LoraError::config(
+                        format!("adapter {name}"),
+                        module,
+                        "uses DoRA, a LoRA bias or PiSSA/OLoRA there: only plain LoRA adapters can be combined (save PiSSA/OLoRA converted first)",
+                    ));
+                }
             }
         }
+        let max_rank = self.layers().flat_map(|(_, l)| adapters.iter().filter_map(|(n, _)| l.adapter(n).ok().map(Adapter::rank))).max().unwrap_or(1);
+        let svd_rank = opts.svd_rank.unwrap_or(max_rank);
+        let mut rng = StdRng::seed_from_u64(opts.seed);
         let mut built: Vec<(String, Adapter)> = Vec::new();
         for (module, layer) in self.layers() {
             let present: Vec<(&Adapter, f64)> = adapters.iter().filter_map(|(n, w)| layer.adapter(n).ok().map(|a| (a, *w))).collect();
             if present.is_empty() {
                 continue;
             }
-            let (a, b) = match combination {
-                Combination::Cat => {
-                    let a_parts: Vec<Tensor> = present.iter().map(|(ad, _)| ad.a().as_tensor().clone()).collect();
-                    let b_parts: Vec<Tensor> =
-                        present.iter().map(|(ad, w)| ad.b().as_tensor() * (w * ad.scale())).collect::<candle_core::Result<_>>()?;
+            let (a, b) = match combination.task_merge() {
+                None => {
+                    let a_parts: Vec<Tensor> =
+                        present.iter().map(|(ad, w)| ad.a().as_tensor() * (w * ad.scale())).collect::<candle_core::Result<_>>()?;
+                    let b_parts: Vec<Tensor> = present.iter().map(|(ad, _)| ad.b().as_tensor().clone()).collect();
                     (Tensor::cat(&a_parts, 0)?, Tensor::cat(&b_parts, 1)?) // (Σr, in), (out, Σr)
                 }
-                Combination::Linear => {
+                Some(kind) if combination.is_svd() => {
+                    let (out, inp) = (layer.out_features(), layer.in_features());
+                    let deltas: Vec<Vec<f32>> = present.iter().map(|(ad, _)| flat(&ad.delta_weight()?)).collect::<Result<_>>()?;
+                    let weights: Vec<f64> = present.iter().map(|(_, w)| *w).collect();
+                    let merged = merge_tasks(kind, &deltas, &weights, opts.density, opts.majority_sign, &mut rng);
+                    let (u, s, vt) = svd(&Dense::from_f32(&merged, out, inp), svd_rank);
+                    let k = s.len();
+                    let mut bv: Vec<f32> = (0..out * k).map(|i| (u.data[i] * s[i % k]) as f32).collect(); // U·S
+                    let mut av: Vec<f32> = vt.data.iter().map(|&v| v as f32).collect(); // Vᵀ
+                    if let Some(q) = opts.svd_clamp {
+                        let all: Vec<f32> = bv.iter().chain(&av).copied().collect();
+                        let hi = quantile(&all, q);
+                        for v in bv.iter_mut().chain(av.iter_mut()) {
+                            *v = v.clamp(-hi, hi);
+                        }
+                    }
+                    let dev = layer.weight().device();
+                    (Tensor::from_vec(av, (k, inp), dev)?, Tensor::from_vec(bv, (out, k), dev)?)
+                }
+                Some(kind) => {
                     let r = present[0].0.rank();
                     if let Some((bad, _)) = present.iter().find(|(ad, _)| ad.rank() != r) {
                         return Err(LoraError::config(
                             format!("{module} ranks"),
                             format!("{} vs {r}", bad.rank()),
-                            "linear combination needs equal ranks; use cat",
+                            format!("{} needs equal ranks; use cat or an svd combination", combination.name()),
                         ));
                     }
-                    let mut a = (present[0].0.a().as_tensor() * 0.0)?;
-                    let mut b = (present[0].0.b().as_tensor() * 0.0)?;
-                    for (ad, w) in &present {
-                        a = (a + (ad.a().as_tensor() * (w.sqrt() * ad.scale()))?)?;
-                        b = (b + (ad.b().as_tensor() * w.sqrt())?)?;
-                    }
-                    (a, b)
+                    let ws: Vec<f64> = present.iter().map(|(ad, w)| w * ad.scale()).collect();
+                    let wa: Vec<f64> = ws.iter().map(|w| w.signum() * w.abs().sqrt()).collect();
+                    let wb: Vec<f64> = ws.iter().map(|w| w.abs().sqrt()).collect();
+                    let ta: Vec<Vec<f32>> = present.iter().map(|(ad, _)| flat(ad.a().as_tensor())).collect::<Result<_>>()?;
+                    let tb: Vec<Vec<f32>> = present.iter().map(|(ad, _)| flat(ad.b().as_tensor())).collect::<Result<_>>()?;
+                    let a = merge_tasks(kind, &ta, &wa, opts.density, opts.majority_sign, &mut rng);
+                    let b = merge_tasks(kind, &tb, &wb, opts.density, opts.majority_sign, &mut rng);
+                    let dev = layer.weight().device();
+                    (Tensor::from_vec(a, (r, layer.in_features()), dev)?, Tensor::from_vec(b, (layer.out_features(), r), dev)?)
                 }
             };
             let r = a.dims()[0];
@@ -113,6 +259,10 @@ impl LoraModel {
         self.set_adapter_config(new_name, config);
         Ok(())
     }
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]
@@ -173,8 +323,8 @@ mod tests {
         let yl = out(&m, &x);
         // A scaled by s instead of the output: one extra rounding per product, relative ~1e-7 of |y| ≲ 100.
         assert!(ya.iter().zip(&yl).all(|(p, q)| (p - q).abs() < 1e-4));
-        let e = m.combine_adapters(&[("a", 1.0), ("lin", -1.0)], Combination::Linear, "z").unwrap_err().to_string();
-        assert!(e.contains("weight of lin = -1"), "{e}");
+        let e = m.combine_adapters(&[("a", f64::NAN), ("lin", -1.0)], Combination::Linear, "z").unwrap_err().to_string();
+        assert!(e.contains("weight of a = NaN"), "{e}");
     }
 
     #[test]

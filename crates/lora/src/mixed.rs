@@ -96,6 +96,16 @@ impl LoraModel {
     /// [`LoraModel::insert_adapter_files`] (modules, shapes, targets). The model is not changed.
     pub fn pack_adapter(&self, files: &AdapterFiles) -> Result<PackedAdapter> {
         self.check_adapter_files(files)?;
+        let c = &files.config;
+        for (on, key) in [(c.use_dora, "use_dora"), (c.lora_bias, "lora_bias"), (c.init.rewrites_base(), "init_lora_weights")] {
+            if on {
+                return Err(LoraError::config(
+                    key,
+                    if key == "init_lora_weights" { c.init.peft_value().to_string() } else { "true".into() },
+                    "is not served in mixed-adapter batches yet: merge the adapter, or save PiSSA/OLoRA converted to plain LoRA",
+                ));
+            }
+        }
         let mut layers = Vec::new();
         for (name, layer) in self.layers() {
             let Some((a, b)) = files.tensors.get(name) else {
@@ -216,6 +226,8 @@ mod tests {
             config,
             base_model_name_or_path: None,
             tensors: BTreeMap::from([("fc".to_string(), (a, b))]),
+            magnitudes: BTreeMap::new(),
+            lora_biases: BTreeMap::new(),
             metadata: HashMap::new(),
             dtypes: Vec::new(),
             bytes: (0, 0),

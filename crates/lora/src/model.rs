@@ -101,18 +101,22 @@ impl LoraModel {
         Ok(out)
     }
 
-    /// Adds adapter `name` to every layer `config` targets: A drawn from `rng` per `config.init`, B = 0.
-    /// The model's outputs are unchanged until the adapter trains. Does not activate it.
+    /// Adds adapter `name` to every layer `config` targets, started as `config.init` says (drawing from
+    /// `rng`): the model's outputs are unchanged until the adapter trains, except with [`crate::Init::Random`].
+    /// Does not activate it. On error no layer keeps the adapter.
     pub fn add_adapter<R: Rng + ?Sized>(&mut self, name: &str, config: &LoraConfig, rng: &mut R) -> Result<()> {
         config.validate()?;
         if self.adapter_names().iter().any(|n| n == name) {
             return Err(LoraError::DuplicateAdapter(name.to_string()));
         }
         let targets = self.targeted(config)?;
-        for module in &targets {
-            let (r, alpha) = (config.rank_for(module), config.alpha_for(module));
-            let scale = config.scale_for(module);
-            self.layer_mut(module)?.add_adapter(name, r, alpha, scale, config.dropout, config.init, rng)?;
+        for (i, module) in targets.iter().enumerate() {
+            if let Err(e) = self.layer_mut(module)?.add_adapter(name, config.spec_for(module), rng) {
+                for done in &targets[..i] {
+                    self.layer_mut(done)?.remove_adapter(name)?;
+                }
+                return Err(e);
+            }
         }
         self.configs.insert(name.to_string(), LoraConfig { target_modules: crate::Targets::Names(targets), ..config.clone() });
         Ok(())

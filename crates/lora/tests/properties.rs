@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use lora::adapter::{parse_peft_config, peft_config_json};
-use lora::{Adapter, LoraConfig, LoraLinear, Scaling};
+use lora::{Adapter, Init, LoraConfig, LoraLinear, Scaling};
 use proptest::prelude::*;
 
 fn module() -> impl Strategy<Value = String> {
@@ -22,8 +22,18 @@ proptest! {
         targets in proptest::collection::vec(module(), 1..5),
         ranks in proptest::collection::btree_map(module(), 1usize..32, 0..3),
         alphas in proptest::collection::btree_map(module(), -8.0f64..8.0, 0..3),
+        init in 0usize..5,
+        variant in 0usize..3,
     ) {
+        // Every initialisation PEFT can name (the seed's N(0, 1) is written as "gaussian"), and DoRA or a
+        // LoRA bias where PEFT allows them.
+        let init = [Init::PeftGaussian, Init::Kaiming, Init::Random, Init::Pissa { niter: None }, Init::Olora][init];
+        let use_dora = variant == 1 && !init.rewrites_base();
+        let lora_bias = variant == 2 && matches!(init, Init::Kaiming | Init::Random);
         let c = LoraConfig {
+            init,
+            use_dora,
+            lora_bias,
             dropout,
             scaling: if rslora { Scaling::RankStabilized } else { Scaling::Standard },
             target_modules: targets.into(),

@@ -62,11 +62,12 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         exclude_modules: Vec::new(),
         layers_to_transform: Vec::new(),
         rslora: false,
+        variant: crate::cli::VariantArgs { use_dora: false, init: None, lora_bias: false, convert_to_lora: false },
     })?;
     let mut tuned = Vec::new();
     for (name, data) in ["sql", "js"].into_iter().zip(&cs) {
         let out = a.out.join("adapters").join(name);
-        let f = finetune(&mut model, &base_dir, name, data, &lora, settings(&train, a.finetune_steps, 2e-3, 0.0), &no_ckpt, &out)?;
+        let f = finetune(&mut model, &base_dir, name, data, &lora, settings(&train, a.finetune_steps, 2e-3, 0.0), &no_ckpt, &out, false)?;
         println!();
         tuned.push((name, f));
     }

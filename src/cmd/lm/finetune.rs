@@ -35,6 +35,7 @@ pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
         layers_to_transform: l.layers_to_transform.clone(),
         ..LoraConfig::new(l.rank as usize, l.alpha)
     };
+    let c = l.variant.apply(c, Init::PeftGaussian);
     c.validate()?;
     Ok(c)
 }
@@ -57,6 +58,7 @@ pub fn finetune(
     s: TrainSettings,
     ck: &LmCheckpointArgs,
     out: &Path,
+    convert: bool,
 ) -> Result<Finetuned> {
     let before = model.base_state()?;
     model.lora_mut().add_adapter(name, config, &mut StdRng::seed_from_u64(s.seed.wrapping_add(1)))?;
@@ -87,7 +89,7 @@ pub fn finetune(
         ("lora_rs.data".to_string(), data.path.display().to_string()),
         ("lora_rs.steps".to_string(), trainer.step().to_string()),
     ]);
-    save_adapter(model, name, out, Some(base_dir.display().to_string()), meta)
+    save_adapter(model, name, out, Some(base_dir.display().to_string()), meta, convert)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     let ckpt = checkpoint_path(out);
     if ckpt.exists() {
@@ -127,7 +129,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     let data = super::corpus(&a.data)?;
     model.lora().targeted(&config).context("--target-modules / --target-regex / --exclude-modules / --layers-to-transform")?;
     let name = "adapter";
-    let f = finetune(&mut model, &a.model, name, &data, &config, s, &a.checkpoint, &a.out)?;
+    let f = finetune(&mut model, &a.model, name, &data, &config, s, &a.checkpoint, &a.out, a.lora.variant.convert_to_lora)?;
     println!(
         "Final loss {:.4} after {} steps ({:.1} s); wrote {}",
         f.summary["final_loss"].as_f64().unwrap_or(f64::NAN),
