@@ -1,8 +1,8 @@
 //! Checkpoint files: one safetensors file per run (`DIR/checkpoint.safetensors`, written atomically)
-//! holding the model's tensors (`model.<layer>.weight|bias`), the adapter being trained
-//! (`adapter.<layer>.lora_A|lora_B`), Adam's moments (`optim.m.<param>`, `optim.v.<param>`) and, in the
-//! metadata, the position (step, losses, timings), Adam's step count and the run's settings, which a
-//! resume must match.
+//! holding the model's tensors (`model.<layer>.weight|bias`), every tensor of the adapter being trained
+//! (`adapter.<layer>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`, …, named as in PEFT
+//! files), Adam's moments (`optim.m.<param>`, `optim.v.<param>`) and, in the metadata, the position
+//! (step, losses, timings), Adam's step count and the run's settings, which a resume must match.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,9 +21,8 @@ pub fn save(dir: &Path, phase: &str, net: &ExpensiveNet, adapter: Option<&str>, 
     let mut tensors: Vec<(String, Tensor)> = net.model.base_state()?.into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
     if let Some(name) = adapter {
         for (module, l) in net.model.layers() {
-            if let Ok(ad) = l.adapter(name) {
-                tensors.push((format!("adapter.{module}.lora_A"), ad.a().as_tensor().copy()?));
-                tensors.push((format!("adapter.{module}.lora_B"), ad.b().as_tensor().copy()?));
+            for (which, var) in l.adapter_vars(name) {
+                tensors.push((format!("adapter.{module}.{which}"), var.as_tensor().copy()?));
             }
         }
     }

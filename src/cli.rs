@@ -212,9 +212,27 @@ impl InitArg {
     }
 }
 
+/// Which biases train (PEFT's bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BiasArg {
+    /// No bias trains.
+    None,
+    /// Every bias trains (as the adapter's own copies; the base stays unchanged).
+    All,
+    /// The biases of the adapted layers train.
+    LoraOnly,
+}
+
 /// PEFT's LoRA variants, for the fine-tuning commands.
 #[derive(Debug, Clone, Args)]
 pub struct VariantArgs {
+    /// Which biases train, as the adapter's own copies saved in the adapter (PEFT's bias).
+    #[arg(long, value_enum, default_value = "none")]
+    pub bias: BiasArg,
+    /// Layers trained in full, as the adapter's own copies saved in it (PEFT's modules_to_save),
+    /// comma-separated, e.g. linear3 or lm_head; they must not be LoRA targets.
+    #[arg(long, value_delimiter = ',')]
+    pub modules_to_save: Vec<String>,
     /// DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted weight.
     #[arg(long)]
     pub use_dora: bool,
@@ -233,7 +251,18 @@ pub struct VariantArgs {
 impl VariantArgs {
     /// `config` with these variants applied (`default_init` when --init is not given).
     pub fn apply(&self, config: lora::LoraConfig, default_init: lora::Init) -> lora::LoraConfig {
-        lora::LoraConfig { use_dora: self.use_dora, lora_bias: self.lora_bias, init: self.init.map_or(default_init, InitArg::init), ..config }
+        lora::LoraConfig {
+            use_dora: self.use_dora,
+            lora_bias: self.lora_bias,
+            init: self.init.map_or(default_init, InitArg::init),
+            bias: match self.bias {
+                BiasArg::None => lora::Bias::None,
+                BiasArg::All => lora::Bias::All,
+                BiasArg::LoraOnly => lora::Bias::LoraOnly,
+            },
+            modules_to_save: self.modules_to_save.iter().map(|s| s.trim().to_string()).collect(),
+            ..config
+        }
     }
 }
 
@@ -415,6 +444,9 @@ pub struct FinetuneArgs {
     /// Dropout probability on the adapter's input during training.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    /// Layers to adapt, comma-separated (names or dotted suffixes, as PEFT's target_modules).
+    #[arg(long, value_delimiter = ',', default_value = "linear1,linear2,linear3")]
+    pub target_modules: Vec<String>,
     #[command(flatten)]
     pub variant: VariantArgs,
     /// Seed for A's initialisation and shuffling.
@@ -450,7 +482,7 @@ pub struct MergeArgs {
     #[arg(long, default_value = "cat", value_parser = parse_combination)]
     pub combination: lora::Combination,
     /// Fraction of values TIES, DARE and magnitude pruning keep (needed by those combinations; 1 keeps all).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub density: Option<f64>,
     /// TIES' majority sign: total (sign of the sum) or frequency (most common sign).
     #[arg(long, default_value = "total", value_parser = parse_majority_sign)]
@@ -459,7 +491,7 @@ pub struct MergeArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub svd_rank: Option<u32>,
     /// Clamp the svd factors to ± this quantile of their entries, in (0, 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub svd_clamp: Option<f64>,
     /// Seed of DARE's random masks.
     #[arg(long, default_value_t = 0)]

@@ -167,8 +167,7 @@ pub fn finetune_digit(net: &mut ExpensiveNet, data: &Data, job: FinetuneJob) -> 
     net.model.add_adapter(name, lcfg, &mut rng)?;
     if let Some(l) = resume {
         for (module, layer) in net.model.layers() {
-            let ad = layer.adapter(name)?;
-            for (which, var) in [("lora_A", ad.a()), ("lora_B", ad.b())] {
+            for (which, var) in layer.adapter_vars(name) {
                 let t = l
                     .tensor("adapter", &format!("{module}.{which}"))
                     .with_context(|| format!("{}: missing tensor adapter.{module}.{which}", l.file.path.display()))?;
@@ -184,7 +183,7 @@ pub fn finetune_digit(net: &mut ExpensiveNet, data: &Data, job: FinetuneJob) -> 
         }
     }
     net.model.set_active(&[name])?;
-    net.model.freeze_base(lcfg.bias);
+    net.model.freeze_base(lora::Bias::None); // trained biases are the adapter's own copies
     for (i, (_, l)) in net.model.layers().enumerate() {
         l.seed_dropout(seed.wrapping_add(100 + i as u64));
     }

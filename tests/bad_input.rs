@@ -217,7 +217,11 @@ fn build(d: &Path) -> Vec<Case> {
             Box::new(|p: &Path| edit_config(p, |v| v["target_modules"] = serde_json::json!(["linear1", "linear2", "linear3", "conv9"]))),
             "conv9",
         ),
-        ("cfg_dora", Box::new(|p: &Path| edit_config(p, |v| v["use_dora"] = true.into())), "missing tensor base_model.model.linear1.lora_magnitude_vector"),
+        (
+            "cfg_dora",
+            Box::new(|p: &Path| edit_config(p, |v| v["use_dora"] = true.into())),
+            "missing tensor base_model.model.linear1.lora_magnitude_vector",
+        ),
         (
             "cfg_dora_with_lora_bias",
             Box::new(|p: &Path| {
@@ -229,7 +233,11 @@ fn build(d: &Path) -> Vec<Case> {
             }),
             "lora_bias = true",
         ),
-        ("cfg_init_loftq", Box::new(|p: &Path| edit_config(p, |v| v["init_lora_weights"] = "loftq".into())), "init_lora_weights = \"loftq\""),
+        (
+            "cfg_init_loftq",
+            Box::new(|p: &Path| edit_config(p, |v| v["init_lora_weights"] = "loftq".into())),
+            "init_lora_weights = \"loftq\"",
+        ),
         ("cfg_init_pissa_niter", Box::new(|p: &Path| edit_config(p, |v| v["init_lora_weights"] = "pissa_niter_4".into())), "pissa_niter_N"),
         (
             "adapter_magnitude_wrong_shape",
@@ -237,13 +245,28 @@ fn build(d: &Path) -> Vec<Case> {
                 edit_config(p, |v| v["use_dora"] = true.into());
                 edit_weights(p, |t| {
                     for (l, out) in [("linear1", 7), ("linear2", 4), ("linear3", 10)] {
-                        t.push((format!("base_model.model.{l}.lora_magnitude_vector"), Tensor::ones(out, DType::F32, &Device::Cpu).unwrap()));
+                        t.push((
+                            format!("base_model.model.{l}.lora_magnitude_vector"),
+                            Tensor::ones(out, DType::F32, &Device::Cpu).unwrap(),
+                        ));
                     }
                 })
             }),
             "linear1.lora_magnitude_vector: shape [7], expected [8]",
         ),
-        ("cfg_bias_all", Box::new(|p: &Path| edit_config(p, |v| v["bias"] = "all".into())), "bias = \"all\""),
+        ("cfg_bias_unknown", Box::new(|p: &Path| edit_config(p, |v| v["bias"] = "some".into())), "bias = \"some\""),
+        (
+            "adapter_bias_without_bias_key",
+            Box::new(|p: &Path| {
+                edit_weights(p, |t| t.push(("base_model.model.linear3.bias".into(), Tensor::ones(10, DType::F32, &Device::Cpu).unwrap())))
+            }),
+            "names no bias other than \"none\" nor module_to_save for linear3",
+        ),
+        (
+            "adapter_modules_to_save_without_weight",
+            Box::new(|p: &Path| edit_config(p, |v| v["modules_to_save"] = serde_json::json!(["linear3"]))),
+            "missing tensor base_model.model.linear3.weight",
+        ),
         ("cfg_rank_mismatch", Box::new(|p: &Path| edit_config(p, |v| v["r"] = 3.into())), "does not match r = 3"),
         (
             "adapter_missing_tensor",
@@ -326,6 +349,100 @@ fn build(d: &Path) -> Vec<Case> {
             "flag_dropout_too_big",
             vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--dropout", "1.5"],
             "lora_dropout = 1.5",
+        ),
+        (
+            "flag_modules_to_save_also_targeted",
+            vec!["finetune", "--model", "model.safetensors", "--data", "data", "--out", "x", "--modules-to-save", "linear3"],
+            "modules_to_save = linear3",
+        ),
+        (
+            "flag_modules_to_save_unknown",
+            vec![
+                "finetune",
+                "--model",
+                "model.safetensors",
+                "--data",
+                "data",
+                "--out",
+                "x",
+                "--target-modules",
+                "linear1",
+                "--modules-to-save",
+                "conv9",
+            ],
+            "modules_to_save = conv9",
+        ),
+        (
+            "flag_combination_unknown",
+            vec![
+                "merge",
+                "--model",
+                "model.safetensors",
+                "--adapter",
+                "adapter",
+                "--adapter",
+                "adapter",
+                "--out",
+                "m.safetensors",
+                "--combination",
+                "average",
+            ],
+            "combination_type = average",
+        ),
+        (
+            "flag_ties_without_density",
+            vec![
+                "merge",
+                "--model",
+                "model.safetensors",
+                "--adapter",
+                "adapter",
+                "--adapter",
+                "adapter",
+                "--out",
+                "m.safetensors",
+                "--combination",
+                "ties",
+            ],
+            "--density",
+        ),
+        (
+            "flag_density_negative",
+            vec![
+                "merge",
+                "--model",
+                "model.safetensors",
+                "--adapter",
+                "adapter",
+                "--adapter",
+                "adapter",
+                "--out",
+                "m.safetensors",
+                "--combination",
+                "ties",
+                "--density",
+                "-0.5",
+            ],
+            "density = -0.5",
+        ),
+        (
+            "flag_svd_clamp_too_big",
+            vec![
+                "merge",
+                "--model",
+                "model.safetensors",
+                "--adapter",
+                "adapter",
+                "--adapter",
+                "adapter",
+                "--out",
+                "m.safetensors",
+                "--combination",
+                "svd",
+                "--svd-clamp",
+                "2",
+            ],
+            "svd_clamp = 2",
         ),
         (
             "flag_lora_bias_with_normal_init",

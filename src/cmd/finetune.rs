@@ -27,6 +27,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         alpha: a.lora.alpha,
         dropout: a.dropout,
         scaling: if a.rslora { Scaling::RankStabilized } else { Scaling::Standard },
+        target_modules: a.target_modules.iter().map(|s| s.trim().to_string()).collect(),
         ..LoraConfig::default()
     };
     let lcfg = a.variant.apply(lcfg, lora::Init::Normal);
@@ -49,6 +50,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let settings = json!({"base_sha256": fp, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha, "rslora": a.rslora,
         "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
         "loraplus_lr_ratio": a.loraplus_lr_ratio, "use_dora": lcfg.use_dora, "lora_bias": lcfg.lora_bias,
+        "target_modules": a.target_modules, "bias": format!("{:?}", lcfg.bias), "modules_to_save": lcfg.modules_to_save,
         "init": lcfg.init.peft_value()});
     let resume = match &a.checkpoint.resume {
         Some(dir) => {

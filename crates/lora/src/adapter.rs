@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
-use crate::config::{Init, LoraConfig, Scaling};
+use crate::config::{Bias, Init, LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::{save_safetensors, write_atomic, FileError, TensorFile};
 use crate::linear::Adapter;
@@ -45,6 +45,10 @@ pub struct AdapterFiles {
     pub magnitudes: BTreeMap<String, Tensor>,
     /// Module → bias of B (out) (`<module>.lora_B.bias`), present exactly when `lora_bias`.
     pub lora_biases: BTreeMap<String, Tensor>,
+    /// Module → the adapter's own (weight, bias) of that layer: trained biases (`bias = "all"` /
+    /// `"lora_only"`, stored as `<module>.base_layer.bias` or `<module>.bias`) and `modules_to_save` copies
+    /// (`<module>.weight`, `<module>.bias`).
+    pub copies: BTreeMap<String, (Option<Tensor>, Option<Tensor>)>,
     /// Safetensors metadata.
     pub metadata: HashMap<String, String>,
     /// Stored dtype per tensor name.
@@ -58,6 +62,7 @@ impl AdapterFiles {
     pub fn num_params(&self) -> usize {
         self.tensors.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum::<usize>()
             + self.magnitudes.values().chain(self.lora_biases.values()).map(Tensor::elem_count).sum::<usize>()
+            + self.copies.values().flat_map(|(w, b)| [w, b]).flatten().map(Tensor::elem_count).sum::<usize>()
     }
     /// The base fingerprint recorded by lora-rs, if any.
     pub fn base_fingerprint(&self) -> Option<&str> {
@@ -200,12 +205,25 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
              recomputed; save it from PEFT converted to plain LoRA (path_initial_model_for_weight_conversion)",
         ));
     }
-    match field(obj, "bias") {
-        None => {}
-        Some(Value::String(s)) if s == "none" => {}
-        Some(other) => return Err(bad(path, format!("bias = {other}: only \"none\" is supported (the file holds no bias tensors)"))),
-    }
-    for key in ["modules_to_save", "trainable_token_indices", "target_parameters"] {
+    let bias = match field(obj, "bias") {
+        None => Bias::None,
+        Some(Value::String(s)) if s == "none" => Bias::None,
+        Some(Value::String(s)) if s == "all" => Bias::All,
+        Some(Value::String(s)) if s == "lora_only" => Bias::LoraOnly,
+        Some(other) => return Err(bad(path, format!("bias = {other}: must be \"none\", \"all\" or \"lora_only\""))),
+    };
+    let modules_to_save = match field(obj, "modules_to_save") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|m| match m.as_str() {
+                Some(s) if !s.is_empty() => Ok(s.to_string()),
+                _ => Err(bad(path, format!("modules_to_save entry {m} is not a module name"))),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(other) => return Err(bad(path, format!("modules_to_save = {other}: must be a list of module names"))),
+    };
+    for key in ["trainable_token_indices", "target_parameters"] {
         match field(obj, key) {
             None => {}
             Some(Value::Array(a)) if a.is_empty() => {}
@@ -281,6 +299,8 @@ pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<
         init,
         use_dora,
         lora_bias,
+        bias,
+        modules_to_save,
         ..LoraConfig::default()
     };
     config.validate().map_err(|e| bad(path, e.to_string()))?;
@@ -309,12 +329,16 @@ pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&st
             Some(Exclude::Names(v)) => json!(v),
             Some(Exclude::Regex(r)) => json!(r),
         },
-        "bias": "none",
+        "bias": match config.bias {
+            Bias::None => "none",
+            Bias::All => "all",
+            Bias::LoraOnly => "lora_only",
+        },
         "fan_in_fan_out": false,
         "init_lora_weights": config.init.peft_value(),
         "use_rslora": config.scaling == Scaling::RankStabilized,
         "use_dora": config.use_dora,
-        "modules_to_save": null,
+        "modules_to_save": if config.modules_to_save.is_empty() { Value::Null } else { json!(config.modules_to_save) },
         "layers_to_transform": if config.layers_to_transform.is_empty() { Value::Null } else { json!(config.layers_to_transform) },
         "layers_pattern": if config.layers_pattern.is_empty() { Value::Null } else { json!(config.layers_pattern) },
         "rank_pattern": config.rank_pattern,
@@ -331,13 +355,25 @@ enum Part {
     B,
     Magnitude,
     LoraBias,
+    /// The adapter's own bias of the layer (`base_layer.bias` of an adapted layer, `bias` of another).
+    CopyBias,
+    /// The adapter's own weight of the layer (`modules_to_save`).
+    CopyWeight,
 }
 
 fn split_key(name: &str) -> Option<(&str, Part)> {
     let rest = name.strip_prefix(PEFT_PREFIX)?;
-    [(".lora_A.weight", Part::A), (".lora_B.weight", Part::B), (".lora_magnitude_vector", Part::Magnitude), (".lora_B.bias", Part::LoraBias)]
-        .into_iter()
-        .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|m| (m, part)))
+    [
+        (".lora_A.weight", Part::A),
+        (".lora_B.weight", Part::B),
+        (".lora_magnitude_vector", Part::Magnitude),
+        (".lora_B.bias", Part::LoraBias),
+        (".base_layer.bias", Part::CopyBias),
+        (".bias", Part::CopyBias),
+        (".weight", Part::CopyWeight),
+    ]
+    .into_iter()
+    .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|m| (m, part)))
 }
 
 /// Reads an adapter directory and checks it on its own: config keys, tensor names, A/B pairs, ranks
@@ -359,8 +395,13 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
     let mut a_of = BTreeMap::new();
     let mut b_of = BTreeMap::new();
     let (mut magnitudes, mut lora_biases) = (BTreeMap::new(), BTreeMap::new());
+    let mut copies: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, t) in &file.tensors {
-        let (module, part) = split_key(name).ok_or_else(|| {
+        // A layer's own tensors sit under a module name; a `lora_*` name there is a LoRA part lora-rs lacks.
+        let own_tensor_of_lora_part = |(m, p): &(&str, Part)| {
+            matches!(p, Part::CopyBias | Part::CopyWeight) && m.rsplit('.').next().is_some_and(|l| l.starts_with("lora_"))
+        };
+        let (module, part) = split_key(name).filter(|k| !own_tensor_of_lora_part(k)).ok_or_else(|| {
             bad(
                 &wpath,
                 format!(
@@ -369,6 +410,21 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
                 ),
             )
         })?;
+        let copy = matches!(part, Part::CopyBias | Part::CopyWeight);
+        if copy {
+            let allowed = config.saves(module) || (part == Part::CopyBias && config.bias != Bias::None);
+            if !allowed {
+                let why = if part == Part::CopyWeight { "module_to_save" } else { "bias other than \"none\" nor module_to_save" };
+                return Err(bad(&wpath, format!("tensor {name}: {CONFIG_FILE} names no {why} for {module}")));
+            }
+            let want_rank = if part == Part::CopyWeight { 2 } else { 1 };
+            if t.rank() != want_rank {
+                return Err(bad(&wpath, format!("tensor {name}: shape {:?}, expected {want_rank} dimension(s)", t.dims())));
+            }
+            let slot = copies.entry(module.to_string()).or_default();
+            if part == Part::CopyWeight { &mut slot.0 } else { &mut slot.1 }.replace(t.clone());
+            continue;
+        }
         if !config.targets(module) {
             return Err(bad(&wpath, format!("tensor {name}: module {module} is not in target_modules {:?}", config.target_modules)));
         }
@@ -397,6 +453,7 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
                 }
                 map.insert(module.to_string(), t.clone());
             }
+            Part::CopyBias | Part::CopyWeight => {}
         }
     }
     let mut tensors = BTreeMap::new();
@@ -425,6 +482,7 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
         tensors,
         magnitudes,
         lora_biases,
+        copies,
         metadata: file.metadata,
         dtypes: file.dtypes,
         bytes: (text.len() as u64, file.bytes),
@@ -491,10 +549,38 @@ impl LoraModel {
                 }
             }
             if files.config.lora_bias && layer.bias().is_none() {
-                return Err(bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.lora_B.bias: module {module} has no bias (PEFT refuses lora_bias there)")));
+                return Err(bad(
+                    &wpath,
+                    format!("tensor {PEFT_PREFIX}{module}.lora_B.bias: module {module} has no bias (PEFT refuses lora_bias there)"),
+                ));
             }
         }
-        let targets: Vec<String> = known.iter().filter(|m| files.config.targets(m)).cloned().collect();
+        for (module, (w, b)) in &files.copies {
+            let layer = self.layer(module).map_err(|_| {
+                bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.*: the model has no module {module} (it has {})", known.join(", ")))
+            })?;
+            if let Some(w) = w.as_ref().filter(|w| w.dims() != layer.weight().dims()) {
+                return Err(bad(
+                    &wpath,
+                    format!("tensor {PEFT_PREFIX}{module}.weight: shape {:?}, expected {:?}", w.dims(), layer.weight().dims()),
+                ));
+            }
+            if let Some(b) = b {
+                if layer.bias().is_none() {
+                    return Err(bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.bias: module {module} has no bias")));
+                }
+                if b.dims() != [layer.out_features()] {
+                    return Err(bad(
+                        &wpath,
+                        format!("tensor {PEFT_PREFIX}{module}.bias: shape {:?}, expected [{}]", b.dims(), layer.out_features()),
+                    ));
+                }
+            }
+        }
+        if let Some(m) = known.iter().find(|m| files.config.saves(m) && files.copies.get(*m).is_none_or(|(w, _)| w.is_none())) {
+            return Err(bad(&wpath, format!("missing tensor {PEFT_PREFIX}{m}.weight (module_to_save {m})")));
+        }
+        let targets: Vec<String> = known.iter().filter(|m| files.config.targets(m) && !files.config.saves(m)).cloned().collect();
         if let Some(m) = targets.iter().find(|m| !files.tensors.contains_key(*m)) {
             return Err(bad(&wpath, format!("target module {m} has no tensors {PEFT_PREFIX}{m}.lora_A.weight / lora_B.weight")));
         }
@@ -535,6 +621,9 @@ impl LoraModel {
         }
         for (module, ad) in built {
             self.layer_mut(module)?.insert_adapter(name, ad)?;
+        }
+        for (module, (w, b)) in &files.copies {
+            self.layer_mut(module)?.insert_override(name, w.as_ref(), b.as_ref())?;
         }
         self.set_adapter_config(
             name,
@@ -622,6 +711,16 @@ impl LoraModel {
                 }
                 if let Some(lb) = ad.lora_bias() {
                     tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.bias"), lb.as_tensor().clone()));
+                }
+            }
+            if let Some((w, b)) = layer.override_of(name) {
+                if let Some(w) = w {
+                    tensors.push((format!("{PEFT_PREFIX}{module}.weight"), w.as_tensor().clone()));
+                }
+                if let Some(b) = b {
+                    // As PEFT names it: the bias of a LoRA-wrapped layer lives in its base_layer.
+                    let key = if layer.adapter(name).is_ok() { "base_layer.bias" } else { "bias" };
+                    tensors.push((format!("{PEFT_PREFIX}{module}.{key}"), b.as_tensor().clone()));
                 }
             }
         }
@@ -725,7 +824,8 @@ mod tests {
         assert!(e.contains("lora_bias = true") && e.contains("init_lora_weights"), "{e}");
         let e = config_err(&ok.replace("}", ",\"use_dora\":1}"));
         assert!(e.contains("use_dora = 1"), "{e}");
-        assert!(config_err(&ok.replace("}", ",\"bias\":\"all\"}")).contains("bias = \"all\""));
+        assert!(config_err(&ok.replace("}", ",\"bias\":\"some\"}")).contains("bias = \"some\""));
+        assert!(config_err(&ok.replace("}", ",\"modules_to_save\":\"lm_head\"}")).contains("modules_to_save = \"lm_head\""));
         assert!(config_err(&ok.replace("LORA", "IA3")).contains("peft_type = \"IA3\""));
         // A string is a regular expression (as in PEFT); one that does not compile is refused by key.
         let (c, _) = parse_peft_config(Path::new("c.json"), &ok.replace("[\"linear1\"]", "\"linear[12]\"")).unwrap();
@@ -794,6 +894,6 @@ mod tests {
             ],
         );
         let e = model().load_adapter("x", &dir, &LoadOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("unexpected tensor base_model.model.linear1.bias"), "{e}");
+        assert!(e.contains("tensor base_model.model.linear1.bias") && e.contains("names no bias"), "{e}");
     }
 }

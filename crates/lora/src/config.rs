@@ -150,6 +150,10 @@ pub struct LoraConfig {
     /// A trained bias on B (PEFT's `lora_bias`): the update becomes `s·(B·A·x + b_B)`.
     #[serde(default)]
     pub lora_bias: bool,
+    /// Layers trained in full, as the adapter's own copies (PEFT's `modules_to_save`; a layer matches when its
+    /// name ends with an entry, as PEFT matches them).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraConfig {
@@ -169,6 +173,7 @@ impl Default for LoraConfig {
             alpha_pattern: Pattern::new(),
             use_dora: false,
             lora_bias: false,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -232,6 +237,9 @@ impl LoraConfig {
         for p in &self.layers_pattern {
             crate::matching::regex(p, "layers_pattern")?;
         }
+        if let Some(m) = self.modules_to_save.iter().find(|m| m.is_empty()) {
+            return Err(LoraError::config("modules_to_save", format!("{m:?}"), "module names must not be empty"));
+        }
         if self.lora_bias && self.use_dora {
             return Err(LoraError::config("lora_bias", true, "is not supported together with use_dora (as in PEFT)"));
         }
@@ -253,6 +261,11 @@ impl LoraConfig {
             return Err(LoraError::config("layers_pattern", format!("{:?}", self.layers_pattern), "needs layers_to_transform"));
         }
         Ok(())
+    }
+
+    /// Whether `module` is one of `modules_to_save` (PEFT's rule: its name ends with an entry).
+    pub fn saves(&self, module: &str) -> bool {
+        self.modules_to_save.iter().any(|m| module.ends_with(m.as_str()))
     }
 
     /// Whether `module` is excluded by `exclude_modules`.

@@ -698,6 +698,9 @@ pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
     if layer.weight().dtype() != DType::F32 {
         return Ok(None);
     }
+    if layer.active_override().is_some() {
+        return Ok(None);
+    }
     let mut adapters = Vec::new();
     if !layer.is_disabled() {
         for name in layer.active().iter().filter(|n| !layer.merged().contains(n)) {
@@ -713,7 +716,8 @@ pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
         // DoRA: z = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ in the fused op (no bias), then y = act(f ⊙ z + b) in candle's graph,
         // so the magnitude's gradient Σ_rows g⊙z/‖·‖ comes from candle's product rule.
         let f = ad.dora_factor(layer.weight().as_tensor())?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
-        let op = FrozenBaseOp { weight: layer.weight().as_detached_tensor(), bias: None, scale: ad.scale() as f32, act: Activation::Identity };
+        let op =
+            FrozenBaseOp { weight: layer.weight().as_detached_tensor(), bias: None, scale: ad.scale() as f32, act: Activation::Identity };
         let z = x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?;
         let mut y = z.broadcast_mul(&f)?;
         if let Some(b) = layer.bias() {
@@ -906,10 +910,11 @@ mod tests {
         let mut results = Vec::new();
         for backend in [Backend::Fused, Backend::Reference] {
             let mut l = layer(inp, out, r, alpha, true, backend);
-            let ad = l.remove_adapter("a").unwrap();
+            let ad = l.remove_adapter("a").unwrap().unwrap();
             // A magnitude away from the row norms, so f ≠ 1 and every term of the DoRA output counts.
             let m = Tensor::from_vec(rand_vec(out, 32).iter().map(|v| 3.0 + v).collect::<Vec<_>>(), out, &Device::Cpu).unwrap();
-            let ad = Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), alpha, ad.scale(), 0.0).unwrap().with_magnitude(&m).unwrap();
+            let ad =
+                Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), alpha, ad.scale(), 0.0).unwrap().with_magnitude(&m).unwrap();
             l.insert_adapter("a", ad).unwrap();
             l.set_active(&["a"]).unwrap();
             for act in [Activation::Identity, Activation::Relu] {

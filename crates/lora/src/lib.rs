@@ -26,12 +26,12 @@ mod mixed;
 mod model;
 
 pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
+pub use combine::MajoritySign;
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
 pub use fused::{simd, Activation, Backend, Simd};
 pub use linear::{Adapter, AdapterSpec, LoraLinear};
 pub use matching::{Exclude, Pattern, Targets};
-pub use combine::MajoritySign;
 pub use merge::{BaseSnapshot, Combination, CombineOptions};
 pub use mixed::{PackedAdapter, RowGroup};
 pub use model::LoraModel;

@@ -19,6 +19,10 @@
 //! PiSSA / OLoRA: y = x·W0ᵀ + b − s·(x·A0ᵀ)·B0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ
 //! ```
 //!
+//! An adapter can also bring its own copies of the layer's tensors (PEFT's trained biases, `bias = "all"` or
+//! `"lora_only"`, and `modules_to_save`): while it is active the layer computes with its copies in place of
+//! W0 and b, and the base copies stay untouched.
+//!
 //! where (A0, B0) are the adapter's frozen starting factors: PEFT rewrites the base to the residual
 //! W0 − s·B0·A0; lora-rs keeps that correction inside the adapter, so the base stays bit-exact and
 //! other adapters on it are unaffected.
@@ -48,9 +52,22 @@ pub struct Adapter {
     alpha: f64,
     scale: f64,
     dropout: f64,
-    magnitude: Option<Var>,              // (out): DoRA's m
-    lora_bias: Option<Var>,              // (out): the bias of B
-    initial: Option<(Tensor, Tensor)>,   // PiSSA/OLoRA's frozen (A0 (r, in), B0 (out, r))
+    magnitude: Option<Var>,            // (out): DoRA's m
+    lora_bias: Option<Var>,            // (out): the bias of B
+    initial: Option<(Tensor, Tensor)>, // PiSSA/OLoRA's frozen (A0 (r, in), B0 (out, r))
+}
+
+/// An adapter's own copies of a layer's weight and/or bias (PEFT's `modules_to_save` and trained biases).
+#[derive(Debug)]
+struct Override {
+    weight: Option<Var>, // (out, in)
+    bias: Option<Var>,   // (out)
+}
+
+impl Override {
+    fn vars(&self) -> impl Iterator<Item = &Var> {
+        [self.weight.as_ref(), self.bias.as_ref()].into_iter().flatten()
+    }
 }
 
 /// How [`LoraLinear::add_adapter`] builds a new adapter (one module's share of a [`crate::LoraConfig`]).
@@ -122,7 +139,11 @@ impl Adapter {
     /// works on is W0 − s·B0·A0.
     pub fn with_initial(mut self, a0: &Tensor, b0: &Tensor) -> Result<Self> {
         if a0.dims() != self.a.dims() || b0.dims() != self.b.dims() {
-            return Err(LoraError::Shape { tensor: "initial lora_A / lora_B".into(), expected: self.a.dims().to_vec(), found: a0.dims().to_vec() });
+            return Err(LoraError::Shape {
+                tensor: "initial lora_A / lora_B".into(),
+                expected: self.a.dims().to_vec(),
+                found: a0.dims().to_vec(),
+            });
         }
         if self.magnitude.is_some() {
             return Err(LoraError::config("use_dora", true, "is not supported with PiSSA or OLoRA in lora-rs"));
@@ -192,7 +213,10 @@ impl Adapter {
     }
     /// Trainable parameter count `r·(in + out)` (plus out for a magnitude or a LoRA bias).
     pub fn num_params(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count() + self.magnitude.as_ref().map_or(0, |m| m.elem_count()) + self.lora_bias.as_ref().map_or(0, |b| b.elem_count())
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+            + self.lora_bias.as_ref().map_or(0, |b| b.elem_count())
     }
     fn vars(&self) -> impl Iterator<Item = &Var> {
         [Some(&self.a), Some(&self.b), self.magnitude.as_ref(), self.lora_bias.as_ref()].into_iter().flatten()
@@ -207,6 +231,7 @@ pub struct LoraLinear {
     weight_trainable: bool,
     bias_trainable: bool,
     adapters: BTreeMap<String, Adapter>,
+    overrides: BTreeMap<String, Override>, // adapter → its copies of this layer's weight / bias
     active: Vec<String>,
     merged: Vec<String>,
     dora_norms: BTreeMap<String, Tensor>, // merged DoRA adapter → the row norms its merge used
@@ -232,6 +257,7 @@ impl LoraLinear {
             weight_trainable: true,
             bias_trainable: true,
             adapters: BTreeMap::new(),
+            overrides: BTreeMap::new(),
             active: Vec::new(),
             merged: Vec::new(),
             dora_norms: BTreeMap::new(),
@@ -287,7 +313,9 @@ impl LoraLinear {
         }
         let (out, inp) = (self.out_features(), self.in_features());
         let dev = self.weight.device().clone();
-        let uniform = |n: usize, bound: f64, rng: &mut R| -> Vec<f32> { (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect() };
+        let uniform = |n: usize, bound: f64, rng: &mut R| -> Vec<f32> {
+            (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+        };
         let normal = |n: usize, std: f32, rng: &mut R| -> Vec<f32> {
             (0..n)
                 .map(|_| {
@@ -301,7 +329,9 @@ impl LoraLinear {
             Init::Normal => (normal(rank * inp, 1.0, rng), zeros(out * rank), false),
             Init::PeftGaussian => (normal(rank * inp, 1.0 / rank as f32, rng), zeros(out * rank), false),
             Init::Kaiming => (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), zeros(out * rank), false),
-            Init::Random => (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), uniform(out * rank, 1.0 / (rank as f64).sqrt(), rng), false),
+            Init::Random => {
+                (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), uniform(out * rank, 1.0 / (rank as f64).sqrt(), rng), false)
+            }
             Init::Pissa { .. } | Init::Olora => {
                 let (a, b) = self.factor_init(spec)?;
                 (a, b, true)
@@ -318,7 +348,10 @@ impl LoraLinear {
         }
         if spec.use_dora {
             if !self.merged.is_empty() {
-                return Err(LoraError::State(format!("cannot add DoRA adapter {name:?} while {:?} are merged: unmerge first", self.merged)));
+                return Err(LoraError::State(format!(
+                    "cannot add DoRA adapter {name:?} while {:?} are merged: unmerge first",
+                    self.merged
+                )));
             }
             let norm = ad.dora_norm(self.weight.as_tensor())?;
             ad = ad.with_magnitude(&norm)?;
@@ -385,19 +418,52 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// Removes an adapter (it must not be merged); returns it.
-    pub fn remove_adapter(&mut self, name: &str) -> Result<Adapter> {
+    /// Gives adapter `name` its own copy of this layer's weight (out, in) and/or bias (out): while the adapter
+    /// is active the layer computes with them instead of its own (PEFT's `modules_to_save` and trained biases).
+    pub fn insert_override(&mut self, name: &str, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<()> {
+        if self.overrides.contains_key(name) {
+            return Err(LoraError::DuplicateAdapter(name.to_string()));
+        }
+        if self.adapters.get(name).is_some_and(|ad| ad.magnitude.is_some() && weight.is_some()) {
+            return Err(LoraError::config("use_dora", true, "cannot be combined with a trained copy of the same layer (modules_to_save)"));
+        }
+        let copy = |t: &Tensor, what: &str, want: &[usize]| -> Result<Var> {
+            if t.dims() != want {
+                return Err(LoraError::Shape { tensor: format!("{name}.{what}"), expected: want.to_vec(), found: t.dims().to_vec() });
+            }
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?.copy()?)?)
+        };
+        if bias.is_some() && self.bias.is_none() {
+            return Err(LoraError::State(format!("adapter {name:?} brings a bias for a layer without one")));
+        }
+        let weight = weight.map(|w| copy(w, "weight", self.weight.dims())).transpose()?;
+        let bias = bias.map(|b| copy(b, "bias", &[self.out_features()])).transpose()?;
+        self.overrides.insert(name.to_string(), Override { weight, bias });
+        Ok(())
+    }
+
+    /// Adapter `name`'s own copies of this layer's (weight, bias), when it has any.
+    pub fn override_of(&self, name: &str) -> Option<(Option<&Var>, Option<&Var>)> {
+        self.overrides.get(name).map(|o| (o.weight.as_ref(), o.bias.as_ref()))
+    }
+
+    /// Removes an adapter (it must not be merged); returns its LoRA pair, if it had one here.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<Option<Adapter>> {
         if self.merged.iter().any(|m| m == name) {
             return Err(LoraError::State(format!("adapter {name:?} is merged: unmerge it before removing it")));
         }
-        let ad = self.adapters.remove(name).ok_or_else(|| self.unknown(name))?;
+        if !self.has_adapter(name) {
+            return Err(self.unknown(name));
+        }
+        let ad = self.adapters.remove(name);
+        self.overrides.remove(name);
         self.active.retain(|a| a != name);
         self.dora_norms.remove(name);
         Ok(ad)
     }
 
     fn unknown(&self, name: &str) -> LoraError {
-        let known: Vec<&str> = self.adapters.keys().map(String::as_str).collect();
+        let known: Vec<&str> = self.adapter_names().collect();
         LoraError::UnknownAdapter(name.to_string(), if known.is_empty() { "none".into() } else { known.join(", ") })
     }
 
@@ -407,16 +473,24 @@ impl LoraLinear {
     }
     /// Whether an adapter called `name` is loaded.
     pub fn has_adapter(&self, name: &str) -> bool {
-        self.adapters.contains_key(name)
+        self.adapters.contains_key(name) || self.overrides.contains_key(name)
     }
-    /// Names of the loaded adapters, sorted.
+    /// Names of the loaded adapters (LoRA pairs or copies of this layer's tensors), sorted.
     pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
-        self.adapters.keys().map(String::as_str)
+        let names: std::collections::BTreeSet<&str> = self.adapters.keys().chain(self.overrides.keys()).map(String::as_str).collect();
+        names.into_iter()
     }
     /// Sets the active adapters (applied in forward, summed); an empty slice means none. No weight is copied.
+    /// At most one of them may bring its own copy of this layer's tensors.
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
-        if let Some(n) = names.iter().find(|n| !self.adapters.contains_key(**n)) {
+        if let Some(n) = names.iter().find(|n| !self.has_adapter(n)) {
             return Err(self.unknown(n));
+        }
+        let with_copies: Vec<&str> = names.iter().copied().filter(|n| self.overrides.contains_key(*n)).collect();
+        if with_copies.len() > 1 {
+            return Err(LoraError::State(format!(
+                "adapters {with_copies:?} each bring their own copy of this layer (modules_to_save or trained biases): activate one at a time"
+            )));
         }
         self.active = names.iter().map(|s| s.to_string()).collect();
         Ok(())
@@ -457,9 +531,41 @@ impl LoraLinear {
                 if let Some(ad) = self.adapters.get(name) {
                     v.extend(ad.vars().cloned());
                 }
+                if let Some(o) = self.overrides.get(name) {
+                    v.extend(o.vars().cloned());
+                }
             }
         }
         v
+    }
+
+    /// Every tensor adapter `name` holds in this layer, named as in a PEFT file after `<module>.`: `lora_A.weight`,
+    /// `lora_B.weight`, `lora_magnitude_vector`, `lora_B.bias`, and its copies `weight` / `bias`.
+    pub fn adapter_vars(&self, name: &str) -> Vec<(&'static str, &Var)> {
+        let mut v = Vec::new();
+        if let Some(ad) = self.adapters.get(name) {
+            v.push(("lora_A.weight", &ad.a));
+            v.push(("lora_B.weight", &ad.b));
+            if let Some(m) = &ad.magnitude {
+                v.push(("lora_magnitude_vector", m));
+            }
+            if let Some(b) = &ad.lora_bias {
+                v.push(("lora_B.bias", b));
+            }
+        }
+        if let Some(o) = self.overrides.get(name) {
+            v.extend(o.weight.as_ref().map(|w| ("weight", w)));
+            v.extend(o.bias.as_ref().map(|b| ("bias", b)));
+        }
+        v
+    }
+
+    /// The copies of an active, unmerged adapter that replace this layer's own tensors now, if any.
+    pub(crate) fn active_override(&self) -> Option<(Option<&Var>, Option<&Var>)> {
+        if self.disabled {
+            return None;
+        }
+        self.active.iter().filter(|n| !self.merged.contains(n)).find_map(|n| self.override_of(n))
     }
 
     fn param(var: &Var, trainable: bool) -> Tensor {
@@ -499,11 +605,17 @@ impl LoraLinear {
             return Err(LoraError::Shape { tensor: "input".into(), expected: vec![self.in_features()], found: dims });
         }
         let x2 = x.reshape(((), inp))?; // (batch, in)
-        let w = Self::param(&self.weight, self.weight_trainable);
+        let (ow, ob) = self.active_override().unwrap_or((None, None));
+        let w = match ow {
+            Some(w) => w.as_tensor().clone(),
+            None => Self::param(&self.weight, self.weight_trainable),
+        };
         let xw = x2.matmul(&w.t()?)?; // (batch, out)
         let mut y = xw.clone();
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&Self::param(b, self.bias_trainable))?;
+        match (ob, &self.bias) {
+            (Some(b), _) => y = y.broadcast_add(b.as_tensor())?,
+            (None, Some(b)) => y = y.broadcast_add(&Self::param(b, self.bias_trainable))?,
+            (None, None) => {}
         }
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
@@ -546,7 +658,10 @@ impl LoraLinear {
     /// The weight the layer applies now: W + Σ s·B·A over active, unmerged adapters (W alone when disabled).
     /// Shape (out, in). For proofs and export; training never forms it.
     pub fn effective_weight(&self) -> Result<Tensor> {
-        let mut w = self.weight.as_tensor().copy()?;
+        let mut w = match self.active_override() {
+            Some((Some(w), _)) => w.as_tensor().copy()?,
+            _ => self.weight.as_tensor().copy()?,
+        };
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 let ad = self.adapter(name)?;
@@ -567,15 +682,53 @@ impl LoraLinear {
         if self.merged.iter().any(|m| m == name) {
             return Err(LoraError::State(format!("adapter {name:?} is already merged")));
         }
+        if let Some(m) = self.merged.iter().find(|m| self.overrides.contains_key(*m)) {
+            return Err(LoraError::State(format!(
+                "cannot merge {name:?} on top of {m:?}, whose copy of this layer is merged: unmerge it first"
+            )));
+        }
+        if !self.has_adapter(name) {
+            return Err(self.unknown(name));
+        }
+        let copies = self.overrides.contains_key(name);
+        if copies {
+            // The adapter's copies of this layer's tensors: merging swaps them in (unmerge swaps them back,
+            // exactly); the LoRA pair, if any, then merges on top.
+            if !self.merged.is_empty() {
+                return Err(LoraError::State(format!("cannot merge adapter {name:?} while {:?} are merged: unmerge first", self.merged)));
+            }
+            let ov = &self.overrides[name];
+            if safe && !ov.vars().map(|v| all_finite(v.as_tensor())).collect::<Result<Vec<_>>>()?.into_iter().all(|ok| ok) {
+                return Err(LoraError::NonFinite { tensor: format!("layer copy of {name}") });
+            }
+            self.swap_override(name)?;
+        }
+        if self.adapters.contains_key(name) {
+            if let Err(e) = self.merge_pair(name, safe) {
+                if copies {
+                    self.swap_override(name)?;
+                }
+                return Err(e);
+            }
+        }
+        self.merged.push(name.to_string());
+        Ok(())
+    }
+
+    fn merge_pair(&mut self, name: &str, safe: bool) -> Result<()> {
         let ad = self.adapter(name)?;
         let mut new = (self.weight.as_tensor() + ad.delta_weight()?)?;
         let mut norm = None;
         if ad.magnitude.is_some() {
-            if !self.merged.is_empty() {
-                return Err(LoraError::State(format!("cannot merge DoRA adapter {name:?} while {:?} are merged: unmerge first", self.merged)));
+            if self.merged.iter().any(|m| m != name) {
+                return Err(LoraError::State(format!(
+                    "cannot merge DoRA adapter {name:?} while {:?} are merged: unmerge first",
+                    self.merged
+                )));
             }
             let n = ad.dora_norm(self.weight.as_tensor())?;
-            let f = ad.magnitude.as_ref().map(|m| m.as_tensor() / &n).transpose()?.ok_or_else(|| LoraError::State("no magnitude".into()))?;
+            let f =
+                ad.magnitude.as_ref().map(|m| m.as_tensor() / &n).transpose()?.ok_or_else(|| LoraError::State("no magnitude".into()))?;
             new = new.broadcast_mul(&f.unsqueeze(1)?)?;
             norm = Some(n);
         }
@@ -583,7 +736,9 @@ impl LoraLinear {
             (None, _) => None,
             (Some(lb), Some(b)) => Some((b.as_tensor() + (lb.as_tensor() * ad.scale)?)?),
             (Some(_), None) => {
-                return Err(LoraError::State(format!("cannot merge adapter {name:?}: it has a LoRA bias and the layer has no bias (as in PEFT)")))
+                return Err(LoraError::State(format!(
+                    "cannot merge adapter {name:?}: it has a LoRA bias and the layer has no bias (as in PEFT)"
+                )))
             }
         };
         if safe && (!all_finite(&new)? || !new_bias.as_ref().map_or(Ok(true), all_finite)?) {
@@ -596,7 +751,6 @@ impl LoraLinear {
         if let Some(n) = norm {
             self.dora_norms.insert(name.to_string(), n);
         }
-        self.merged.push(name.to_string());
         Ok(())
     }
 
@@ -605,6 +759,11 @@ impl LoraLinear {
     /// (|error| ≤ ulp(|W| + |s·B·A|)); use a saved copy of W0 where bits matter.
     pub fn unmerge(&mut self, name: &str) -> Result<()> {
         let pos = self.merged.iter().position(|m| m == name).ok_or_else(|| LoraError::State(format!("adapter {name:?} is not merged")))?;
+        if !self.adapters.contains_key(name) {
+            self.swap_override(name)?;
+            self.merged.remove(pos);
+            return Ok(());
+        }
         let ad = self.adapter(name)?;
         let mut w = self.weight.as_tensor().clone();
         if let (Some(m), Some(n)) = (&ad.magnitude, self.dora_norms.get(name)) {
@@ -620,7 +779,26 @@ impl LoraLinear {
             b.set(&nb)?;
         }
         self.dora_norms.remove(name);
+        if self.overrides.contains_key(name) {
+            self.swap_override(name)?;
+        }
         self.merged.remove(pos);
+        Ok(())
+    }
+
+    /// Exchanges the layer's tensors with adapter `name`'s copies (bit-exact both ways).
+    fn swap_override(&mut self, name: &str) -> Result<()> {
+        let ov = self.overrides.get(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(w) = &ov.weight {
+            let base = self.weight.as_tensor().copy()?;
+            self.weight.set(&w.as_tensor().copy()?)?;
+            w.set(&base)?;
+        }
+        if let (Some(b), Some(own)) = (&ov.bias, &self.bias) {
+            let base = own.as_tensor().copy()?;
+            own.set(&b.as_tensor().copy()?)?;
+            b.set(&base)?;
+        }
         Ok(())
     }
 
@@ -629,6 +807,12 @@ impl LoraLinear {
         if weight.dims() != self.weight.dims() {
             return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight.dims().to_vec(), found: weight.dims().to_vec() });
         }
+        // A merged copy sits in the layer and the base in its slot: put the copy back first.
+        let swapped: Vec<String> =
+            self.merged.iter().filter(|n| self.overrides.contains_key(*n) && !self.adapters.contains_key(*n)).cloned().collect();
+        for name in &swapped {
+            self.swap_override(name)?;
+        }
         self.weight.set(weight)?;
         if let (Some(b), Some(src)) = (&self.bias, bias) {
             b.set(src)?;
@@ -636,6 +820,12 @@ impl LoraLinear {
         self.merged.clear();
         self.dora_norms.clear();
         Ok(())
+    }
+
+    /// Parameters adapter `name` holds in this layer (LoRA pair and any copies of the layer's tensors).
+    pub fn num_adapter_params(&self, name: &str) -> usize {
+        self.adapters.get(name).map_or(0, Adapter::num_params)
+            + self.overrides.get(name).map_or(0, |o| o.vars().map(|v| v.elem_count()).sum())
     }
 
     /// Base parameter count (weight + bias).
@@ -773,7 +963,7 @@ mod tests {
     /// A DoRA layer: W, b, A, B random; m = 1 + |u| so f = m/‖W + sBA‖ is far from 1.
     fn dora_layer(inp: usize, out: usize, r: usize, seed: u64) -> LoraLinear {
         let (mut l, _) = layer_with_adapter(inp, out, r, 3.0, seed);
-        let ad = l.remove_adapter("x").unwrap();
+        let ad = l.remove_adapter("x").unwrap().unwrap();
         let m: Vec<f32> = rand_vec(out, seed + 9).iter().map(|u| 1.0 + u.abs()).collect();
         let ad = Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), 3.0, ad.scale(), 0.0)
             .unwrap()
@@ -792,12 +982,18 @@ mod tests {
         let l = dora_layer(inp, out, r, 51);
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (w, b, bias) = (v(l.weight().as_tensor()), v(l.adapter("x").unwrap().b().as_tensor()), v(l.bias().unwrap().as_tensor()));
-        let (a, m, s) = (v(l.adapter("x").unwrap().a().as_tensor()), v(l.adapter("x").unwrap().magnitude().unwrap().as_tensor()), l.adapter("x").unwrap().scale());
+        let (a, m, s) = (
+            v(l.adapter("x").unwrap().a().as_tensor()),
+            v(l.adapter("x").unwrap().magnitude().unwrap().as_tensor()),
+            l.adapter("x").unwrap().scale(),
+        );
         let x = rand_vec(n * inp, 52);
         let y = v(&l.forward(&t(x.clone(), (n, inp))).unwrap());
         // W' = m ⊙ (W + sBA) / ‖W + sBA‖_row, y = x·W'ᵀ + b, all in f64.
         for o in 0..out {
-            let row: Vec<f64> = (0..inp).map(|j| w[o * inp + j] as f64 + s * (0..r).map(|k| b[o * r + k] as f64 * a[k * inp + j] as f64).sum::<f64>()).collect();
+            let row: Vec<f64> = (0..inp)
+                .map(|j| w[o * inp + j] as f64 + s * (0..r).map(|k| b[o * r + k] as f64 * a[k * inp + j] as f64).sum::<f64>())
+                .collect();
             let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
             for i in 0..n {
                 let want = m[o] as f64 / norm * (0..inp).map(|j| x[i * inp + j] as f64 * row[j]).sum::<f64>() + bias[o] as f64;
@@ -823,7 +1019,13 @@ mod tests {
             let f = (m / &norm).unwrap().to_dtype(DType::F64).unwrap();
             let w = (l.weight().as_tensor() + (b.matmul(a).unwrap() * ad.scale()).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
             let w = w.broadcast_mul(&f.unsqueeze(1).unwrap()).unwrap();
-            let y = x.to_dtype(DType::F64).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&l.bias().unwrap().as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let y = x
+                .to_dtype(DType::F64)
+                .unwrap()
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&l.bias().unwrap().as_tensor().to_dtype(DType::F64).unwrap())
+                .unwrap();
             (y.sqr().unwrap() * c.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() / 2.0
         };
         let vars = [ad.a().as_tensor().clone(), ad.b().as_tensor().clone(), ad.magnitude().unwrap().as_tensor().clone()];

@@ -154,7 +154,13 @@ impl LoraModel {
 
     /// Creates adapter `new_name` from weighted existing adapters (see the module docs). One adapter is
     /// always combined as `Linear`, as PEFT does.
-    pub fn combine_adapters_with(&mut self, adapters: &[(&str, f64)], combination: Combination, opts: &CombineOptions, new_name: &str) -> Result<()> {
+    pub fn combine_adapters_with(
+        &mut self,
+        adapters: &[(&str, f64)],
+        combination: Combination,
+        opts: &CombineOptions,
+        new_name: &str,
+    ) -> Result<()> {
         if adapters.is_empty() {
             return Err(LoraError::config("adapters", "[]", "name at least one adapter to combine"));
         }
@@ -184,7 +190,8 @@ impl LoraModel {
                 }
             }
         }
-        let max_rank = self.layers().flat_map(|(_, l)| adapters.iter().filter_map(|(n, _)| l.adapter(n).ok().map(Adapter::rank))).max().unwrap_or(1);
+        let max_rank =
+            self.layers().flat_map(|(_, l)| adapters.iter().filter_map(|(n, _)| l.adapter(n).ok().map(Adapter::rank))).max().unwrap_or(1);
         let svd_rank = opts.svd_rank.unwrap_or(max_rank);
         let mut rng = StdRng::seed_from_u64(opts.seed);
         let mut built: Vec<(String, Adapter)> = Vec::new();

@@ -97,7 +97,13 @@ impl LoraModel {
     pub fn pack_adapter(&self, files: &AdapterFiles) -> Result<PackedAdapter> {
         self.check_adapter_files(files)?;
         let c = &files.config;
-        for (on, key) in [(c.use_dora, "use_dora"), (c.lora_bias, "lora_bias"), (c.init.rewrites_base(), "init_lora_weights")] {
+        let copies = !files.copies.is_empty();
+        for (on, key) in [
+            (c.use_dora, "use_dora"),
+            (c.lora_bias, "lora_bias"),
+            (c.init.rewrites_base(), "init_lora_weights"),
+            (copies, "modules_to_save / bias"),
+        ] {
             if on {
                 return Err(LoraError::config(
                     key,
@@ -228,6 +234,7 @@ mod tests {
             tensors: BTreeMap::from([("fc".to_string(), (a, b))]),
             magnitudes: BTreeMap::new(),
             lora_biases: BTreeMap::new(),
+            copies: BTreeMap::new(),
             metadata: HashMap::new(),
             dtypes: Vec::new(),
             bytes: (0, 0),

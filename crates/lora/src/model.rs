@@ -110,15 +110,49 @@ impl LoraModel {
             return Err(LoraError::DuplicateAdapter(name.to_string()));
         }
         let targets = self.targeted(config)?;
-        for (i, module) in targets.iter().enumerate() {
-            if let Err(e) = self.layer_mut(module)?.add_adapter(name, config.spec_for(module), rng) {
-                for done in &targets[..i] {
-                    self.layer_mut(done)?.remove_adapter(name)?;
+        let saved: Vec<String> = self.layer_names().filter(|m| config.saves(m)).map(String::from).collect();
+        if let Some(m) = saved.iter().find(|m| targets.contains(m)) {
+            return Err(LoraError::config("modules_to_save", m, "is also a LoRA target: a layer is either adapted or trained in full"));
+        }
+        if let Some(m) = config.modules_to_save.iter().find(|m| !self.layer_names().any(|l| l.ends_with(m.as_str()))) {
+            let have = self.layer_names().collect::<Vec<_>>().join(", ");
+            return Err(LoraError::config("modules_to_save", m, format!("names no module of this model (it has {have})")));
+        }
+        if let Err(e) = self.add_adapter_parts(name, config, &targets, &saved, rng) {
+            for (_, l) in &mut self.layers {
+                if l.has_adapter(name) {
+                    l.remove_adapter(name)?;
                 }
-                return Err(e);
             }
+            return Err(e);
         }
         self.configs.insert(name.to_string(), LoraConfig { target_modules: crate::Targets::Names(targets), ..config.clone() });
+        Ok(())
+    }
+
+    fn add_adapter_parts<R: Rng + ?Sized>(
+        &mut self,
+        name: &str,
+        config: &LoraConfig,
+        targets: &[String],
+        saved: &[String],
+        rng: &mut R,
+    ) -> Result<()> {
+        for module in targets {
+            self.layer_mut(module)?.add_adapter(name, config.spec_for(module), rng)?;
+        }
+        for (module, l) in &mut self.layers {
+            // PEFT's trained biases (every bias, or those of adapted layers) and full copies, as copies of the
+            // base tensors that the adapter owns: the base itself never trains.
+            let full = saved.contains(module);
+            let bias =
+                l.bias().is_some() && (full || config.bias == Bias::All || (config.bias == Bias::LoraOnly && targets.contains(module)));
+            if full || bias {
+                let w = full.then(|| l.weight().as_tensor().clone());
+                let b = if bias { l.bias().map(|b| b.as_tensor().clone()) } else { None };
+                l.insert_override(name, w.as_ref(), b.as_ref())?;
+            }
+        }
         Ok(())
     }
 
@@ -249,7 +283,7 @@ impl LoraModel {
 
     /// Parameters of adapter `name` across layers.
     pub fn num_adapter_params(&self, name: &str) -> usize {
-        self.layers.iter().filter_map(|(_, l)| l.adapter(name).ok()).map(|a| a.num_params()).sum()
+        self.layers.iter().map(|(_, l)| l.num_adapter_params(name)).sum()
     }
 
     /// Merges adapter `name` into each layer holding it (see [`LoraLinear::merge`]); on error, layers

@@ -211,7 +211,11 @@ fn combinations_reproduce_pefts_add_weighted_adapter() {
         let weights: Vec<f64> = case["weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let opts = lora::CombineOptions {
             density: case["density"].as_f64().unwrap_or(1.0),
-            majority_sign: if case["majority_sign_method"] == "frequency" { lora::MajoritySign::Frequency } else { lora::MajoritySign::Total },
+            majority_sign: if case["majority_sign_method"] == "frequency" {
+                lora::MajoritySign::Frequency
+            } else {
+                lora::MajoritySign::Total
+            },
             svd_rank: case["svd_rank"].as_u64().map(|r| r as usize),
             svd_clamp: case["svd_clamp"].as_f64(),
             seed: 5,
@@ -257,4 +261,81 @@ fn combinations_reproduce_pefts_add_weighted_adapter() {
     }
     println!("compared: {compared:?}");
     assert_eq!(compared.len(), want["cases"].as_array().unwrap().len());
+}
+
+/// The tensor names of a saved adapter, sorted.
+fn saved_keys(dir: &Path) -> Vec<String> {
+    let mut k: Vec<String> =
+        TensorFile::load(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap().tensors.into_iter().map(|(n, _)| n).collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn trained_biases_and_modules_to_save_written_by_peft_give_pefts_logits_and_are_written_back_under_pefts_names() {
+    for case in ["bias_all", "bias_lora_only", "modules_to_save"] {
+        let want = json(&fixture().join(case).join("expected.json"));
+        check_case(case);
+        // Loaded and used (not merged), the base stays as it was: the adapter's copies replace its tensors
+        // only while it is active.
+        let mut m = base();
+        m.load_adapter("peft", &fixture().join(case).join("adapter"), &LoadOptions::default()).unwrap();
+        m.set_active(&["peft"]).unwrap();
+        assert!(max_diff(&logits(&m), &want["logits"]) < TOL);
+        let pristine = base();
+        for l in LAYERS {
+            let (a, b) = (m.layer(l).unwrap(), pristine.layer(l).unwrap());
+            assert_eq!(max_diff_t(a.weight().as_tensor(), b.weight().as_tensor()), 0.0, "{case} {l}: weight");
+            assert_eq!(max_diff_t(a.bias().unwrap().as_tensor(), b.bias().unwrap().as_tensor()), 0.0, "{case} {l}: bias");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        m.save_adapter("peft", tmp.path(), &SaveOptions::default()).unwrap();
+        let want_keys: Vec<String> = serde_json::from_value(want["saved_keys"].clone()).unwrap();
+        assert_eq!(saved_keys(tmp.path()), want_keys, "{case}: tensor names");
+        roundtrip(&m, "peft", false);
+    }
+}
+
+#[test]
+fn training_with_biases_or_modules_to_save_trains_the_adapters_copies_and_never_the_base() {
+    for (bias, save) in [(lora::Bias::All, vec![]), (lora::Bias::LoraOnly, vec![]), (lora::Bias::None, vec!["linear3".to_string()])] {
+        let mut m = base();
+        let c = LoraConfig {
+            bias,
+            modules_to_save: save.clone(),
+            target_modules: lora::Targets::Names(vec!["linear1".into(), "linear2".into()]),
+            ..LoraConfig::new(2, 4.0)
+        };
+        m.add_adapter("t", &c, &mut StdRng::seed_from_u64(3)).unwrap();
+        m.freeze_base(lora::Bias::None);
+        m.set_active(&["t"]).unwrap();
+        let before = base();
+        let vars = m.trainable_vars();
+        // A, B of two layers, plus: every bias (3) / the adapted layers' biases (2) / linear3's weight and bias.
+        let want = 4 + match bias {
+            lora::Bias::All => 3,
+            lora::Bias::LoraOnly => 2,
+            lora::Bias::None => 2,
+        };
+        assert_eq!(vars.len(), want, "{bias:?} {save:?}");
+        let grads = logits(&m).sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in &vars {
+            assert!(grads.get(v.as_tensor()).is_some(), "{bias:?} {save:?}: a trainable tensor got no gradient");
+            // One plain gradient step on everything trainable.
+            v.set(&(v.as_tensor() - (grads.get(v.as_tensor()).unwrap() * 0.1).unwrap()).unwrap()).unwrap();
+        }
+        for l in LAYERS {
+            let (a, b) = (m.layer(l).unwrap(), before.layer(l).unwrap());
+            assert_eq!(max_diff_t(a.weight().as_tensor(), b.weight().as_tensor()), 0.0);
+            assert_eq!(max_diff_t(a.bias().unwrap().as_tensor(), b.bias().unwrap().as_tensor()), 0.0);
+        }
+        // Merge swaps the copies in and adds the updates; unmerge gives the base back bit for bit.
+        let y = logits(&m);
+        m.merge("t", true).unwrap();
+        assert!(max_diff_t(&y, &logits(&m)) < 1e-5);
+        m.unmerge("t").unwrap();
+        let l3 = m.layer("linear3").unwrap();
+        assert_eq!(max_diff_t(l3.weight().as_tensor(), before.layer("linear3").unwrap().weight().as_tensor()), 0.0);
+        assert_eq!(max_diff_t(l3.bias().unwrap().as_tensor(), before.layer("linear3").unwrap().bias().unwrap().as_tensor()), 0.0);
+    }
 }

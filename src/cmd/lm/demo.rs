@@ -62,7 +62,14 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         exclude_modules: Vec::new(),
         layers_to_transform: Vec::new(),
         rslora: false,
-        variant: crate::cli::VariantArgs { use_dora: false, init: None, lora_bias: false, convert_to_lora: false },
+        variant: crate::cli::VariantArgs {
+            bias: crate::cli::BiasArg::None,
+            modules_to_save: Vec::new(),
+            use_dora: false,
+            init: None,
+            lora_bias: false,
+            convert_to_lora: false,
+        },
     })?;
     let mut tuned = Vec::new();
     for (name, data) in ["sql", "js"].into_iter().zip(&cs) {
