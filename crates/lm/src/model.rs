@@ -290,9 +290,9 @@ impl Llama {
             }
             if !layer.is_disabled() {
                 for ad in layer.active().iter().filter(|a| !layer.merged().contains(a)) {
-                    if let Ok(x) = layer.adapter(ad) {
-                        out.push((format!("{name}.lora_A.{ad}"), x.a().clone()));
-                        out.push((format!("{name}.lora_B.{ad}"), x.b().clone()));
+                    // Every tensor the adapter trains here: A, B, DoRA's magnitude, B's bias, its own copies.
+                    for (which, var) in layer.adapter_vars(ad) {
+                        out.push((format!("{name}.{which}.{ad}"), var.clone()));
                     }
                 }
             }

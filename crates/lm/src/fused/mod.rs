@@ -347,6 +347,25 @@ mod tests {
     }
 
     #[test]
+    fn dora_and_a_trained_lm_head_copy_get_every_gradient_and_the_fused_model_agrees() {
+        let mut model = small_model();
+        let cfg = lora::LoraConfig {
+            target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            use_dora: true,
+            init: lora::Init::Random, // B ≠ 0 from the start, so every path counts
+            modules_to_save: vec!["lm_head".into()],
+            ..lora::LoraConfig::new(2, 3.0)
+        };
+        model.lora_mut().add_adapter("d", &cfg, &mut StdRng::seed_from_u64(4)).unwrap();
+        model.lora_mut().set_active(&["d"]).unwrap();
+        model.freeze_base();
+        let names: Vec<String> = model.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.ends_with("lora_magnitude_vector.d")), "{names:?}");
+        assert!(names.iter().any(|n| n == "lm_head.weight.d"), "{names:?}");
+        assert_model_agrees(&mut model, "DoRA + modules_to_save");
+    }
+
+    #[test]
     fn a_cached_padded_forward_matches_the_reference_step_by_step() {
         let mut model = small_model();
         let pad = vec![0, 3];
