@@ -49,4 +49,37 @@ for c in "cat" "linear" "svd --svd-rank 4" "svd --svd-clamp 0.9" "ties --density
     --adapter-out "$W/$n" --out "$W/$n.safetensors" > /dev/null
   check "$n"
 done
+
+# Language models: a small byte-level Llama, adapters with embedding LoRA, DoRA, lm_head in modules_to_save,
+# PiSSA (PEFT's own form) and OLoRA (converted); per-token losses from `lora lm eval --token-losses` against
+# transformers + PEFT (scripts/hf_lm_parity.py, relative 1e-4). PiSSA is scored on its own: PEFT rewrites the
+# shared base when it loads a PiSSA adapter, so its base and other adapters would no longer be the original.
+$L lm pretrain --out "$W/lm" --steps 30 --hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2 --context 64 \
+  --seq-len 64 --batch-size 8 > /dev/null
+"$PY" -c "import gzip, json; rows = [json.loads(l) for l in gzip.open('data/code/sql.jsonl.gz')]; open('$W/sample.txt', 'w').write('\n'.join(r['text'] for r in rows[:6])[:3000])"
+lmft() { # name, flags…
+  local n=$1; shift
+  $L lm finetune --model "$W/lm" --data data/code/sql.jsonl.gz --out "$W/lm-$n" --steps 20 --rank 4 --alpha 8 --seq-len 64 \
+    --batch-size 4 "$@" > /dev/null
+}
+lmft embedding --target-modules embed_tokens,q_proj,v_proj --init kaiming
+lmft dora --use-dora --init kaiming
+lmft lm_head_saved --target-modules q_proj,v_proj --modules-to-save lm_head --init kaiming
+lmft olora --init olora --convert-to-lora
+lmft pissa --init pissa --target-modules all-linear
+lmcheck() { # adapters (NAME=DIR …)
+  local args=()
+  for a in "$@"; do args+=(--adapter "$a"); done
+  $L lm eval --model "$W/lm" "${args[@]}" --data "$W/sample.txt" --token-losses "$W/ours.json" > /dev/null
+  if out=$("$PY" scripts/hf_lm_parity.py --model "$W/lm" "${args[@]}" --data "$W/sample.txt" --ours "$W/ours.json" 2>&1); then
+    echo "ok    lm $*: $(echo "$out" | tail -1)"
+  else
+    echo "FAIL  lm $*:"; echo "$out" | tail -3; fail=1
+  fi
+}
+lmcheck "embedding=$W/lm-embedding" "dora=$W/lm-dora" "lm_head_saved=$W/lm-lm_head_saved" "olora=$W/lm-olora"
+# PiSSA alone: only its own column can agree (PEFT's "base" is then the residual base, see above).
+$L lm eval --model "$W/lm" --adapter "pissa=$W/lm-pissa" --data "$W/sample.txt" --token-losses "$W/ours.json" > /dev/null
+line=$("$PY" scripts/hf_lm_parity.py --model "$W/lm" --adapter "pissa=$W/lm-pissa" --data "$W/sample.txt" --ours "$W/ours.json" 2>&1 | grep -E '^ +pissa +max' || true)
+if [[ -n "$line" && "$line" != *">"* ]]; then echo "ok    lm pissa:$line"; else echo "FAIL  lm pissa: $line"; fail=1; fi
 exit $fail

@@ -39,6 +39,8 @@ use crate::ops::{apply_rope, attention, causal_mask, rms_norm, Rope};
 pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 /// The module name of the output projection.
 pub const LM_HEAD: &str = "lm_head";
+/// Module name of the input embedding (a LoRA target like the projections: PEFT's embedding LoRA).
+pub const EMBED: &str = "model.embed_tokens";
 
 /// The transformers module name of projection `proj` in layer `layer`.
 pub fn module_name(layer: usize, proj: &str) -> String {
@@ -142,7 +144,7 @@ pub struct Llama {
     pub(crate) norms: Vec<(Var, Var)>, // input_layernorm, post_attention_layernorm: (H) each
     pub(crate) final_norm: Var,        // (H)
     names: Vec<[String; 7]>,           // module names per layer, PROJECTIONS order
-    pub(crate) lora: LoraModel,        // the projections (layer l's p-th at 7·l + p) and lm_head (last)
+    pub(crate) lora: LoraModel,        // projections (layer l's p-th at 7·l + p), lm_head, embed_tokens
     base_trainable: bool,              // embedding and norms train (pre-training)
     rope: Rope,
     pub(crate) rope_tables: Arc<RopeTables>,
@@ -226,6 +228,8 @@ impl Llama {
             LoraLinear::new(take("lm_head.weight")?, None)?
         };
         lora.push(LM_HEAD, head)?;
+        // The input embedding, last (the projections keep their positions): the same variable, read by id.
+        lora.push(EMBED, LoraLinear::embedding(embed.as_tensor().clone())?)?;
         // transformers' output embedding: PEFT's "all-linear" leaves it out.
         lora.set_output_layer(LM_HEAD)?;
         let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
@@ -311,7 +315,7 @@ impl Llama {
             out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.as_tensor().clone()));
         }
         for (name, layer) in self.lora.layers() {
-            if name == LM_HEAD && self.config.tie_word_embeddings {
+            if name == EMBED || (name == LM_HEAD && self.config.tie_word_embeddings) {
                 continue;
             }
             out.push((format!("{name}.weight"), layer.weight().as_tensor().clone()));
@@ -398,7 +402,7 @@ impl Llama {
         };
         // The fused path keeps every activation as (B·T, features) rows, the layout of the projections'
         // inputs and outputs: no reshape enters the graph.
-        let mut h = self.param(&self.embed).index_select(&ids.flatten_all()?, 0)?;
+        let mut h = self.lora.layer(EMBED)?.embed_t(ids, train)?; // (B·T, H), with any embedding adapters
         if !fast {
             h = h.reshape((b, t, c.hidden_size))?;
         }

@@ -292,7 +292,7 @@ fn add_adapter(m: &mut Llama, name: &str, r: usize, seed: u64) {
     let c = LoraConfig { target_modules: targets.into(), init: lora::Init::PeftGaussian, ..LoraConfig::new(r, 2.0 * r as f64 + 1.0) };
     m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
     let mut g = StdRng::seed_from_u64(seed + 100);
-    for (_, l) in m.lora().layers() {
+    for (_, l) in m.lora().layers().filter(|(_, l)| l.has_adapter(name)) {
         let b = l.adapter(name).unwrap().b();
         let v: Vec<f32> = (0..b.elem_count()).map(|_| g.random::<f32>() * 0.2 - 0.1).collect();
         b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap()).unwrap();

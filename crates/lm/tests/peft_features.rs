@@ -66,3 +66,54 @@ fn a_peft_adapter_with_lm_head_in_modules_to_save_gives_pefts_logits() {
     let m = check("llama-modules-to-save");
     assert!(m.lora().layer("lm_head").unwrap().override_of("peft").is_some());
 }
+
+#[test]
+fn a_peft_embedding_adapter_gives_pefts_logits_and_is_written_back_under_pefts_names() {
+    check("llama-embedding");
+    // A fresh load (check() merged and unmerged, which rounds the base: its fingerprint would differ).
+    let (mut m, _) = load_model(&fixtures().join("llama-peft-tiny/base")).unwrap();
+    load_adapter(&mut m, "peft", &fixtures().join("peft-features/llama-embedding/adapter"), false).unwrap();
+    let emb = m.lora().layer(lora_lm::EMBED).unwrap();
+    assert!(emb.is_embedding() && emb.adapter("peft").is_ok());
+    // Written back: lora_embedding_A / lora_embedding_B (PEFT's names; no copy of the table), and read
+    // again to the same logits.
+    let tmp = tempfile::tempdir().unwrap();
+    lora_lm::hf::save_adapter(&m, "peft", tmp.path(), None, Default::default(), false).unwrap();
+    let keys: Vec<String> = lora::io::TensorFile::load(&tmp.path().join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(keys.contains(&"base_model.model.model.embed_tokens.lora_embedding_A".to_string()), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("base_layer")), "{keys:?}");
+    let (mut back, _) = load_model(&fixtures().join("llama-peft-tiny/base")).unwrap();
+    load_adapter(&mut back, "again", tmp.path(), false).unwrap();
+    back.lora_mut().set_active(&["again"]).unwrap();
+    let e = expected("llama-embedding");
+    assert!(worst(&back, &e, "logits") < 1e-5);
+}
+
+#[test]
+fn a_new_embedding_adapter_starts_as_pefts_a_zero_b_normal_and_trains() {
+    let (mut model, _) = load_model(&fixtures().join("llama-peft-tiny/base")).unwrap();
+    let cfg = lora::LoraConfig {
+        target_modules: lora::Targets::Names(vec!["embed_tokens".into(), "q_proj".into()]),
+        ..lora::LoraConfig::new(4, 8.0)
+    };
+    model.lora_mut().add_adapter("e", &cfg, &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1)).unwrap();
+    model.lora_mut().set_active(&["e"]).unwrap();
+    model.freeze_base();
+    let ad = model.lora().layer(lora_lm::EMBED).unwrap().adapter("e").unwrap();
+    assert!(ad.a().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+    assert!(ad.b().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().any(|v| *v != 0.0));
+    // Every adapter tensor gets a gradient, the embedding's A included (B ≠ 0 carries it).
+    let ids = Tensor::from_vec((0..24u32).map(|i| (i * 7) % 96).collect::<Vec<_>>(), (2, 12), &Device::Cpu).unwrap();
+    let g = model.forward(&ids, None, true).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in model.trainable_vars() {
+        assert!(g.get(v.as_tensor()).is_some(), "{name}: no gradient");
+    }
+    // all-linear leaves the embedding out, as PEFT (it adapts nn.Linear only).
+    let all = lora::LoraConfig { target_modules: lora::Targets::AllLinear, ..lora::LoraConfig::new(2, 2.0) };
+    assert!(!model.lora().targeted(&all).unwrap().iter().any(|m| m == lora_lm::EMBED));
+}

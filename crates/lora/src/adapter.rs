@@ -49,6 +49,9 @@ pub struct AdapterFiles {
     /// `"lora_only"`, stored as `<module>.base_layer.bias` or `<module>.bias`) and `modules_to_save` copies
     /// (`<module>.weight`, `<module>.bias`).
     pub copies: BTreeMap<String, (Option<Tensor>, Option<Tensor>)>,
+    /// Module → its base weight as PEFT saved it beside an embedding adapter (`<module>.base_layer.weight`):
+    /// it must equal the model's own (lora-rs loads no resized or retrained tables).
+    pub base_weights: BTreeMap<String, Tensor>,
     /// Safetensors metadata.
     pub metadata: HashMap<String, String>,
     /// Stored dtype per tensor name.
@@ -359,6 +362,8 @@ enum Part {
     CopyBias,
     /// The adapter's own weight of the layer (`modules_to_save`).
     CopyWeight,
+    /// The base layer's own weight, which PEFT saves beside embedding adapters (`save_embedding_layers`).
+    BaseWeight,
 }
 
 fn split_key(name: &str) -> Option<(&str, Part)> {
@@ -366,6 +371,9 @@ fn split_key(name: &str) -> Option<(&str, Part)> {
     [
         (".lora_A.weight", Part::A),
         (".lora_B.weight", Part::B),
+        (".lora_embedding_A", Part::A),
+        (".lora_embedding_B", Part::B),
+        (".base_layer.weight", Part::BaseWeight),
         (".lora_magnitude_vector", Part::Magnitude),
         (".lora_B.bias", Part::LoraBias),
         (".base_layer.bias", Part::CopyBias),
@@ -396,6 +404,7 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
     let mut b_of = BTreeMap::new();
     let (mut magnitudes, mut lora_biases) = (BTreeMap::new(), BTreeMap::new());
     let mut copies: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut base_weights = BTreeMap::new();
     for (name, t) in &file.tensors {
         // A layer's own tensors sit under a module name; a `lora_*` name there is a LoRA part lora-rs lacks.
         let own_tensor_of_lora_part = |(m, p): &(&str, Part)| {
@@ -410,6 +419,10 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
                 ),
             )
         })?;
+        if part == Part::BaseWeight {
+            base_weights.insert(module.to_string(), t.clone());
+            continue;
+        }
         let copy = matches!(part, Part::CopyBias | Part::CopyWeight);
         if copy {
             let allowed = config.saves(module) || (part == Part::CopyBias && config.bias != Bias::None);
@@ -453,7 +466,7 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
                 }
                 map.insert(module.to_string(), t.clone());
             }
-            Part::CopyBias | Part::CopyWeight => {}
+            Part::CopyBias | Part::CopyWeight | Part::BaseWeight => {}
         }
     }
     let mut tensors = BTreeMap::new();
@@ -483,6 +496,7 @@ pub fn adapter_from_bytes(dir: &Path, config_text: &str, weights: &[u8]) -> Resu
         magnitudes,
         lora_biases,
         copies,
+        base_weights,
         metadata: file.metadata,
         dtypes: file.dtypes,
         bytes: (text.len() as u64, file.bytes),
@@ -552,6 +566,28 @@ impl LoraModel {
                 return Err(bad(
                     &wpath,
                     format!("tensor {PEFT_PREFIX}{module}.lora_B.bias: module {module} has no bias (PEFT refuses lora_bias there)"),
+                ));
+            }
+        }
+        for (module, t) in &files.base_weights {
+            let layer = self
+                .layer(module)
+                .map_err(|_| bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.base_layer.weight: the model has no module {module}")))?;
+            let same = t.dims() == layer.weight().dims()
+                && t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).eq(layer
+                    .weight()
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits()));
+            if !same {
+                return Err(bad(
+                    &wpath,
+                    format!(
+                        "tensor {PEFT_PREFIX}{module}.base_layer.weight differs from the model's {module} (PEFT saved a resized or \
+                         retrained table, which lora-rs does not load)"
+                    ),
                 ));
             }
         }
@@ -704,8 +740,10 @@ impl LoraModel {
                     a = Tensor::cat(&[&a, a0], 0)?;
                     b = Tensor::cat(&[&b, &b0.neg()?], 1)?;
                 }
-                tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), a));
-                tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), b));
+                let (ka, kb) =
+                    if layer.is_embedding() { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A.weight", "lora_B.weight") };
+                tensors.push((format!("{PEFT_PREFIX}{module}.{ka}"), a));
+                tensors.push((format!("{PEFT_PREFIX}{module}.{kb}"), b));
                 if let Some(m) = ad.magnitude() {
                     tensors.push((format!("{PEFT_PREFIX}{module}.lora_magnitude_vector"), m.as_tensor().clone()));
                 }

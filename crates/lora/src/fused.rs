@@ -698,7 +698,7 @@ pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
     if layer.weight().dtype() != DType::F32 {
         return Ok(None);
     }
-    if layer.active_override().is_some() {
+    if layer.active_override().is_some() || layer.is_embedding() {
         return Ok(None);
     }
     let mut adapters = Vec::new();

@@ -19,6 +19,11 @@
 //! PiSSA / OLoRA: y = x·W0ᵀ + b − s·(x·A0ᵀ)·B0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ
 //! ```
 //!
+//! An embedding (PEFT's LoRA on `nn.Embedding`) is the same layer seen as a linear map of one-hot rows:
+//! its table E (V, H) is stored as it is (Wᵀ, so in = V, out = H), a token's row is `E[id] + s·(Aᵀ[id])·Bᵀ`
+//! with A (r, V) and B (H, r) — PEFT's `lora_embedding_A` / `lora_embedding_B` — and merging adds
+//! `(s·B·A)ᵀ` to E. PEFT initialises them the other way round from linear layers: A = 0, B ~ N(0, 1).
+//!
 //! An adapter can also bring its own copies of the layer's tensors (PEFT's trained biases, `bias = "all"` or
 //! `"lora_only"`, and `modules_to_save`): while it is active the layer computes with its copies in place of
 //! W0 and b, and the base copies stay untouched.
@@ -238,6 +243,7 @@ pub struct LoraLinear {
     disabled: bool,
     rng: Mutex<StdRng>,
     backend: Backend,
+    embedding: bool, // the weight is an embedding table (in, out), read by token id
 }
 
 impl LoraLinear {
@@ -264,16 +270,59 @@ impl LoraLinear {
             disabled: false,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
             backend: Backend::default(),
+            embedding: false,
         })
     }
 
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+    /// Wraps an embedding table (V, H), read by token id with [`LoraLinear::embed_t`]: a layer with V inputs
+    /// and H outputs (see the module docs). A variable passed in is shared, not copied.
+    pub fn embedding(table: Tensor) -> Result<Self> {
+        table.dims2()?;
+        let mut l = Self::new(table, None)?;
+        l.embedding = true;
+        Ok(l)
     }
-    /// Output features.
+
+    /// Whether this layer is an embedding table.
+    pub fn is_embedding(&self) -> bool {
+        self.embedding
+    }
+
+    /// Input features (the vocabulary size of an embedding).
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[if self.embedding { 0 } else { 1 }]
+    }
+    /// Output features (the width of an embedding).
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[if self.embedding { 1 } else { 0 }]
+    }
+
+    /// An update (out, in) in the layout of the stored weight (transposed for an embedding).
+    fn stored(&self, delta: Tensor) -> Result<Tensor> {
+        Ok(if self.embedding { delta.t()?.contiguous()? } else { delta })
+    }
+
+    /// The rows of token `ids` (any shape, u32) with the active adapters: (n, H) for n ids.
+    pub fn embed_t(&self, ids: &Tensor, _train: bool) -> Result<Tensor> {
+        if !self.embedding {
+            return Err(LoraError::State("embed_t reads an embedding table; this layer is linear".into()));
+        }
+        let ids = ids.flatten_all()?;
+        let (ow, _) = self.active_override().unwrap_or((None, None));
+        let table = match ow {
+            Some(w) => w.as_tensor().clone(),
+            None => Self::param(&self.weight, self.weight_trainable),
+        };
+        let mut y = table.index_select(&ids, 0)?; // (n, H)
+        if !self.disabled {
+            for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
+                let Some(ad) = self.adapters.get(name) else { continue };
+                // PEFT applies no dropout to embedding adapters.
+                let xa = ad.a.as_tensor().t()?.contiguous()?.index_select(&ids, 0)?; // (n, r)
+                y = (y + (xa.matmul(&ad.b.as_tensor().t()?)? * ad.scale)?)?;
+            }
+        }
+        Ok(y)
     }
     /// The weight as stored now (W0, or W0 plus merged adapters), shape (out, in).
     pub fn weight(&self) -> &Var {
@@ -325,7 +374,17 @@ impl LoraLinear {
                 .collect()
         };
         let zeros = |n: usize| vec![0f32; n];
+        if self.embedding && (spec.use_dora || spec.lora_bias || spec.init.rewrites_base()) {
+            return Err(LoraError::config(
+                "target_modules",
+                name,
+                "an embedding layer takes plain LoRA only (no DoRA, LoRA bias, PiSSA or OLoRA in lora-rs)",
+            ));
+        }
         let (a, b, initial) = match spec.init {
+            // PEFT's embedding adapters: A = 0 and B ~ N(0, 1), or both N(0, 1) uninitialised (false).
+            _ if self.embedding && spec.init == Init::Random => (normal(rank * inp, 1.0, rng), normal(out * rank, 1.0, rng), false),
+            _ if self.embedding => (zeros(rank * inp), normal(out * rank, 1.0, rng), false),
             Init::Normal => (normal(rank * inp, 1.0, rng), zeros(out * rank), false),
             Init::PeftGaussian => (normal(rank * inp, 1.0 / rank as f32, rng), zeros(out * rank), false),
             Init::Kaiming => (uniform(rank * inp, 1.0 / (inp as f64).sqrt(), rng), zeros(out * rank), false),
@@ -405,6 +464,16 @@ impl LoraLinear {
     pub fn insert_adapter(&mut self, name: &str, adapter: Adapter) -> Result<()> {
         if self.adapters.contains_key(name) {
             return Err(LoraError::DuplicateAdapter(name.to_string()));
+        }
+        if self.embedding && !adapter.is_plain() {
+            let key = if adapter.magnitude.is_some() {
+                "use_dora"
+            } else if adapter.lora_bias.is_some() {
+                "lora_bias"
+            } else {
+                "init_lora_weights"
+            };
+            return Err(LoraError::config(key, name, "is not supported on an embedding layer by lora-rs (plain LoRA only)"));
         }
         let (r, inp) = adapter.a.dims2()?;
         if inp != self.in_features() {
@@ -599,6 +668,9 @@ impl LoraLinear {
 
     /// The plain-candle forward (tensor ops and candle's autograd): the reference for the fused path.
     pub fn forward_reference_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.embedding {
+            return Err(LoraError::State("an embedding layer reads token ids: use embed_t".into()));
+        }
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| LoraError::State("input is a scalar".into()))?;
         if inp != self.in_features() {
@@ -666,7 +738,7 @@ impl LoraLinear {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 let ad = self.adapter(name)?;
                 let f = ad.dora_factor(self.weight.as_tensor())?;
-                w = (w + ad.delta_weight()?)?;
+                w = (w + self.stored(ad.delta_weight()?)?)?;
                 if let Some(f) = f {
                     w = w.broadcast_mul(&f.unsqueeze(1)?)?;
                 }
@@ -717,7 +789,7 @@ impl LoraLinear {
 
     fn merge_pair(&mut self, name: &str, safe: bool) -> Result<()> {
         let ad = self.adapter(name)?;
-        let mut new = (self.weight.as_tensor() + ad.delta_weight()?)?;
+        let mut new = (self.weight.as_tensor() + self.stored(ad.delta_weight()?)?)?;
         let mut norm = None;
         if ad.magnitude.is_some() {
             if self.merged.iter().any(|m| m != name) {
@@ -769,7 +841,7 @@ impl LoraLinear {
         if let (Some(m), Some(n)) = (&ad.magnitude, self.dora_norms.get(name)) {
             w = w.broadcast_div(&(m.as_tensor() / n)?.unsqueeze(1)?)?;
         }
-        let new = (w - ad.delta_weight()?)?;
+        let new = (w - self.stored(ad.delta_weight()?)?)?;
         let new_bias = match (&ad.lora_bias, &self.bias) {
             (Some(lb), Some(b)) => Some((b.as_tensor() - (lb.as_tensor() * ad.scale)?)?),
             _ => None,

@@ -98,6 +98,13 @@ impl LoraModel {
         self.check_adapter_files(files)?;
         let c = &files.config;
         let copies = !files.copies.is_empty();
+        if let Some((m, _)) = self.layers().find(|(m, l)| l.is_embedding() && files.tensors.contains_key(*m)) {
+            return Err(LoraError::config(
+                "target_modules",
+                m,
+                "embedding adapters are not served in mixed-adapter batches yet: merge the adapter",
+            ));
+        }
         for (on, key) in [
             (c.use_dora, "use_dora"),
             (c.lora_bias, "lora_bias"),
@@ -235,6 +242,7 @@ mod tests {
             magnitudes: BTreeMap::new(),
             lora_biases: BTreeMap::new(),
             copies: BTreeMap::new(),
+            base_weights: BTreeMap::new(),
             metadata: HashMap::new(),
             dtypes: Vec::new(),
             bytes: (0, 0),

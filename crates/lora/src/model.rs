@@ -87,7 +87,11 @@ impl LoraModel {
         }
         let out: Vec<String> = self
             .layer_names()
-            .filter(|n| !(config.target_modules == crate::Targets::AllLinear && self.output.as_deref() == Some(*n)))
+            .filter(|n| {
+                // "all-linear": linear layers only, and not a transformers model's output embedding.
+                !(config.target_modules == crate::Targets::AllLinear
+                    && (self.output.as_deref() == Some(*n) || self.layer(n).is_ok_and(LoraLinear::is_embedding)))
+            })
             .filter(|n| config.targets(n))
             .map(String::from)
             .collect();
