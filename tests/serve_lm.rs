@@ -249,6 +249,13 @@ async fn every_bad_request_gets_a_4xx_with_a_json_error_and_the_next_good_reques
             "trained on another base",
         ),
         (
+            "a DoRA adapter (not served in mixed batches yet)",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "spare/dora"}).to_string().into_bytes(),
+            400,
+            "use_dora = true",
+        ),
+        (
             "name in use",
             "/v1/load_lora_adapter",
             json!({"lora_name": "sql", "lora_path": "js"}).to_string().into_bytes(),

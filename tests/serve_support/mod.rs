@@ -177,9 +177,15 @@ fn config() -> LlamaConfig {
 
 /// Writes adapter `name` (random non-zero B on every projection) for `m` into `dir`.
 fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
+    write_adapter_with(m, name, seed, dir, false)
+}
+
+/// [`write_adapter`], a DoRA adapter when `dora`.
+fn write_adapter_with(m: &mut Llama, name: &str, seed: u64, dir: &Path, dora: bool) {
     let c = LoraConfig {
         target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
         init: lora::Init::PeftGaussian,
+        use_dora: dora,
         ..LoraConfig::new(4, 8.0)
     };
     m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
@@ -195,14 +201,16 @@ fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
     m.lora_mut().remove_adapter(name).unwrap();
 }
 
-/// base/ (the model), adapters/{sql,js} (registered at start), adapters/spare/{sql_v2,foreign} (loadable
-/// at run time; `foreign` was trained on another base).
+/// base/ (the model), adapters/{sql,js} (registered at start), adapters/spare/{sql_v2,foreign,dora}
+/// (loadable at run time; `foreign` was trained on another base; `dora` is a DoRA adapter, which mixed
+/// batches do not serve yet).
 pub fn fixture(root: &Path) {
     let mut m = Llama::random(&config(), 1).unwrap();
     save_model(&m, &root.join("base"), &BTreeMap::new()).unwrap();
     write_adapter(&mut m, "sql", 1, &root.join("adapters/sql"));
     write_adapter(&mut m, "js", 2, &root.join("adapters/js"));
     write_adapter(&mut m, "sql_v2", 3, &root.join("adapters/spare/sql_v2"));
+    write_adapter_with(&mut m, "dora", 5, &root.join("adapters/spare/dora"), true);
     let mut other = Llama::random(&config(), 99).unwrap();
     write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
 }

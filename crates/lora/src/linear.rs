@@ -1138,6 +1138,31 @@ mod tests {
     }
 
     #[test]
+    fn kaiming_and_random_initialisations_draw_from_pytorchs_nn_linear_bounds() {
+        // PEFT's true: A ~ U(±1/√in) (kaiming_uniform_ with a = √5), B = 0; false: nn.Linear's own init,
+        // B ~ U(±1/√r) too. torch's generator cannot be reproduced: check support and variance instead.
+        let (inp, out, r) = (400, 300, 8);
+        let mut l = LoraLinear::new(t(vec![0.0; out * inp], (out, inp)), None).unwrap();
+        let mut g = StdRng::seed_from_u64(3);
+        l.add_adapter("k", AdapterSpec { init: Init::Kaiming, ..AdapterSpec::new(r, 1.0, 1.0) }, &mut g).unwrap();
+        l.add_adapter("f", AdapterSpec { init: Init::Random, ..AdapterSpec::new(r, 1.0, 1.0) }, &mut g).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let check = |x: Vec<f32>, fan_in: usize, what: &str| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            assert!(x.iter().all(|&a| (a as f64).abs() <= bound), "{what}: outside ±1/√{fan_in}");
+            let var = x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / x.len() as f64;
+            // U(±b) has variance b²/3; with n ≥ 2400 draws its estimate's relative error is ≈ √(0.8/n) ≤ 2%:
+            // 8% is 4σ.
+            let want = bound * bound / 3.0;
+            assert!((var - want).abs() < 0.08 * want, "{what}: variance {var} vs {want}");
+        };
+        check(v(l.adapter("k").unwrap().a().as_tensor()), inp, "true: A");
+        assert!(v(l.adapter("k").unwrap().b().as_tensor()).iter().all(|b| *b == 0.0));
+        check(v(l.adapter("f").unwrap().a().as_tensor()), inp, "false: A");
+        check(v(l.adapter("f").unwrap().b().as_tensor()), r, "false: B");
+    }
+
+    #[test]
     fn effective_weight_is_w0_plus_scaled_ba() {
         let (l, p) = layer_with_adapter(5, 4, 2, 3.0, 21);
         let w = l.effective_weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
