@@ -9,7 +9,7 @@ use lora::io::{save_safetensors, write_atomic};
 use lora_train::{Dataset, Evaluation, ExpensiveNet};
 use mnist::Mnist;
 
-use crate::report::{LayerParams, Params};
+use crate::json_report::{LayerParams, Params};
 
 /// MNIST loaded, its statistics, and both splits normalised into tensors.
 pub struct Data {
@@ -153,7 +153,7 @@ pub struct FinetuneJob<'a> {
     pub train: &'a lora_train::TrainConfig,
     pub seed: u64,
     /// Continue from this checkpoint.
-    pub resume: Option<&'a crate::checkpoint::Loaded>,
+    pub resume: Option<&'a lora_train::checkpoint::Loaded>,
     /// Checkpoint every N steps into a directory, recording these settings.
     pub every: Option<(usize, &'a Path, &'a serde_json::Value)>,
 }
@@ -202,7 +202,7 @@ pub fn finetune_digit(net: &mut ExpensiveNet, data: &Data, job: FinetuneJob) -> 
     let net_ref: &ExpensiveNet = net;
     let mut save = |ck: &lora_train::Checkpoint| -> lora_train::Result<()> {
         let (_, dir, settings) = every.expect("only called when checkpointing");
-        crate::checkpoint::save(dir, "finetune", net_ref, Some(name), settings, ck)
+        lora_train::checkpoint::save(dir, "finetune", net_ref, Some(name), settings, ck)
             .map_err(|e| lora_train::TrainError::Model { path: dir.display().to_string(), why: format!("{e:#}") })
     };
     let ck = every.map(|(n, _, _)| lora_train::Checkpointing { every: n, save: &mut save });

@@ -1,14 +1,13 @@
 //! `lora`: the command-line face of lora-rs. Parses flags, prints tables and progress, writes files;
 //! the work itself lives in the `lora`, `mnist` and `lora-train` crates.
 
-mod checkpoint;
 mod cli;
 mod cmd;
 mod common;
+mod json_report;
 mod lm_cli;
 mod progress;
-mod report;
-mod viz;
+mod report_dir;
 
 use clap::Parser;
 
@@ -26,6 +25,14 @@ fn main() {
         .init();
     if let Err(e) = cmd::run(cli) {
         eprintln!("error: {e:#}");
+        // The library says what is wrong; the binary says which of its flags changes it.
+        let base_mismatch = e.chain().any(|c| {
+            matches!(c.downcast_ref::<lora::LoraError>(), Some(lora::LoraError::BaseMismatch { .. }))
+                || matches!(c.downcast_ref::<lora_lm::LmError>(), Some(lora_lm::LmError::Lora(lora::LoraError::BaseMismatch { .. })))
+        });
+        if base_mismatch {
+            eprintln!("hint: pass --force to load it anyway");
+        }
         std::process::exit(1);
     }
 }

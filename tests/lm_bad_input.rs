@@ -227,6 +227,18 @@ fn build(d: &Path) -> Vec<Case> {
             Some("out_e"),
         ),
         case(
+            "finetune_dora_on_the_embedding",
+            "lm finetune --model m --data t.txt --out out_h --steps 1 --target-modules embed_tokens --use-dora",
+            "an embedding layer takes plain LoRA only",
+            Some("out_h"),
+        ),
+        case(
+            "finetune_lm_head_both_adapted_and_saved",
+            "lm finetune --model m --data t.txt --out out_i --steps 1 --target-modules q_proj,lm_head --modules-to-save lm_head",
+            "modules_to_save = lm_head",
+            Some("out_i"),
+        ),
+        case(
             "finetune_out_is_a_file",
             "lm finetune --model m --data t.txt --out a_file --steps 1",
             "a_file: exists and is not a directory",

@@ -8,14 +8,14 @@ use lora::{LoraConfig, SaveOptions};
 use lora_train::{evaluate, Evaluation, ExpensiveNet, TrainConfig, TrainStats};
 use serde_json::{json, Value};
 
-use crate::checkpoint;
 use crate::cli::DemoArgs;
 use crate::cmd::pretrain::pretrain_with;
 use crate::common::{
     check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table,
     save_model, worst_digit, write_json, Data, FinetuneJob, Out,
 };
-use crate::report::*;
+use crate::json_report::*;
+use lora_train::checkpoint;
 
 /// The adapter's name (PEFT's default).
 pub const ADAPTER: &str = "default";
@@ -208,7 +208,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if let Some(dir) = &a.report.report {
         let total_seconds = started.elapsed().as_secs_f64();
         let (pretrain, finetune, json_path) = (&pstats, &fstats, json_path.as_path());
-        let run = crate::viz::DemoRun {
+        let run = crate::report_dir::DemoRun {
             args: &a,
             data: &data,
             net: &net,
@@ -221,7 +221,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             off: &off,
             total_seconds,
         };
-        crate::viz::demo(dir, run)?;
+        crate::report_dir::demo(dir, run)?;
     }
     anyhow::ensure!(base_unchanged, "the base network changed during LoRA fine-tuning");
     Ok(())

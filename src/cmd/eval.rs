@@ -49,8 +49,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let name = a.model.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
         let mut models = vec![(if results.is_empty() { name } else { "base".to_string() }, &base)];
         models.extend(results.iter().map(|(n, e)| (n.clone(), e)));
-        let run = crate::viz::EvalRun { args: &a, net: &net, models, summary: &summary, seconds: started.elapsed().as_secs_f64() };
-        crate::viz::eval(dir, run)?;
+        let run = crate::report_dir::EvalRun { args: &a, net: &net, models, summary: &summary, seconds: started.elapsed().as_secs_f64() };
+        crate::report_dir::eval(dir, run)?;
     }
     Ok(())
 }

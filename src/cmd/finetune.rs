@@ -5,12 +5,12 @@ use lora::{LoraConfig, SaveOptions, Scaling};
 use lora_train::{evaluate, TrainConfig};
 use serde_json::json;
 
-use crate::checkpoint;
 use crate::cli::FinetuneArgs;
 use crate::common::{
     check_input_size, check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data,
     FinetuneJob, Out,
 };
+use lora_train::checkpoint;
 
 /// Name of the adapter inside the model while training (PEFT's default).
 const NAME: &str = "default";
@@ -91,7 +91,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         write_json(j, &summary)?;
     }
     if let Some(dir) = &a.report.report {
-        let run = crate::viz::FinetuneRun {
+        let run = crate::report_dir::FinetuneRun {
             args: &a,
             data: &data,
             net: &net,
@@ -101,7 +101,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             after: &after,
             summary: &summary,
         };
-        crate::viz::finetune(dir, run)?;
+        crate::report_dir::finetune(dir, run)?;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub fn run(a: GraphArgs) -> Result<()> {
         cfg.validate()?;
         Some((a.lora.rank as usize, a.lora.alpha, cfg.scale_for("linear1")))
     };
-    let graph = crate::viz::net_graph(&net, lora);
+    let graph = crate::report_dir::net_graph(&net, lora);
     let dot = graph.to_dot();
     write_atomic(&a.out, dot.as_bytes())?;
     println!("Wrote {} ({} bytes)", a.out.display(), dot.len());

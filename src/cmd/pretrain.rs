@@ -5,10 +5,10 @@ use candle_core::Device;
 use lora_train::{evaluate, train_with, Checkpoint, Checkpointing, ExpensiveNet, TrainConfig, TrainStats};
 use serde_json::json;
 
-use crate::checkpoint;
 use crate::cli::PretrainArgs;
 use crate::common::{check_outputs, print_eval, save_model, write_json, Data, Out};
 use crate::progress::EpochBars;
+use lora_train::checkpoint;
 
 /// Pre-trains `net` on the training set with a progress bar per epoch, continuing from `resume` and/or
 /// checkpointing every `every.0` steps into `every.1`.
@@ -73,8 +73,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         write_json(j, &summary)?;
     }
     if let Some(dir) = &a.report.report {
-        let run = crate::viz::PretrainRun { args: &a, data: &data, net: &net, stats: &stats, eval: &e, summary: &summary };
-        crate::viz::pretrain(dir, run)?;
+        let run = crate::report_dir::PretrainRun { args: &a, data: &data, net: &net, stats: &stats, eval: &e, summary: &summary };
+        crate::report_dir::pretrain(dir, run)?;
     }
     Ok(())
 }

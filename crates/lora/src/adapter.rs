@@ -843,7 +843,7 @@ mod tests {
         }
         let lo = LoadOptions { base_fingerprint: Some("other".into()), force: false };
         let e = model().load_adapter("b", &dir, &lo).unwrap_err().to_string();
-        assert!(e.contains("different base model") && e.contains("--force"), "{e}");
+        assert!(e.contains("different base model") && e.contains("must be forced") && !e.contains("--"), "{e}");
         model().load_adapter("b", &dir, &LoadOptions { force: true, ..lo }).unwrap();
     }
 

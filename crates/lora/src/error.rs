@@ -53,7 +53,7 @@ pub enum LoraError {
     #[error(transparent)]
     File(#[from] crate::io::FileError),
     /// An adapter was trained on a different base model.
-    #[error("{path}: adapter was trained on a different base model (base SHA-256 {expected}, loaded base {found}); pass --force to load it anyway")]
+    #[error("{path}: adapter was trained on a different base model (base SHA-256 {expected}, loaded base {found}); loading it anyway must be forced")]
     BaseMismatch {
         /// The adapter file.
         path: String,

@@ -6,6 +6,7 @@
 //! data set is a (N, features) f32 tensor and N labels.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 mod data;
 mod error;
 mod eval;

@@ -22,9 +22,14 @@ pub enum VizError {
         /// The backend's message.
         why: String,
     },
-    /// Writing a file failed (the error names the file).
-    #[error(transparent)]
-    File(#[from] lora::io::FileError),
+    /// Writing a file failed; names the file.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
     /// Graphviz's `dot` is not on PATH.
     #[error("graphviz `dot` was not found on PATH (install the graphviz package to render DOT files)")]
     GraphvizMissing,

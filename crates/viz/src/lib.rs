@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Charts are drawn with `plotters`; text in PNGs is rendered with the bundled DejaVu Sans (see
-//! `fonts/LICENSE`), so no system fonts are needed. Every file is written with [`lora::io::write_atomic`].
+//! `fonts/LICENSE`), so no system fonts are needed. Every file is written atomically (a temporary file in the same directory, renamed into place).
 #![deny(missing_docs)]
 
 mod chart;
@@ -26,7 +26,8 @@ mod dot;
 mod error;
 mod html;
 mod metrics;
-mod report;
+mod run_report;
+mod write;
 
 pub use chart::{smooth, BarChart, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
 pub use data::{group, slug, Check, Counts, FileInfo, LayerCount, LossPoint, LossSeries, Matrix, Table, Timing};
@@ -34,7 +35,7 @@ pub use dot::{graphviz_available, render_dot, GraphLayer, GraphLora, NetGraph};
 pub use error::{Result, VizError};
 pub use html::{Block, Page, Section};
 pub use metrics::{metrics_csv, metrics_jsonl};
-pub use report::RunReport;
+pub use run_report::RunReport;
 
 /// Parses an HTML page written by [`Page::to_html`] as XML (its DOCTYPE allowed).
 #[cfg(test)]

@@ -132,7 +132,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
     if let Some(dir) = &a.report.report {
         let runs: Vec<(&str, &lora_lm::train::Trainer)> =
             std::iter::once(("pre-training", &pre)).chain(tuned.iter().map(|(n, f)| (*n, &f.trainer))).collect();
-        super::report::training(dir, "lora lm demo", &runs, &[&table], &report)?;
+        super::report_dir::training(dir, "lora lm demo", &runs, &[&table], &report)?;
     }
     Ok(())
 }

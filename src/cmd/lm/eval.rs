@@ -141,7 +141,7 @@ pub fn run(a: LmEvalArgs) -> Result<()> {
         write_json(p, &table.token_losses_json())?;
     }
     if let Some(dir) = &a.report.report {
-        super::report::training(dir, "lora lm eval", &[], &[&table], &table.json())?;
+        super::report_dir::training(dir, "lora lm eval", &[], &[&table], &table.json())?;
     }
     Ok(())
 }

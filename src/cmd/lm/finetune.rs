@@ -141,7 +141,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
         write_json(p, &f.summary)?;
     }
     if let Some(dir) = &a.report.report {
-        super::report::training(dir, "lora lm finetune", &[("fine-tuning", &f.trainer)], &[], &f.summary)?;
+        super::report_dir::training(dir, "lora lm finetune", &[("fine-tuning", &f.trainer)], &[], &f.summary)?;
     }
     Ok(())
 }

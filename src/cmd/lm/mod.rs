@@ -6,7 +6,7 @@ mod eval;
 mod finetune;
 mod generate;
 mod pretrain;
-mod report;
+mod report_dir;
 
 use std::path::{Path, PathBuf};
 

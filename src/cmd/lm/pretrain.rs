@@ -151,7 +151,7 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
         write_json(p, &summary)?;
     }
     if let Some(dir) = &a.report.report {
-        super::report::training(dir, "lora lm pretrain", &[("pre-training", &trainer)], &[], &summary)?;
+        super::report_dir::training(dir, "lora lm pretrain", &[("pre-training", &trainer)], &[], &summary)?;
     }
     Ok(())
 }

@@ -309,7 +309,8 @@ impl Job {
         } else {
             self.run_block(c, (r0, r1), (c0, c1));
         }
-        clean_upper_state();
+        // SAFETY: this code runs only on a plan made after `available()` found AVX-512 F.
+        unsafe { clean_upper_state() };
     }
 
     /// [`Job::run`] for a k short enough to run in one pass.
@@ -336,7 +337,8 @@ impl Job {
                     let next = (jp + 1 < c1).then(|| {
                         let k0 = ((ip - r0) * share).min(self.k);
                         let n = share.min(self.k - k0);
-                        (self.b.offset((jp + 1) as isize * self.b_panel + k0 as isize * self.b_ks), n)
+                        // A prefetch target (k0 may equal k): wrapping arithmetic, never dereferenced.
+                        (self.b.wrapping_offset((jp + 1) as isize * self.b_panel + k0 as isize * self.b_ks), n)
                     });
                     self.tile_pf(c, ip, jp, next);
                 }
@@ -432,9 +434,10 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
     for kk in 0..t.k {
         if kk < t.pf_n {
             for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(pf.add(16 * line) as *const i8);
+                // A prefetch never faults, but the address may lie past B's end: wrapping arithmetic.
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(16 * line) as *const i8);
             }
-            pf = pf.offset(t.b_ks);
+            pf = pf.wrapping_offset(t.b_ks);
         }
         let mut bv = [_mm512_setzero_ps(); V]; // row kk of B: 16·V values
         for (v, x) in bv.iter_mut().enumerate() {
@@ -446,8 +449,10 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
                 *x = _mm512_fmadd_ps(s, *y, *x);
             }
         }
-        a = a.offset(t.a_ks);
-        b = b.offset(t.b_ks);
+        // Loop-carried: after the last step they point one stride past the data (never read), so wrapping
+        // arithmetic, which may leave the allocation, instead of `offset`, which may not.
+        a = a.wrapping_offset(t.a_ks);
+        b = b.wrapping_offset(t.b_ks);
     }
     let beta = _mm512_set1_ps(t.beta);
     if t.c_cs == 1 {
@@ -486,11 +491,13 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
 /// non-zero values, every legacy-SSE instruction this thread runs later (the default x86-64 code of the
 /// rest of the program) pays a state-transition penalty: measured here, the SSE Adam pass that follows the
 /// backward ran 3–5× slower until this was added.
+///
+/// # Safety
+/// The CPU must have AVX-512 F (the instructions fault otherwise).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn clean_upper_state() {
-    // SAFETY: only called after the AVX-512 kernel ran, so the CPU has AVX-512 F; the block writes only the
-    // registers it declares as clobbered.
+#[target_feature(enable = "avx512f")]
+unsafe fn clean_upper_state() {
+    // SAFETY: the caller guarantees AVX-512 F; the block writes only the registers it declares as clobbered.
     unsafe {
         std::arch::asm!(
             "vpxord zmm16, zmm16, zmm16", "vpxord zmm17, zmm17, zmm17", "vpxord zmm18, zmm18, zmm18",
@@ -586,7 +593,8 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
                 }
             }
         }
-        clean_upper_state();
+        // SAFETY: this code runs only on a plan made after `available()` found AVX-512 F.
+        unsafe { clean_upper_state() };
     };
     in_parts(parts, run);
 }
@@ -789,7 +797,8 @@ fn sparse_direct(dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulat
                 }
             }
         }
-        clean_upper_state();
+        // SAFETY: this code runs only on a plan made after `available()` found AVX-512 F.
+        unsafe { clean_upper_state() };
     };
     in_parts(parts, run);
 }

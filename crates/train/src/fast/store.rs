@@ -71,6 +71,14 @@ impl GradBuffer {
             return Ok(None);
         }
         let Some(ib) = g.in_backward.as_mut() else { return Ok(None) };
+        if ib.applied {
+            // The weight already moved this step: a second backward would read the new weight and leave its
+            // gradient to be added into the next step's. One backward per armed step is the contract.
+            candle_core::bail!(
+                "a second backward pass in one step: the weight was already updated during the first (call \
+                 ParamStore::arm and run exactly one backward per step)"
+            )
+        }
         let Some(step) = ib.armed.take() else { return Ok(None) };
         ib.applied = true;
         Ok(Some(UpdateInBackward { step, moments: ib.moments.clone() }))
@@ -282,5 +290,26 @@ impl ParamStore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_second_backward_in_an_armed_step_is_an_error_not_a_stale_gradient() {
+        let mut store = ParamStore::new(AdamConfig::default());
+        let w = Var::from_tensor(&Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let buf = store.add_updated_in_backward("w", w).unwrap();
+        store.arm().unwrap();
+        assert!(buf.take_update().unwrap().is_some(), "the first backward applies the update");
+        let e = buf.take_update().err().expect("a second backward in the same step must fail").to_string();
+        assert!(e.contains("second backward"), "{e}");
+        // After the step, the next armed step works again.
+        store.step(&GradStore::default()).unwrap();
+        store.arm().unwrap();
+        assert!(buf.take_update().unwrap().is_some());
     }
 }

@@ -7,12 +7,16 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use lora::io::{save_safetensors, TensorFile};
-use lora_train::{Checkpoint, ExpensiveNet, OptimState};
 use serde_json::{json, Value};
 
+use crate::error::{Result, TrainError};
+use crate::fast::OptimState;
+use crate::net::ExpensiveNet;
+use crate::train::Checkpoint;
+
+/// File name of a checkpoint inside its directory.
 pub const FILE: &str = "checkpoint.safetensors";
 const META: &str = "lora_rs.checkpoint";
 
@@ -35,13 +39,16 @@ pub fn save(dir: &Path, phase: &str, net: &ExpensiveNet, adapter: Option<&str>, 
     let meta = json!({"phase": phase, "global_step": ck.global_step, "adam_t": ck.optim.t, "optim_params": names,
         "losses": ck.losses, "step_seconds": ck.step_seconds, "settings": settings});
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), (META.to_string(), meta.to_string())]);
-    save_safetensors(&dir.join(FILE), &tensors, &meta)?;
+    save_safetensors(&dir.join(FILE), &tensors, &meta).map_err(lora::LoraError::from)?;
     Ok(())
 }
 
 /// A checkpoint read back.
+#[derive(Debug)]
 pub struct Loaded {
+    /// The file: the model's and the adapter's tensors by name.
     pub file: TensorFile,
+    /// The position and the optimizer state.
     pub checkpoint: Checkpoint,
 }
 
@@ -52,15 +59,15 @@ impl Loaded {
     }
     /// The network stored in the checkpoint.
     pub fn net(&self) -> Result<ExpensiveNet> {
-        Ok(ExpensiveNet::from_tensors(|n| self.tensor("model", n), &self.file.path.display().to_string())?)
+        ExpensiveNet::from_tensors(|n| self.tensor("model", n), &self.file.path.display().to_string())
     }
 }
 
 /// Reads `dir/checkpoint.safetensors`, checks it is a `phase` checkpoint whose settings equal `settings`.
 pub fn load(dir: &Path, phase: &str, settings: &Value) -> Result<Loaded> {
     let path: PathBuf = dir.join(FILE);
-    let file = TensorFile::load(&path, &Device::Cpu).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let bad = |why: String| anyhow::anyhow!("{}: {why}", path.display());
+    let file = TensorFile::load(&path, &Device::Cpu).map_err(lora::LoraError::from)?;
+    let bad = |why: String| TrainError::Model { path: path.display().to_string(), why };
     let meta: Value =
         serde_json::from_str(file.metadata.get(META).ok_or_else(|| bad(format!("no {META} metadata: not a lora-rs checkpoint")))?)
             .map_err(|e| bad(format!("{META} metadata: {e}")))?;
@@ -103,4 +110,38 @@ pub fn default_dir(out: &Path) -> PathBuf {
     let mut s = out.as_os_str().to_owned();
     s.push(".ckpt");
     PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lora::LoraConfig;
+    use rand::SeedableRng;
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written_and_refuses_other_settings_by_name() {
+        let mut net = ExpensiveNet::new(12, 8, 6, 10, 3, &Device::Cpu).unwrap();
+        let c = LoraConfig { use_dora: true, init: lora::Init::Kaiming, ..LoraConfig::new(2, 4.0) };
+        net.model.add_adapter("a", &c, &mut rand::rngs::StdRng::seed_from_u64(1)).unwrap();
+        let ck = Checkpoint {
+            global_step: 2,
+            losses: vec![1.5, 1.25],
+            step_seconds: vec![0.1, 0.2],
+            optim: OptimState { t: 2, params: vec![("linear1.0".into(), vec![0.5; 3], vec![0.25; 3])] },
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let settings = json!({"rank": 2, "digit": 3});
+        save(dir.path(), "finetune", &net, Some("a"), &settings, &ck).unwrap();
+        let back = load(dir.path(), "finetune", &settings).unwrap();
+        assert_eq!(back.checkpoint, ck);
+        // Every adapter tensor is stored, DoRA's magnitude included.
+        let mag = net.model.layer("linear2").unwrap().adapter("a").unwrap().magnitude().unwrap().as_tensor().to_vec1::<f32>().unwrap();
+        let stored = back.tensor("adapter", "linear2.lora_magnitude_vector").unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(mag, stored);
+        assert_eq!(back.net().unwrap().sizes().unwrap(), net.sizes().unwrap());
+        let e = load(dir.path(), "finetune", &json!({"rank": 4, "digit": 3})).unwrap_err().to_string();
+        assert!(e.contains("rank = 2") && e.contains("rank = 4") && e.contains("checkpoint.safetensors"), "{e}");
+        let e = load(dir.path(), "pretrain", &settings).unwrap_err().to_string();
+        assert!(e.contains("not a pretrain checkpoint"), "{e}");
+    }
 }

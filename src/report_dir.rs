@@ -10,7 +10,7 @@ use lora_viz::{Check, Counts, FileInfo, GraphLayer, GraphLora, LayerCount, LossS
 use serde_json::Value;
 
 use crate::common::{group, Data};
-use crate::report::{DemoReport, Params};
+use crate::json_report::{DemoReport, Params};
 
 /// The command line as typed (program name shortened to `lora`).
 pub fn command_line() -> String {

@@ -8,7 +8,7 @@ use lora_viz::{BarChart, LossSeries, RunReport, Table as VizTable, Timing};
 use serde_json::Value;
 
 use super::eval::Table;
-use crate::viz::{command_line, json_table, write};
+use crate::report_dir::{command_line, json_table, write};
 
 /// A training run's losses as a series, with the seconds elapsed at each step.
 fn series(name: &str, t: &Trainer) -> Result<LossSeries> {

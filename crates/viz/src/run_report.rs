@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use lora::io::write_atomic;
+use crate::write::write_atomic;
 
 use crate::chart::{fmt_loss, BarChart, Chart, ConfusionChart, LossChart, ParamsChart, WrongChart};
 use crate::data::{group, slug, Check, Counts, FileInfo, LayerCount, LossSeries, Matrix, Table, Timing};
