@@ -75,7 +75,8 @@ impl<'a> MatRef<'a> {
     /// A contiguous row-major view.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> CResult<Self> {
         if rows.checked_mul(cols) != Some(data.len()) {
-            candle_core::bail!("row-major matrix {rows}x{cols} needs {} values, got {}", rows * cols, data.len())
+            // Not rows·cols in the message: it may overflow.
+            candle_core::bail!("row-major matrix {rows}x{cols} does not fit its {} values", data.len())
         }
         Self::new(data, rows, cols, cols, 1)
     }

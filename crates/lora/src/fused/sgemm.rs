@@ -1,3 +1,4 @@
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the AVX-512 kernels and their constants exist on x86-64 only
 //! An AVX-512 f32 matrix product for the skinny shapes of batch training, without packing the big operand.
 //!
 //! Every product of a training step has one small dimension, the batch (64):
@@ -949,6 +950,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_sparse_a_gives_the_bits_of_the_dense_tiles() {
         if !available() {
