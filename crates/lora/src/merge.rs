@@ -24,6 +24,7 @@ use crate::config::{LoraConfig, Scaling};
 use crate::decompose::{svd, Dense};
 use crate::error::{LoraError, Result};
 use crate::linear::Adapter;
+use crate::mixed::values as flat;
 use crate::model::LoraModel;
 
 /// How [`LoraModel::combine_adapters`] builds the new adapter (PEFT's `combination_type`).
@@ -266,10 +267,6 @@ impl LoraModel {
         self.set_adapter_config(new_name, config);
         Ok(())
     }
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ fn delta_at<'a>(g: &RowGroup<'a>, index: usize) -> Option<&'a PackedDelta> {
     g.adapter.and_then(|a| a.layers.get(index)).and_then(Option::as_ref)
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
