@@ -4,6 +4,9 @@
 # fuzz/regressions/<target>/ so tests/fuzz_regressions.rs replays them forever. To keep what a run found,
 # merge the scratch corpus into the kept one (only inputs with new coverage are added):
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O TARGET corpus/TARGET /tmp/lora-fuzz-corpus/TARGET -- -merge=1 -max_len=16384
+# To shrink the kept corpus to the inputs that each add coverage (then set the floors in
+# tests/fuzz_regressions.rs to the new counts):
+#   cargo +nightly fuzz cmin -O TARGET corpus/TARGET -- -rss_limit_mb=4096 -max_len=65536
 # cargo-fuzz needs nightly rustc flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
