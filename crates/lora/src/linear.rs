@@ -223,9 +223,6 @@ impl Adapter {
             + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
             + self.lora_bias.as_ref().map_or(0, |b| b.elem_count())
     }
-    fn vars(&self) -> impl Iterator<Item = &Var> {
-        [Some(&self.a), Some(&self.b), self.magnitude.as_ref(), self.lora_bias.as_ref()].into_iter().flatten()
-    }
 }
 
 /// A linear layer `y = x·Wᵀ + b` with named LoRA adapters, an active set, a merged set and an off switch.
@@ -597,12 +594,7 @@ impl LoraLinear {
         }
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
-                if let Some(ad) = self.adapters.get(name) {
-                    v.extend(ad.vars().cloned());
-                }
-                if let Some(o) = self.overrides.get(name) {
-                    v.extend(o.vars().cloned());
-                }
+                v.extend(self.adapter_vars(name).into_iter().map(|(_, var)| var.clone()));
             }
         }
         v
