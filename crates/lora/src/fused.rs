@@ -6,9 +6,10 @@
 //! y = act(x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ)          act ∈ {identity, ReLU}
 //! ```
 //!
-//! with the matrix products of [`matmul_into`]: our AVX-512 kernels for the skinny shapes of batch
-//! training (`sgemm`: no copy of the weight, transposed operands read through their strides, sparse
-//! ReLU-masked gradients compressed to their non-zeros), else the `gemm` crate candle's CPU matmul uses.
+//! with the matrix products of [`matmul_into`]: our SIMD kernels (AVX-512, AVX2 or NEON) for the skinny
+//! shapes of batch training (`sgemm`: no copy of the weight, transposed operands read through their
+//! strides, sparse ReLU-masked gradients compressed to their non-zeros), else the `gemm` crate candle's
+//! CPU matmul uses.
 //! The outputs match [`Backend::Reference`] to f32 rounding (the sums run in another order), and they do
 //! not depend on the number of threads.
 //!
@@ -146,14 +147,18 @@ pub fn prefetch(data: &[f32]) {
     let _ = data;
 }
 
-/// The widest instructions the kernels of lora-rs use (ours; the `gemm` crate dispatches on its own).
+/// The widest instructions the kernels of lora-rs use (ours; the `gemm` crate dispatches on its own), in
+/// the order a `LORA_KERNELS` cap compares them (a cap of `avx2` or `avx512` leaves an ARM CPU at `Neon`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {
-    /// The build's baseline only (SSE2 on x86-64, NEON on aarch64): the path of CPUs without AVX2.
+    /// No SIMD kernels of ours: products go to the `gemm` crate, other loops are compiled for the build's
+    /// baseline (SSE2 on x86-64, NEON on aarch64). The path of x86-64 CPUs without AVX2 and FMA.
     Portable,
-    /// AVX2 and FMA.
+    /// AArch64 Advanced SIMD: the kernels' 4-lane path.
+    Neon,
+    /// AVX2 and FMA (x86-64-v3): the kernels' 8-lane path.
     Avx2,
-    /// AVX-512 F, BW, DQ and VL, with AVX2 and FMA.
+    /// AVX-512 F, BW, CD, DQ and VL with AVX2 and FMA (x86-64-v4): the kernels' 16-lane path.
     Avx512,
 }
 
@@ -181,20 +186,28 @@ pub fn simd() -> Simd {
     })
 }
 
+/// The widest level this CPU has, as `pulp` detects the features of each (so that [`sgemm`]'s tokens
+/// exist at every level this returns).
 fn detect_simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
-        let avx2 = has!("avx2") && has!("fma");
-        if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        if pulp::x86::V4::try_new().is_some() {
             Simd::Avx512
-        } else if avx2 {
+        } else if pulp::x86::V3::try_new().is_some() {
             Simd::Avx2
         } else {
             Simd::Portable
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        if pulp::aarch64::Neon::try_new().is_some() {
+            Simd::Neon
+        } else {
+            Simd::Portable
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         Simd::Portable
     }
@@ -214,9 +227,9 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32,
 /// Which code computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
-    /// Our AVX-512 kernel ([`sgemm`]) where it applies, else the `gemm` crate.
+    /// Our kernel ([`sgemm`]) where it applies and [`simd`] allows, else the `gemm` crate.
     Auto,
-    /// Always the `gemm` crate (the path of CPUs without AVX-512; tests compare the two).
+    /// Always the `gemm` crate (the portable path; tests compare the two).
     #[cfg_attr(not(test), allow(dead_code))]
     GemmCrate,
 }
@@ -236,8 +249,8 @@ fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>
         return Ok(());
     }
     let threads = if SERIAL.get() { 1 } else { threads() };
-    if let (Kernel::Auto, Some(plan)) = (kernel, sgemm::plan(&lhs, &rhs)) {
-        sgemm::matmul(dst, lhs, rhs, beta, accumulate, plan, threads);
+    if let (Kernel::Auto, Some(isa), Some(plan)) = (kernel, sgemm::Isa::current(), sgemm::plan(&lhs, &rhs)) {
+        sgemm::matmul(isa, dst, lhs, rhs, beta, accumulate, plan, threads);
         return Ok(());
     }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -858,7 +871,7 @@ mod tests {
     #[test]
     fn our_kernels_and_the_gemm_crate_agree_on_every_operand_layout() {
         // (m, k, n) with lhs and rhs each row-major or read through a transpose: every plan of `sgemm`
-        // and its fallback, against the gemm crate (the path of CPUs without AVX-512).
+        // and its fallback, against the gemm crate (the portable path).
         for (i, (m, k, n)) in [(64, 100, 200), (64, 300, 10), (200, 64, 90), (5, 7, 3)].into_iter().enumerate() {
             let a = rand_vec(m * k, 70 + i as u64);
             let b = rand_vec(k * n, 80 + i as u64);

@@ -70,7 +70,7 @@ pub(crate) fn simd_level() -> u8 {
     match lora::simd() {
         lora::Simd::Avx512 => 2,
         lora::Simd::Avx2 => 1,
-        lora::Simd::Portable => 0,
+        lora::Simd::Neon | lora::Simd::Portable => 0,
     }
 }
 

@@ -1,5 +1,6 @@
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the AVX-512 kernels and their constants exist on x86-64 only
-//! An AVX-512 f32 matrix product for the skinny shapes of batch training, without packing the big operand.
+//! An f32 matrix product for the skinny shapes of batch training, without packing the big operand: one
+//! kernel source for AVX-512, AVX2 + FMA and NEON, written once against `pulp`'s SIMD abstraction and
+//! compiled for each instruction set (chosen at run time, capped by `LORA_KERNELS`).
 //!
 //! Every product of a training step has one small dimension, the batch (64):
 //!
@@ -9,31 +10,38 @@
 //!           dW (out, in) = Gᵀ (out, 64) · X           X read row by row
 //! ```
 //!
-//! The microkernel computes a tile `C[i0..i0+MR, j0..j0+NR] (+)= β · Σ_k a_k ⊗ b_k` with MR = 6 rows and
-//! NR = 64 columns (four 16-lane vectors, the last one masked at the edge): per step k it broadcasts six
-//! scalars of A (any strides) and loads 64 contiguous values of B, 24 fused multiply-adds into 24
-//! registers. B must have contiguous rows; when it does not but its columns are contiguous (B = Wᵀ), the
-//! product is computed transposed, `Cᵀ = Bᵀ·Aᵀ`, and only the small operand Aᵀ (k × 64 per panel) is
-//! packed. General-purpose GEMMs pack both operands on every call, which for a 64-row product costs as much
-//! memory traffic as the arithmetic; here the big operand (a weight matrix) is read once, in place.
+//! The work is cut into tiles `C[i0..i0+MR, j0..j0+NR] (+)= β · Σ_k a_k ⊗ b_k` with MR = 6 rows and NR = 64
+//! columns. The microkernel holds a 6 × (L·V) block of C in registers (L lanes per vector): per step k it
+//! broadcasts six scalars of A (any strides) and loads V vectors of a contiguous row of B, 6·V fused
+//! multiply-adds. AVX-512 (L = 16, 32 registers) covers a whole tile at once with V = 4 (24 accumulators);
+//! AVX2 (L = 8, 16 registers) and NEON (L = 4, 32 registers) run a tile as four 16-column blocks (12 and
+//! 24 accumulators), the last vector of a ragged edge masked. B must have contiguous rows; when it does not
+//! but its columns are contiguous (B = Wᵀ), the product is computed transposed, `Cᵀ = Bᵀ·Aᵀ`, and only the
+//! small operand Aᵀ (k × 64 per panel) is packed. General-purpose GEMMs pack both operands on every call,
+//! which for a 64-row product costs as much memory traffic as the arithmetic; here the big operand (a
+//! weight matrix) is read once, in place.
 //!
 //! Two more shapes of product have their own loops: few output columns (the 10-class layer, x·Aᵀ of an
-//! adapter) as 16-lane dot products ([`Plan::Dots`]), and a mostly-zero A in the direct case, which is the
+//! adapter) as L-lane dot products ([`Plan::Dots`]), and a mostly-zero A in the direct case, which is the
 //! rule in the backward pass: the gradient at a ReLU is zero wherever the unit was off (75–88 % of the
 //! entries of a trained ExpensiveNet's hidden layers). Such an A is compressed to its non-zeros and only
 //! those rows of B are read (`sparse_direct`), in blocks of 64 steps of k.
 //!
-//! Each output element is one fused multiply-add chain over k in increasing order (in the sparse case,
-//! one per block of 64 steps, added to C in order), then scaled by β and added to C when accumulating.
-//! The split across threads never cuts a chain, so results do not depend on the number of threads; they
-//! differ from other GEMMs (which block k differently) by f32 rounding only. Skipping exact zeros changes
-//! no sum of finite terms.
+//! Each output element of the tiles and of the sparse loop is one fused multiply-add chain over k in
+//! increasing order (in the sparse case, one per block of 64 steps, added to C in order), then scaled by β
+//! and added to C when accumulating: the same operations whatever the vector width, so these plans give
+//! the same bits on every instruction set. (The dot products sum L lanes apart and then across, so their
+//! rounding depends on L.) The split across threads never cuts a chain, so results do not depend on the
+//! number of threads; they differ from other GEMMs (which block k differently) by f32 rounding only.
+//! Skipping exact zeros changes no sum of finite terms.
+
+use pulp::WithSimd;
 
 use super::MatRef;
 
 /// Rows of A per tile.
 const MR: usize = 6;
-/// Columns of B per tile (four 16-lane vectors).
+/// Columns of B per tile (and per panel of packed Aᵀ).
 const NR: usize = 64;
 /// B operands up to this many values (256 KiB, a quarter of L2) are swept once per row tile.
 const ROW_ORDER_MAX_B: usize = 1 << 16;
@@ -42,17 +50,63 @@ const KC: usize = 512;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
-/// The mask of the lanes of the last 16-lane vector of a row of `w` values (all 16 when w is a multiple).
-fn lane_mask(w: usize) -> u16 {
-    match w % 16 {
-        0 => u16::MAX,
-        r => (1u16 << r) - 1,
-    }
+/// The instruction set the kernels run on, holding `pulp`'s proof that this CPU has it: a value exists only
+/// where `try_new` found every feature at run time, so no product can reach code compiled for
+/// instructions the CPU lacks.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Isa {
+    /// x86-64-v4: AVX-512 F, BW, CD, DQ and VL with AVX2 and FMA; 16 lanes.
+    #[cfg(target_arch = "x86_64")]
+    V4(pulp::x86::V4),
+    /// x86-64-v3: AVX2 and FMA (with BMI and friends); 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    V3(pulp::x86::V3),
+    /// AArch64 NEON (Advanced SIMD); 4 lanes.
+    #[cfg(target_arch = "aarch64")]
+    Neon(pulp::aarch64::Neon),
 }
 
-/// Whether the kernel runs: AVX-512 on this CPU and not capped by `LORA_KERNELS` ([`super::simd`]).
-pub(super) fn available() -> bool {
-    super::simd() == super::Simd::Avx512
+impl Isa {
+    /// The kernels' instruction set for `level`, if this CPU has it (`None` for the portable level).
+    pub(super) fn at(level: super::Simd) -> Option<Isa> {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            super::Simd::Avx512 => pulp::x86::V4::try_new().map(Isa::V4),
+            #[cfg(target_arch = "x86_64")]
+            super::Simd::Avx2 => pulp::x86::V3::try_new().map(Isa::V3),
+            #[cfg(target_arch = "aarch64")]
+            super::Simd::Neon => pulp::aarch64::Neon::try_new().map(Isa::Neon),
+            _ => None,
+        }
+    }
+
+    /// The instruction set of [`super::simd`]'s level (detected once, capped by `LORA_KERNELS`).
+    pub(super) fn current() -> Option<Isa> {
+        static CURRENT: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *CURRENT.get_or_init(|| Isa::at(super::simd()))
+    }
+
+    /// Runs `op` compiled for this instruction set.
+    #[inline]
+    fn vectorize<Op: WithSimd>(self, op: Op) -> Op::Output {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::V4(s) => pulp::Simd::vectorize(s, op),
+            #[cfg(target_arch = "x86_64")]
+            Isa::V3(s) => pulp::Simd::vectorize(s, op),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon(s) => pulp::Simd::vectorize(s, op),
+        }
+    }
+
+    /// Called by each thread when it has run its share of a product: see [`clean_upper_state`].
+    fn finish(self) {
+        #[cfg(target_arch = "x86_64")]
+        if let Isa::V4(_) = self {
+            // SAFETY: the V4 token proves the CPU has AVX-512 F.
+            unsafe { clean_upper_state() };
+        }
+    }
 }
 
 /// How the kernel reads a product: which operand is streamed (A, broadcast) and which is loaded as rows (B).
@@ -63,17 +117,14 @@ pub(super) enum Plan {
     /// `Cᵀ = Bᵀ·Aᵀ`, B's columns contiguous; Aᵀ is packed in panels of 64 columns.
     Transposed,
     /// Few output columns (fewer than 64: the last layer, x·Aᵀ of an adapter): each element a dot
-    /// product of a contiguous row of A with a contiguous column of B, 16 lanes at a time.
+    /// product of a contiguous row of A with a contiguous column of B, L lanes at a time.
     Dots,
 }
 
 /// The plan for `lhs·rhs`, or `None` where the kernel does not pay (tiny products, narrow outputs) or
-/// does not apply (neither rows nor columns of rhs contiguous, no AVX-512).
+/// does not apply (neither rows nor columns of rhs contiguous).
 pub(super) fn plan(lhs: &MatRef<'_>, rhs: &MatRef<'_>) -> Option<Plan> {
     let (m, n) = (lhs.rows, rhs.cols);
-    if !available() {
-        return None;
-    }
     if (rhs.cs == 1 || rhs.cols == 1) && n >= 16 {
         Some(Plan::Direct)
     } else if (rhs.rs == 1 || rhs.rows == 1) && n >= NR && m >= 16 {
@@ -86,114 +137,109 @@ pub(super) fn plan(lhs: &MatRef<'_>, rhs: &MatRef<'_>) -> Option<Plan> {
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` on `threads` threads, as planned by [`plan`].
-/// The caller has checked the shapes (`lhs.cols == rhs.rows`, `dst.len() == m·n`, m, n, k > 0).
-pub(super) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, plan: Plan, threads: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-        // The soundness of every `unsafe` below: the CPU runs AVX-512 F. `plan` offers plans only then (and
-        // only when LORA_KERNELS allows); checked here too (a cached flag), so no plan reaches the kernels on
-        // a CPU without it.
-        assert!(std::arch::is_x86_feature_detected!("avx512f"), "sgemm::matmul needs AVX-512 F: plans come from plan()");
-        debug_assert!(rhs.rows == k && dst.len() == m * n);
-        if plan == Plan::Dots {
-            return dots(dst, lhs, rhs, beta, accumulate, threads);
+/// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` on `threads` threads, as planned by [`plan`], in `isa`'s
+/// instructions. The caller has checked the shapes (`lhs.cols == rhs.rows`, `dst.len() == m·n`, m, n, k > 0).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, plan: Plan, threads: usize) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    assert!(rhs.rows == k && dst.len() == m * n, "sgemm::matmul: ({m}x{k})·({}x{n}) into {} values", rhs.rows, dst.len());
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
         }
-        if plan == Plan::Direct && k >= 32 && n >= 64 {
-            if let Some(csr) = Csr::build(&lhs) {
-                return sparse_direct(dst, &csr, rhs, beta, accumulate, threads);
-            }
+        return;
+    }
+    if plan == Plan::Dots {
+        return dots(isa, dst, lhs, rhs, beta, accumulate, threads);
+    }
+    if plan == Plan::Direct && k >= 32 && n >= 64 {
+        if let Some(csr) = Csr::build(&lhs) {
+            return sparse_direct(isa, dst, &csr, rhs, beta, accumulate, threads);
         }
-        let mut pack = Vec::new();
-        let job = match plan {
-            Plan::Dots => unreachable!("handled above"),
-            Plan::Direct => Job {
+    }
+    let mut pack = Vec::new();
+    let job = match plan {
+        Plan::Dots => unreachable!("handled above"),
+        Plan::Direct => Job {
+            rows: m,
+            cols: n,
+            k,
+            a: lhs.data.as_ptr(),
+            a_rs: lhs.rs as isize,
+            a_ks: lhs.cs as isize,
+            b: rhs.data.as_ptr(),
+            b_ks: rhs.rs as isize,
+            b_panel: NR as isize,
+            c_rs: n as isize,
+            c_cs: 1,
+            beta,
+            accumulate,
+        },
+        // Many rows (a whole batch of tokens times Wᵀ): copying B into contiguous rows (k·n values)
+        // is cheaper than packing Aᵀ (m·k values), and the direct loop then writes C in row order.
+        Plan::Transposed if m > n => {
+            pack = PACK.with(|p| p.take());
+            pack_rows(&rhs, &mut pack);
+            Job {
                 rows: m,
                 cols: n,
                 k,
                 a: lhs.data.as_ptr(),
                 a_rs: lhs.rs as isize,
                 a_ks: lhs.cs as isize,
-                b: rhs.data.as_ptr(),
-                b_ks: rhs.rs as isize,
+                b: pack.as_ptr(),
+                b_ks: n as isize,
                 b_panel: NR as isize,
                 c_rs: n as isize,
                 c_cs: 1,
                 beta,
                 accumulate,
-            },
-            // Many rows (a whole batch of tokens times Wᵀ): copying B into contiguous rows (k·n values)
-            // is cheaper than packing Aᵀ (m·k values), and the direct loop then writes C in row order.
-            Plan::Transposed if m > n => {
-                pack = PACK.with(|p| p.take());
-                pack_rows(&rhs, &mut pack);
-                Job {
-                    rows: m,
-                    cols: n,
-                    k,
-                    a: lhs.data.as_ptr(),
-                    a_rs: lhs.rs as isize,
-                    a_ks: lhs.cs as isize,
-                    b: pack.as_ptr(),
-                    b_ks: n as isize,
-                    b_panel: NR as isize,
-                    c_rs: n as isize,
-                    c_cs: 1,
-                    beta,
-                    accumulate,
-                }
             }
-            Plan::Transposed => {
-                pack = PACK.with(|p| p.take());
-                pack_transposed(&lhs, &mut pack);
-                Job {
-                    rows: n,
-                    cols: m,
-                    k,
-                    a: rhs.data.as_ptr(),
-                    a_rs: rhs.cs as isize,
-                    a_ks: rhs.rs as isize,
-                    b: pack.as_ptr(),
-                    b_ks: NR as isize,
-                    b_panel: (k * NR) as isize,
-                    c_rs: 1,
-                    c_cs: n as isize,
-                    beta,
-                    accumulate,
-                }
-            }
-        };
-        let c = Out(dst.as_mut_ptr());
-        let (row_tiles, col_tiles) = (job.rows.div_ceil(MR), job.cols.div_ceil(NR));
-        let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN { 1 } else { threads };
-        // Split the dimension with more tiles; each part owns whole tiles, so no element is shared.
-        let split_rows = row_tiles >= col_tiles;
-        let tiles = if split_rows { row_tiles } else { col_tiles };
-        let parts = parts.min(tiles);
-        let run = |p: usize| {
-            let (lo, hi) = (tiles * p / parts, tiles * (p + 1) / parts);
-            let (r, cl) = if split_rows { ((lo, hi), (0, col_tiles)) } else { ((0, row_tiles), (lo, hi)) };
-            // SAFETY: AVX-512 F is available (plan), every A/B element the tiles read lies inside the
-            // bounds-checked views or the pack buffer, and the tiles of different parts are disjoint blocks
-            // of dst (which the &mut borrow makes ours alone for the call).
-            unsafe { job.run(c, r, cl) }
-        };
-        in_parts(parts, run);
-        if plan == Plan::Transposed {
-            PACK.with(|p| p.replace(pack));
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (dst, lhs, rhs, beta, accumulate, plan, threads);
-        unreachable!("sgemm::plan never plans without AVX-512")
+        Plan::Transposed => {
+            pack = PACK.with(|p| p.take());
+            pack_transposed(&lhs, &mut pack);
+            Job {
+                rows: n,
+                cols: m,
+                k,
+                a: rhs.data.as_ptr(),
+                a_rs: rhs.cs as isize,
+                a_ks: rhs.rs as isize,
+                b: pack.as_ptr(),
+                b_ks: NR as isize,
+                b_panel: (k * NR) as isize,
+                c_rs: 1,
+                c_cs: n as isize,
+                beta,
+                accumulate,
+            }
+        }
+    };
+    let c = Out(dst.as_mut_ptr());
+    let (row_tiles, col_tiles) = (job.rows.div_ceil(MR), job.cols.div_ceil(NR));
+    let parts = if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN { 1 } else { threads };
+    // Split the dimension with more tiles; each part owns whole tiles, so no element is shared.
+    let split_rows = row_tiles >= col_tiles;
+    let tiles = if split_rows { row_tiles } else { col_tiles };
+    let parts = parts.min(tiles);
+    let run = |p: usize| {
+        let (lo, hi) = (tiles * p / parts, tiles * (p + 1) / parts);
+        let (r, cl) = if split_rows { ((lo, hi), (0, col_tiles)) } else { ((0, row_tiles), (lo, hi)) };
+        // SAFETY: every A/B element the tiles read lies inside the bounds-checked views or the pack buffer,
+        // and the tiles of different parts are disjoint blocks of dst (which the &mut borrow makes ours
+        // alone for the call).
+        unsafe { job.run(isa, c, r, cl) };
+        isa.finish();
+    };
+    in_parts(parts, run);
+    if plan == Plan::Transposed {
+        PACK.with(|p| p.replace(pack));
     }
 }
 
 /// Runs `run(0)`, …, `run(parts − 1)`: part 0 on this thread (a rayon worker or not), the others on the
 /// rayon threads.
-#[cfg(target_arch = "x86_64")]
 fn in_parts(parts: usize, run: impl Fn(usize) + Sync) {
     if parts <= 1 {
         return run(0);
@@ -207,7 +253,6 @@ fn in_parts(parts: usize, run: impl Fn(usize) + Sync) {
     });
 }
 
-#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// The pack buffer, reused across calls on this thread (taken out during a call, so a nested call on
     /// the same thread, e.g. a rayon job run while waiting, allocates its own instead of sharing it).
@@ -216,7 +261,6 @@ thread_local! {
 
 /// Copies B (k × n, any strides) into `pack` as a row-major k × n matrix, in 16 × 16 blocks so that
 /// both the reads and the writes stay within a few cache lines at a time.
-#[cfg(target_arch = "x86_64")]
 fn pack_rows(b: &MatRef<'_>, pack: &mut Vec<f32>) {
     const T: usize = 16;
     let (k, n) = (b.rows, b.cols);
@@ -236,7 +280,6 @@ fn pack_rows(b: &MatRef<'_>, pack: &mut Vec<f32>) {
 
 /// Packs Aᵀ (k × m) in panels of NR columns: `pack[p·k·NR + kk·NR + jj] = A[p·NR + jj, kk]`; the unused
 /// columns of the last panel are left as they are (the kernel's masked loads never read them).
-#[cfg(target_arch = "x86_64")]
 fn pack_transposed(a: &MatRef<'_>, pack: &mut Vec<f32>) {
     let (m, k) = (a.rows, a.cols);
     let need = m.div_ceil(NR) * k * NR;
@@ -255,19 +298,15 @@ fn pack_transposed(a: &MatRef<'_>, pack: &mut Vec<f32>) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
 // SAFETY: hands disjoint tiles of one output buffer to the threads of a rayon scope.
-#[cfg(target_arch = "x86_64")]
 unsafe impl Send for Out {}
-#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for Out {}
 
 /// One product as the tile loop sees it: C (rows × cols) = A (rows × k) · B (k × cols), with element
 /// (i, j) of C at `c + i·c_rs + j·c_cs`, A's (i, kk) at `a + i·a_rs + kk·a_ks`, and B's row kk of panel p
 /// (columns p·NR …) at `b + p·b_panel + kk·b_ks` (b_panel = NR: B itself; k·NR: the pack buffer).
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Job {
     rows: usize,
@@ -286,16 +325,14 @@ struct Job {
 }
 
 // SAFETY: the pointers are only read (a, b) through shared views that outlive the scope.
-#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for Job {}
 
-#[cfg(target_arch = "x86_64")]
 impl Job {
     /// Runs the tiles `row_tiles × col_tiles` (half-open tile index ranges).
     ///
     /// # Safety
-    /// AVX-512 F must be available, and the job's pointers valid for every element it describes.
-    unsafe fn run(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+    /// The job's pointers must be valid for every element it describes.
+    unsafe fn run(&self, isa: Isa, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
         // A long k (dW = Gᵀ·X over a batch of thousands of tokens) with a large B: a 64-column panel of all
         // k rows would not stay in L2, so k is cut into blocks of KC steps, each block's products added to
         // C in turn (every element still sums its terms in increasing k, in the same blocks whatever the
@@ -309,27 +346,25 @@ impl Job {
                     accumulate: self.accumulate || k0 > 0,
                     ..*self
                 };
-                part.run_block(c, (r0, r1), (c0, c1));
+                part.run_block(isa, c, (r0, r1), (c0, c1));
             }
         } else {
-            self.run_block(c, (r0, r1), (c0, c1));
+            self.run_block(isa, c, (r0, r1), (c0, c1));
         }
-        // SAFETY: the CPU has AVX-512 F: `matmul`, the way in from outside this file, asserts it (tests check it).
-        unsafe { clean_upper_state() };
     }
 
     /// [`Job::run`] for a k short enough to run in one pass.
     ///
     /// # Safety
     /// As for [`Job::run`].
-    unsafe fn run_block(&self, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+    unsafe fn run_block(&self, isa: Isa, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
         // Loop order: when B is small (dW = Gᵀ·X: B = X, 64 rows) sweep it once per row tile and write C
         // row block by row block, in address order; when B is large (dX = G·W: B = W) keep one 64-column
         // panel of it in L2 and run every row tile over it before the next.
         if self.k * self.cols <= ROW_ORDER_MAX_B {
             for ip in r0..r1 {
                 for jp in c0..c1 {
-                    self.tile(c, ip, jp);
+                    self.tile(isa, c, ip, jp, None);
                 }
             }
         } else {
@@ -345,22 +380,10 @@ impl Job {
                         // A prefetch target (k0 may equal k): wrapping arithmetic, never dereferenced.
                         (self.b.wrapping_offset((jp + 1) as isize * self.b_panel + k0 as isize * self.b_ks), n)
                     });
-                    self.tile_pf(c, ip, jp, next);
+                    self.tile(isa, c, ip, jp, next);
                 }
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Job {
-    /// Runs tile (ip, jp).
-    ///
-    /// # Safety
-    /// As for [`Job::run`].
-    #[inline]
-    unsafe fn tile(&self, c: Out, ip: usize, jp: usize) {
-        self.tile_pf(c, ip, jp, None)
     }
 
     /// Runs tile (ip, jp), prefetching `n` rows of B (64 values each, row stride b_ks) from `next`.
@@ -368,22 +391,19 @@ impl Job {
     /// # Safety
     /// As for [`Job::run`].
     #[inline]
-    unsafe fn tile_pf(&self, c: Out, ip: usize, jp: usize, next: Option<(*const f32, usize)>) {
+    unsafe fn tile(&self, isa: Isa, c: Out, ip: usize, jp: usize, next: Option<(*const f32, usize)>) {
         let (pf, pf_n) = next.unwrap_or((std::ptr::null(), 0));
         let j0 = jp * NR;
-        let w = (self.cols - j0).min(NR);
-        let nv = w.div_ceil(16);
-        let mask = lane_mask(w);
         let i0 = ip * MR;
-        let mr = (self.rows - i0).min(MR);
         let t = Tile {
+            rows: (self.rows - i0).min(MR),
+            cols: (self.cols - j0).min(NR),
             k: self.k,
             a: self.a.offset(i0 as isize * self.a_rs),
             a_rs: self.a_rs,
             a_ks: self.a_ks,
             b: self.b.offset(jp as isize * self.b_panel),
             b_ks: self.b_ks,
-            mask,
             c: c.0.offset(i0 as isize * self.c_rs + j0 as isize * self.c_cs),
             c_rs: self.c_rs,
             c_cs: self.c_cs,
@@ -392,29 +412,21 @@ impl Job {
             pf,
             pf_n,
         };
-        macro_rules! go {
-            ($($mr:literal),*) => {
-                match (mr, nv) {
-                    $(($mr, 4) => tile::<$mr, 4>(&t), ($mr, 3) => tile::<$mr, 3>(&t),
-                      ($mr, 2) => tile::<$mr, 2>(&t), ($mr, _) => tile::<$mr, 1>(&t),)*
-                    _ => unreachable!("tiles have 1..=MR rows"),
-                }
-            };
-        }
-        go!(6, 5, 4, 3, 2, 1);
+        isa.vectorize(t);
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// One tile of a [`Job`]: C (rows × cols, at most MR × NR) `(+)= β·A·B`, with the layout of [`Job`].
+/// Built only by [`Job::tile`], whose caller guarantees every pointer valid for the elements it describes.
 struct Tile {
+    rows: usize,
+    cols: usize,
     k: usize,
     a: *const f32,
     a_rs: isize,
     a_ks: isize,
     b: *const f32,
     b_ks: isize,
-    /// Lanes of the last B vector inside the matrix.
-    mask: u16,
     c: *mut f32,
     c_rs: isize,
     c_cs: isize,
@@ -425,33 +437,151 @@ struct Tile {
     pf_n: usize,
 }
 
-/// The microkernel: a `R × 16·V` tile (last vector masked), `C (+)= β·Σ_k a_k ⊗ b_k`.
+/// Steps of k per pass when a tile runs as several register blocks (AVX2, NEON): each block's partial sums
+/// go back to the tile's buffer between passes, so the ≤ 6 rows of A a pass broadcasts (6 KiB) are read from
+/// memory by the first block and from L1 by the others. (Storing and reloading a partial sum is exact: the
+/// chains are those of a single pass.)
+const KB: usize = 256;
+
+impl WithSimd for Tile {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let lanes = S::F32_LANES;
+        // Columns per register block: the whole tile with 16 lanes (4 × 16), else 16 (AVX2: 2 × 8 of 16
+        // registers; NEON: 4 × 4 of 32).
+        let block = if lanes >= 16 { NR } else { 16 };
+        let kb = if block == NR { self.k } else { KB };
+        let mut sums = [[0f32; NR]; MR]; // the tile's partial sums Σ_k a_k ⊗ b_k, (rows, cols)
+        for k0 in (0..self.k).step_by(kb.max(1)) {
+            let k1 = (k0 + kb).min(self.k);
+            for j in (0..self.cols).step_by(block) {
+                let w = (self.cols - j).min(block);
+                let nv = w.div_ceil(lanes);
+                let pass = Pass { j, w, k0, k1 };
+                macro_rules! go {
+                    ($($r:literal),*) => {
+                        match (self.rows, nv) {
+                            $(($r, 4) => tile::<S, $r, 4>(simd, &self, pass, &mut sums),
+                              ($r, 3) => tile::<S, $r, 3>(simd, &self, pass, &mut sums),
+                              ($r, 2) => tile::<S, $r, 2>(simd, &self, pass, &mut sums),
+                              ($r, _) => tile::<S, $r, 1>(simd, &self, pass, &mut sums),)*
+                            _ => unreachable!("tiles have 1..=MR rows"),
+                        }
+                    };
+                }
+                // SAFETY: the tile's pointers are valid (see `Tile`); columns j..j+w and steps k0..k1 lie
+                // inside it.
+                unsafe { go!(6, 5, 4, 3, 2, 1) }
+            }
+        }
+        // SAFETY: as above.
+        unsafe { write_tile(simd, &self, &sums) }
+    }
+}
+
+/// One pass of the microkernel over a tile: columns `j..j+w`, steps `k0..k1`.
+#[derive(Clone, Copy)]
+struct Pass {
+    j: usize,
+    w: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// Brings a 64-byte line into L1 ahead of use (x86-64; elsewhere nothing). A hint: it never faults.
+#[inline(always)]
+fn prefetch_line(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing into registers, writes nothing and never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// The first `n` lanes (n ≤ L), for the masked loads and stores of a ragged edge. Rebuilt from the bare
+/// lane mask: `pulp`'s own `MemMask` carries jump-table trampolines (inline assembly) for its loads and
+/// stores, opaque to the compiler, which then spilled the kernels' accumulators around every masked access
+/// (measured: the AVX2 tiles ran at a third of their speed); the bare mask takes the native masked
+/// instructions (`vmaskmovps`, AVX-512's `k` masks; lane by lane on NEON).
+#[inline(always)]
+fn first_lanes<S: pulp::Simd>(simd: S, n: usize) -> pulp::MemMask<S::m32s> {
+    pulp::MemMask::new(simd.mask_between_m32s(0, n as u32).mask())
+}
+
+/// Loads L values at `p`, or only the lanes of `mask` when `masked` (the others zero). A plain function,
+/// not a closure: a closure would not inherit the target features of the `vectorize` context it runs in,
+/// and the intrinsics inside it would become calls.
 ///
 /// # Safety
-/// AVX-512 F must be available; `t` must describe valid memory (masked-off lanes are never touched).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); V]; R]; // (R, 16·V)
-    let (mut a, mut b) = (t.a, t.b);
-    let mut pf = t.pf;
-    for kk in 0..t.k {
-        if kk < t.pf_n {
+/// The L values at `p` (the masked lanes only, when `masked`) must be readable.
+#[inline(always)]
+unsafe fn load<S: pulp::Simd>(simd: S, p: *const f32, masked: bool, mask: pulp::MemMask<S::m32s>) -> S::f32s {
+    if masked {
+        simd.mask_load_ptr_f32s(mask, p)
+    } else {
+        p.cast::<S::f32s>().read_unaligned()
+    }
+}
+
+/// Stores `v` at `p`, only the lanes of `mask` when `masked`.
+///
+/// # Safety
+/// The L values at `p` (the masked lanes only, when `masked`) must be writable.
+#[inline(always)]
+unsafe fn store<S: pulp::Simd>(simd: S, p: *mut f32, v: S::f32s, masked: bool, mask: pulp::MemMask<S::m32s>) {
+    if masked {
+        simd.mask_store_ptr_f32s(mask, p, v)
+    } else {
+        p.cast::<S::f32s>().write_unaligned(v)
+    }
+}
+
+/// The microkernel: columns `j..j+w` of a tile (`w` in `L·(V−1)+1 ..= L·V`, the last vector masked when
+/// short), steps `k0..k1`: `sums += Σ_k a_k ⊗ b_k` with the R × L·V block in registers (started from zero
+/// on the first pass, from `sums` on later ones).
+///
+/// # Safety
+/// `t` must describe valid memory (masked-off lanes are never touched).
+#[inline(always)]
+unsafe fn tile<S: pulp::Simd, const R: usize, const V: usize>(simd: S, t: &Tile, p: Pass, sums: &mut [[f32; NR]; MR]) {
+    let lanes = S::F32_LANES;
+    let Pass { j, w, k0, k1 } = p;
+    let zero = simd.splat_f32s(0.0);
+    let last = w - lanes * (V - 1); // lanes of the last vector inside the tile
+    let full = last == lanes;
+    let mask = first_lanes(simd, last);
+    let mut acc = [[zero; V]; R]; // (R, L·V)
+    if k0 > 0 {
+        for (row, sum) in acc.iter_mut().zip(sums.iter()) {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = sum.as_ptr().add(j + lanes * v).cast::<S::f32s>().read_unaligned();
+            }
+        }
+    }
+    let (mut a, mut b) = (t.a.offset(k0 as isize * t.a_ks), t.b.offset(k0 as isize * t.b_ks).add(j));
+    // The next panel's rows are fetched by the first column block only, one row per step of k.
+    let pf_end = if j == 0 { t.pf_n.min(k1) } else { 0 };
+    let mut pf = t.pf.wrapping_offset(k0 as isize * t.b_ks);
+    for kk in k0..k1 {
+        if kk < pf_end {
             for line in 0..4 {
-                // A prefetch never faults, but the address may lie past B's end: wrapping arithmetic.
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(16 * line) as *const i8);
+                // The address may lie past B's end: wrapping arithmetic (a prefetch never faults).
+                prefetch_line(pf.wrapping_add(16 * line));
             }
             pf = pf.wrapping_offset(t.b_ks);
         }
-        let mut bv = [_mm512_setzero_ps(); V]; // row kk of B: 16·V values
+        let mut bv = [zero; V]; // columns j.. of row kk of B
         for (v, x) in bv.iter_mut().enumerate() {
-            *x = if v + 1 == V { _mm512_maskz_loadu_ps(t.mask, b.add(16 * v)) } else { _mm512_loadu_ps(b.add(16 * v)) };
+            *x = load(simd, b.add(lanes * v), v + 1 == V && !full, mask);
         }
         for (i, row) in acc.iter_mut().enumerate() {
-            let s = _mm512_set1_ps(*a.offset(i as isize * t.a_rs)); // A[i, kk]
+            let s = simd.splat_f32s(*a.offset(i as isize * t.a_rs)); // A[i, kk]
             for (x, y) in row.iter_mut().zip(&bv) {
-                *x = _mm512_fmadd_ps(s, *y, *x);
+                *x = simd.mul_add_f32s(s, *y, *x);
             }
         }
         // Loop-carried: after the last step they point one stride past the data (never read), so wrapping
@@ -459,33 +589,44 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
         a = a.wrapping_offset(t.a_ks);
         b = b.wrapping_offset(t.b_ks);
     }
-    let beta = _mm512_set1_ps(t.beta);
+    // The buffer is NR wide: whole vectors fit past the tile's last column (those lanes are never written out).
+    for (row, sum) in acc.iter().zip(sums.iter_mut()) {
+        for (v, x) in row.iter().enumerate() {
+            sum.as_mut_ptr().add(j + lanes * v).cast::<S::f32s>().write_unaligned(*x);
+        }
+    }
+}
+
+/// Writes a tile's sums out: `C = [C +] β·sums`.
+///
+/// # Safety
+/// `t` must describe valid memory.
+#[inline(always)]
+unsafe fn write_tile<S: pulp::Simd>(simd: S, t: &Tile, sums: &[[f32; NR]; MR]) {
+    let lanes = S::F32_LANES;
+    let beta = simd.splat_f32s(t.beta);
     if t.c_cs == 1 {
-        for (i, row) in acc.iter().enumerate() {
+        for (i, sum) in sums.iter().enumerate().take(t.rows) {
             let out = t.c.offset(i as isize * t.c_rs);
-            for (v, x) in row.iter().enumerate() {
-                let m = if v + 1 == V { t.mask } else { u16::MAX };
-                let mut r = _mm512_mul_ps(*x, beta);
+            for j in (0..t.cols).step_by(lanes) {
+                let n = (t.cols - j).min(lanes);
+                let (masked, mask) = (n < lanes, first_lanes(simd, n));
+                let p = out.add(j);
+                let mut r = simd.mul_f32s(sum.as_ptr().add(j).cast::<S::f32s>().read_unaligned(), beta);
                 if t.accumulate {
-                    r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out.add(16 * v)), r);
+                    r = simd.add_f32s(load(simd, p, masked, mask), r);
                 }
-                _mm512_mask_storeu_ps(out.add(16 * v), m, r);
+                store(simd, p, r, masked, mask);
             }
         }
     } else {
-        // Transposed output: through a small buffer, then column by column (contiguous along i when c_rs = 1).
-        let mut buf = [[0f32; NR]; R];
-        for (row, x) in buf.iter_mut().zip(&acc) {
-            for (v, y) in x.iter().enumerate() {
-                _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), _mm512_mul_ps(*y, beta));
-            }
-        }
-        let cols = 16 * (V - 1) + t.mask.count_ones() as usize;
-        for j in 0..cols {
+        // Transposed output: column by column (contiguous along i when c_rs = 1).
+        for j in 0..t.cols {
             let out = t.c.offset(j as isize * t.c_cs);
-            for (i, row) in buf.iter().enumerate() {
+            for (i, sum) in sums.iter().enumerate().take(t.rows) {
                 let p = out.offset(i as isize * t.c_rs);
-                *p = if t.accumulate { *p + row[j] } else { row[j] };
+                let r = sum[j] * t.beta;
+                *p = if t.accumulate { *p + r } else { r };
             }
         }
     }
@@ -519,18 +660,24 @@ unsafe fn clean_upper_state() {
     }
 }
 
-/// Rows of A per [`dot_tile`].
-const DOT_ROWS: usize = 4;
-/// Columns of C per [`dot_tile`] (4 × 6 = 24 accumulators).
-const DOT_COLS: usize = 6;
+/// Rows of A per dot tile: 4 (with 6 columns, 24 accumulators) where 32 vector registers are available
+/// (AVX-512, NEON), 3 (with 4 columns, 12 accumulators) on AVX2's 16.
+fn dot_shape(isa: Isa) -> (usize, usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::V3(_) => (3, 4),
+        #[allow(unreachable_patterns)]
+        _ => (4, 6),
+    }
+}
 
-/// [`Plan::Dots`]: `C (m×n) = [C +] β·A·B` with A's rows and B's columns contiguous, in tiles of 4 rows ×
-/// up to 6 columns, split by rows across threads (by columns when there are few rows).
-#[cfg(target_arch = "x86_64")]
-fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
+/// [`Plan::Dots`]: `C (m×n) = [C +] β·A·B` with A's rows and B's columns contiguous, in tiles of a few rows ×
+/// a few columns ([`dot_shape`]), split by rows across threads (by columns when there are few rows).
+fn dots(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    let tiles = m.div_ceil(DOT_ROWS);
-    let col_tiles = n.div_ceil(DOT_COLS);
+    let (dot_rows, dot_cols) = dot_shape(isa);
+    let tiles = m.div_ceil(dot_rows);
+    let col_tiles = n.div_ceil(dot_cols);
     // Few rows (a generation step's handful of tokens against a weight): split the columns, so each part
     // reads its own share of B once; otherwise split the rows.
     let split_cols = tiles < 2 * threads;
@@ -554,9 +701,12 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
             ((tiles * p / parts, tiles * (p + 1) / parts), (0, col_tiles))
         };
         let tile = |it: usize, jt: usize| {
-            let (i0, j0) = (it * DOT_ROWS, jt * DOT_COLS);
-            let (rows, cols) = ((m - i0).min(DOT_ROWS), (n - j0).min(DOT_COLS));
-            let t = DotTile {
+            let (i0, j0) = (it * dot_rows, jt * dot_cols);
+            // The tile reads rows i0.. of A and columns j0.. of B inside their bounds-checked views (the
+            // slices below check the starts), and writes its own block of C (disjoint across parts).
+            isa.vectorize(DotTile {
+                rows: (m - i0).min(dot_rows),
+                cols: (n - j0).min(dot_cols),
                 k,
                 a: lhs.data[i0 * lhs.rs..].as_ptr(),
                 a_rs: lhs.rs,
@@ -567,23 +717,10 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
                 ldc: n,
                 beta,
                 accumulate,
-            };
-            macro_rules! go {
-                ($($r:literal),*) => {
-                    match (rows, cols) {
-                        $(($r, 6) => dot_tile::<$r, 6>(&t), ($r, 5) => dot_tile::<$r, 5>(&t),
-                          ($r, 4) => dot_tile::<$r, 4>(&t), ($r, 3) => dot_tile::<$r, 3>(&t),
-                          ($r, 2) => dot_tile::<$r, 2>(&t), ($r, _) => dot_tile::<$r, 1>(&t),)*
-                        _ => unreachable!("dot tiles have 1..=4 rows"),
-                    }
-                };
-            }
-            // SAFETY: AVX-512 F is available (plan); the tile reads rows i0.. of A and columns j0.. of B
-            // inside their bounds-checked views, and writes its own block of C (disjoint across parts).
-            unsafe { go!(4, 3, 2, 1) }
+            })
         };
         if split_cols || small_a {
-            // Column blocks outer: the ≤ 6 columns of B a block reads stay in L1 for every row tile, and B
+            // Column blocks outer: the few columns of B a block reads stay in L1 for every row tile, and B
             // is read once (A, small, stays in cache).
             for jt in c0..c1 {
                 for it in r0..r1 {
@@ -598,14 +735,17 @@ fn dots(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate
                 }
             }
         }
-        // SAFETY: the CPU has AVX-512 F: `matmul`, the way in from outside this file, asserts it (tests check it).
-        unsafe { clean_upper_state() };
+        isa.finish();
     };
     in_parts(parts, run);
 }
 
-#[cfg(target_arch = "x86_64")]
+/// One tile of [`dots`]: `C[i][j] (+)= β·Σ_k A[i][k]·B[k][j]` for `rows × cols` elements. Built only by
+/// [`dots`], from bounds-checked views: rows `0..rows` of A and columns `0..cols` of B (k contiguous values
+/// each) and the tile of C are valid.
 struct DotTile {
+    rows: usize,
+    cols: usize,
     k: usize,
     a: *const f32,
     a_rs: usize,
@@ -618,37 +758,75 @@ struct DotTile {
     accumulate: bool,
 }
 
-/// `C[i][j] (+)= β·Σ_k A[i][k]·B[k][j]` for an `R × N` tile: 16 lanes of k at a time (the tail masked),
-/// then one horizontal sum per element.
+impl WithSimd for DotTile {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        macro_rules! go {
+            ($($r:literal),*) => {
+                match (self.rows, self.cols) {
+                    $(($r, 6) => dot_tile::<S, $r, 6>(simd, &self), ($r, 5) => dot_tile::<S, $r, 5>(simd, &self),
+                      ($r, 4) => dot_tile::<S, $r, 4>(simd, &self), ($r, 3) => dot_tile::<S, $r, 3>(simd, &self),
+                      ($r, 2) => dot_tile::<S, $r, 2>(simd, &self), ($r, _) => dot_tile::<S, $r, 1>(simd, &self),)*
+                    _ => unreachable!("dot tiles have 1..=4 rows"),
+                }
+            };
+        }
+        // SAFETY: the tile's pointers are valid (see `DotTile`).
+        unsafe { go!(4, 3, 2, 1) }
+    }
+}
+
+/// One step of [`dot_tile`]: lanes kk.. of every row of A and column of B (the lanes of `mask` only when
+/// `masked`) into the accumulators.
 ///
 /// # Safety
-/// AVX-512 F must be available; rows `0..R` of A and columns `0..N` of B (k values each, contiguous)
-/// and the tile of C must be valid.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_tile<const R: usize, const N: usize>(t: &DotTile) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); N]; R]; // (R, N), 16 partial sums each
+/// As described at [`DotTile`].
+#[inline(always)]
+unsafe fn dot_step<S: pulp::Simd, const R: usize, const N: usize>(
+    simd: S,
+    t: &DotTile,
+    acc: &mut [[S::f32s; N]; R],
+    kk: usize,
+    masked: bool,
+    mask: pulp::MemMask<S::m32s>,
+) {
+    let mut av = [simd.splat_f32s(0.0); R];
+    for (i, x) in av.iter_mut().enumerate() {
+        *x = load(simd, t.a.add(i * t.a_rs + kk), masked, mask);
+    }
+    for j in 0..N {
+        let bv = load(simd, t.b.add(j * t.b_cs + kk), masked, mask);
+        for (row, x) in acc.iter_mut().zip(&av) {
+            row[j] = simd.mul_add_f32s(*x, bv, row[j]);
+        }
+    }
+}
+
+/// `C[i][j] (+)= β·Σ_k A[i][k]·B[k][j]` for an `R × N` tile: L lanes of k at a time (the tail masked), then
+/// one horizontal sum per element.
+///
+/// # Safety
+/// As described at [`DotTile`].
+#[inline(always)]
+unsafe fn dot_tile<S: pulp::Simd, const R: usize, const N: usize>(simd: S, t: &DotTile) {
+    let lanes = S::F32_LANES;
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; N]; R]; // (R, N), L partial sums each
+    let whole = t.k - t.k % lanes;
     let mut kk = 0;
-    while kk < t.k {
-        let left = t.k - kk;
-        let mask = lane_mask(left.min(16));
-        let mut av = [_mm512_setzero_ps(); R];
-        for (i, x) in av.iter_mut().enumerate() {
-            *x = _mm512_maskz_loadu_ps(mask, t.a.add(i * t.a_rs + kk));
-        }
-        for j in 0..N {
-            let bv = _mm512_maskz_loadu_ps(mask, t.b.add(j * t.b_cs + kk));
-            for (row, x) in acc.iter_mut().zip(&av) {
-                row[j] = _mm512_fmadd_ps(*x, bv, row[j]);
-            }
-        }
-        kk += 16;
+    while kk < whole {
+        dot_step::<S, R, N>(simd, t, &mut acc, kk, false, first_lanes(simd, lanes));
+        kk += lanes;
+    }
+    if kk < t.k {
+        dot_step::<S, R, N>(simd, t, &mut acc, kk, true, first_lanes(simd, t.k - kk));
     }
     for (i, row) in acc.iter().enumerate() {
         for (j, x) in row.iter().enumerate() {
             let p = t.c.add(t.c_off + i * t.ldc + j);
-            let v = t.beta * _mm512_reduce_add_ps(*x);
+            let v = t.beta * simd.reduce_sum_f32s(*x);
             *p = if t.accumulate { *p + v } else { v };
         }
     }
@@ -662,14 +840,13 @@ const SPARSE_PROBE_LINES: usize = 16;
 /// …and gives up on A when more than this fraction of them is non-zero (a ReLU gradient of a trained
 /// layer has 75–88 % zeros; a gradient that flows through no ReLU has none).
 const SPARSE_PROBE_DENSITY: f64 = 0.9;
-/// Columns of C per pass of [`sparse_tile`] (16 vectors of 16).
+/// Columns of C per pass of [`sparse_direct`] (16 vectors of 16 lanes; AVX2 and NEON run it in blocks).
 const SPARSE_COLS: usize = 256;
 /// Rows of B per block of [`sparse_direct`]: a block of 64 rows of a 1000-column B is 250 KiB, kept in L2
 /// while every row of C that needs it passes over it.
 const SPARSE_BLOCK: usize = 64;
 
 /// A's non-zeros row by row (compressed sparse rows), built only when A is sparse enough.
-#[cfg(target_arch = "x86_64")]
 struct Csr {
     rows: usize,
     /// Row i's entries are `idx[start[i]..start[i + 1]]` (ascending k) with values `val[…]`.
@@ -678,7 +855,6 @@ struct Csr {
     val: Vec<f32>,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Csr {
     /// A's non-zeros, or `None` if more than [`SPARSE_MAX_DENSITY`] of its entries are non-zero. Reads A
     /// in memory order (by rows or by columns, whichever is contiguous).
@@ -747,8 +923,7 @@ impl Csr {
 /// [`Plan::Direct`] with a sparse A: `C (m×n) = [C +] β·A·B` from A's non-zeros only, in blocks of
 /// [`SPARSE_BLOCK`] rows of B; rows of C split across threads. Skipping exact zeros changes no sum of
 /// finite terms (only a NaN or infinity in B facing a zero of A would have shown in the dense product).
-#[cfg(target_arch = "x86_64")]
-fn sparse_direct(dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
+fn sparse_direct(isa: Isa, dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
     let (m, n, k) = (csr.rows, b.cols, b.rows);
     if !accumulate {
         dst.fill(0.0);
@@ -774,75 +949,88 @@ fn sparse_direct(dst: &mut [f32], csr: &Csr, b: MatRef<'_>, beta: f32, accumulat
                     continue;
                 }
                 for j0 in (0..n).step_by(SPARSE_COLS) {
-                    let w = (n - j0).min(SPARSE_COLS);
-                    let nv = w.div_ceil(16);
-                    let mask = lane_mask(w);
-                    let t = SparseTile {
+                    // The indices are rows of B (< k), the columns j0..j0+w lie inside B's rows (cs = 1)
+                    // and inside row i of C, which only this part writes.
+                    isa.vectorize(SparseTile {
                         idx: &csr.idx[lo..hi],
                         val: &csr.val[lo..hi],
                         b: b.data[j0..].as_ptr(),
                         b_ks: b.rs,
-                        mask,
+                        cols: (n - j0).min(SPARSE_COLS),
                         c: c.0,
                         c_off: i * n + j0,
                         beta,
-                    };
-                    macro_rules! go {
-                        ($($v:literal),*) => {
-                            match nv {
-                                $($v => sparse_tile::<$v>(&t),)*
-                                _ => unreachable!("1..=16 vectors"),
-                            }
-                        };
-                    }
-                    // SAFETY: AVX-512 F is available (plan); the indices are rows of B (< k), the columns
-                    // j0..j0+w lie inside B's rows (cs = 1) and inside row i of C, which only this part
-                    // writes.
-                    unsafe { go!(16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1) }
+                    });
                 }
             }
         }
-        // SAFETY: the CPU has AVX-512 F: `matmul`, the way in from outside this file, asserts it (tests check it).
-        unsafe { clean_upper_state() };
+        isa.finish();
     };
     in_parts(parts, run);
 }
 
-#[cfg(target_arch = "x86_64")]
+/// `C[i, j0..j0+cols] += β·Σ_t val[t]·B[idx[t], j0..]`. Built only by [`sparse_direct`]: every `idx` is a
+/// row of B, and the columns lie inside B and C.
 struct SparseTile<'a> {
     idx: &'a [u32],
     val: &'a [f32],
     b: *const f32,
     b_ks: usize,
-    mask: u16,
+    cols: usize,
     c: *mut f32,
     c_off: usize,
     beta: f32,
 }
 
-/// `C[i, j0..j0+16V] += β·Σ_t val[t]·B[idx[t], j0..]` (last vector masked).
-///
-/// # Safety
-/// AVX-512 F must be available; every `idx` a valid row of B, the columns inside B and C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sparse_tile<const V: usize>(t: &SparseTile<'_>) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); V];
-    for (&kk, &a) in t.idx.iter().zip(t.val) {
-        let s = _mm512_set1_ps(a);
-        let row = t.b.add(kk as usize * t.b_ks);
-        for (v, x) in acc.iter_mut().enumerate() {
-            let bv = if v + 1 == V { _mm512_maskz_loadu_ps(t.mask, row.add(16 * v)) } else { _mm512_loadu_ps(row.add(16 * v)) };
-            *x = _mm512_fmadd_ps(s, bv, *x);
+impl WithSimd for SparseTile<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let lanes = S::F32_LANES;
+        // Columns per register block: 16 vectors (16 of AVX-512's and NEON's 32 registers), 8 on AVX2.
+        let block = lanes * if lanes == 8 { 8 } else { 16 };
+        for j in (0..self.cols).step_by(block) {
+            let w = (self.cols - j).min(block);
+            macro_rules! go {
+                ($($v:literal),*) => {
+                    match w.div_ceil(lanes) {
+                        $($v => sparse_tile::<S, $v>(simd, &self, j, w),)*
+                        _ => unreachable!("1..=16 vectors"),
+                    }
+                };
+            }
+            // SAFETY: the tile's indices and columns are valid (see `SparseTile`).
+            unsafe { go!(16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1) }
         }
     }
-    let beta = _mm512_set1_ps(t.beta);
-    let out = t.c.add(t.c_off);
+}
+
+/// Columns `j..j+w` of a [`SparseTile`] (`w` in `L·(V−1)+1 ..= L·V`, the last vector masked when short).
+///
+/// # Safety
+/// As described at [`SparseTile`].
+#[inline(always)]
+unsafe fn sparse_tile<S: pulp::Simd, const V: usize>(simd: S, t: &SparseTile<'_>, j: usize, w: usize) {
+    let lanes = S::F32_LANES;
+    let last = w - lanes * (V - 1);
+    let full = last == lanes;
+    let mask = first_lanes(simd, last);
+    let mut acc = [simd.splat_f32s(0.0); V];
+    for (&kk, &a) in t.idx.iter().zip(t.val) {
+        let s = simd.splat_f32s(a);
+        let row = t.b.add(kk as usize * t.b_ks + j);
+        for (v, x) in acc.iter_mut().enumerate() {
+            *x = simd.mul_add_f32s(s, load(simd, row.add(lanes * v), v + 1 == V && !full, mask), *x);
+        }
+    }
+    let beta = simd.splat_f32s(t.beta);
+    let out = t.c.add(t.c_off + j);
     for (v, x) in acc.iter().enumerate() {
-        let m = if v + 1 == V { t.mask } else { u16::MAX };
-        let r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out.add(16 * v)), _mm512_mul_ps(*x, beta));
-        _mm512_mask_storeu_ps(out.add(16 * v), m, r);
+        let p = out.add(lanes * v);
+        let masked = v + 1 == V && !full;
+        let r = simd.add_f32s(load(simd, p, masked, mask), simd.mul_f32s(*x, beta));
+        store(simd, p, r, masked, mask);
     }
 }
 
@@ -894,86 +1082,128 @@ mod tests {
         ]
     }
 
-    /// Whether this CPU can run the kernels at all (whatever LORA_KERNELS allows `plan` to choose). When it
-    /// cannot, the test saying so prints it (shown by `cargo test -- --nocapture`) and checks nothing.
-    fn cpu_has_avx512() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        let has = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has = false;
-        if !has {
-            println!("this CPU has no AVX-512: the AVX-512 kernels cannot run here, nothing to check");
+    /// The kernels' instruction sets this CPU runs (whatever LORA_KERNELS allows `plan`'s caller to choose),
+    /// saying which it cannot (shown by `cargo test -- --nocapture`): those are checked on the machines
+    /// that have them (`.ci/run` runs the NEON path under qemu).
+    fn isas() -> Vec<Isa> {
+        let mut run = Vec::new();
+        for level in [super::super::Simd::Avx512, super::super::Simd::Avx2, super::super::Simd::Neon] {
+            match Isa::at(level) {
+                Some(isa) => run.push(isa),
+                None => println!("this CPU has no {level:?}: those kernels cannot run here"),
+            }
         }
-        has
+        run
+    }
+
+    /// An f64 reference product checked against `got` = [C +] β·A·B within f32 rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn check(ci: usize, what: &str, case: &Case, av: MatRef<'_>, bv: MatRef<'_>, init: &[f32], got: &[f32], beta: f32, accumulate: bool) {
+        for i in 0..case.m {
+            for j in 0..case.n {
+                let terms = (0..case.k).map(|kk| av.get(i, kk) as f64 * bv.get(kk, j) as f64);
+                let (sum, abs): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                let want = beta as f64 * sum + if accumulate { init[i * case.n + j] as f64 } else { 0.0 };
+                // A sum of k f32 products carries at most ≈ k·ε of the sum of their magnitudes (ε = 2⁻²⁴
+                // per rounding); scaling and the final add a few ε more. 2·k·ε·Σ|a·b| + 4ε·|C| bounds every
+                // order of summation while catching any wrong or missing term.
+                let tol =
+                    2.0 * case.k as f64 * f32::EPSILON as f64 * abs * beta.abs() as f64 + 4.0 * f32::EPSILON as f64 * (want.abs() + 1.0);
+                let g = got[i * case.n + j] as f64;
+                assert!((g - want).abs() <= tol, "case {ci} {what} ({beta}, {accumulate}) C[{i}][{j}] = {g}, want {want} ± {tol}");
+            }
+        }
     }
 
     #[test]
-    fn every_plan_matches_an_f64_reference_within_f32_rounding() {
+    fn every_plan_on_every_instruction_set_matches_an_f64_reference_within_f32_rounding() {
+        let isas = isas();
         for (ci, case) in cases().iter().enumerate() {
             let a = rand_vec(case.m * case.k, case.a_zeros, 10 + ci as u64);
             let b = rand_vec(case.k * case.n, 0.0, 20 + ci as u64);
             let (av, bv) = views(case, &a, &b);
-            if available() {
-                assert_eq!(plan(&av, &bv), case.want, "case {ci}: plan");
-            }
+            assert_eq!(plan(&av, &bv), case.want, "case {ci}: plan");
             for (beta, accumulate) in [(1.0f32, false), (-0.75, true)] {
                 let init = rand_vec(case.m * case.n, 0.0, 30 + ci as u64);
+                // The entry point (whatever this CPU and LORA_KERNELS choose), then each instruction set.
                 let mut got = init.clone();
                 super::super::matmul_into(&mut got, av, bv, beta, accumulate).unwrap();
-                for i in 0..case.m {
-                    for j in 0..case.n {
-                        let terms = (0..case.k).map(|kk| av.get(i, kk) as f64 * bv.get(kk, j) as f64);
-                        let (sum, abs): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                        let want = beta as f64 * sum + if accumulate { init[i * case.n + j] as f64 } else { 0.0 };
-                        // A sum of k f32 products carries at most ≈ k·ε of the sum of their magnitudes
-                        // (ε = 2⁻²⁴ per rounding); scaling and the final add a few ε more. 2·k·ε·Σ|a·b| + 4ε·|C|
-                        // bounds every order of summation while catching any wrong or missing term.
-                        let tol = 2.0 * case.k as f64 * f32::EPSILON as f64 * abs * beta.abs() as f64
-                            + 4.0 * f32::EPSILON as f64 * (want.abs() + 1.0);
-                        let g = got[i * case.n + j] as f64;
-                        assert!((g - want).abs() <= tol, "case {ci} ({beta}, {accumulate}) C[{i}][{j}] = {g}, want {want} ± {tol}");
-                    }
+                check(ci, "matmul_into", case, av, bv, &init, &got, beta, accumulate);
+                for &isa in &isas {
+                    let Some(p) = case.want else { continue };
+                    let mut got = init.clone();
+                    matmul(isa, &mut got, av, bv, beta, accumulate, p, 1);
+                    check(ci, &format!("{isa:?}"), case, av, bv, &init, &got, beta, accumulate);
                 }
             }
         }
     }
 
-    #[test]
-    fn results_do_not_depend_on_the_number_of_threads() {
-        if !cpu_has_avx512() {
-            return;
-        }
-        // Big enough (≥ PARALLEL_MIN multiply-adds) that every plan splits.
-        let shapes = [
+    /// Big enough (≥ PARALLEL_MIN multiply-adds) that every plan splits.
+    fn big_cases() -> [Case; 4] {
+        [
             Case { m: 64, n: 1000, k: 200, a_transposed: false, b_transposed: false, a_zeros: 0.0, want: Some(Plan::Direct) },
             Case { m: 500, n: 300, k: 64, a_transposed: true, b_transposed: false, a_zeros: 0.75, want: Some(Plan::Direct) },
             Case { m: 64, n: 700, k: 300, a_transposed: false, b_transposed: true, a_zeros: 0.0, want: Some(Plan::Transposed) },
             Case { m: 256, n: 10, k: 800, a_transposed: false, b_transposed: true, a_zeros: 0.0, want: Some(Plan::Dots) },
-        ];
-        for (ci, case) in shapes.iter().enumerate() {
-            let a = rand_vec(case.m * case.k, case.a_zeros, 40 + ci as u64);
-            let b = rand_vec(case.k * case.n, 0.0, 50 + ci as u64);
-            let (av, bv) = views(case, &a, &b);
-            // The kernels run whenever the CPU has AVX-512; `plan` offers them only when LORA_KERNELS allows.
-            let p = case.want.expect("every shape here has a plan");
-            assert_eq!(plan(&av, &bv), if available() { Some(p) } else { None }, "case {ci}: plan");
-            let run = |threads| {
-                let mut c = vec![0f32; case.m * case.n];
-                matmul(&mut c, av, bv, 1.0, false, p, threads);
-                c
-            };
-            let one = run(1);
-            assert_eq!(one, run(2), "case {ci}: 1 vs 2 threads");
-            assert_eq!(one, run(3), "case {ci}: 1 vs 3 threads");
+        ]
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_number_of_threads() {
+        for isa in isas() {
+            for (ci, case) in big_cases().iter().enumerate() {
+                let a = rand_vec(case.m * case.k, case.a_zeros, 40 + ci as u64);
+                let b = rand_vec(case.k * case.n, 0.0, 50 + ci as u64);
+                let (av, bv) = views(case, &a, &b);
+                let p = case.want.expect("every shape here has a plan");
+                assert_eq!(plan(&av, &bv), Some(p), "case {ci}: plan");
+                let run = |threads| {
+                    let mut c = vec![0f32; case.m * case.n];
+                    matmul(isa, &mut c, av, bv, 1.0, false, p, threads);
+                    c
+                };
+                let one = run(1);
+                assert_eq!(one, run(2), "{isa:?} case {ci}: 1 vs 2 threads");
+                assert_eq!(one, run(3), "{isa:?} case {ci}: 1 vs 3 threads");
+            }
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn a_sparse_a_gives_the_bits_of_the_dense_tiles() {
-        if !cpu_has_avx512() {
+    fn the_tiles_and_the_sparse_loop_give_the_same_bits_on_every_instruction_set() {
+        let isas = isas();
+        if isas.len() < 2 {
+            println!("one instruction set on this CPU ({isas:?}): nothing to compare it with");
             return;
         }
+        // Every plan but Dots (whose lanes are summed across at the end, so its rounding follows the width),
+        // with ragged edges, a sparse A and a long k (blocked by KC).
+        let mut shapes: Vec<Case> = cases().into_iter().filter(|c| c.want.is_some_and(|p| p != Plan::Dots)).collect();
+        shapes.extend(big_cases().into_iter().filter(|c| c.want != Some(Plan::Dots)));
+        shapes.push(Case { m: 13, n: 700, k: 1100, a_transposed: false, b_transposed: false, a_zeros: 0.0, want: Some(Plan::Direct) });
+        for (ci, case) in shapes.iter().enumerate() {
+            let a = rand_vec(case.m * case.k, case.a_zeros, 90 + ci as u64);
+            let b = rand_vec(case.k * case.n, 0.0, 95 + ci as u64);
+            let (av, bv) = views(case, &a, &b);
+            let p = plan(&av, &bv).expect("planned");
+            let init = rand_vec(case.m * case.n, 0.0, 99);
+            let run = |isa| {
+                let mut c = init.clone();
+                matmul(isa, &mut c, av, bv, -0.5, true, p, 2);
+                c
+            };
+            let first = run(isas[0]);
+            for &isa in &isas[1..] {
+                let other = run(isa);
+                let same = first.iter().zip(&other).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "case {ci} ({p:?}): {:?} and {isa:?} differ", isas[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sparse_a_gives_the_bits_of_the_dense_tiles() {
         // k ≤ 64: one block, so the sparse path sums each element's non-zero terms in the dense chain's
         // order; skipping the zero terms (exact +0 or −0 contributions) cannot change a finite sum.
         let (m, n, k) = (50, 90, 64);
@@ -981,27 +1211,30 @@ mod tests {
         let b = rand_vec(k * n, 0.0, 61);
         let (av, bv) = (MatRef::row_major(&a, m, k).unwrap(), MatRef::row_major(&b, k, n).unwrap());
         let csr = Csr::build(&av).expect("80 % zeros is sparse");
-        let mut sparse = vec![0f32; m * n];
-        sparse_direct(&mut sparse, &csr, bv, 0.5, false, 1);
-        let mut dense = vec![0f32; m * n];
-        let job = Job {
-            rows: m,
-            cols: n,
-            k,
-            a: av.data.as_ptr(),
-            a_rs: k as isize,
-            a_ks: 1,
-            b: bv.data.as_ptr(),
-            b_ks: n as isize,
-            b_panel: NR as isize,
-            c_rs: n as isize,
-            c_cs: 1,
-            beta: 0.5,
-            accumulate: false,
-        };
-        // SAFETY: the CPU's AVX-512 F checked above; the job describes the two vectors and `dense` exactly.
-        unsafe { job.run(Out(dense.as_mut_ptr()), (0, m.div_ceil(MR)), (0, n.div_ceil(NR))) };
-        assert_eq!(sparse, dense);
         assert!(Csr::build(&MatRef::row_major(&b, k, n).unwrap()).is_none(), "a dense A must take the dense tiles");
+        for isa in isas() {
+            let mut sparse = vec![0f32; m * n];
+            sparse_direct(isa, &mut sparse, &csr, bv, 0.5, false, 1);
+            let mut dense = vec![0f32; m * n];
+            let job = Job {
+                rows: m,
+                cols: n,
+                k,
+                a: av.data.as_ptr(),
+                a_rs: k as isize,
+                a_ks: 1,
+                b: bv.data.as_ptr(),
+                b_ks: n as isize,
+                b_panel: NR as isize,
+                c_rs: n as isize,
+                c_cs: 1,
+                beta: 0.5,
+                accumulate: false,
+            };
+            // SAFETY: the job describes the two vectors and `dense` exactly.
+            unsafe { job.run(isa, Out(dense.as_mut_ptr()), (0, m.div_ceil(MR)), (0, n.div_ceil(NR))) };
+            isa.finish();
+            assert_eq!(sparse, dense, "{isa:?}");
+        }
     }
 }
