@@ -1,13 +1,13 @@
-//! GFLOP/s of `lora::fused::matmul_into` on the LM's product shapes.
+//! GFLOP/s of `lora_kernels::matmul_into` on the LM's product shapes.
 use std::time::Instant;
 
-use lora::fused::{matmul_into, MatRef};
+use lora_kernels::{matmul_into, MatRef};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// One timed product writing into its output buffer.
-type Case<'a> = Box<dyn Fn(&mut Vec<f32>) -> candle_core::Result<()> + 'a>;
+type Case<'a> = Box<dyn Fn(&mut Vec<f32>) -> lora_kernels::Result<()> + 'a>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = 4096;

@@ -156,7 +156,7 @@ pub fn generate(
     // Rows generate independently, so a batch runs as one group per core, each group's products on its
     // own core: a decode step of a few rows is too little work to split well inside each product (batch 8
     // measured no faster on 2 threads than on 1 that way).
-    let groups = lora::fused::threads().min(prompts.len()).max(1);
+    let groups = lora_kernels::threads().min(prompts.len()).max(1);
     if groups == 1 {
         let mut on_token = on_token;
         return generate_rows(model, prompts, 0, max_tokens, sampling, stop, &mut on_token);
@@ -174,7 +174,7 @@ pub fn generate(
                     callback.lock().map_err(|_| LmError::invalid("generation", "a token callback", "panicked on another thread"))?;
                 f(r, id)
             };
-            lora::fused::serial(|| generate_rows(model, chunk, g * per, max_tokens, sampling, stop, &mut cb))
+            lora_kernels::serial(|| generate_rows(model, chunk, g * per, max_tokens, sampling, stop, &mut cb))
         })
         .collect();
     let mut out = Vec::with_capacity(prompts.len());

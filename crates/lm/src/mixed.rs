@@ -58,12 +58,12 @@ impl Llama {
     pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         self.check_sequences(seqs)?;
-        let parts = lora::fused::threads().min(seqs.len());
+        let parts = lora_kernels::threads().min(seqs.len());
         if parts <= 1 {
             return self.forward_part(seqs);
         }
         let per = seqs.len().div_ceil(parts);
-        let outs: Vec<Result<Vec<f32>>> = seqs.par_chunks_mut(per).map(|part| lora::fused::serial(|| self.forward_part(part))).collect();
+        let outs: Vec<Result<Vec<f32>>> = seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part))).collect();
         let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
         for o in outs {
             logits.extend(o?);

@@ -9,6 +9,9 @@ pub enum LoraError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A kernel was handed operands that do not fit (a bug of the caller, named by shapes).
+    #[error(transparent)]
+    Kernel(#[from] lora_kernels::ShapeError),
     /// A configuration field holds a value that cannot be used.
     #[error("invalid config: {field} = {value}: {why}")]
     Config {

@@ -1,4 +1,5 @@
-//! Fused CPU kernels for [`LoraLinear`]: one candle custom op per layer instead of a chain of tensor ops.
+//! The fused path of [`LoraLinear`]: one candle custom op per layer instead of a chain of tensor ops, on the
+//! kernels of `lora-kernels`.
 //!
 //! The forward computes, for x (n, in), W0 (out, in), bias b (out), A (r, in), B (out, r), scale s:
 //!
@@ -6,7 +7,7 @@
 //! y = act(x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ)          act ∈ {identity, ReLU}
 //! ```
 //!
-//! with the matrix products of [`matmul_into`]: our SIMD kernels (AVX-512, AVX2 or NEON) for the skinny
+//! with the matrix products of `lora_kernels::matmul_into`: our SIMD kernels (AVX-512, AVX2 or NEON) for the skinny
 //! shapes of batch training (`sgemm`: no copy of the weight, transposed operands read through their
 //! strides, sparse ReLU-masked gradients compressed to their non-zeros), else the `gemm` crate candle's
 //! CPU matmul uses.
@@ -23,461 +24,16 @@
 //! skipped when x does not depend on any variable (the first layer's input).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor};
+use lora_kernels::{linear_backward, linear_forward, Activation, AdapterRef, LinearGrads, LinearRef, MatRef};
 
 use crate::error::Result;
-use crate::linear::LoraLinear;
-
-mod sgemm;
+use crate::linear::{Backend, LoraLinear};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Which implementation a [`LoraLinear`] uses for its forward and backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// One fused custom op per layer on the CPU where the layer's state allows it (f32, at most one
-    /// active unmerged adapter, no dropout while training, base either frozen or trained without
-    /// adapters); otherwise the reference path. The default.
-    #[default]
-    Fused,
-    /// Plain candle tensor ops and candle's autograd: the reference the fused ops are tested against.
-    Reference,
-}
-
-/// The activation applied after the linear map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// y = x·Wᵀ + b + delta.
-    Identity,
-    /// y = max(0, x·Wᵀ + b + delta).
-    Relu,
-}
-
-/// A read-only, strided f32 matrix view: element (i, j) is `data[i·rs + j·cs]`.
-#[derive(Debug, Clone, Copy)]
-pub struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> MatRef<'a> {
-    /// A view of `rows × cols` elements with row stride `rs` and column stride `cs`; every element must
-    /// lie inside `data`.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> CResult<Self> {
-        // Checked arithmetic: a wrapped bound would let a view reach outside `data` in the kernels.
-        let last = (rows.max(1) - 1).checked_mul(rs).zip((cols.max(1) - 1).checked_mul(cs)).and_then(|(a, b)| a.checked_add(b));
-        if rows > 0 && cols > 0 && last.is_none_or(|last| last >= data.len()) {
-            candle_core::bail!("matrix view {rows}x{cols} (strides {rs}, {cs}) does not fit in {} values", data.len())
-        }
-        Ok(MatRef { data, rows, cols, rs, cs })
-    }
-    /// A contiguous row-major view.
-    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> CResult<Self> {
-        if rows.checked_mul(cols) != Some(data.len()) {
-            // Not rows·cols in the message: it may overflow.
-            candle_core::bail!("row-major matrix {rows}x{cols} does not fit its {} values", data.len())
-        }
-        Self::new(data, rows, cols, cols, 1)
-    }
-    /// The transpose, as a view (no copy).
-    pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
-    }
-    /// Rows `r0..r1` of the view (no copy).
-    pub fn row_range(self, r0: usize, r1: usize) -> CResult<Self> {
-        if r0 > r1 || r1 > self.rows {
-            candle_core::bail!("rows {r0}..{r1} of a {}-row matrix view", self.rows)
-        }
-        if r0 == r1 {
-            return Ok(MatRef { data: &self.data[..0], rows: 0, ..self });
-        }
-        Ok(MatRef { data: &self.data[r0 * self.rs..], rows: r1 - r0, ..self })
-    }
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    /// Columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    fn is_row_major(&self) -> bool {
-        self.cs == 1 && (self.rs == self.cols || self.rows <= 1)
-    }
-    /// The values as one row-major slice when the view is contiguous.
-    fn contiguous(&self) -> Option<&'a [f32]> {
-        self.is_row_major().then(|| &self.data[..self.rows * self.cols])
-    }
-    fn get(&self, i: usize, j: usize) -> f32 {
-        self.data[i * self.rs + j * self.cs]
-    }
-}
-
-thread_local! {
-    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with every product it makes on this thread unsplit: for callers that already spread work over
-/// the cores at a coarser grain (evaluation batches side by side, blocks of a weight gradient), where
-/// splitting each product again would only add hand-offs.
-pub fn serial<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            SERIAL.set(self.0);
-        }
-    }
-    let _reset = Reset(SERIAL.replace(true));
-    f()
-}
-
-/// Asks the CPU to bring `data` into its level-2 cache ahead of use (x86-64; elsewhere nothing): for many
-/// small operands read one after another (a mixed batch's adapters), whose misses would otherwise each
-/// wait on memory in turn.
-pub fn prefetch(data: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch is a hint: it never faults, reads nothing into registers and writes nothing;
-        // the address is that of a live slice element.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
-/// The widest instructions the kernels of lora-rs use (ours; the `gemm` crate dispatches on its own), in
-/// the order a `LORA_KERNELS` cap compares them (a cap of `avx2` or `avx512` leaves an ARM CPU at `Neon`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Simd {
-    /// No SIMD kernels of ours: products go to the `gemm` crate, other loops are compiled for the build's
-    /// baseline (SSE2 on x86-64, NEON on aarch64). The path of x86-64 CPUs without AVX2 and FMA.
-    Portable,
-    /// AArch64 Advanced SIMD: the kernels' 4-lane path.
-    Neon,
-    /// AVX2 and FMA (x86-64-v3): the kernels' 8-lane path.
-    Avx2,
-    /// AVX-512 F, BW, CD, DQ and VL with AVX2 and FMA (x86-64-v4): the kernels' 16-lane path.
-    Avx512,
-}
-
-/// What this CPU offers, capped by the `LORA_KERNELS` environment variable (`portable`, `avx2`, `avx512` or
-/// `auto`, the default), read once: so that the paths other CPUs take run, and are tested and measured, on
-/// this one. A cap can only lower the level, never claim what the CPU lacks; an unknown value is ignored
-/// (with a warning).
-pub fn simd() -> Simd {
-    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let detected = detect_simd();
-        let cap = match std::env::var("LORA_KERNELS").as_deref() {
-            Err(_) | Ok("") | Ok("auto") => Simd::Avx512,
-            Ok("portable") => Simd::Portable,
-            Ok("avx2") => Simd::Avx2,
-            Ok("avx512") => Simd::Avx512,
-            Ok(other) => {
-                tracing::warn!(value = other, "LORA_KERNELS: expected portable, avx2, avx512 or auto; using auto");
-                Simd::Avx512
-            }
-        };
-        let level = detected.min(cap);
-        tracing::debug!(?detected, ?level, "kernel instruction set");
-        level
-    })
-}
-
-/// The widest level this CPU has, as `pulp` detects the features of each (so that [`sgemm`]'s tokens
-/// exist at every level this returns).
-fn detect_simd() -> Simd {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if pulp::x86::V4::try_new().is_some() {
-            Simd::Avx512
-        } else if pulp::x86::V3::try_new().is_some() {
-            Simd::Avx2
-        } else {
-            Simd::Portable
-        }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        if pulp::aarch64::Neon::try_new().is_some() {
-            Simd::Neon
-        } else {
-            Simd::Portable
-        }
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        Simd::Portable
-    }
-}
-
-/// The number of threads the kernels use: candle's (`RAYON_NUM_THREADS`, else the machine's cores).
-pub fn threads() -> usize {
-    candle_core::utils::get_num_threads()
-}
-
-/// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` with lhs (m×k) and rhs (k×n) read through their strides.
-/// With `accumulate == false` and `beta == 1` this is exactly the call candle's CPU matmul makes.
-pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> CResult<()> {
-    matmul_with(Kernel::Auto, dst, lhs, rhs, beta, accumulate)
-}
-
-/// Which code computes a product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    /// Our kernel ([`sgemm`]) where it applies and [`simd`] allows, else the `gemm` crate.
-    Auto,
-    /// Always the `gemm` crate (the portable path; tests compare the two).
-    #[cfg_attr(not(test), allow(dead_code))]
-    GemmCrate,
-}
-
-fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> CResult<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
-        candle_core::bail!("matmul_into: ({m}x{k})·({}x{n}) into {} values", rhs.rows, dst.len())
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return Ok(());
-    }
-    let threads = if SERIAL.get() { 1 } else { threads() };
-    if let (Kernel::Auto, Some(isa), Some(plan)) = (kernel, sgemm::Isa::current(), sgemm::plan(&lhs, &rhs)) {
-        sgemm::matmul(isa, dst, lhs, rhs, beta, accumulate, plan, threads);
-        return Ok(());
-    }
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the views were bounds-checked on construction (every element (i, j) lies inside its slice),
-    // dst holds exactly m·n values written with row stride n, and dst does not alias lhs or rhs (it is a
-    // unique &mut borrow).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
-}
-
-/// One adapter's tensors as a kernel reads them.
-#[derive(Debug, Clone, Copy)]
-pub struct AdapterRef<'a> {
-    /// A, (r, in).
-    pub a: MatRef<'a>,
-    /// B, (out, r).
-    pub b: MatRef<'a>,
-    /// The factor s on `(x·Aᵀ)·Bᵀ`.
-    pub scale: f32,
-}
-
-/// A linear layer's tensors as a kernel reads them.
-#[derive(Debug, Clone, Copy)]
-pub struct LinearRef<'a> {
-    /// W, (out, in).
-    pub weight: MatRef<'a>,
-    /// b, (out), contiguous.
-    pub bias: Option<&'a [f32]>,
-    /// The active adapter, if any.
-    pub adapter: Option<AdapterRef<'a>>,
-}
-
-impl LinearRef<'_> {
-    fn check(&self, x: &MatRef<'_>) -> CResult<(usize, usize, usize)> {
-        let (n, inp, out) = (x.rows, x.cols, self.weight.rows);
-        if self.weight.cols != inp || self.bias.is_some_and(|b| b.len() != out) {
-            candle_core::bail!("fused linear: input ({n}, {inp}) does not fit weight ({out}, {})", self.weight.cols)
-        }
-        if let Some(ad) = &self.adapter {
-            if ad.a.cols != inp || ad.b.rows != out || ad.b.cols != ad.a.rows {
-                candle_core::bail!("fused linear: adapter A ({}, {}) / B ({}, {}) do not fit", ad.a.rows, ad.a.cols, ad.b.rows, ad.b.cols)
-            }
-        }
-        Ok((n, inp, out))
-    }
-}
-
-/// `y = act(x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ)`, y (n, out) row-major, fully overwritten.
-pub fn linear_forward(x: MatRef<'_>, p: &LinearRef<'_>, act: Activation, y: &mut [f32]) -> CResult<()> {
-    let (n, _, out) = p.check(&x)?;
-    matmul_into(y, x, p.weight.t(), 1.0, false)?;
-    if let Some(b) = p.bias {
-        for row in y.chunks_exact_mut(out) {
-            for (v, bv) in row.iter_mut().zip(b) {
-                *v += *bv;
-            }
-        }
-    }
-    if let Some(ad) = &p.adapter {
-        let r = ad.a.rows;
-        let mut xa = vec![0f32; n * r];
-        matmul_into(&mut xa, x, ad.a.t(), 1.0, false)?; // (n, r)
-        let mut d = vec![0f32; n * out];
-        matmul_into(&mut d, MatRef::row_major(&xa, n, r)?, ad.b.t(), 1.0, false)?; // (n, out)
-        for (v, dv) in y.iter_mut().zip(&d) {
-            *v += *dv * ad.scale; // the reference's `y + (d * s)`, same rounding
-        }
-    }
-    if act == Activation::Relu {
-        for v in y.iter_mut() {
-            *v = v.max(0.0);
-        }
-    }
-    Ok(())
-}
-
-/// Where [`linear_backward`] writes; `None` skips that gradient entirely. Each buffer is overwritten,
-/// or added to when `accumulate` is set.
-#[derive(Debug, Default)]
-pub struct LinearGrads<'a> {
-    /// ∂L/∂x, (n, in).
-    pub dx: Option<&'a mut [f32]>,
-    /// ∂L/∂W, (out, in).
-    pub dw: Option<&'a mut [f32]>,
-    /// ∂L/∂b, (out).
-    pub db: Option<&'a mut [f32]>,
-    /// ∂L/∂A, (r, in).
-    pub da: Option<&'a mut [f32]>,
-    /// ∂L/∂B, (out, r).
-    pub dlora_b: Option<&'a mut [f32]>,
-    /// Add to the buffers instead of overwriting them.
-    pub accumulate: bool,
-}
-
-/// The gradient at the pre-activation, `g' = g ⊙ [y > 0]` for ReLU (`g` itself for the identity), as one
-/// contiguous (n, out) buffer: borrowed when `g` already is one and nothing is masked.
-pub fn output_grad<'g>(act: Activation, y: Option<&[f32]>, g: MatRef<'g>) -> CResult<std::borrow::Cow<'g, [f32]>> {
-    let (n, out) = (g.rows, g.cols);
-    if let (Activation::Identity, Some(s)) = (act, g.contiguous()) {
-        return Ok(std::borrow::Cow::Borrowed(s));
-    }
-    let mask = match act {
-        Activation::Relu => match y {
-            Some(y) if y.len() == n * out => Some(y),
-            _ => candle_core::bail!("fused linear backward: ReLU needs the forward output ({n}x{out} values)"),
-        },
-        Activation::Identity => None,
-    };
-    let mut v = vec![0f32; n * out];
-    match (g.contiguous(), mask) {
-        // The common case, as straight slices the compiler vectorises: g' = g where y > 0, else 0.
-        (Some(gs), Some(m)) => {
-            for ((d, &gv), &yv) in v.iter_mut().zip(gs).zip(m) {
-                *d = if yv > 0.0 { gv } else { 0.0 };
-            }
-        }
-        _ => {
-            for (i, row) in v.chunks_exact_mut(out).enumerate() {
-                for (j, d) in row.iter_mut().enumerate() {
-                    let keep = mask.is_none_or(|m| m[i * out + j] > 0.0);
-                    *d = if keep { g.get(i, j) } else { 0.0 };
-                }
-            }
-        }
-    }
-    Ok(std::borrow::Cow::Owned(v))
-}
-
-/// The gradients of [`linear_forward`] given `g = ∂L/∂y` (n, out); `y` (the forward's output) is needed
-/// for the ReLU mask.
-pub fn linear_backward(
-    x: MatRef<'_>,
-    p: &LinearRef<'_>,
-    act: Activation,
-    y: Option<&[f32]>,
-    g: MatRef<'_>,
-    grads: LinearGrads<'_>,
-) -> CResult<()> {
-    let (n, inp, out) = p.check(&x)?;
-    if g.rows != n || g.cols != out {
-        candle_core::bail!("fused linear backward: gradient ({}, {}), expected ({n}, {out})", g.rows, g.cols)
-    }
-    let gc = output_grad(act, y, g)?;
-    let gc: &[f32] = &gc;
-    let gm = MatRef::row_major(gc, n, out)?;
-    let LinearGrads { dx, dw, db, da, dlora_b, accumulate: acc } = grads;
-    if let Some(db) = &db {
-        if db.len() != out {
-            candle_core::bail!("fused linear backward: bias gradient buffer has {} values, expected {out}", db.len())
-        }
-    }
-    if let Some(dx) = &dx {
-        if dx.len() != n * inp {
-            candle_core::bail!("fused linear backward: input gradient buffer has {} values, expected {}", dx.len(), n * inp)
-        }
-    }
-    // The adapter's small products first: g·B feeds both dA and dx.
-    let mut gb = Vec::new();
-    if let Some(ad) = &p.adapter {
-        let r = ad.a.rows;
-        if da.is_some() || dx.is_some() {
-            gb = vec![0f32; n * r];
-            matmul_into(&mut gb, gm, ad.b, 1.0, false)?; // (n, out)·(out, r)
-        }
-        if let Some(da) = da {
-            matmul_into(da, MatRef::row_major(&gb, n, r)?.t(), x, ad.scale, acc)?;
-            // s·(r, n)·(n, in)
-        }
-        if let Some(dlb) = dlora_b {
-            let mut xa = vec![0f32; n * r];
-            matmul_into(&mut xa, x, ad.a.t(), 1.0, false)?; // (n, r)
-            matmul_into(dlb, gm.t(), MatRef::row_major(&xa, n, r)?, ad.scale, acc)?;
-            // s·(out, n)·(n, r)
-        }
-    }
-    let weight_grads = || -> CResult<()> {
-        if let Some(dw) = dw {
-            matmul_into(dw, gm.t(), x, 1.0, acc)?; // (out, n)·(n, in)
-        }
-        if let Some(db) = db {
-            if !acc {
-                db.fill(0.0);
-            }
-            for row in gc.chunks_exact(out) {
-                for (d, v) in db.iter_mut().zip(row) {
-                    *d += *v;
-                }
-            }
-        }
-        Ok(())
-    };
-    let input_grad = || -> CResult<()> {
-        if let Some(dx) = dx {
-            matmul_into(dx, gm, p.weight, 1.0, acc)?; // (n, out)·(out, in)
-            if let Some(ad) = &p.adapter {
-                matmul_into(dx, MatRef::row_major(&gb, n, ad.a.rows)?, ad.a, ad.scale, true)?;
-                // + s·(n, r)·(r, in)
-            }
-        }
-        Ok(())
-    };
-    // dW and dx could run side by side, one per core, unsplit: measured no faster here than splitting
-    // each across the cores in turn (the two compete for memory bandwidth), so they run in turn.
-    weight_grads()?;
-    input_grad()
+/// A kernel's result as candle's (the custom ops answer in candle's errors).
+fn k<T>(r: lora_kernels::Result<T>) -> CResult<T> {
+    r.map_err(candle_core::Error::wrap)
 }
 
 /// A read lock on a tensor's storage, to view it as a matrix or vector.
@@ -513,7 +69,7 @@ impl<'a> Held<'a> {
 
 fn layout_mat<'a>(data: &'a [f32], l: &Layout) -> CResult<MatRef<'a>> {
     match (l.dims(), l.stride()) {
-        ([r, c], [rs, cs]) => MatRef::new(data, *r, *c, *rs, *cs),
+        ([r, c], [rs, cs]) => k(MatRef::new(data, *r, *c, *rs, *cs)),
         (d, _) => candle_core::bail!("fused LoRA kernels need 2-D tensors, got shape {d:?}"),
     }
 }
@@ -549,9 +105,9 @@ impl FrozenBaseOp {
 
     fn forward(&self, x: MatRef<'_>, a: Option<MatRef<'_>>, b: Option<MatRef<'_>>) -> CResult<(CpuStorage, Shape)> {
         self.run(a, b, |p| {
-            let mut y = vec![0f32; x.rows * p.weight.rows];
-            linear_forward(x, p, self.act, &mut y)?;
-            Ok((CpuStorage::F32(y), Shape::from((x.rows, p.weight.rows))))
+            let mut y = vec![0f32; x.rows() * p.weight.rows()];
+            k(linear_forward(x, p, self.act, &mut y))?;
+            Ok((CpuStorage::F32(y), Shape::from((x.rows(), p.weight.rows()))))
         })
     }
 
@@ -565,8 +121,8 @@ impl FrozenBaseOp {
         let xm = hx.mat()?;
         let mats = (ha.as_ref().map(|h| h.mat()).transpose()?, hb.as_ref().map(|h| h.mat()).transpose()?);
         self.run(mats.0, mats.1, |p| {
-            let (n, inp, out) = (xm.rows, xm.cols, p.weight.rows);
-            let r = p.adapter.map_or(0, |ad| ad.a.rows);
+            let (n, inp, out) = (xm.rows(), xm.cols(), p.weight.rows());
+            let r = p.adapter.map_or(0, |ad| ad.a.rows());
             let want_a = ab.is_some_and(|(a, _)| a.track_op());
             let want_b = ab.is_some_and(|(_, b)| b.track_op());
             let mut dx = x.track_op().then(|| vec![0f32; n * inp]);
@@ -574,7 +130,7 @@ impl FrozenBaseOp {
             let mut dlb = want_b.then(|| vec![0f32; out * r]);
             let grads = LinearGrads { dx: dx.as_deref_mut(), da: da.as_deref_mut(), dlora_b: dlb.as_deref_mut(), ..LinearGrads::default() };
             let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
-            linear_backward(xm, p, self.act, y, hg.mat()?, grads)?;
+            k(linear_backward(xm, p, self.act, y, hg.mat()?, grads))?;
             Ok([
                 dx.map(|v| out_tensor(v, (n, inp))).transpose()?,
                 da.map(|v| out_tensor(v, (r, inp))).transpose()?,
@@ -633,9 +189,9 @@ struct TrainableBaseOp {
 impl TrainableBaseOp {
     fn forward(&self, x: MatRef<'_>, w: MatRef<'_>, bias: Option<&[f32]>) -> CResult<(CpuStorage, Shape)> {
         let p = LinearRef { weight: w, bias, adapter: None };
-        let mut y = vec![0f32; x.rows * w.rows];
-        linear_forward(x, &p, self.act, &mut y)?;
-        Ok((CpuStorage::F32(y), Shape::from((x.rows, w.rows))))
+        let mut y = vec![0f32; x.rows() * w.rows()];
+        k(linear_forward(x, &p, self.act, &mut y))?;
+        Ok((CpuStorage::F32(y), Shape::from((x.rows(), w.rows()))))
     }
 
     fn backward(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, res: &Tensor, grad: &Tensor) -> CResult<[Option<Tensor>; 3]> {
@@ -643,13 +199,13 @@ impl TrainableBaseOp {
         let hb = bias.map(Held::new);
         let p = LinearRef { weight: hw.mat()?, bias: hb.as_ref().map(|h| h.slice()).transpose()?, adapter: None };
         let xm = hx.mat()?;
-        let (n, inp, out) = (xm.rows, xm.cols, p.weight.rows);
+        let (n, inp, out) = (xm.rows(), xm.cols(), p.weight.rows());
         let mut dx = x.track_op().then(|| vec![0f32; n * inp]);
         let mut dw = w.track_op().then(|| vec![0f32; out * inp]);
         let mut db = bias.filter(|b| b.track_op()).map(|_| vec![0f32; out]);
         let grads = LinearGrads { dx: dx.as_deref_mut(), dw: dw.as_deref_mut(), db: db.as_deref_mut(), ..LinearGrads::default() };
         let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
-        linear_backward(xm, &p, self.act, y, hg.mat()?, grads)?;
+        k(linear_backward(xm, &p, self.act, y, hg.mat()?, grads))?;
         Ok([
             dx.map(|v| out_tensor(v, (n, inp))).transpose()?,
             dw.map(|v| out_tensor(v, (out, inp))).transpose()?,
@@ -765,6 +321,18 @@ pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
 }
 
 impl LoraLinear {
+    /// Inference forward: x (…, in) → (…, out), no dropout.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// Forward with dropout on the adapter input when `train` is true: x (…, in) → (…, out).
+    /// Runs as one fused op where [`LoraLinear::backend`] and the layer's state allow (see
+    /// [`Backend::Fused`]), else as [`LoraLinear::forward_reference_t`].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act_t(x, train, Activation::Identity)
+    }
+
     /// `act(forward_t(x, train))` for x (…, in) → (…, out), as one fused op when the backend and the
     /// layer's state allow it, else through the reference path.
     pub fn forward_act_t(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
@@ -865,25 +433,6 @@ mod tests {
             let yf = f.forward_act_t(&x, false, Activation::Relu).unwrap();
             let yr = rf.forward_act_t(&x, false, Activation::Relu).unwrap();
             assert_close(&flat(&yf), &flat(&yr), 1e-5, &format!("relu, frozen = {frozen}"));
-        }
-    }
-
-    #[test]
-    fn our_kernels_and_the_gemm_crate_agree_on_every_operand_layout() {
-        // (m, k, n) with lhs and rhs each row-major or read through a transpose: every plan of `sgemm`
-        // and its fallback, against the gemm crate (the portable path).
-        for (i, (m, k, n)) in [(64, 100, 200), (64, 300, 10), (200, 64, 90), (5, 7, 3)].into_iter().enumerate() {
-            let a = rand_vec(m * k, 70 + i as u64);
-            let b = rand_vec(k * n, 80 + i as u64);
-            for (lt, rt) in [(false, false), (false, true), (true, false), (true, true)] {
-                let lhs = if lt { MatRef::row_major(&a, k, m).unwrap().t() } else { MatRef::row_major(&a, m, k).unwrap() };
-                let rhs = if rt { MatRef::row_major(&b, n, k).unwrap().t() } else { MatRef::row_major(&b, k, n).unwrap() };
-                let (mut ours, mut theirs) = (vec![0f32; m * n], vec![0f32; m * n]);
-                matmul_with(Kernel::Auto, &mut ours, lhs, rhs, 0.5, false).unwrap();
-                matmul_with(Kernel::GemmCrate, &mut theirs, lhs, rhs, 0.5, false).unwrap();
-                // Sums of ≤ 300 products of size ≤ 1 in different orders: ≲ 300·6e-8 ≈ 2e-5 of the largest.
-                assert_close(&ours, &theirs, 3e-5, &format!("({m}, {k}, {n}) transposed ({lt}, {rt})"));
-            }
         }
     }
 
@@ -993,32 +542,5 @@ mod tests {
         };
         let x = t2(rand_vec(4 * inp, 52), (4, inp));
         assert_eq!(flat(&mk(Backend::Fused).forward(&x).unwrap()), flat(&mk(Backend::Reference).forward(&x).unwrap()));
-    }
-
-    #[test]
-    fn matmul_into_reads_transposed_views_without_copies() {
-        let a = rand_vec(3 * 4, 60); // (3, 4)
-        let b = rand_vec(5 * 4, 61); // (5, 4), used as (4, 5) through its transpose
-        let mut d = vec![0f32; 15];
-        matmul_into(&mut d, MatRef::row_major(&a, 3, 4).unwrap(), MatRef::row_major(&b, 5, 4).unwrap().t(), 1.0, false).unwrap();
-        for i in 0..3 {
-            for j in 0..5 {
-                let want: f32 = (0..4).map(|k| a[i * 4 + k] * b[j * 4 + k]).sum();
-                assert!((d[i * 5 + j] - want).abs() < 1e-6);
-            }
-        }
-        assert!(MatRef::new(&a, 3, 4, 4, 2).is_err(), "a view past the end of its slice must be refused");
-    }
-
-    #[test]
-    fn views_whose_bounds_would_wrap_around_are_refused() {
-        let a = [0f32; 8];
-        // (2 − 1)·usize::MAX + (2 − 1)·2 wraps to 1 in unchecked release arithmetic: it must not pass.
-        assert!(MatRef::new(&a, 2, 2, usize::MAX, 2).is_err());
-        assert!(MatRef::new(&a, usize::MAX, 2, 1 << 63, 1).is_err());
-        // rows·cols wrapping to the slice's length.
-        assert!(MatRef::row_major(&a, 1 << 62, 4 + 1).is_err());
-        assert!(MatRef::row_major(&a, (1usize << 63) + 4, 2).is_err());
-        assert!(MatRef::new(&a, 2, 4, 4, 1).is_ok());
     }
 }

@@ -17,7 +17,7 @@ mod combine;
 mod config;
 mod decompose;
 mod error;
-pub mod fused;
+mod fused;
 pub mod io;
 mod linear;
 pub mod matching;
@@ -29,8 +29,11 @@ pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, S
 pub use combine::MajoritySign;
 pub use config::{Bias, Init, LoraConfig, Scaling};
 pub use error::{LoraError, Result};
-pub use fused::{simd, Activation, Backend, Simd};
-pub use linear::{Adapter, AdapterSpec, LoraLinear};
+pub use fused::Held;
+pub use linear::{Adapter, AdapterSpec, Backend, LoraLinear};
+/// The kernels the fused path runs on (re-exported: their activation and instruction-set level are part of
+/// this crate's API).
+pub use lora_kernels::{simd, Activation, Simd};
 pub use matching::{Exclude, Pattern, Targets};
 pub use merge::{BaseSnapshot, Combination, CombineOptions};
 pub use mixed::{PackedAdapter, RowGroup};

@@ -47,7 +47,6 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::config::Init;
 use crate::decompose::{qr, svd, Dense};
 use crate::error::{LoraError, Result};
-use crate::fused::{Activation, Backend};
 
 /// One named adapter of one layer: the pair (A, B), its scale, and PEFT's optional parts.
 #[derive(Debug)]
@@ -223,6 +222,18 @@ impl Adapter {
             + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
             + self.lora_bias.as_ref().map_or(0, |b| b.elem_count())
     }
+}
+
+/// Which implementation a [`LoraLinear`] uses for its forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// One fused custom op per layer on the CPU where the layer's state allows it (f32, at most one
+    /// active unmerged adapter, no dropout while training, base either frozen or trained without
+    /// adapters); otherwise the reference path. The default.
+    #[default]
+    Fused,
+    /// Plain candle tensor ops and candle's autograd: the reference the fused ops are tested against.
+    Reference,
 }
 
 /// A linear layer `y = x·Wᵀ + b` with named LoRA adapters, an active set, a merged set and an off switch.
@@ -637,11 +648,6 @@ impl LoraLinear {
         }
     }
 
-    /// Inference forward: x (…, in) → (…, out), no dropout.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
-    }
-
     /// Which implementation forward and backward use (default [`Backend::Fused`]).
     pub fn backend(&self) -> Backend {
         self.backend
@@ -649,13 +655,6 @@ impl LoraLinear {
     /// Chooses the implementation of forward and backward; both give the same function.
     pub fn set_backend(&mut self, backend: Backend) {
         self.backend = backend;
-    }
-
-    /// Forward with dropout on the adapter input when `train` is true: x (…, in) → (…, out).
-    /// Runs as one fused op where [`LoraLinear::backend`] and the layer's state allow (see
-    /// [`Backend::Fused`]), else as [`LoraLinear::forward_reference_t`].
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_act_t(x, train, Activation::Identity)
     }
 
     /// The plain-candle forward (tensor ops and candle's autograd): the reference for the fused path.
@@ -906,7 +905,6 @@ pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::Backend;
     use candle_core::Device;
 
     /// Deterministic pseudo-random values in [-1, 1) (no shared generator: each test gets its own).

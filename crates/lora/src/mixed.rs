@@ -6,7 +6,7 @@
 //! y_i = act(x_i·W0ᵀ + b + s_a(i) · (x_i·A_a(i)ᵀ)·B_a(i)ᵀ)
 //! ```
 //!
-//! The base product `X·W0ᵀ` runs once for the whole batch ([`crate::fused::matmul_into`]); then each
+//! The base product `X·W0ᵀ` runs once for the whole batch (`lora_kernels::matmul_into`); then each
 //! group of rows gets the delta of its adapter, two thin products of r·(in + out) multiply-adds per row
 //! (a few percent of the row's base product). A [`PackedAdapter`] stores A as (r, in) and B transposed,
 //! (r, out), so both products read contiguous rows and their kernels are chosen by layout alone: a row's
@@ -19,7 +19,9 @@ use candle_core::{DType, Tensor};
 use crate::adapter::AdapterFiles;
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
-use crate::fused::{matmul_into, Activation, Held, MatRef};
+use lora_kernels::{matmul_into, prefetch, serial, Activation, MatRef};
+
+use crate::fused::Held;
 use crate::model::LoraModel;
 
 /// One layer's delta of a packed adapter.
@@ -153,8 +155,8 @@ impl LoraModel {
         // adapters: the next group's are requested while this one's are used (measured 16 % off a decode
         // step of 16 sequences with 16 adapters, `benches/mixed.rs`), the first group's during the base product.
         if let Some(d) = groups.first().and_then(|g| delta_at(g, index)) {
-            crate::fused::prefetch(&d.a);
-            crate::fused::prefetch(&d.bt);
+            prefetch(&d.a);
+            prefetch(&d.bt);
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
@@ -175,11 +177,11 @@ impl LoraModel {
         let (mut xa, mut d) = (Vec::new(), Vec::new());
         let mut row = 0;
         // The deltas are small products: each on this thread (splitting them would cost more than they do).
-        crate::fused::serial(|| -> Result<()> {
+        serial(|| -> Result<()> {
             for (i, g) in groups.iter().enumerate() {
                 if let Some(next) = groups.get(i + 1).and_then(|n| delta_at(n, index)) {
-                    crate::fused::prefetch(&next.a);
-                    crate::fused::prefetch(&next.bt);
+                    prefetch(&next.a);
+                    prefetch(&next.bt);
                 }
                 if let Some(delta) = delta_at(g, index) {
                     if delta.inp != inp || delta.out != out {

@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::{criterion_group, criterion_main, Criterion};
-use lora_train::fast::{adam_update, AdamConfig, AdamStep};
+use lora_train::fused::{adam_update, AdamConfig, AdamStep};
 
 fn bench(c: &mut Criterion) {
     let n = 2000 * 1000;

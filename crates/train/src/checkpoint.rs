@@ -12,7 +12,7 @@ use lora::io::{save_safetensors, TensorFile};
 use serde_json::{json, Value};
 
 use crate::error::{Result, TrainError};
-use crate::fast::OptimState;
+use crate::fused::OptimState;
 use crate::net::ExpensiveNet;
 use crate::train::Checkpoint;
 

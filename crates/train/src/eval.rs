@@ -32,7 +32,7 @@ pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result
     // sequential pass. The reference backend runs them in turn (candle splits each product itself).
     let starts: Vec<usize> = (0..n).step_by(bs).collect();
     let one = |start: usize| -> Result<(Vec<u32>, Vec<f32>)> {
-        lora::fused::serial(|| {
+        lora_kernels::serial(|| {
             let (x, _) = data.range(start, bs.min(n - start))?;
             let out: Tensor = net.forward(&x)?.detach(); // (len, classes)
             Ok((out.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?, out.flatten_all()?.to_vec1::<f32>()?))

@@ -10,13 +10,13 @@ pub mod checkpoint;
 mod data;
 mod error;
 mod eval;
-pub mod fast;
+pub mod fused;
 mod net;
 mod train;
 
 pub use data::Dataset;
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
-pub use fast::{OptimState, Trainer};
+pub use fused::{OptimState, Trainer};
 pub use net::ExpensiveNet;
 pub use train::{train, train_with, Checkpoint, Checkpointing, StepInfo, TrainConfig, TrainStats};

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::fast::Trainer;
+use crate::fused::Trainer;
 use crate::net::ExpensiveNet;
 
 /// Settings of one training run.
@@ -105,7 +105,7 @@ pub struct Checkpoint {
     /// Seconds since the start at each completed step.
     pub step_seconds: Vec<f64>,
     /// Adam's state.
-    pub optim: crate::fast::OptimState,
+    pub optim: crate::fused::OptimState,
 }
 
 /// Checkpointing for [`train_with`]: call `save` every `every` steps (and never on the last step, whose

@@ -16,12 +16,12 @@
 //! dk, dv (B·T_k, n_kv·d), i.e. (B, T, heads, d) in memory. The work is split over (batch row, K/V head) pairs on the rayon
 //! threads; each pair's query heads run in blocks of [`BLOCK`] queries over the keys that block can see
 //! (a causal block skips the keys after its last query), with the products of
-//! [`lora::fused::matmul_into`] on strided views.
+//! [`lora_kernels::matmul_into`] on strided views.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use lora::fused::{matmul_into, serial, MatRef};
+use lora_kernels::{matmul_into, serial, MatRef, Result as KResult};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dot, exp, max, multiversion, sum, tensor, with_values, CResult};
@@ -80,24 +80,21 @@ impl AttentionShape {
 }
 
 /// Runs `f(b, kv_head)` for every pair, in parallel when the work is large, results in pair order.
-fn per_pair<R: Send>(s: &AttentionShape, f: impl Fn(usize, usize) -> CResult<R> + Sync) -> CResult<Vec<R>> {
+fn per_pair<R: Send>(s: &AttentionShape, f: impl Fn(usize, usize) -> KResult<R> + Sync) -> CResult<Vec<R>> {
     let pairs = s.batch * s.kv_heads;
     let run = |p: usize| serial(|| f(p / s.kv_heads, p % s.kv_heads));
-    if s.parallel() {
-        (0..pairs).into_par_iter().map(run).collect()
-    } else {
-        (0..pairs).map(run).collect()
-    }
+    let out: KResult<Vec<R>> = if s.parallel() { (0..pairs).into_par_iter().map(run).collect() } else { (0..pairs).map(run).collect() };
+    out.map_err(candle_core::Error::wrap)
 }
 
 /// K or V of one (row, K/V head): `tk` rows of d values, row stride n_kv·d, rows `slots` apart per batch.
-fn kv_view<'a>(x: &'a [f32], s: &AttentionShape, slots: usize, b: usize, kh: usize) -> CResult<MatRef<'a>> {
+fn kv_view<'a>(x: &'a [f32], s: &AttentionShape, slots: usize, b: usize, kh: usize) -> KResult<MatRef<'a>> {
     let start = (b * slots * s.kv_heads + kh) * s.d;
     MatRef::new(&x[start..], s.tk, s.d, s.kv_heads * s.d, 1)
 }
 
 /// Q (or dO, o) of one (row, head): (T_q, d), row stride n_h·d.
-fn q_view<'a>(x: &'a [f32], s: &AttentionShape, b: usize, h: usize) -> CResult<MatRef<'a>> {
+fn q_view<'a>(x: &'a [f32], s: &AttentionShape, b: usize, h: usize) -> KResult<MatRef<'a>> {
     let start = (b * s.tq * s.heads + h) * s.d;
     MatRef::new(&x[start..], s.tq, s.d, s.heads * s.d, 1)
 }
@@ -168,7 +165,7 @@ multiversion! {
 }
 
 /// The forward of one (row, K/V head): outputs (group heads, T_q, d) and L (group heads, T_q).
-fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usize, b: usize, kh: usize) -> CResult<(Vec<f32>, Vec<f32>)> {
+fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usize, b: usize, kh: usize) -> KResult<(Vec<f32>, Vec<f32>)> {
     let (g, d, scale) = (s.heads / s.kv_heads, s.d, s.scale());
     let (kall, vall) = (kv_view(k, s, slots, b, kh)?, kv_view(v, s, slots, b, kh)?);
     let mut out = vec![0f32; g * s.tq * d];
@@ -223,7 +220,7 @@ fn backward_pair(
     lse: &[f32],
     b: usize,
     kh: usize,
-) -> CResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+) -> KResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (g, d, scale) = (s.heads / s.kv_heads, s.d, s.scale());
     let (kall, vall) = (kv_view(k, s, s.tk, b, kh)?, kv_view(v, s, s.tk, b, kh)?);
     let mut dq = vec![0f32; g * s.tq * d];

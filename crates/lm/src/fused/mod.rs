@@ -64,13 +64,13 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 /// 2: AVX-512 (F, BW, DQ, VL) with AVX2 and FMA; 1: AVX2 and FMA; 0: neither (or not x86-64); as
-/// [`lora::simd`] detects it, capped by `LORA_KERNELS`.
+/// [`lora_kernels::simd`] detects it, capped by `LORA_KERNELS`.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by `multiversion!` on x86-64 only
 pub(crate) fn simd_level() -> u8 {
-    match lora::simd() {
-        lora::Simd::Avx512 => 2,
-        lora::Simd::Avx2 => 1,
-        lora::Simd::Neon | lora::Simd::Portable => 0,
+    match lora_kernels::simd() {
+        lora_kernels::Simd::Avx512 => 2,
+        lora_kernels::Simd::Avx2 => 1,
+        lora_kernels::Simd::Neon | lora_kernels::Simd::Portable => 0,
     }
 }
 

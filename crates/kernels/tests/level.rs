@@ -4,12 +4,12 @@
 
 use std::process::Command;
 
-use lora::Simd;
+use lora_kernels::Simd;
 
 #[test]
 fn lora_kernels_caps_the_instruction_set_and_nothing_else_raises_it() {
     if std::env::var_os("LORA_KERNELS_CHILD").is_some() {
-        println!("LEVEL={:?}", lora::simd());
+        println!("LEVEL={:?}", lora_kernels::simd());
         return;
     }
     let level_under = |cap: &str| -> String {
@@ -36,5 +36,5 @@ fn lora_kernels_caps_the_instruction_set_and_nothing_else_raises_it() {
         Ok("avx2") => Simd::Avx2,
         _ => Simd::Avx512,
     };
-    assert!(lora::simd() <= cap);
+    assert!(lora_kernels::simd() <= cap);
 }

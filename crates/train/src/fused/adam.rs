@@ -13,6 +13,22 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, InplaceOp1, Layout};
 use rayon::prelude::*;
 
+/// A parameter's Adam moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    /// First moment m.
+    pub m: Vec<f32>,
+    /// Second moment v.
+    pub v: Vec<f32>,
+}
+
+impl Moments {
+    /// Zero moments for `n` values (Adam's start).
+    pub fn zeros(n: usize) -> Moments {
+        Moments { m: vec![0.0; n], v: vec![0.0; n] }
+    }
+}
+
 /// Adam's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
@@ -72,8 +88,8 @@ const PARALLEL_MIN: usize = 1 << 15;
 
 fn kernel(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
     #[cfg(target_arch = "x86_64")]
-    if lora::simd() == lora::Simd::Avx512 {
-        // SAFETY: the CPU has AVX-512 F (`lora::simd` detected it; a LORA_KERNELS cap only lowers the level).
+    if lora_kernels::simd() == lora_kernels::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`lora_kernels::simd` detected it; a LORA_KERNELS cap only lowers the level).
         return unsafe { kernel_avx512(theta, g, m, v, c) };
     }
     kernel_body(theta, g, m, v, c)
@@ -164,9 +180,9 @@ const BLOCK_ROWS: usize = 48;
 /// kernels sum over the batch in the same order whatever the split), so the update is bit-for-bit that
 /// of writing dW to a buffer and stepping afterwards.
 pub(crate) struct WeightAdamOp<'a> {
-    pub g: lora::fused::MatRef<'a>,
-    pub x: lora::fused::MatRef<'a>,
-    pub moments: Mutex<&'a mut super::store::Moments>,
+    pub g: lora_kernels::MatRef<'a>,
+    pub x: lora_kernels::MatRef<'a>,
+    pub moments: Mutex<&'a mut Moments>,
     pub step: AdamStep,
 }
 
@@ -192,7 +208,7 @@ impl InplaceOp1 for WeightAdamOp<'_> {
         let CpuStorage::F32(values) = storage else { candle_core::bail!("fused weight Adam: parameters must be f32") };
         let theta = &mut values[layout.start_offset()..layout.start_offset() + n];
         let mut guard = self.moments.lock().map_err(|_| candle_core::Error::Msg("fused weight Adam: moments lock poisoned".into()))?;
-        let super::store::Moments { m, v } = &mut **guard;
+        let Moments { m, v } = &mut **guard;
         if m.len() != n || v.len() != n {
             candle_core::bail!("fused weight Adam: moments hold {} / {} values, weight {n}", m.len(), v.len())
         }
@@ -204,7 +220,7 @@ impl InplaceOp1 for WeightAdamOp<'_> {
                 let mut block = BLOCK.with(|b| b.take());
                 block.resize(t.len(), 0.0);
                 // dW[r0..r1] = gᵀ[r0..r1]·x, (r1 − r0, in); on this thread (the blocks are the split).
-                let r = lora::fused::serial(|| lora::fused::matmul_into(&mut block, gt.row_range(r0, r1)?, self.x, 1.0, false));
+                let r = super::k(lora_kernels::serial(|| lora_kernels::matmul_into(&mut block, gt.row_range(r0, r1)?, self.x, 1.0, false)));
                 if r.is_ok() {
                     kernel(t, &block, m, v, self.step);
                 }

@@ -2,7 +2,7 @@
 //! gradient `∂L/∂z = (softmax(z) − onehot(y)) / B`.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use lora::fused::Held;
+use lora::Held;
 
 use crate::error::Result;
 

@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use lora::fused::Held;
+use lora::Held;
 
-use super::adam::{AdamConfig, AdamOp, AdamStep};
+use super::adam::{AdamConfig, AdamOp, AdamStep, Moments};
 use crate::error::{Result, TrainError};
 
 /// A persistent gradient buffer that a fused layer's backward writes into and the optimizer reads.
@@ -32,21 +32,6 @@ struct InBackward {
     armed: Option<AdamStep>,
     /// The layer applied this step's update (the store's step then leaves the parameter alone).
     applied: bool,
-}
-
-/// A parameter's Adam moments.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Moments {
-    /// First moment m.
-    pub m: Vec<f32>,
-    /// Second moment v.
-    pub v: Vec<f32>,
-}
-
-impl Moments {
-    fn zeros(n: usize) -> Arc<Mutex<Moments>> {
-        Arc::new(Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }))
-    }
 }
 
 /// What a layer gets from [`GradBuffer::take_update`]: this step's constants and the moments to update.
@@ -165,12 +150,12 @@ impl ParamStore {
     }
     /// Adds a parameter whose gradient candle's autograd computes.
     pub fn add_autograd(&mut self, name: &str, var: Var) -> Result<()> {
-        let moments = Moments::zeros(var.elem_count());
+        let moments = Arc::new(Mutex::new(Moments::zeros(var.elem_count())));
         self.push(name, var, GradSource::Autograd, moments)
     }
     /// Adds a parameter whose gradient a fused layer writes; returns the buffer to hand to that layer.
     pub fn add_buffered(&mut self, name: &str, var: Var) -> Result<Arc<GradBuffer>> {
-        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Moments::zeros(var.elem_count()));
+        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Arc::new(Mutex::new(Moments::zeros(var.elem_count()))));
         self.push(name, var, GradSource::Buffer(buf.clone()), moments)?;
         Ok(buf)
     }
@@ -178,7 +163,7 @@ impl ParamStore {
     /// computes the gradient (which then never leaves the cache), when the store is [armed](Self::arm)
     /// for the step; otherwise the layer writes the returned buffer as for [`ParamStore::add_buffered`].
     pub fn add_updated_in_backward(&mut self, name: &str, var: Var) -> Result<Arc<GradBuffer>> {
-        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Moments::zeros(var.elem_count()));
+        let (buf, moments) = (Arc::new(GradBuffer::new(var.elem_count())), Arc::new(Mutex::new(Moments::zeros(var.elem_count()))));
         buf.lock()?.in_backward = Some(InBackward { moments: moments.clone(), armed: None, applied: false });
         self.push(name, var, GradSource::Buffer(buf.clone()), moments)?;
         Ok(buf)

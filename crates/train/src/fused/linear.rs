@@ -8,10 +8,12 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use lora::fused::{linear_backward, linear_forward, output_grad, Held, LinearGrads, LinearRef, MatRef};
 use lora::Activation;
+use lora::Held;
+use lora_kernels::{linear_backward, linear_forward, output_grad, LinearGrads, LinearRef, MatRef};
 
 use super::adam::WeightAdamOp;
+use super::k;
 use super::store::GradBuffer;
 
 /// The fused op; apply it as `x.apply_op3(weight, bias, op)`.
@@ -30,7 +32,7 @@ impl BufferedLinear {
 
 fn mat<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<MatRef<'a>> {
     match (l.dims(), l.stride()) {
-        ([r, c], [rs, cs]) => MatRef::new(&s.as_slice::<f32>()?[l.start_offset()..], *r, *c, *rs, *cs),
+        ([r, c], [rs, cs]) => k(MatRef::new(&s.as_slice::<f32>()?[l.start_offset()..], *r, *c, *rs, *cs)),
         (d, _) => candle_core::bail!("BufferedLinear: expected a 2-D tensor, got {d:?}"),
     }
 }
@@ -55,7 +57,7 @@ impl CustomOp3 for BufferedLinear {
         }
         let b = &s3.as_slice::<f32>()?[l3.start_offset()..l3.start_offset() + w.rows()];
         let mut y = vec![0f32; x.rows() * w.rows()];
-        linear_forward(x, &LinearRef { weight: w, bias: Some(b), adapter: None }, self.act, &mut y)?;
+        k(linear_forward(x, &LinearRef { weight: w, bias: Some(b), adapter: None }, self.act, &mut y))?;
         Ok((CpuStorage::F32(y), Shape::from((x.rows(), w.rows()))))
     }
 
@@ -72,8 +74,8 @@ impl CustomOp3 for BufferedLinear {
         let xm = hx.mat()?;
         let mut dx = x.track_op().then(|| vec![0f32; xm.rows() * xm.cols()]);
         let y = if self.act == Activation::Relu { Some(hy.slice()?) } else { None };
-        let gp = output_grad(self.act, y, hg.mat()?)?; // (n, out), ReLU-masked
-        let gm = MatRef::row_major(&gp, xm.rows(), grad.dim(1)?)?;
+        let gp = k(output_grad(self.act, y, hg.mat()?))?; // (n, out), ReLU-masked
+        let gm = k(MatRef::row_major(&gp, xm.rows(), grad.dim(1)?))?;
         // Armed by the store for this step: the layer applies Adam to W itself, after dx (which needs W as
         // it was); else dW goes to its buffer like db.
         let update = self.dw.take_update()?;
@@ -83,13 +85,13 @@ impl CustomOp3 for BufferedLinear {
             self.db.write(|db, acc_b| match update {
                 Some(_) => {
                     let grads = LinearGrads { dx: dx.as_deref_mut(), db: Some(db), accumulate: acc_b, ..Default::default() };
-                    linear_backward(xm, &p, Activation::Identity, None, gm, grads)
+                    k(linear_backward(xm, &p, Activation::Identity, None, gm, grads))
                 }
                 None => self.dw.write(|dw, acc_w| {
                     // Both buffers are written in the same step, so they agree on overwrite vs add.
                     let accumulate = acc_w && acc_b;
                     let grads = LinearGrads { dx: dx.as_deref_mut(), dw: Some(dw), db: Some(db), accumulate, ..Default::default() };
-                    linear_backward(xm, &p, Activation::Identity, None, gm, grads)
+                    k(linear_backward(xm, &p, Activation::Identity, None, gm, grads))
                 }),
             })?;
         } // W's read lock ends here.

@@ -1,4 +1,4 @@
-//! The fast training path: a parameter store that owns each trainable tensor's gradient buffer and Adam
+//! The fused training path: a parameter store that owns each trainable tensor's gradient buffer and Adam
 //! state, fused layers that write their weight gradients straight into that store, a fused cross-entropy,
 //! and a fused, multi-threaded, in-place Adam.
 //!
@@ -18,8 +18,13 @@ mod loss;
 mod store;
 mod trainer;
 
-pub use adam::{adam_update, AdamConfig, AdamStep};
+pub use adam::{adam_update, AdamConfig, AdamStep, Moments};
 pub use linear::BufferedLinear;
 pub use loss::cross_entropy;
-pub use store::{GradBuffer, Moments, OptimState, ParamStore, UpdateInBackward};
+pub use store::{GradBuffer, OptimState, ParamStore, UpdateInBackward};
 pub use trainer::Trainer;
+
+/// A kernel's result as candle's (the custom ops answer in candle's errors).
+fn k<T>(r: lora_kernels::Result<T>) -> candle_core::Result<T> {
+    r.map_err(candle_core::Error::wrap)
+}

@@ -37,7 +37,8 @@
 
 use pulp::WithSimd;
 
-use super::MatRef;
+use crate::level::{simd, Simd};
+use crate::mat::MatRef;
 
 /// Rows of A per tile.
 const MR: usize = 6;
@@ -68,22 +69,22 @@ pub(super) enum Isa {
 
 impl Isa {
     /// The kernels' instruction set for `level`, if this CPU has it (`None` for the portable level).
-    pub(super) fn at(level: super::Simd) -> Option<Isa> {
+    pub(super) fn at(level: Simd) -> Option<Isa> {
         match level {
             #[cfg(target_arch = "x86_64")]
-            super::Simd::Avx512 => pulp::x86::V4::try_new().map(Isa::V4),
+            Simd::Avx512 => pulp::x86::V4::try_new().map(Isa::V4),
             #[cfg(target_arch = "x86_64")]
-            super::Simd::Avx2 => pulp::x86::V3::try_new().map(Isa::V3),
+            Simd::Avx2 => pulp::x86::V3::try_new().map(Isa::V3),
             #[cfg(target_arch = "aarch64")]
-            super::Simd::Neon => pulp::aarch64::Neon::try_new().map(Isa::Neon),
+            Simd::Neon => pulp::aarch64::Neon::try_new().map(Isa::Neon),
             _ => None,
         }
     }
 
-    /// The instruction set of [`super::simd`]'s level (detected once, capped by `LORA_KERNELS`).
+    /// The instruction set of [`simd`]'s level (detected once, capped by `LORA_KERNELS`).
     pub(super) fn current() -> Option<Isa> {
         static CURRENT: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *CURRENT.get_or_init(|| Isa::at(super::simd()))
+        *CURRENT.get_or_init(|| Isa::at(simd()))
     }
 
     /// Runs `op` compiled for this instruction set.
@@ -1087,7 +1088,7 @@ mod tests {
     /// that have them (`.ci/run` runs the NEON path under qemu).
     fn isas() -> Vec<Isa> {
         let mut run = Vec::new();
-        for level in [super::super::Simd::Avx512, super::super::Simd::Avx2, super::super::Simd::Neon] {
+        for level in [Simd::Avx512, Simd::Avx2, Simd::Neon] {
             match Isa::at(level) {
                 Some(isa) => run.push(isa),
                 None => println!("this CPU has no {level:?}: those kernels cannot run here"),
@@ -1127,7 +1128,7 @@ mod tests {
                 let init = rand_vec(case.m * case.n, 0.0, 30 + ci as u64);
                 // The entry point (whatever this CPU and LORA_KERNELS choose), then each instruction set.
                 let mut got = init.clone();
-                super::super::matmul_into(&mut got, av, bv, beta, accumulate).unwrap();
+                crate::matmul_into(&mut got, av, bv, beta, accumulate).unwrap();
                 check(ci, "matmul_into", case, av, bv, &init, &got, beta, accumulate);
                 for &isa in &isas {
                     let Some(p) = case.want else { continue };

@@ -1,0 +1,28 @@
+//! The CPU kernels of lora-rs, behind a narrow safe interface: f32 matrix products on strided views and a
+//! LoRA linear layer's forward and backward built on them. Knows nothing of tensors, autograd or files.
+//!
+//! ```text
+//! matmul_into:     C (m×n) = [C +] β·A·B          A: MatRef (m×k), B: MatRef (k×n), any strides
+//! linear_forward:  y = act(x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ)
+//! linear_backward: dx, dW, db, dA, dB — only those asked for
+//! ```
+//!
+//! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
+//! compiled for AVX-512, AVX2 + FMA and NEON, chosen at run time and capped by `LORA_KERNELS`), the rest on
+//! the `gemm` crate. Every `unsafe` block of the crate is in `sgemm` (and one prefetch hint): views are
+//! bounds-checked on construction, and the kernels can only be reached with a run-time proof that the CPU
+//! has their instructions, so no safe call can read out of bounds or run an instruction the CPU lacks.
+#![deny(missing_docs)]
+
+mod error;
+mod level;
+mod linear;
+mod mat;
+mod matmul;
+mod sgemm;
+
+pub use error::{Result, ShapeError};
+pub use level::{simd, Simd};
+pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef};
+pub use mat::MatRef;
+pub use matmul::{matmul_into, prefetch, serial, threads};

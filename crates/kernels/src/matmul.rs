@@ -1,0 +1,182 @@
+//! `C = [C +] β·A·B` for f32 matrices read through their strides: our SIMD kernels (`sgemm`) where they
+//! apply and [`simd`] allows, else the `gemm` crate (the product candle's CPU matmul makes). Also the two
+//! helpers of callers that run many products: [`serial`] (keep a thread's products unsplit) and [`prefetch`].
+
+use crate::error::{bail, Result};
+use crate::mat::MatRef;
+use crate::sgemm;
+
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every product it makes on this thread unsplit: for callers that already spread work over
+/// the cores at a coarser grain (evaluation batches side by side, blocks of a weight gradient), where
+/// splitting each product again would only add hand-offs.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _reset = Reset(SERIAL.replace(true));
+    f()
+}
+
+/// Asks the CPU to bring `data` into its level-2 cache ahead of use (x86-64; elsewhere nothing): for many
+/// small operands read one after another (a mixed batch's adapters), whose misses would otherwise each
+/// wait on memory in turn.
+pub fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch is a hint: it never faults, reads nothing into registers and writes nothing;
+        // the address is that of a live slice element.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// The number of threads the kernels use: `RAYON_NUM_THREADS` when it is a positive number, else the
+/// machine's available parallelism (the rule candle and rayon follow).
+/// Read on every call, so that a program which sets the variable before its first product is obeyed.
+pub fn threads() -> usize {
+    match std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()) {
+        Some(n) if n > 0 => n,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` with lhs (m×k) and rhs (k×n) read through their strides.
+/// With `accumulate == false` and `beta == 1` this is exactly the call candle's CPU matmul makes.
+pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
+    matmul_with(Kernel::Auto, dst, lhs, rhs, beta, accumulate)
+}
+
+/// Which code computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// Our kernel ([`sgemm`]) where it applies and [`simd`] allows, else the `gemm` crate.
+    Auto,
+    /// Always the `gemm` crate (the portable path; tests compare the two).
+    #[cfg_attr(not(test), allow(dead_code))]
+    GemmCrate,
+}
+
+fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n {
+        bail!("matmul_into: ({m}x{k})·({}x{n}) into {} values", rhs.rows, dst.len())
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let threads = if SERIAL.get() { 1 } else { threads() };
+    if let (Kernel::Auto, Some(isa), Some(plan)) = (kernel, sgemm::Isa::current(), sgemm::plan(&lhs, &rhs)) {
+        sgemm::matmul(isa, dst, lhs, rhs, beta, accumulate, plan, threads);
+        return Ok(());
+    }
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the views were bounds-checked on construction (every element (i, j) lies inside its slice),
+    // dst holds exactly m·n values written with row stride n, and dst does not alias lhs or rhs (it is a
+    // unique &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut g = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// |got − want| ≤ tol·(1 + max|want|) element-wise.
+    fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = 1.0 + want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol * scale, "{what}[{i}]: ours {g} vs gemm crate {w}");
+        }
+    }
+
+    #[test]
+    fn our_kernels_and_the_gemm_crate_agree_on_every_operand_layout() {
+        // (m, k, n) with lhs and rhs each row-major or read through a transpose: every plan of `sgemm`
+        // and its fallback, against the gemm crate (the portable path).
+        for (i, (m, k, n)) in [(64, 100, 200), (64, 300, 10), (200, 64, 90), (5, 7, 3)].into_iter().enumerate() {
+            let a = rand_vec(m * k, 70 + i as u64);
+            let b = rand_vec(k * n, 80 + i as u64);
+            for (lt, rt) in [(false, false), (false, true), (true, false), (true, true)] {
+                let lhs = if lt { MatRef::row_major(&a, k, m).unwrap().t() } else { MatRef::row_major(&a, m, k).unwrap() };
+                let rhs = if rt { MatRef::row_major(&b, n, k).unwrap().t() } else { MatRef::row_major(&b, k, n).unwrap() };
+                let (mut ours, mut theirs) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_with(Kernel::Auto, &mut ours, lhs, rhs, 0.5, false).unwrap();
+                matmul_with(Kernel::GemmCrate, &mut theirs, lhs, rhs, 0.5, false).unwrap();
+                // Sums of ≤ 300 products of size ≤ 1 in different orders: ≲ 300·6e-8 ≈ 2e-5 of the largest.
+                assert_close(&ours, &theirs, 3e-5, &format!("({m}, {k}, {n}) transposed ({lt}, {rt})"));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_into_reads_transposed_views_without_copies() {
+        let a = rand_vec(3 * 4, 60); // (3, 4)
+        let b = rand_vec(5 * 4, 61); // (5, 4), used as (4, 5) through its transpose
+        let mut d = vec![0f32; 15];
+        matmul_into(&mut d, MatRef::row_major(&a, 3, 4).unwrap(), MatRef::row_major(&b, 5, 4).unwrap().t(), 1.0, false).unwrap();
+        for i in 0..3 {
+            for j in 0..5 {
+                let want: f32 = (0..4).map(|k| a[i * 4 + k] * b[j * 4 + k]).sum();
+                assert!((d[i * 5 + j] - want).abs() < 1e-6);
+            }
+        }
+        assert!(MatRef::new(&a, 3, 4, 4, 2).is_err(), "a view past the end of its slice must be refused");
+    }
+
+    #[test]
+    fn views_whose_bounds_would_wrap_around_are_refused() {
+        let a = [0f32; 8];
+        // (2 − 1)·usize::MAX + (2 − 1)·2 wraps to 1 in unchecked release arithmetic: it must not pass.
+        assert!(MatRef::new(&a, 2, 2, usize::MAX, 2).is_err());
+        assert!(MatRef::new(&a, usize::MAX, 2, 1 << 63, 1).is_err());
+        // rows·cols wrapping to the slice's length.
+        assert!(MatRef::row_major(&a, 1 << 62, 4 + 1).is_err());
+        assert!(MatRef::row_major(&a, (1usize << 63) + 4, 2).is_err());
+        assert!(MatRef::new(&a, 2, 4, 4, 1).is_ok());
+    }
+}
