@@ -92,6 +92,19 @@ fn kernel(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamSte
         // SAFETY: the CPU has AVX-512 F (`lora_kernels::simd` detected it; a LORA_KERNELS cap only lowers the level).
         return unsafe { kernel_avx512(theta, g, m, v, c) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if lora_kernels::simd() == lora_kernels::Simd::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (`lora_kernels::simd` detected them; a cap only lowers the level).
+        return unsafe { kernel_avx2(theta, g, m, v, c) };
+    }
+    kernel_body(theta, g, m, v, c)
+}
+
+/// [`kernel_body`] compiled for AVX2, 8 lanes (the same bits, as for [`kernel_avx512`]); without it a CPU
+/// without AVX-512 ran Adam in 4-lane SSE2 code, measured 22 % of a training step on the AVX2 path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
     kernel_body(theta, g, m, v, c)
 }
 
@@ -244,6 +257,39 @@ mod tests {
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
         (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn every_compiled_width_of_the_kernel_gives_the_same_bits() {
+        let n = 1000 + 7; // a ragged tail for every vector width
+        let c = AdamStep::new(&AdamConfig { lr: 3e-3, ..AdamConfig::default() }, 3);
+        let g = rand_vec(n, 7);
+        let run = |f: &dyn Fn(&mut [f32], &[f32], &mut [f32], &mut [f32])| {
+            let (mut t, mut m, mut v) = (rand_vec(n, 8), rand_vec(n, 9), rand_vec(n, 10).iter().map(|x| x.abs()).collect::<Vec<_>>());
+            f(&mut t, &g, &mut m, &mut v);
+            (t, m, v)
+        };
+        let base = run(&|t, g, m, v| kernel_body(t, g, m, v, c));
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut ran = 0;
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                assert_eq!(base, run(&|t, g, m, v| unsafe { kernel_avx2(t, g, m, v, c) }), "AVX2");
+                ran += 1;
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512 F (checked just above).
+                assert_eq!(base, run(&|t, g, m, v| unsafe { kernel_avx512(t, g, m, v, c) }), "AVX-512");
+                ran += 1;
+            }
+            if ran < 2 {
+                println!("this CPU lacks AVX2 or AVX-512: {ran} of the 2 wide kernels compared");
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        println!("not x86-64: one compiled width only, nothing to compare");
+        assert_ne!(base.0, rand_vec(n, 8), "nothing moved");
     }
 
     #[test]
