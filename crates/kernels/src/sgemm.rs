@@ -159,43 +159,31 @@ pub(super) fn matmul(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>
         }
     }
     let mut pack = Vec::new();
+    // C = A·B read row by row, B's rows contiguous: B itself (Direct) or a row-major copy of it
+    // (Transposed with many rows, a whole batch of tokens times Wᵀ: copying B (k·n values) is cheaper than
+    // packing Aᵀ (m·k values), and the direct loop then writes C in row order).
+    let direct = |b: *const f32, b_ks: usize| Job {
+        rows: m,
+        cols: n,
+        k,
+        a: lhs.data.as_ptr(),
+        a_rs: lhs.rs as isize,
+        a_ks: lhs.cs as isize,
+        b,
+        b_ks: b_ks as isize,
+        b_panel: NR as isize,
+        c_rs: n as isize,
+        c_cs: 1,
+        beta,
+        accumulate,
+    };
     let job = match plan {
         Plan::Dots => unreachable!("handled above"),
-        Plan::Direct => Job {
-            rows: m,
-            cols: n,
-            k,
-            a: lhs.data.as_ptr(),
-            a_rs: lhs.rs as isize,
-            a_ks: lhs.cs as isize,
-            b: rhs.data.as_ptr(),
-            b_ks: rhs.rs as isize,
-            b_panel: NR as isize,
-            c_rs: n as isize,
-            c_cs: 1,
-            beta,
-            accumulate,
-        },
-        // Many rows (a whole batch of tokens times Wᵀ): copying B into contiguous rows (k·n values)
-        // is cheaper than packing Aᵀ (m·k values), and the direct loop then writes C in row order.
+        Plan::Direct => direct(rhs.data.as_ptr(), rhs.rs),
         Plan::Transposed if m > n => {
             pack = PACK.with(|p| p.take());
             pack_rows(&rhs, &mut pack);
-            Job {
-                rows: m,
-                cols: n,
-                k,
-                a: lhs.data.as_ptr(),
-                a_rs: lhs.rs as isize,
-                a_ks: lhs.cs as isize,
-                b: pack.as_ptr(),
-                b_ks: n as isize,
-                b_panel: NR as isize,
-                c_rs: n as isize,
-                c_cs: 1,
-                beta,
-                accumulate,
-            }
+            direct(pack.as_ptr(), n)
         }
         Plan::Transposed => {
             pack = PACK.with(|p| p.take());
