@@ -5,22 +5,26 @@
 //! matmul_into:     C (m×n) = [C +] β·A·B          A: MatRef (m×k), B: MatRef (k×n), any strides
 //! linear_forward:  y = act(x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ)
 //! linear_backward: dx, dW, db, dA, dB — only those asked for
+//! add_delta:       y_i += s·(x_i·Aᵀ)·Bᵀ, row by row (a mixed batch's groups)
 //! ```
 //!
 //! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
 //! compiled for AVX-512, AVX2 + FMA and NEON, chosen at run time and capped by `LORA_KERNELS`), the rest on
-//! the `gemm` crate. Every `unsafe` block of the crate is in `sgemm` (and one prefetch hint): views are
-//! bounds-checked on construction, and the kernels can only be reached with a run-time proof that the CPU
+//! the `gemm` crate. Every `unsafe` block of the crate is in the SIMD kernels (`sgemm`, `delta`, the helpers
+//! in `isa`) and one prefetch hint: views and slices are checked on construction or entry, and the kernels can only be reached with a run-time proof that the CPU
 //! has their instructions, so no safe call can read out of bounds or run an instruction the CPU lacks.
 #![deny(missing_docs)]
 
+mod delta;
 mod error;
+mod isa;
 mod level;
 mod linear;
 mod mat;
 mod matmul;
 mod sgemm;
 
+pub use delta::{add_delta, DeltaRef};
 pub use error::{Result, ShapeError};
 pub use level::{simd, Simd};
 pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef};

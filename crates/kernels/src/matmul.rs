@@ -77,7 +77,7 @@ fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>
         return Ok(());
     }
     let threads = if SERIAL.get() { 1 } else { threads() };
-    if let (Kernel::Auto, Some(isa), Some(plan)) = (kernel, sgemm::Isa::current(), sgemm::plan(&lhs, &rhs)) {
+    if let (Kernel::Auto, Some(isa), Some(plan)) = (kernel, crate::isa::Isa::current(), sgemm::plan(&lhs, &rhs)) {
         sgemm::matmul(isa, dst, lhs, rhs, beta, accumulate, plan, threads);
         return Ok(());
     }

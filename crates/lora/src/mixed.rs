@@ -7,9 +7,9 @@
 //! ```
 //!
 //! The base product `X·W0ᵀ` runs once for the whole batch (`lora_kernels::matmul_into`); then each
-//! group of rows gets the delta of its adapter, two thin products of r·(in + out) multiply-adds per row
-//! (a few percent of the row's base product). A [`PackedAdapter`] stores A as (r, in) and B transposed,
-//! (r, out), so both products read contiguous rows and their kernels are chosen by layout alone: a row's
+//! group of rows gets the delta of its adapter, r·(in + out) multiply-adds per row (a few percent of the
+//! row's base product) in one call (`lora_kernels::add_delta`). A [`PackedAdapter`] stores A as (r, in) and
+//! B transposed, (r, out), so the delta reads contiguous rows, and computes each row alone: a row's
 //! delta is the same whatever else is in the batch. The base product's kernel is chosen by shape,
 //! including the batch's size, so a row's output in a batch differs from its output alone by f32
 //! rounding only.
@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor};
 use crate::adapter::AdapterFiles;
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
-use lora_kernels::{matmul_into, prefetch, serial, Activation, MatRef};
+use lora_kernels::{add_delta, matmul_into, prefetch, Activation, DeltaRef, MatRef};
 
 use crate::fused::Held;
 use crate::model::LoraModel;
@@ -36,18 +36,10 @@ struct PackedDelta {
 }
 
 impl PackedDelta {
-    /// `y += s·(x·Aᵀ)·Bᵀ` for x (n, in), y (n, out); `xa` and `d` are scratch.
-    fn add_to(&self, x: &[f32], n: usize, y: &mut [f32], xa: &mut Vec<f32>, d: &mut Vec<f32>) -> Result<()> {
-        xa.resize(n * self.r, 0.0);
-        d.resize(n * self.out, 0.0);
-        // x·Aᵀ as dot products of x's rows with A's rows; then (x·Aᵀ)·Bᵀ with Bᵀ's rows contiguous: both
-        // plans are chosen by the operands' layouts, not by n, so a row's delta is the same in any batch.
-        matmul_into(xa, MatRef::row_major(x, n, self.inp)?, MatRef::row_major(&self.a, self.r, self.inp)?.t(), 1.0, false)?;
-        matmul_into(d, MatRef::row_major(xa, n, self.r)?, MatRef::row_major(&self.bt, self.r, self.out)?, 1.0, false)?;
-        for (yo, o) in y.iter_mut().zip(d.iter()) {
-            *yo += o * self.scale; // the fused layer's `y + (d * s)`, same rounding
-        }
-        Ok(())
+    /// `y += s·(x·Aᵀ)·Bᵀ` for x (n, in), y (n, out), row by row (`lora_kernels::add_delta`: one call, and a
+    /// row's delta the same in any batch).
+    fn add_to(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        Ok(add_delta(x, y, n, DeltaRef { a: &self.a, bt: &self.bt, rank: self.r, scale: self.scale })?)
     }
 }
 
@@ -174,36 +166,21 @@ impl LoraModel {
                 }
             }
         }
-        let (mut xa, mut d) = (Vec::new(), Vec::new());
         let mut row = 0;
-        // The deltas are small products: each on this thread (splitting them would cost more than they do).
-        serial(|| -> Result<()> {
-            for (i, g) in groups.iter().enumerate() {
-                if let Some(next) = groups.get(i + 1).and_then(|n| delta_at(n, index)) {
-                    prefetch(&next.a);
-                    prefetch(&next.bt);
-                }
-                if let Some(delta) = delta_at(g, index) {
-                    if delta.inp != inp || delta.out != out {
-                        return Err(LoraError::config(
-                            "adapter",
-                            format!("({}, {})", delta.inp, delta.out),
-                            "was packed for another model",
-                        ));
-                    }
-                    let rows = row..row + g.rows;
-                    delta.add_to(
-                        &xs[rows.start * inp..rows.end * inp],
-                        g.rows,
-                        &mut y[rows.start * out..rows.end * out],
-                        &mut xa,
-                        &mut d,
-                    )?;
-                }
-                row += g.rows;
+        for (i, g) in groups.iter().enumerate() {
+            if let Some(next) = groups.get(i + 1).and_then(|n| delta_at(n, index)) {
+                prefetch(&next.a);
+                prefetch(&next.bt);
             }
-            Ok(())
-        })?;
+            if let Some(delta) = delta_at(g, index) {
+                if delta.inp != inp || delta.out != out {
+                    return Err(LoraError::config("adapter", format!("({}, {})", delta.inp, delta.out), "was packed for another model"));
+                }
+                let rows = row..row + g.rows;
+                delta.add_to(&xs[rows.start * inp..rows.end * inp], g.rows, &mut y[rows.start * out..rows.end * out])?;
+            }
+            row += g.rows;
+        }
         if act == Activation::Relu {
             for v in &mut y {
                 *v = v.max(0.0);
