@@ -12,14 +12,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use serde_json::{json, Map, Value};
 
 use crate::config::{Bias, Init, LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::{save_safetensors, write_atomic, FileError, TensorFile};
 use crate::linear::Adapter;
-use crate::matching::{Exclude, Pattern, Targets};
+use crate::matching::{Pattern, Targets};
 use crate::model::LoraModel;
+pub use crate::peft_config::{parse_peft_config, peft_config_json};
 
 /// File name of the config inside an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -75,279 +75,6 @@ impl AdapterFiles {
 
 fn bad(path: &Path, why: impl Into<String>) -> LoraError {
     LoraError::File(FileError::invalid(path, why))
-}
-
-fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
-}
-
-fn positive_int(path: &Path, key: &str, v: &Value) -> Result<usize> {
-    match v.as_u64() {
-        Some(n) if n >= 1 && n <= u32::MAX as u64 => Ok(n as usize),
-        _ => Err(bad(path, format!("{key} = {v}: must be a positive integer"))),
-    }
-}
-
-fn finite_number(path: &Path, key: &str, v: &Value) -> Result<f64> {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => Ok(x),
-        _ => Err(bad(path, format!("{key} = {v}: must be a number"))),
-    }
-}
-
-/// Keys of PEFT 0.21's `LoraConfig` that lora-rs reads (honours) or that only describe the file.
-const KNOWN_KEYS: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "init_lora_weights",
-    "bias",
-    "use_dora",
-    "fan_in_fan_out",
-    "lora_bias",
-    "use_qalora",
-    "use_bdlora",
-    "ensure_weight_tying",
-    "modules_to_save",
-    "trainable_token_indices",
-    "target_parameters",
-    // Settings of features that are off unless their own key turns them on (checked above).
-    "megatron_core",
-    "qalora_group_size",
-    "runtime_config",
-];
-
-/// Keys of features lora-rs does not have: accepted only when they hold PEFT's "off" value.
-const OFF_ONLY_KEYS: &[&str] = &[
-    "megatron_config",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
-    "velora_config",
-    "alora_invocation_tokens",
-    "monteclora_config",
-    "layer_replication",
-    "arrow_config",
-    "kasa_config",
-];
-
-/// PEFT's "off" values: null, false, an empty list or object.
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
-        _ => false,
-    }
-}
-
-/// Parses and validates PEFT's `adapter_config.json` text. `path` names the file in errors.
-pub fn parse_peft_config(path: &Path, text: &str) -> Result<(LoraConfig, Option<String>)> {
-    let v: Value = serde_json::from_str(text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad(path, "not a JSON object"))?;
-    let require = |key: &str| field(obj, key).ok_or_else(|| bad(path, format!("missing key {key}")));
-    match field(obj, "peft_type") {
-        None => return Err(bad(path, "missing key peft_type")),
-        Some(Value::String(s)) if s == "LORA" => {}
-        Some(other) => return Err(bad(path, format!("peft_type = {other}: only \"LORA\" adapters are supported"))),
-    }
-    let r = positive_int(path, "r", require("r")?)?;
-    let alpha = finite_number(path, "lora_alpha", require("lora_alpha")?)?;
-    let dropout = match field(obj, "lora_dropout") {
-        None => 0.0,
-        Some(v) => finite_number(path, "lora_dropout", v)?,
-    };
-    let flag = |key: &str| -> Result<bool> {
-        match field(obj, key) {
-            None => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => Err(bad(path, format!("{key} = {other}: must be true or false"))),
-        }
-    };
-    let scaling = if flag("use_rslora")? { Scaling::RankStabilized } else { Scaling::Standard };
-    let (use_dora, lora_bias) = (flag("use_dora")?, flag("lora_bias")?);
-    for key in ["fan_in_fan_out", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
-        if flag(key)? {
-            return Err(bad(path, format!("{key} = true is not supported by lora-rs")));
-        }
-    }
-    // Every other key of PEFT's LoraConfig: honoured below, metadata, or a feature lora-rs does not have
-    // (refused unless it holds PEFT's "off" value); see docs/peft-compat.md.
-    for (key, v) in obj {
-        if KNOWN_KEYS.contains(&key.as_str()) || is_off(v) {
-            continue;
-        }
-        if OFF_ONLY_KEYS.contains(&key.as_str()) {
-            return Err(bad(path, format!("{key} = {v} is not supported by lora-rs (only its default, off)")));
-        }
-        return Err(bad(path, format!("{key} = {v}: not a key of PEFT 0.21's LoraConfig, so lora-rs cannot honour it")));
-    }
-    let init = match field(obj, "init_lora_weights") {
-        None => Init::Kaiming,
-        Some(v) => Init::from_peft_value(v).map_err(|e| bad(path, e.to_string()))?,
-    };
-    if let Init::Pissa { niter: Some(_) } = init {
-        return Err(bad(
-            path,
-            "init_lora_weights = pissa_niter_N: the randomised SVD PEFT started this adapter from cannot be \
-             recomputed; save it from PEFT converted to plain LoRA (path_initial_model_for_weight_conversion)",
-        ));
-    }
-    let bias = match field(obj, "bias") {
-        None => Bias::None,
-        Some(Value::String(s)) if s == "none" => Bias::None,
-        Some(Value::String(s)) if s == "all" => Bias::All,
-        Some(Value::String(s)) if s == "lora_only" => Bias::LoraOnly,
-        Some(other) => return Err(bad(path, format!("bias = {other}: must be \"none\", \"all\" or \"lora_only\""))),
-    };
-    let modules_to_save = match field(obj, "modules_to_save") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|m| match m.as_str() {
-                Some(s) if !s.is_empty() => Ok(s.to_string()),
-                _ => Err(bad(path, format!("modules_to_save entry {m} is not a module name"))),
-            })
-            .collect::<Result<Vec<_>>>()?,
-        Some(other) => return Err(bad(path, format!("modules_to_save = {other}: must be a list of module names"))),
-    };
-    for key in ["trainable_token_indices", "target_parameters"] {
-        match field(obj, key) {
-            None => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(other) => return Err(bad(path, format!("{key} = {other} is not supported by lora-rs"))),
-        }
-    }
-    let names = |key: &str, v: &Value| -> Result<Vec<String>> {
-        let a = v.as_array().ok_or_else(|| bad(path, format!("{key} = {v}: must be a string or a list of strings")))?;
-        a.iter()
-            .map(|m| match m.as_str() {
-                Some(s) if !s.is_empty() => Ok(s.to_string()),
-                _ => Err(bad(path, format!("{key} entry {m} is not a module name"))),
-            })
-            .collect()
-    };
-    // As PEFT: a string is a regular expression matched against whole module names ("all-linear" aside),
-    // a list holds names matched whole or as dotted suffixes.
-    let target_modules = match require("target_modules")? {
-        Value::String(s) if s.eq_ignore_ascii_case("all-linear") => Targets::AllLinear,
-        Value::String(s) => Targets::Regex(s.clone()),
-        v => Targets::Names(names("target_modules", v)?),
-    };
-    if target_modules.names().is_empty() && matches!(target_modules, Targets::Names(_)) {
-        return Err(bad(path, "target_modules = []: names no module"));
-    }
-    let exclude_modules = match field(obj, "exclude_modules") {
-        None => None,
-        Some(Value::String(s)) => Some(Exclude::Regex(s.clone())),
-        Some(v) => Some(Exclude::Names(names("exclude_modules", v)?)).filter(|e| !matches!(e, Exclude::Names(v) if v.is_empty())),
-    };
-    let layers_to_transform = match field(obj, "layers_to_transform") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|i| i.as_u64().map(|i| i as usize).ok_or_else(|| bad(path, format!("layers_to_transform entry {i} is not a layer index"))))
-            .collect::<Result<Vec<_>>>()?,
-        Some(v) => {
-            vec![v.as_u64().ok_or_else(|| bad(path, format!("layers_to_transform = {v}: must be a layer index or a list of them")))?
-                as usize]
-        }
-    };
-    let layers_pattern = match field(obj, "layers_pattern") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(v) => names("layers_pattern", v)?,
-    };
-    // The patterns in file order (the first key that matches a module wins), which a parsed Value loses.
-    #[derive(serde::Deserialize)]
-    struct Ordered {
-        rank_pattern: Option<Pattern<Value>>,
-        alpha_pattern: Option<Pattern<Value>>,
-    }
-    let ordered: Ordered = serde_json::from_str(text).map_err(|e| bad(path, format!("rank_pattern / alpha_pattern: {e}")))?;
-    let mut rank_pattern = Pattern::new();
-    for (k, v) in ordered.rank_pattern.unwrap_or_default().iter() {
-        rank_pattern.insert(k.clone(), positive_int(path, &format!("rank_pattern.{k}"), v)?);
-    }
-    let mut alpha_pattern = Pattern::new();
-    for (k, v) in ordered.alpha_pattern.unwrap_or_default().iter() {
-        alpha_pattern.insert(k.clone(), finite_number(path, &format!("alpha_pattern.{k}"), v)?);
-    }
-    let config = LoraConfig {
-        r,
-        alpha,
-        dropout,
-        scaling,
-        target_modules,
-        exclude_modules,
-        layers_to_transform,
-        layers_pattern,
-        rank_pattern,
-        alpha_pattern,
-        init,
-        use_dora,
-        lora_bias,
-        bias,
-        modules_to_save,
-        ..LoraConfig::default()
-    };
-    config.validate().map_err(|e| bad(path, e.to_string()))?;
-    let base = field(obj, "base_model_name_or_path").and_then(Value::as_str).map(String::from);
-    Ok((config, base))
-}
-
-/// The `adapter_config.json` PEFT writes for `config` (only keys PEFT's `LoraConfig` accepts).
-pub fn peft_config_json(config: &LoraConfig, base_model_name_or_path: Option<&str>, task_type: Option<&str>) -> Value {
-    json!({
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "inference_mode": true,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": null,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": match &config.target_modules {
-            Targets::Names(v) => json!(v),
-            Targets::Regex(r) => json!(r),
-            Targets::AllLinear => json!("all-linear"),
-        },
-        "exclude_modules": match &config.exclude_modules {
-            None => Value::Null,
-            Some(Exclude::Names(v)) => json!(v),
-            Some(Exclude::Regex(r)) => json!(r),
-        },
-        "bias": match config.bias {
-            Bias::None => "none",
-            Bias::All => "all",
-            Bias::LoraOnly => "lora_only",
-        },
-        "fan_in_fan_out": false,
-        "init_lora_weights": config.init.peft_value(),
-        "use_rslora": config.scaling == Scaling::RankStabilized,
-        "use_dora": config.use_dora,
-        "modules_to_save": if config.modules_to_save.is_empty() { Value::Null } else { json!(config.modules_to_save) },
-        "layers_to_transform": if config.layers_to_transform.is_empty() { Value::Null } else { json!(config.layers_to_transform) },
-        "layers_pattern": if config.layers_pattern.is_empty() { Value::Null } else { json!(config.layers_pattern) },
-        "rank_pattern": config.rank_pattern,
-        "alpha_pattern": config.alpha_pattern,
-        "lora_bias": config.lora_bias,
-    })
 }
 
 /// Splits `base_model.model.<module>.lora_X.weight` into (module, is_a).
@@ -792,6 +519,7 @@ impl LoraModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use crate::linear::LoraLinear;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -807,10 +535,6 @@ mod tests {
 
     fn bits(t: &Tensor) -> Vec<u32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
-    }
-
-    fn config_err(text: &str) -> String {
-        parse_peft_config(Path::new("c.json"), text).unwrap_err().to_string()
     }
 
     #[test]
@@ -845,55 +569,6 @@ mod tests {
         let e = model().load_adapter("b", &dir, &lo).unwrap_err().to_string();
         assert!(e.contains("different base model") && e.contains("must be forced") && !e.contains("--"), "{e}");
         model().load_adapter("b", &dir, &LoadOptions { force: true, ..lo }).unwrap();
-    }
-
-    #[test]
-    fn config_errors_name_the_key_and_value() {
-        let ok = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["linear1"]}"#;
-        assert!(parse_peft_config(Path::new("c.json"), ok).is_ok());
-        assert!(config_err("{").contains("not valid JSON"));
-        assert!(config_err(r#"{"peft_type":"LORA","lora_alpha":4,"target_modules":["x"]}"#).contains("missing key r"));
-        assert!(config_err(&ok.replace("\"r\":2", "\"r\":0")).contains("r = 0: must be a positive integer"));
-        assert!(config_err(&ok.replace("\"r\":2", "\"r\":-1")).contains("r = -1"));
-        assert!(config_err(&ok.replace("4", "\"four\"")).contains("lora_alpha = \"four\": must be a number"));
-        let e = config_err(&ok.replace("}", ",\"use_dora\":true,\"lora_bias\":true,\"init_lora_weights\":true}"));
-        assert!(e.contains("lora_bias = true") && e.contains("use_dora"), "{e}");
-        let e = config_err(&ok.replace("}", ",\"lora_bias\":true,\"init_lora_weights\":\"gaussian\"}"));
-        assert!(e.contains("lora_bias = true") && e.contains("init_lora_weights"), "{e}");
-        let e = config_err(&ok.replace("}", ",\"use_dora\":1}"));
-        assert!(e.contains("use_dora = 1"), "{e}");
-        assert!(config_err(&ok.replace("}", ",\"bias\":\"some\"}")).contains("bias = \"some\""));
-        assert!(config_err(&ok.replace("}", ",\"modules_to_save\":\"lm_head\"}")).contains("modules_to_save = \"lm_head\""));
-        assert!(config_err(&ok.replace("LORA", "IA3")).contains("peft_type = \"IA3\""));
-        // A string is a regular expression (as in PEFT); one that does not compile is refused by key.
-        let (c, _) = parse_peft_config(Path::new("c.json"), &ok.replace("[\"linear1\"]", "\"linear[12]\"")).unwrap();
-        assert_eq!(c.target_modules, crate::Targets::Regex("linear[12]".into()));
-        assert!(config_err(&ok.replace("[\"linear1\"]", "\"linear(\"")).contains("target_modules"));
-    }
-
-    #[test]
-    fn every_key_of_a_feature_lora_rs_lacks_is_refused_by_name_unless_it_is_off() {
-        let ok = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["linear1"]"#;
-        let with = |key: &str, v: &str| format!("{ok},\"{key}\":{v}}}");
-        for key in OFF_ONLY_KEYS {
-            for off in ["null", "false", "[]", "{}"] {
-                assert!(parse_peft_config(Path::new("c.json"), &with(key, off)).is_ok(), "{key} = {off}");
-            }
-            let e = config_err(&with(key, r#"{"x":1}"#));
-            assert!(e.contains(&format!("{key} = {{\"x\":1}} is not supported")), "{e}");
-        }
-        for key in ["fan_in_fan_out", "use_qalora", "use_bdlora", "ensure_weight_tying"] {
-            assert!(config_err(&with(key, "true")).contains(&format!("{key} = true")));
-        }
-        for init in [r#""pissa_niter_4""#, r#""loftq""#, r#""eva""#, r#""corda""#, r#""mica""#, r#""orthogonal""#] {
-            assert!(config_err(&with("init_lora_weights", init)).contains("init_lora_weights"), "{init}");
-        }
-        for init in ["true", "false", r#""gaussian""#, r#""pissa""#, r#""olora""#] {
-            assert!(parse_peft_config(Path::new("c.json"), &with("init_lora_weights", init)).is_ok(), "{init}");
-        }
-        let e = config_err(&with("use_magic", "3"));
-        assert!(e.contains("use_magic = 3: not a key of PEFT"), "{e}");
-        assert!(parse_peft_config(Path::new("c.json"), &with("future_switch", "false")).is_ok());
     }
 
     #[test]

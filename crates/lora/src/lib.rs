@@ -24,6 +24,7 @@ pub mod matching;
 mod merge;
 mod mixed;
 mod model;
+mod peft_config;
 
 pub use adapter::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
 pub use combine::MajoritySign;
