@@ -10,9 +10,10 @@
 //!
 //! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
 //! compiled for AVX-512, AVX2 + FMA and NEON, chosen at run time and capped by `LORA_KERNELS`), the rest on
-//! the `gemm` crate. Every `unsafe` block of the crate is in the SIMD kernels (`sgemm`, `delta`, the helpers
-//! in `isa`) and one prefetch hint: views and slices are checked on construction or entry, and the kernels can only be reached with a run-time proof that the CPU
-//! has their instructions, so no safe call can read out of bounds or run an instruction the CPU lacks.
+//! the `gemm` crate. Every `unsafe` block of the crate is in the SIMD kernels (`sgemm`, `delta` and the
+//! helpers in `isa`): views and slices are checked on construction or entry, and the kernels can only be
+//! reached with a run-time proof that the CPU has their instructions, so no safe call can read out of
+//! bounds or run an instruction the CPU lacks.
 #![deny(missing_docs)]
 
 mod delta;
@@ -29,4 +30,4 @@ pub use error::{Result, ShapeError};
 pub use level::{simd, Simd};
 pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef};
 pub use mat::MatRef;
-pub use matmul::{matmul_into, prefetch, serial, threads};
+pub use matmul::{matmul_into, serial, threads};

@@ -24,20 +24,6 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Asks the CPU to bring `data` into its level-2 cache ahead of use (x86-64; elsewhere nothing): for many
-/// small operands read one after another (a mixed batch's adapters), whose misses would otherwise each
-/// wait on memory in turn.
-pub fn prefetch(data: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch is a hint: it never faults, reads nothing into registers and writes nothing;
-        // the address is that of a live slice element.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
 /// The number of threads the kernels split a product over: those of the rayon pool they run on (the global
 /// pool takes `RAYON_NUM_THREADS` when it is a positive number, else the machine's available parallelism,
 /// read when the pool starts). Asked on every product, so it must be cheap: reading the environment and the

@@ -519,10 +519,10 @@ impl LoraModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use crate::linear::LoraLinear;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+    use serde_json::Value;
 
     fn model() -> LoraModel {
         let mut m = LoraModel::new();
