@@ -34,6 +34,11 @@ pub struct DeltaRef<'a> {
 
 /// `y_i += s·(x_i·Aᵀ)·Bᵀ` for the `n` rows of x (n, in) and y (n, out), in = A's columns, out = Bᵀ's.
 pub fn add_delta(x: &[f32], y: &mut [f32], n: usize, d: DeltaRef<'_>) -> Result<()> {
+    add_delta_on(Isa::current(), x, y, n, d)
+}
+
+/// [`add_delta`] on `isa` (`None`: the portable loop), so that tests run every instruction set the CPU has.
+fn add_delta_on(isa: Option<Isa>, x: &[f32], y: &mut [f32], n: usize, d: DeltaRef<'_>) -> Result<()> {
     let r = d.rank;
     if r == 0 || !d.a.len().is_multiple_of(r) || !d.bt.len().is_multiple_of(r) {
         bail!("add_delta: A ({} values) and Bᵀ ({} values) are not {r} rows each", d.a.len(), d.bt.len())
@@ -46,7 +51,7 @@ pub fn add_delta(x: &[f32], y: &mut [f32], n: usize, d: DeltaRef<'_>) -> Result<
         return Ok(());
     }
     let mut t = vec![0f32; r];
-    match Isa::current() {
+    match isa {
         Some(isa) => {
             // Every pointer the rows read or write lies inside x, y, A or Bᵀ: their lengths were checked
             // above against n, r, in and out.
@@ -138,7 +143,7 @@ impl WithSimd for Rows {
                 let lanes = S::F32_LANES;
                 let mut c = 0;
                 while c + V * lanes <= t.out {
-                    axpys::<S, V>(simd, t, y, c, lanes);
+                    axpys::<S, V>(simd, t, y, c, V * lanes);
                     c += V * lanes;
                 }
                 while c < t.out {
@@ -191,6 +196,7 @@ unsafe fn dots<S: pulp::Simd, const Q: usize>(simd: S, t: &Rows, x: *const f32, 
 #[inline(always)]
 unsafe fn axpys<S: pulp::Simd, const W: usize>(simd: S, t: &Rows, y: *mut f32, c: usize, w: usize) {
     let lanes = S::F32_LANES;
+    debug_assert!(w > (W - 1) * lanes && w <= W * lanes, "axpys: {w} columns in {W} vectors of {lanes}");
     let masked = w < W * lanes;
     let mask = first_lanes(simd, w - (W - 1) * lanes);
     let full = first_lanes(simd, lanes);
@@ -262,30 +268,6 @@ mod tests {
         }
     }
 
-    /// Runs `add_delta` on `isa` (None: the portable loop).
-    fn run(isa: Option<Isa>, x: &[f32], y: &mut [f32], n: usize, d: DeltaRef<'_>) {
-        let mut t = vec![0f32; d.rank];
-        let (inp, out) = (d.a.len() / d.rank, d.bt.len() / d.rank);
-        match isa {
-            Some(isa) => {
-                isa.vectorize(Rows {
-                    x: x.as_ptr(),
-                    y: y.as_mut_ptr(),
-                    n,
-                    inp,
-                    out,
-                    a: d.a.as_ptr(),
-                    bt: d.bt.as_ptr(),
-                    r: d.rank,
-                    scale: d.scale,
-                    t: t.as_mut_ptr(),
-                });
-                isa.finish();
-            }
-            None => portable(x, y, n, d, &mut t),
-        }
-    }
-
     /// Every instruction set this CPU has, and the portable loop (None); says which it cannot run.
     fn paths() -> Vec<Option<Isa>> {
         let mut run = vec![None];
@@ -305,7 +287,7 @@ mod tests {
             let (x, a, bt, y0) = (rand_vec(n * inp, s + 1), rand_vec(r * inp, s + 2), rand_vec(r * out, s + 3), rand_vec(n * out, s + 4));
             for isa in paths() {
                 let mut y = y0.clone();
-                run(isa, &x, &mut y, n, DeltaRef { a: &a, bt: &bt, rank: r, scale: 1.75 });
+                add_delta_on(isa, &x, &mut y, n, DeltaRef { a: &a, bt: &bt, rank: r, scale: 1.75 }).unwrap();
                 check(&format!("{isa:?}"), &x, &y0, &y, (n, inp, out, r), &a, &bt, 1.75);
             }
             let mut y = y0.clone();
@@ -321,10 +303,10 @@ mod tests {
         let d = DeltaRef { a: &a, bt: &bt, rank: r, scale: 0.5 };
         for isa in paths() {
             let mut all = y0.clone();
-            run(isa, &x, &mut all, n, d);
+            add_delta_on(isa, &x, &mut all, n, d).unwrap();
             for i in 0..n {
                 let mut one = y0[i * out..(i + 1) * out].to_vec();
-                run(isa, &x[i * inp..(i + 1) * inp], &mut one, 1, d);
+                add_delta_on(isa, &x[i * inp..(i + 1) * inp], &mut one, 1, d).unwrap();
                 assert_eq!(one, all[i * out..(i + 1) * out], "{isa:?}: row {i}");
             }
         }
