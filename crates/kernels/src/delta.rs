@@ -224,7 +224,6 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::level::Simd;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
@@ -268,16 +267,9 @@ mod tests {
         }
     }
 
-    /// Every instruction set this CPU has, and the portable loop (None); says which it cannot run.
+    /// Every instruction set this CPU has, and the portable loop (None).
     fn paths() -> Vec<Option<Isa>> {
-        let mut run = vec![None];
-        for level in [Simd::Avx512, Simd::Avx2, Simd::Neon] {
-            match Isa::at(level) {
-                Some(isa) => run.push(Some(isa)),
-                None => println!("this CPU has no {level:?}: that delta kernel cannot run here"),
-            }
-        }
-        run
+        std::iter::once(None).chain(Isa::every_available().into_iter().map(Some)).collect()
     }
 
     #[test]

@@ -36,6 +36,21 @@ impl Isa {
         }
     }
 
+    /// Every kernel instruction set this CPU runs (whatever `LORA_KERNELS` allows), for tests that check
+    /// each; says which it cannot (shown by `cargo test -- --nocapture`): those are checked on the machines
+    /// that have them (`.ci/run` runs the NEON path under qemu).
+    #[cfg(test)]
+    pub(crate) fn every_available() -> Vec<Isa> {
+        let mut run = Vec::new();
+        for level in [Simd::Avx512, Simd::Avx2, Simd::Neon] {
+            match Isa::at(level) {
+                Some(isa) => run.push(isa),
+                None => println!("this CPU has no {level:?}: those kernels cannot run here"),
+            }
+        }
+        run
+    }
+
     /// The instruction set of [`simd`]'s level (detected once, capped by `LORA_KERNELS`).
     pub(crate) fn current() -> Option<Isa> {
         static CURRENT: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();

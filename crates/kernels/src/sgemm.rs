@@ -38,8 +38,6 @@
 use pulp::WithSimd;
 
 use crate::isa::{first_lanes, load, prefetch_line, store, Isa};
-#[cfg(test)]
-use crate::level::Simd;
 use crate::mat::MatRef;
 
 /// Rows of A per tile.
@@ -940,20 +938,6 @@ mod tests {
         ]
     }
 
-    /// The kernels' instruction sets this CPU runs (whatever LORA_KERNELS allows `plan`'s caller to choose),
-    /// saying which it cannot (shown by `cargo test -- --nocapture`): those are checked on the machines
-    /// that have them (`.ci/run` runs the NEON path under qemu).
-    fn isas() -> Vec<Isa> {
-        let mut run = Vec::new();
-        for level in [Simd::Avx512, Simd::Avx2, Simd::Neon] {
-            match Isa::at(level) {
-                Some(isa) => run.push(isa),
-                None => println!("this CPU has no {level:?}: those kernels cannot run here"),
-            }
-        }
-        run
-    }
-
     /// An f64 reference product checked against `got` = [C +] β·A·B within f32 rounding.
     #[allow(clippy::too_many_arguments)]
     fn check(ci: usize, what: &str, case: &Case, av: MatRef<'_>, bv: MatRef<'_>, init: &[f32], got: &[f32], beta: f32, accumulate: bool) {
@@ -975,7 +959,7 @@ mod tests {
 
     #[test]
     fn every_plan_on_every_instruction_set_matches_an_f64_reference_within_f32_rounding() {
-        let isas = isas();
+        let isas = Isa::every_available();
         for (ci, case) in cases().iter().enumerate() {
             let a = rand_vec(case.m * case.k, case.a_zeros, 10 + ci as u64);
             let b = rand_vec(case.k * case.n, 0.0, 20 + ci as u64);
@@ -1009,7 +993,7 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_number_of_threads() {
-        for isa in isas() {
+        for isa in Isa::every_available() {
             for (ci, case) in big_cases().iter().enumerate() {
                 let a = rand_vec(case.m * case.k, case.a_zeros, 40 + ci as u64);
                 let b = rand_vec(case.k * case.n, 0.0, 50 + ci as u64);
@@ -1030,7 +1014,7 @@ mod tests {
 
     #[test]
     fn the_tiles_and_the_sparse_loop_give_the_same_bits_on_every_instruction_set() {
-        let isas = isas();
+        let isas = Isa::every_available();
         if isas.len() < 2 {
             println!("one instruction set on this CPU ({isas:?}): nothing to compare it with");
             return;
@@ -1070,7 +1054,7 @@ mod tests {
         let (av, bv) = (MatRef::row_major(&a, m, k).unwrap(), MatRef::row_major(&b, k, n).unwrap());
         let csr = Csr::build(&av).expect("80 % zeros is sparse");
         assert!(Csr::build(&MatRef::row_major(&b, k, n).unwrap()).is_none(), "a dense A must take the dense tiles");
-        for isa in isas() {
+        for isa in Isa::every_available() {
             let mut sparse = vec![0f32; m * n];
             sparse_direct(isa, &mut sparse, &csr, bv, 0.5, false, 1);
             let mut dense = vec![0f32; m * n];
