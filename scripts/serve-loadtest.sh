@@ -3,28 +3,31 @@
 # addressing one adapter, then 16 adapters mixed, each without and with adapters loading and unloading
 # meanwhile (--churn). Prints each run's table; JSON goes to OUT/{lm,classifier}-{one,mixed}[-churn].json.
 #
-#   scripts/serve-loadtest.sh [SECONDS] [WORK]     defaults: 30, runs/serve-loadtest
+#   scripts/serve-loadtest.sh [SECONDS] [WORK] [DTYPE]     defaults: 30, runs/serve-loadtest, f32
 #
-# WORK keeps the models between runs: an LM base (`lora lm pretrain`, 300 steps) with 16 adapters
-# (`lora lm finetune`, 20 steps, seeds 0-15, SQL and JavaScript alternately) and an MNIST base
+# WORK keeps the models between runs: an LM base (`lora lm pretrain`, 300 steps, its weights written in
+# DTYPE: f32, or bf16 as most Hugging Face checkpoints are) with 16 adapters (`lora lm finetune`, 20 steps,
+# seeds 0-15, SQL and JavaScript alternately) in WORK/lm (WORK/lm-bf16 for bf16), and an MNIST base
 # (`lora pretrain`) with 16 adapters (`lora finetune`, digits 0-9 and seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
 work=${2:-runs/serve-loadtest}
+dtype=${3:-f32}
+lm=$work/lm; [ "$dtype" = f32 ] || lm=$work/lm-$dtype
 mkdir -p "$work"
 cargo build --release --quiet
 lora=./target/release/lora
-if [ ! -f "$work/lm/base/config.json" ]; then
-  $lora lm pretrain --steps 300 --out "$work/lm/base" >/dev/null
+if [ ! -f "$lm/base/config.json" ]; then
+  $lora lm pretrain --steps 300 --dtype "$dtype" --out "$lm/base" >/dev/null
 fi
 if [ ! -f "$work/mnist/base.safetensors" ]; then
   $lora pretrain --out "$work/mnist/base.safetensors" >/dev/null
 fi
 for i in $(seq 0 15); do
   corpus=sql; [ $((i % 2)) = 1 ] && corpus=js
-  [ -f "$work/lm/adapters/a$i/adapter_config.json" ] ||
-    $lora lm finetune --model "$work/lm/base" --data "data/code/$corpus.jsonl.gz" --steps 20 --seed "$i" --out "$work/lm/adapters/a$i" >/dev/null
+  [ -f "$lm/adapters/a$i/adapter_config.json" ] ||
+    $lora lm finetune --model "$lm/base" --data "data/code/$corpus.jsonl.gz" --steps 20 --seed "$i" --out "$lm/adapters/a$i" >/dev/null
   [ -f "$work/mnist/adapters/a$i/adapter_config.json" ] ||
     $lora finetune --model "$work/mnist/base.safetensors" --digit $((i % 10)) --seed "$i" --steps 50 --out "$work/mnist/adapters/a$i" >/dev/null
 done
@@ -45,12 +48,12 @@ run() { # kind model-path
   done
   kill -INT "$pid"; wait "$pid" || true
 }
-run lm 18181 "$work/lm/base" "$work/lm/adapters"
+run "$(basename "$lm")" 18181 "$lm/base" "$lm/adapters"
 run classifier 18182 "$work/mnist/base.safetensors" "$work/mnist/adapters"
-python3 - "$work" <<'PY'
+python3 - "$work" "$(basename "$lm")" <<'PY'
 import json, sys
 w = sys.argv[1]
-for kind, key in [("lm", "tokens_per_s"), ("classifier", "images_per_s")]:
+for kind, key in [(sys.argv[2], "tokens_per_s"), ("classifier", "images_per_s")]:
     for churn in ["", "-churn"]:
         one, mixed = (json.load(open(f"{w}/{kind}-{x}{churn}.json")) for x in ("one", "mixed"))
         print(f"{kind}{churn or ''}: {key} one adapter {one[key]:.1f}, 16 mixed {mixed[key]:.1f}, ratio {mixed[key] / one[key]:.3f}; "

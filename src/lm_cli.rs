@@ -78,6 +78,10 @@ pub struct LmPretrainArgs {
     /// Peak learning rate (AdamW, weight decay 0.1 on matrices).
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// The dtype the weights are written in: f32 (as trained) or bf16 (rounded to nearest, as most Hugging
+    /// Face checkpoints are stored; half the bytes, and `lora serve` reads them from half the memory).
+    #[arg(long, value_enum, default_value_t = SaveDtype::F32)]
+    pub dtype: SaveDtype,
     #[command(flatten)]
     pub train: LmTrainArgs,
     #[command(flatten)]
@@ -89,6 +93,24 @@ pub struct LmPretrainArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
+}
+
+/// The dtype a model's weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveDtype {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<SaveDtype> for lora_lm::hf::WeightDtype {
+    fn from(d: SaveDtype) -> Self {
+        match d {
+            SaveDtype::F32 => lora_lm::hf::WeightDtype::F32,
+            SaveDtype::Bf16 => lora_lm::hf::WeightDtype::Bf16,
+        }
+    }
 }
 
 /// The architecture of a new model.

@@ -131,6 +131,32 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
 }
 
 #[test]
+fn a_base_pretrained_with_dtype_bf16_is_written_in_bf16_and_adapts_and_generates_like_any_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("sql.txt"), "SELECT name FROM users WHERE id = 1;\n".repeat(40)).unwrap();
+    let shape = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "32"];
+    let train = ["--steps", "2", "--batch-size", "2", "--seq-len", "16"];
+    let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "sql.txt", "--dtype", "bf16", "--json", "pre.json"];
+    args.extend(shape);
+    args.extend(train);
+    lora(d, &args);
+    assert_eq!(json(&d.join("pre.json"))["dtype"], "bfloat16");
+    assert_eq!(json(&d.join("base/config.json"))["torch_dtype"], "bfloat16");
+    let file = lora::io::TensorFile::load(&d.join("base/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(file.dtypes.iter().all(|(_, dt)| dt == "BF16"), "{:?}", file.dtypes);
+    // An adapter records the fingerprint of the base as written, so generation accepts it on that base.
+    let mut args = vec!["lm", "finetune", "--model", "base", "--data", "sql.txt", "--out", "sql", "--rank", "2"];
+    args.extend(train);
+    assert!(lora(d, &args).contains("base weights bit-for-bit unchanged: true"));
+    let out = lora(
+        d,
+        &["lm", "generate", "--model", "base", "--adapter", "sql", "--prompt", "SELECT", "--max-tokens", "4", "--temperature", "0"],
+    );
+    assert!(out.starts_with("SELECT"), "{out}");
+}
+
+#[test]
 fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

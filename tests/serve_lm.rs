@@ -8,7 +8,7 @@ use std::path::Path;
 
 use futures_util::future::join_all;
 use serde_json::json;
-use serve_support::{fixture, get, post, post_raw, s, stream, Served};
+use serve_support::{fixture, fixture_bf16, get, post, post_raw, s, stream, Served};
 
 fn start(root: &Path, extra: &[&str]) -> Served {
     let (m, a) = (root.join("base"), root.join("adapters"));
@@ -107,6 +107,40 @@ async fn completions_equal_the_clis_greedy_generation_for_the_base_and_each_adap
     ]);
     assert_eq!(format!("{prompt}{}\n", v["choices"][0]["text"].as_str().unwrap()), cli);
     assert!(server.stop().success(), "SIGTERM should stop the server cleanly");
+}
+
+/// The value of an unlabelled Prometheus gauge in `/metrics`.
+async fn gauge(c: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let text = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"));
+    line[name.len() + 1..].trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_stored_in_bf16_is_served_from_its_bf16_copy_and_completes_as_the_cli_does() {
+    let d = tempfile::tempdir().unwrap();
+    fixture_bf16(d.path());
+    let server = start(d.path(), &[]);
+    let c = reqwest::Client::new();
+    // The fixture's projections and lm_head are held in bf16 (the f32 fixture below holds none).
+    assert!(gauge(&c, &server.url, "lora_base_bf16_bytes").await > 0.0);
+    let prompt = "SELECT name FROM";
+    for (model, adapter) in [("base", None), ("sql", Some("sql"))] {
+        let text = complete(&c, &server.url, model, prompt, 20).await;
+        let base = d.path().join("base");
+        let dir = adapter.map(|a| d.path().join("adapters").join(a));
+        let mut args = vec!["lm", "generate", "--model", s(&base), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"];
+        if let Some(dir) = &dir {
+            args.extend(["--adapter", s(dir)]);
+        }
+        assert_eq!(format!("{prompt}{text}\n"), serve_support::lora(&args), "{model}: the server and `lora lm generate` disagree");
+    }
+    assert!(server.stop().success());
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let server = start(d.path(), &[]);
+    assert_eq!(gauge(&c, &server.url, "lora_base_bf16_bytes").await, 0.0, "f32 weights as trained are served as they are");
+    assert!(server.stop().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

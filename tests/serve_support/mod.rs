@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use candle_core::{Device, Tensor};
 use lora::LoraConfig;
-use lora_lm::hf::{save_adapter, save_model};
+use lora_lm::hf::{load_model, save_adapter, save_model, save_model_as, WeightDtype};
 use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -213,4 +213,13 @@ pub fn fixture(root: &Path) {
     write_adapter_with(&mut m, "dora", 5, &root.join("adapters/spare/dora"), true);
     let mut other = Llama::random(&config(), 99).unwrap();
     write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
+}
+
+/// base/ written in bf16 and adapters/sql trained for it (on the model read back, whose fingerprint is the
+/// file's).
+pub fn fixture_bf16(root: &Path) {
+    let m = Llama::random(&config(), 1).unwrap();
+    save_model_as(&m, &root.join("base"), &BTreeMap::new(), WeightDtype::Bf16).unwrap();
+    let (mut back, _) = load_model(&root.join("base")).unwrap();
+    write_adapter(&mut back, "sql", 1, &root.join("adapters/sql"));
 }

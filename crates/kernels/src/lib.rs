@@ -6,6 +6,7 @@
 //! linear_forward:  y = act(x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ)
 //! linear_backward: dx, dW, db, dA, dB — only those asked for
 //! add_delta:       y_i += s·(x_i·Aᵀ)·Bᵀ, row by row (a mixed batch's groups)
+//! matmul_bf16_into: C = [C +] β·A·Wᵀ with W held in bf16 (Bf16Matrix), the bits of the f32 product
 //! ```
 //!
 //! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
@@ -16,6 +17,7 @@
 //! bounds or run an instruction the CPU lacks.
 #![deny(missing_docs)]
 
+mod bf16;
 mod delta;
 mod error;
 mod isa;
@@ -25,9 +27,10 @@ mod mat;
 mod matmul;
 mod sgemm;
 
+pub use bf16::Bf16Matrix;
 pub use delta::{add_delta, DeltaRef};
 pub use error::{Result, ShapeError};
 pub use level::{simd, Simd};
 pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef};
 pub use mat::MatRef;
-pub use matmul::{matmul_into, serial, threads};
+pub use matmul::{matmul_bf16_into, matmul_into, serial, threads};

@@ -2,6 +2,7 @@
 //! apply and [`simd`] allows, else the `gemm` crate (the product candle's CPU matmul makes). Also the two
 //! helpers of callers that run many products: [`serial`] (keep a thread's products unsplit) and [`prefetch`].
 
+use crate::bf16::Bf16Matrix;
 use crate::error::{bail, Result};
 use crate::mat::MatRef;
 use crate::sgemm;
@@ -36,6 +37,26 @@ pub fn threads() -> usize {
 /// With `accumulate == false` and `beta == 1` this is exactly the call candle's CPU matmul makes.
 pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
     matmul_with(Kernel::Auto, dst, lhs, rhs, beta, accumulate)
+}
+
+/// `dst (m×n, row-major) = [dst +] beta·lhs·Wᵀ` for a bf16 weight W (n × k): the same bits as
+/// [`matmul_into`] with the f32 values of W (`lhs·Wᵀ` read through a transposed view), from half the weight
+/// bytes where our dot-product kernel takes the product (a few rows: a decode step); other shapes widen W to
+/// f32 first and make that very call.
+pub fn matmul_bf16_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, beta: f32, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, w.rows());
+    if w.cols() != k || dst.len() != m * n {
+        bail!("matmul_bf16_into: ({m}x{k})·({}x{n})ᵀ into {} values", w.cols(), dst.len())
+    }
+    let threads = if SERIAL.get() { 1 } else { threads() };
+    // W's f32 values read as Wᵀ: a (k × n) view with unit row stride.
+    let wt = sgemm::Layout { rows: k, cols: n, rs: 1, cs: k };
+    if let (true, Some(isa), Some(sgemm::Plan::Dots)) = (m > 0 && n > 0 && k > 0, crate::isa::Isa::current(), sgemm::plan_for(&lhs, wt)) {
+        sgemm::dots_bf16(isa, dst, lhs, w, beta, accumulate, threads);
+        return Ok(());
+    }
+    let wide = w.to_f32();
+    matmul_into(dst, lhs, MatRef::row_major(&wide, n, k)?.t(), beta, accumulate)
 }
 
 /// Which code computes a product.
@@ -103,6 +124,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::bf16::Bf16Matrix;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
@@ -162,5 +184,28 @@ mod tests {
         assert!(MatRef::row_major(&a, 1 << 62, 4 + 1).is_err());
         assert!(MatRef::row_major(&a, (1usize << 63) + 4, 2).is_err());
         assert!(MatRef::new(&a, 2, 4, 4, 1).is_ok());
+    }
+
+    #[test]
+    fn matmul_bf16_into_gives_the_bits_of_matmul_into_for_every_shape() {
+        // Every plan the f32 product could take (few rows: dot products; many: the tiles or the gemm crate),
+        // with a ragged k; the weight's values are bf16 numbers, so both read the same values.
+        for (i, (m, k, n)) in [(1, 256, 768), (8, 33, 70), (15, 768, 256), (16, 256, 70), (40, 100, 130), (3, 5, 2)].into_iter().enumerate()
+        {
+            let x = rand_vec(m * k, 110 + i as u64);
+            let w: Vec<f32> = rand_vec(n * k, 120 + i as u64).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
+            let packed = Bf16Matrix::pack(&w, n, k).unwrap();
+            let xv = MatRef::row_major(&x, m, k).unwrap();
+            for accumulate in [false, true] {
+                let init = rand_vec(m * n, 130);
+                let (mut want, mut got) = (init.clone(), init.clone());
+                matmul_into(&mut want, xv, MatRef::row_major(&w, n, k).unwrap().t(), 0.5, accumulate).unwrap();
+                matmul_bf16_into(&mut got, xv, &packed, 0.5, accumulate).unwrap();
+                assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "({m}, {k}, {n}) accumulate {accumulate}");
+            }
+        }
+        let packed = Bf16Matrix::pack(&[0.0; 6], 2, 3).unwrap();
+        let e = matmul_bf16_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 8], 2, 4).unwrap(), &packed, 1.0, false).unwrap_err();
+        assert!(e.to_string().contains("(2x4)·(3x2)ᵀ"), "{e}");
     }
 }

@@ -37,6 +37,7 @@
 
 use pulp::WithSimd;
 
+use crate::bf16::Bf16Matrix;
 use crate::isa::{first_lanes, load, prefetch_line, store, Isa};
 use crate::mat::MatRef;
 
@@ -66,6 +67,19 @@ pub(super) enum Plan {
 /// The plan for `lhs·rhs`, or `None` where the kernel does not pay (tiny products, narrow outputs) or
 /// does not apply (neither rows nor columns of rhs contiguous).
 pub(super) fn plan(lhs: &MatRef<'_>, rhs: &MatRef<'_>) -> Option<Plan> {
+    plan_for(lhs, Layout { rows: rhs.rows, cols: rhs.cols, rs: rhs.rs, cs: rhs.cs })
+}
+
+/// The shape and strides of a product's right operand: all [`plan`] looks at.
+pub(super) struct Layout {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
+}
+
+/// [`plan`] for a right operand laid out as `rhs`.
+pub(super) fn plan_for(lhs: &MatRef<'_>, rhs: Layout) -> Option<Plan> {
     let (m, n) = (lhs.rows, rhs.cols);
     if (rhs.cs == 1 || rhs.cols == 1) && n >= 16 {
         Some(Plan::Direct)
@@ -535,7 +549,33 @@ fn dot_shape(isa: Isa) -> (usize, usize) {
 /// [`Plan::Dots`]: `C (m×n) = [C +] β·A·B` with A's rows and B's columns contiguous, in tiles of a few rows ×
 /// a few columns ([`dot_shape`]), split by rows across threads (by columns when there are few rows).
 fn dots(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool, threads: usize) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    // Column j of B starts at data[j·cs] and holds k values (the view's bounds check covers them all).
+    let cols = |j0: usize| F32Cols { b: rhs.data[j0 * rhs.cs..].as_ptr(), cs: rhs.cs };
+    dots_on(isa, dst, lhs, rhs.cols, cols, beta, accumulate, threads)
+}
+
+/// [`Plan::Dots`] with B = Wᵀ for a bf16 `w`: `C (m×n) = [C +] β·A·Wᵀ`, n = w's rows. The same tiles, in the
+/// same order, as [`dots`] on the f32 values of W, so the same bits.
+pub(super) fn dots_bf16(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, beta: f32, accumulate: bool, threads: usize) {
+    assert!(lhs.cols == w.cols() && dst.len() == lhs.rows * w.rows(), "sgemm::dots_bf16: shapes");
+    // Row j of W starts at words[j·stride] and holds stride words (k values and the zero padding).
+    let cols = |j0: usize| Bf16Rows { b: w.words()[j0 * w.stride()..].as_ptr(), stride: w.stride() };
+    dots_on(isa, dst, lhs, w.rows(), cols, beta, accumulate, threads)
+}
+
+/// The tile loop of [`dots`] and [`dots_bf16`]: `cols(j0)` is where column j0 of B starts.
+#[allow(clippy::too_many_arguments)]
+fn dots_on<B: DotCols>(
+    isa: Isa,
+    dst: &mut [f32],
+    lhs: MatRef<'_>,
+    n: usize,
+    cols: impl Fn(usize) -> B + Sync,
+    beta: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k) = (lhs.rows, lhs.cols);
     let (dot_rows, dot_cols) = dot_shape(isa);
     let tiles = m.div_ceil(dot_rows);
     let col_tiles = n.div_ceil(dot_cols);
@@ -564,15 +604,14 @@ fn dots(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, 
         let tile = |it: usize, jt: usize| {
             let (i0, j0) = (it * dot_rows, jt * dot_cols);
             // The tile reads rows i0.. of A and columns j0.. of B inside their bounds-checked views (the
-            // slices below check the starts), and writes its own block of C (disjoint across parts).
+            // slices check the starts), and writes its own block of C (disjoint across parts).
             isa.vectorize(DotTile {
                 rows: (m - i0).min(dot_rows),
                 cols: (n - j0).min(dot_cols),
                 k,
                 a: lhs.data[i0 * lhs.rs..].as_ptr(),
                 a_rs: lhs.rs,
-                b: rhs.data[j0 * rhs.cs..].as_ptr(),
-                b_cs: rhs.cs,
+                b: cols(j0),
                 c: c.0,
                 c_off: i0 * n + j0,
                 ldc: n,
@@ -601,17 +640,64 @@ fn dots(isa: Isa, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, 
     in_parts(parts, run);
 }
 
+/// Where a dot tile reads its columns of B: lanes kk.. of column j.
+trait DotCols: Copy {
+    /// L values of column j from step kk on; with `masked`, only the lanes of `mask` (the others zero).
+    ///
+    /// # Safety
+    /// Column j must be one the tile was built for, and kk < k (the tile's steps).
+    unsafe fn load<S: pulp::Simd>(self, simd: S, j: usize, kk: usize, masked: bool, mask: pulp::MemMask<S::m32s>) -> S::f32s;
+}
+
+/// f32 columns of B, `cs` values apart, each k contiguous values.
+#[derive(Clone, Copy)]
+struct F32Cols {
+    b: *const f32,
+    cs: usize,
+}
+
+impl DotCols for F32Cols {
+    #[inline(always)]
+    unsafe fn load<S: pulp::Simd>(self, simd: S, j: usize, kk: usize, masked: bool, mask: pulp::MemMask<S::m32s>) -> S::f32s {
+        load(simd, self.b.add(j * self.cs + kk), masked, mask)
+    }
+}
+
+/// The rows of a [`Bf16Matrix`] as B's columns: `stride` words apart, each word two bf16 values (see
+/// [`Bf16Matrix`] for which).
+#[derive(Clone, Copy)]
+struct Bf16Rows {
+    b: *const u32,
+    stride: usize,
+}
+
+impl DotCols for Bf16Rows {
+    #[inline(always)]
+    unsafe fn load<S: pulp::Simd>(self, simd: S, j: usize, kk: usize, _masked: bool, _mask: pulp::MemMask<S::m32s>) -> S::f32s {
+        // Values 32p + i (i < 16) are the low halves of words 16p + i, values 32p + 16 + i their high halves.
+        // L ≤ 16 divides 16 and kk is a multiple of L, so the L words lie in one block of 16. Beyond k the
+        // words are zero (the padding), which is what the f32 path's masked load gives.
+        let (block, within) = (kk / 32, kk % 32);
+        let words = self.b.add(j * self.stride + block * 16 + within % 16).cast::<S::u32s>().read_unaligned();
+        let bits = if within < 16 {
+            simd.wrapping_dyn_shl_u32s(words, simd.splat_u32s(16))
+        } else {
+            simd.and_u32s(words, simd.splat_u32s(0xFFFF_0000))
+        };
+        simd.transmute_f32s_u32s(bits)
+    }
+}
+
 /// One tile of [`dots`]: `C[i][j] (+)= β·Σ_k A[i][k]·B[k][j]` for `rows × cols` elements. Built only by
-/// [`dots`], from bounds-checked views: rows `0..rows` of A and columns `0..cols` of B (k contiguous values
+/// [`dots_on`], from bounds-checked views: rows `0..rows` of A and columns `0..cols` of B (k values
 /// each) and the tile of C are valid.
-struct DotTile {
+struct DotTile<B> {
     rows: usize,
     cols: usize,
     k: usize,
     a: *const f32,
     a_rs: usize,
-    b: *const f32,
-    b_cs: usize,
+    b: B,
     c: *mut f32,
     c_off: usize,
     ldc: usize,
@@ -619,7 +705,7 @@ struct DotTile {
     accumulate: bool,
 }
 
-impl WithSimd for DotTile {
+impl<B: DotCols> WithSimd for DotTile<B> {
     type Output = ();
 
     #[inline(always)]
@@ -627,9 +713,9 @@ impl WithSimd for DotTile {
         macro_rules! go {
             ($($r:literal),*) => {
                 match (self.rows, self.cols) {
-                    $(($r, 6) => dot_tile::<S, $r, 6>(simd, &self), ($r, 5) => dot_tile::<S, $r, 5>(simd, &self),
-                      ($r, 4) => dot_tile::<S, $r, 4>(simd, &self), ($r, 3) => dot_tile::<S, $r, 3>(simd, &self),
-                      ($r, 2) => dot_tile::<S, $r, 2>(simd, &self), ($r, _) => dot_tile::<S, $r, 1>(simd, &self),)*
+                    $(($r, 6) => dot_tile::<S, B, $r, 6>(simd, &self), ($r, 5) => dot_tile::<S, B, $r, 5>(simd, &self),
+                      ($r, 4) => dot_tile::<S, B, $r, 4>(simd, &self), ($r, 3) => dot_tile::<S, B, $r, 3>(simd, &self),
+                      ($r, 2) => dot_tile::<S, B, $r, 2>(simd, &self), ($r, _) => dot_tile::<S, B, $r, 1>(simd, &self),)*
                     _ => unreachable!("dot tiles have 1..=4 rows"),
                 }
             };
@@ -645,7 +731,7 @@ impl WithSimd for DotTile {
 /// # Safety
 /// As described at [`DotTile`].
 #[inline(always)]
-unsafe fn dot_tile<S: pulp::Simd, const R: usize, const N: usize>(simd: S, t: &DotTile) {
+unsafe fn dot_tile<S: pulp::Simd, B: DotCols, const R: usize, const N: usize>(simd: S, t: &DotTile<B>) {
     let lanes = S::F32_LANES;
     let zero = simd.splat_f32s(0.0);
     // The whole loop in this one function, the accumulators never passed to or returned from another:
@@ -662,7 +748,7 @@ unsafe fn dot_tile<S: pulp::Simd, const R: usize, const N: usize>(simd: S, t: &D
             }
             // One column of B at a time (R + 1 vectors live beside the accumulators).
             for j in 0..N {
-                let bv = load(simd, t.b.add(j * t.b_cs + $kk), $masked, $mask);
+                let bv = t.b.load(simd, j, $kk, $masked, $mask);
                 for (row, a) in acc.iter_mut().zip(&av) {
                     row[j] = simd.mul_add_f32s(*a, bv, row[j]);
                 }
@@ -1077,6 +1163,38 @@ mod tests {
             unsafe { job.run(isa, Out(dense.as_mut_ptr()), (0, m.div_ceil(MR)), (0, n.div_ceil(NR))) };
             isa.finish();
             assert_eq!(sparse, dense, "{isa:?}");
+        }
+    }
+
+    /// W's values rounded down to bf16 numbers (their low 16 bits cleared).
+    fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
+        rand_vec(n, 0.0, seed).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect()
+    }
+
+    #[test]
+    fn a_bf16_weight_gives_the_bits_of_its_f32_values_on_every_instruction_set() {
+        // Few rows (the dot-product plan) with k ragged around the 32-value blocks and the lane counts,
+        // outputs ragged around the tile widths; one, two and four threads.
+        for isa in Isa::every_available() {
+            for (ci, &(m, k, n)) in
+                [(1, 16, 4), (3, 17, 7), (5, 33, 5), (8, 40, 64), (4, 100, 9), (7, 256, 70), (15, 768, 33), (2, 31, 1)].iter().enumerate()
+            {
+                let x = rand_vec(m * k, 0.0, 90 + ci as u64);
+                let w = bf16_values(n * k, 95 + ci as u64);
+                let packed = Bf16Matrix::pack(&w, n, k).unwrap();
+                let (xv, wt) = (MatRef::row_major(&x, m, k).unwrap(), MatRef::row_major(&w, n, k).unwrap().t());
+                assert_eq!(plan(&xv, &wt), Some(Plan::Dots), "case {ci}");
+                for (beta, accumulate) in [(1.0f32, false), (-0.75, true)] {
+                    for threads in [1, 2, 4] {
+                        let init = rand_vec(m * n, 0.0, 99);
+                        let (mut want, mut got) = (init.clone(), init.clone());
+                        matmul(isa, &mut want, xv, wt, beta, accumulate, Plan::Dots, threads);
+                        dots_bf16(isa, &mut got, xv, &packed, beta, accumulate, threads);
+                        let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} case {ci} ({m}, {k}, {n}) threads {threads}: {got:?} vs {want:?}");
+                    }
+                }
+            }
         }
     }
 }

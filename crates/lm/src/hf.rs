@@ -1,6 +1,7 @@
 //! Model directories in the Hugging Face layout, both ways: `config.json` plus `model.safetensors`, or
 //! shards listed by `model.safetensors.index.json` (`{"weight_map": {tensor: shard file}}`). F32, F16
-//! and BF16 weights load (converted to F32 exactly); lora-rs writes F32 and transformers' tensor names.
+//! and BF16 weights load (converted to F32 exactly); lora-rs writes F32 (or BF16, rounded to nearest even, as
+//! `model.to(torch.bfloat16).save_pretrained()` does) and transformers' tensor names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -121,16 +122,50 @@ pub fn load_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
     }
 }
 
+/// The dtype a model's weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// f32: the weights exactly as trained.
+    #[default]
+    F32,
+    /// bfloat16, each value rounded to the nearest (ties to even): half the bytes on disk, and in memory
+    /// where the model is served ([`Llama::pack_base`]). A model read back is that rounded model.
+    Bf16,
+}
+
+impl WeightDtype {
+    /// The name `config.json`'s `torch_dtype` gives it.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "float32",
+            WeightDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
 /// Writes a model directory: `config.json` and `model.safetensors` (F32, sorted names, the base
 /// fingerprint in the metadata), each atomically. `extra` metadata entries are added.
 pub fn save_model(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
+    save_model_as(model, dir, extra, WeightDtype::F32)
+}
+
+/// [`save_model`] with the weights in `dtype`; the fingerprint is that of the weights as written (the model
+/// [`load_model`] reads back).
+pub fn save_model_as(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>, dtype: WeightDtype) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
-    let state = model.base_state()?;
+    let mut state = model.base_state()?;
+    if dtype == WeightDtype::Bf16 {
+        for (_, t) in &mut state {
+            *t = t.to_dtype(candle_core::DType::BF16)?;
+        }
+    }
     let mut meta: HashMap<String, String> = extra.clone().into_iter().collect();
     meta.insert("format".into(), "pt".into());
     meta.insert(META_FINGERPRINT.into(), lora::io::fingerprint(&state)?);
     save_safetensors(&dir.join(WEIGHTS_FILE), &state, &meta)?;
-    let text = serde_json::to_string_pretty(&model.config().to_json()).map_err(|e| LmError::file(&dir.join(CONFIG_FILE), e.to_string()))?;
+    let mut config = model.config().to_json();
+    config["torch_dtype"] = dtype.torch_name().into();
+    let text = serde_json::to_string_pretty(&config).map_err(|e| LmError::file(&dir.join(CONFIG_FILE), e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
     Ok(())
 }

@@ -17,10 +17,13 @@
 //! The same kernels as [`Llama::forward`]'s fused path (norm, RoPE, attention, SwiGLU); the projections
 //! are [`lora::LoraModel::forward_mixed`]. A sequence's logits therefore do not depend on the other
 //! sequences' adapters, and differ from its logits alone only by the f32 rounding of the base products'
-//! batch-size-dependent summation order.
+//! batch-size-dependent summation order. With a [`lora::PackedBase`] ([`Llama::pack_base`]), projections
+//! whose weights are bf16 numbers (a checkpoint stored in bf16) read a bf16 copy: the same bits, from half
+//! the bytes, which is what a decode step of many adapters is short of (the base and the adapters compete
+//! for the last-level cache).
 
 use candle_core::{Device, Tensor};
-use lora::{Activation, PackedAdapter, RowGroup};
+use lora::{Activation, PackedAdapter, PackedBase, RowGroup};
 
 use crate::error::{LmError, Result};
 use crate::fused::{self, attention::attention_forward, AttentionShape, RopeOp};
@@ -49,21 +52,30 @@ impl Llama {
         Ok(self.lora.pack_adapter(files)?)
     }
 
+    /// The projections whose weights are bf16 numbers (a checkpoint stored in bf16), in bf16, for
+    /// [`Llama::forward_mixed`]: a snapshot of the weights now (see [`lora::PackedBase`]).
+    pub fn pack_base(&self) -> Result<PackedBase> {
+        Ok(self.lora.pack_base()?)
+    }
+
     /// Runs every sequence's new tokens as one batch; returns the logits after each sequence's last
-    /// token, (S, V) flat. Nothing is recorded for gradients.
+    /// token, (S, V) flat. Nothing is recorded for gradients. With `base` (this model's
+    /// [`Llama::pack_base`]), the projections it holds read their bf16 copy: the same logits, from half
+    /// those weights' bytes.
     ///
     /// With several threads and several sequences, the sequences are split into one part per thread,
     /// each part a batch of its own on its own core (as [`crate::generate::generate`] splits its rows):
     /// a decode step's products are too small to split well inside each product.
-    pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
+    pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         self.check_sequences(seqs)?;
         let parts = lora_kernels::threads().min(seqs.len());
         if parts <= 1 {
-            return self.forward_part(seqs);
+            return self.forward_part(seqs, base);
         }
         let per = seqs.len().div_ceil(parts);
-        let outs: Vec<Result<Vec<f32>>> = seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part))).collect();
+        let outs: Vec<Result<Vec<f32>>> =
+            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base))).collect();
         let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
         for o in outs {
             logits.extend(o?);
@@ -90,7 +102,7 @@ impl Llama {
     }
 
     /// [`Llama::forward_mixed`] of checked sequences as one batch.
-    fn forward_part(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
+    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
         let c = &self.config;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if seqs.is_empty() {
@@ -108,7 +120,7 @@ impl Llama {
         let dev = Device::Cpu;
         let embed = self.embed.as_detached_tensor();
         let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
-        let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity)?) };
+        let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity, base)?) };
         for l in 0..c.num_hidden_layers {
             let at = 7 * l;
             let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
@@ -147,7 +159,7 @@ impl Llama {
         let heads = row_groups(seqs, |_| 1);
         let head = 7 * c.num_hidden_layers;
         debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
-        flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity)?)
+        flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity, base)?)
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use lora::LoraConfig;
 use lora_lm::generate::{generate, Sampling};
-use lora_lm::hf::{load_model, save_adapter, save_model};
+use lora_lm::hf::{load_model, save_adapter, save_model, save_model_as, WeightDtype, META_FINGERPRINT};
 use lora_lm::mixed::Sequence;
 use lora_lm::train::{batch_loss, Mixture, TrainSettings, Trainer};
 use lora_lm::{Llama, LlamaConfig, PROJECTIONS};
@@ -336,7 +336,7 @@ fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() 
                 .zip(which)
                 .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
                 .collect();
-            m.forward_mixed(&mut batch).unwrap()
+            m.forward_mixed(&mut batch, None).unwrap()
         };
         let vocab = m.config().vocab_size;
         for (s, w) in which.iter().enumerate() {
@@ -357,13 +357,72 @@ fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() 
     assert!(alone(&mut m, Some("sql"), &seqs[0]).iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-3));
 }
 
+/// f32 → bf16 rounded to nearest, ties to even (finite values), written out independently of candle's.
+fn bf16_nearest(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+}
+
+#[test]
+fn a_model_saved_in_bf16_reads_back_rounded_and_serves_the_same_logits_from_its_packed_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Llama::random(&tiny(false), 23).unwrap();
+    save_model_as(&m, d.path(), &BTreeMap::new(), WeightDtype::Bf16).unwrap();
+    let (mut back, files) = load_model(d.path()).unwrap();
+    let n = m.base_state().unwrap().len();
+    assert_eq!(files.dtypes.get("BF16"), Some(&n), "{:?}", files.dtypes);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let meta = lora::io::TensorFile::load(&d.path().join("model.safetensors"), &Device::Cpu).unwrap().metadata;
+    assert_eq!(meta[META_FINGERPRINT], back.fingerprint().unwrap(), "the fingerprint is that of the weights as written");
+    for ((name, a), (_, b)) in m.base_state().unwrap().iter().zip(back.base_state().unwrap().iter()) {
+        let want: Vec<f32> = flat(a).into_iter().map(bf16_nearest).collect();
+        assert_eq!(flat(b), want, "{name}: each value rounded to the nearest bf16");
+    }
+    // Every projection and lm_head packs; a mixed batch gives the same bits from the packed weights.
+    let base = back.pack_base().unwrap();
+    assert_eq!(base.bf16_layers(), 7 * back.config().num_hidden_layers + 1);
+    assert_eq!(m.pack_base().unwrap().bf16_layers(), 0, "f32 weights as trained stay f32");
+    add_adapter(&mut back, "sql", 3, 1);
+    add_adapter(&mut back, "js", 5, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut packed = Vec::new();
+    for name in ["sql", "js"] {
+        let ad = dir.path().join(name);
+        save_adapter(&back, name, &ad, None, Default::default(), false).unwrap();
+        packed.push(back.pack_adapter(&lora::read_adapter(&ad).unwrap()).unwrap());
+    }
+    let which = [Some(0usize), None, Some(1)];
+    let prompts = [ids(40, 6), ids(41, 2), ids(42, 4)];
+    let mut runs = Vec::new();
+    for with_base in [false, true] {
+        let mut caches: Vec<_> = prompts.iter().map(|_| back.sequence_cache()).collect();
+        let mut fresh: Vec<Vec<u32>> = prompts.to_vec();
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            let mut batch: Vec<Sequence<'_>> = fresh
+                .iter()
+                .zip(caches.iter_mut())
+                .zip(which)
+                .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
+                .collect();
+            let logits = back.forward_mixed(&mut batch, with_base.then_some(&base)).unwrap();
+            let vocab = back.config().vocab_size;
+            fresh = (0..which.len()).map(|s| vec![argmax(&logits[s * vocab..(s + 1) * vocab])]).collect();
+            all.extend(logits);
+        }
+        runs.push(all);
+    }
+    assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "the packed base changed a logit");
+}
+
 #[test]
 fn a_sequence_past_the_context_or_outside_the_vocabulary_is_refused_by_name() {
     let m = Llama::random(&tiny(false), 7).unwrap();
     let mut cache = m.sequence_cache();
     let long = ids(1, 33);
-    let e = m.forward_mixed(&mut [Sequence { tokens: &long, cache: &mut cache, adapter: None }]).unwrap_err().to_string();
+    let e = m.forward_mixed(&mut [Sequence { tokens: &long, cache: &mut cache, adapter: None }], None).unwrap_err().to_string();
     assert!(e.contains("sequence 0") && e.contains("33 new tokens"), "{e}");
-    let e = m.forward_mixed(&mut [Sequence { tokens: &[5000], cache: &mut cache, adapter: None }]).unwrap_err().to_string();
+    let e = m.forward_mixed(&mut [Sequence { tokens: &[5000], cache: &mut cache, adapter: None }], None).unwrap_err().to_string();
     assert!(e.contains("token 5000"), "{e}");
 }

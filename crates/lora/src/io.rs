@@ -67,18 +67,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     result.map_err(io)
 }
 
-/// Serialises named F32 tensors (in the given order) with `metadata` to safetensors bytes.
+/// Serialises named tensors (in the given order) with `metadata` to safetensors bytes: BF16 tensors as
+/// BF16, every other as F32.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> candle_core::Result<Vec<u8>> {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, t)| {
             let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok((n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+            Ok(if t.dtype() == DType::BF16 {
+                // A BF16 value widened to f32 is its 16 bits followed by 16 zeros: write the 16.
+                (n.clone(), Dtype::BF16, v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect(), t.dims().to_vec())
+            } else {
+                (n.clone(), Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec())
+            })
         })
         .collect::<candle_core::Result<_>>()?;
     let views: Vec<(String, TensorView<'_>)> = data
         .iter()
-        .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, d, b, s)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let bytes = safetensors::serialize(views, Some(metadata.clone())).map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -37,5 +37,5 @@ pub use linear::{Adapter, AdapterSpec, Backend, LoraLinear};
 pub use lora_kernels::{simd, Activation, Simd};
 pub use matching::{Exclude, Pattern, Targets};
 pub use merge::{BaseSnapshot, Combination, CombineOptions};
-pub use mixed::{PackedAdapter, RowGroup};
+pub use mixed::{PackedAdapter, PackedBase, RowGroup};
 pub use model::LoraModel;

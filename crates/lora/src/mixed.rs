@@ -21,7 +21,7 @@ use candle_core::{DType, Tensor};
 use crate::adapter::AdapterFiles;
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
-use lora_kernels::{add_delta, matmul_into, Activation, DeltaRef, MatRef};
+use lora_kernels::{add_delta, matmul_bf16_into, matmul_into, Activation, Bf16Matrix, DeltaRef, MatRef};
 
 use crate::fused::Held;
 use crate::model::LoraModel;
@@ -59,6 +59,28 @@ impl PackedAdapter {
     /// Whether layer `i` (in the model's order) has a delta.
     pub fn adapts(&self, i: usize) -> bool {
         self.layers.get(i).is_some_and(Option::is_some)
+    }
+}
+
+/// The base's weights laid out for mixed batches: each layer's weight in bf16 where every value of it is a
+/// bf16 number (a checkpoint stored in bf16, loaded into f32), else nothing (that layer reads its f32 weight).
+/// The products read half the bytes and give the same bits (`lora_kernels::matmul_bf16_into`).
+///
+/// A snapshot of the weights when it was packed: pack again after changing them (merging an adapter into the
+/// base, training it). Immutable once built; share it with `Arc`.
+#[derive(Debug, Clone, Default)]
+pub struct PackedBase {
+    layers: Vec<Option<Bf16Matrix>>,
+}
+
+impl PackedBase {
+    /// Layers held in bf16.
+    pub fn bf16_layers(&self) -> usize {
+        self.layers.iter().flatten().count()
+    }
+    /// Bytes held (the bf16 weights).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(Bf16Matrix::bytes).sum()
     }
 }
 
@@ -128,10 +150,33 @@ impl LoraModel {
         Ok(PackedAdapter { data, layers, config, params: files.num_params() })
     }
 
+    /// The weights of the layers whose every value is a bf16 number, in bf16, for
+    /// [`LoraModel::forward_mixed`] (see [`PackedBase`]). The model is not changed.
+    pub fn pack_base(&self) -> Result<PackedBase> {
+        let mut layers = Vec::new();
+        for (_, l) in self.layers() {
+            layers.push(if l.is_embedding() {
+                None
+            } else {
+                let (out, inp) = l.weight().dims2()?;
+                Bf16Matrix::pack(&values(l.weight().as_tensor())?, out, inp)
+            });
+        }
+        Ok(PackedBase { layers })
+    }
+
     /// Layer `index`'s output for a batch whose rows come in `groups`, each group with its own adapter:
     /// x (n, in) → (n, out), n = Σ rows. Only the adapters in `groups` apply (the layer's own active
-    /// adapters do not); nothing is recorded for gradients.
-    pub fn forward_mixed(&self, index: usize, x: &Tensor, groups: &[RowGroup<'_>], act: Activation) -> Result<Tensor> {
+    /// adapters do not); nothing is recorded for gradients. With `base` (this model's
+    /// [`LoraModel::pack_base`]), the layers it holds in bf16 read that copy: the same bits, half the bytes.
+    pub fn forward_mixed(
+        &self,
+        index: usize,
+        x: &Tensor,
+        groups: &[RowGroup<'_>],
+        act: Activation,
+        base: Option<&PackedBase>,
+    ) -> Result<Tensor> {
         let layer = self.layer_at(index).ok_or_else(|| LoraError::config("layer", index, "no layer at this position"))?;
         let (inp, out) = (layer.in_features(), layer.out_features());
         let (n, cols) = x.dims2()?;
@@ -144,11 +189,21 @@ impl LoraModel {
             ));
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
-        let (hx, hw) = (Held::new(&x), Held::new(&w));
+        let hx = Held::new(&x);
         let xs = hx.slice()?;
         let mut y = vec![0f32; n * out];
-        matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?;
+        match base.and_then(|b| b.layers.get(index)).and_then(Option::as_ref) {
+            Some(w) if (w.rows(), w.cols()) != (out, inp) => {
+                return Err(LoraError::config("base", format!("({}, {})", w.rows(), w.cols()), "was packed for another model"));
+            }
+            // The same bits as the f32 product below, from half the weight's bytes.
+            Some(w) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, w, 1.0, false)?,
+            None => {
+                let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
+                let hw = Held::new(&w);
+                matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?;
+            }
+        }
         if let Some(b) = layer.bias() {
             let b = b.as_tensor().to_dtype(DType::F32)?;
             let hb = Held::new(&b);
@@ -234,7 +289,7 @@ mod tests {
             RowGroup { rows: 3, adapter: Some(&packed[1]) },
         ];
         let x = t2(rand_vec(6 * IN, 30), (6, IN));
-        let got = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu).unwrap());
+        let got = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu, None).unwrap());
         // The reference: each adapter inserted into a copy of the layer and run through candle's ops.
         let mut reference = model();
         for (i, f) in adapters.iter().enumerate() {
@@ -268,11 +323,12 @@ mod tests {
                 &x,
                 &[RowGroup { rows: 1, adapter: Some(&p[0]) }, RowGroup { rows: 2, adapter: Some(&p[1]) }],
                 Activation::Identity,
+                None,
             )
             .unwrap(),
         );
-        let base = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap());
-        let alone = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: Some(&p[1]) }], Activation::Identity).unwrap());
+        let base = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity, None).unwrap());
+        let alone = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: Some(&p[1]) }], Activation::Identity, None).unwrap());
         // Same batch, same base product: rows 1 and 2 are bit-identical to the batch where every row has
         // adapter 1, and row 0 differs from the base.
         assert_eq!(&mixed[OUT..], &alone[OUT..]);
@@ -288,7 +344,36 @@ mod tests {
         let e = m.pack_adapter(&f).unwrap_err().to_string();
         assert!(e.contains("lora_B") && e.contains("[5, 2]"), "{e}");
         let x = t2(rand_vec(2 * IN, 1), (2, IN));
-        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap_err().to_string();
+        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity, None).unwrap_err().to_string();
         assert!(e.contains("batch"), "{e}");
+    }
+
+    #[test]
+    fn a_base_packed_in_bf16_gives_the_bits_of_its_f32_weights_and_only_when_they_are_bf16() {
+        // A layer whose weight values are bf16 numbers, in a batch of few rows (the dot-product kernel)
+        // and of many (the widened fallback), with and without adapters.
+        let mut m = LoraModel::new();
+        let w: Vec<f32> = rand_vec(OUT * IN, 3).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
+        m.push("fc", LoraLinear::new(t2(w, (OUT, IN)), None).unwrap()).unwrap();
+        let packed = m.pack_base().unwrap();
+        assert_eq!((packed.bf16_layers(), packed.bytes()), (1, OUT * IN.div_ceil(32) * 64));
+        let p = m.pack_adapter(&files(3, 6.0, 80)).unwrap();
+        for rows in [3, 40] {
+            let x = t2(rand_vec(rows * IN, 90 + rows as u64), (rows, IN));
+            for adapter in [None, Some(&p)] {
+                let groups = [RowGroup { rows, adapter }];
+                let f32_path = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu, None).unwrap());
+                let bf16_path = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu, Some(&packed)).unwrap());
+                assert!(f32_path.iter().zip(&bf16_path).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} rows");
+            }
+        }
+        // Weights with full f32 mantissas stay f32; a packing of another shape is refused by name.
+        assert_eq!(model().pack_base().unwrap().bf16_layers(), 0);
+        let mut other = LoraModel::new();
+        other.push("fc", LoraLinear::new(t2(vec![0.5; 2 * IN], (2, IN)), None).unwrap()).unwrap();
+        let wrong = other.pack_base().unwrap();
+        let x = t2(rand_vec(2 * IN, 1), (2, IN));
+        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 2, adapter: None }], Activation::Identity, Some(&wrong)).unwrap_err().to_string();
+        assert!(e.contains("base") && e.contains("another model"), "{e}");
     }
 }

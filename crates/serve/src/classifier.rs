@@ -121,7 +121,7 @@ fn forward(net: &ExpensiveNet, jobs: &[Job], inputs: usize) -> Result<Vec<f32>, 
     let run = || -> lora::Result<Vec<f32>> {
         let mut h = Tensor::from_vec(x, (rows, inputs), &Device::Cpu)?;
         for (i, act) in [Activation::Relu, Activation::Relu, Activation::Identity].into_iter().enumerate() {
-            h = net.model.forward_mixed(i, &h, &groups, act)?;
+            h = net.model.forward_mixed(i, &h, &groups, act, None)?;
         }
         Ok(h.flatten_all()?.to_vec1::<f32>()?)
     };

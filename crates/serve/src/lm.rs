@@ -6,7 +6,9 @@
 //! sequence feeds its whole prompt, a running one its last token), picks each sequence's next token and
 //! sends the text it completes to that sequence's client. Finished sequences leave; sequences whose
 //! client went away are dropped before the next step. When nothing runs, the first request waits a short
-//! window for others so that requests arriving together start together.
+//! window for others so that requests arriving together start together. The base's bf16 weights (a
+//! checkpoint stored in bf16) are read from a bf16 copy packed once at start ([`Llama::pack_base`]): the
+//! same tokens from half the memory traffic.
 //!
 //! Text is the continuation decoded after the prompt ([`Tokenizer::decode_continuation`], as `lora lm
 //! generate` prints it). With stop strings, text that could still become a stop string is held back
@@ -17,6 +19,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lora::PackedBase;
 use lora_lm::generate::Sampling;
 use lora_lm::mixed::Sequence;
 use lora_lm::{KvCache, Llama, Tokenizer};
@@ -93,12 +96,13 @@ pub struct LmEngine {
 }
 
 impl LmEngine {
-    /// Starts the worker thread.
-    pub fn start(model: Arc<Llama>, tokenizer: Arc<Tokenizer>, settings: BatchSettings, metrics: Arc<Metrics>) -> Self {
+    /// Starts the worker thread. `base` is `model`'s [`Llama::pack_base`]: the weights it holds in bf16
+    /// are read from there.
+    pub fn start(model: Arc<Llama>, base: PackedBase, tokenizer: Arc<Tokenizer>, settings: BatchSettings, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("lora-lm-batcher".into())
-            .spawn(move || Worker { model, tokenizer, settings, metrics }.run(rx))
+            .spawn(move || Worker { model, base, tokenizer, settings, metrics }.run(rx))
             .ok();
         LmEngine { tx }
     }
@@ -125,6 +129,7 @@ fn adapter_key(r: &Running) -> Option<&str> {
 
 struct Worker {
     model: Arc<Llama>,
+    base: PackedBase,
     tokenizer: Arc<Tokenizer>,
     settings: BatchSettings,
     metrics: Arc<Metrics>,
@@ -180,7 +185,7 @@ impl Worker {
                 .iter_mut()
                 .map(|r| Sequence { tokens: &r.feed, cache: &mut r.cache, adapter: r.job.adapter.as_deref().map(|a| &a.packed) })
                 .collect();
-            self.model.forward_mixed(&mut seqs)
+            self.model.forward_mixed(&mut seqs, Some(&self.base))
         };
         let logits = match result {
             Ok(l) => l,

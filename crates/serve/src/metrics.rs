@@ -68,6 +68,8 @@ pub struct Metrics {
     pub adapter_loads: Counter,
     /// Adapters dropped from memory to respect the cap (still registered; read again when used).
     pub evictions: Counter,
+    /// Bytes of the base's weights held in bf16 for serving (a checkpoint stored in bf16; 0 otherwise).
+    pub base_bf16_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -95,7 +97,21 @@ impl Default for Metrics {
         registry.register("adapters_loaded", "Adapters held in memory", adapters_loaded.clone());
         registry.register("adapter_loads", "Adapters read from disk", adapter_loads.clone());
         registry.register("adapter_evictions", "Adapters dropped from memory for the cap", evictions.clone());
-        Metrics { registry, requests, errors, latency, tokens, images, batch_size, adapters_loaded, adapter_loads, evictions }
+        let base_bf16_bytes = Gauge::default();
+        registry.register("base_bf16_bytes", "Bytes of base weights served from a bf16 copy", base_bf16_bytes.clone());
+        Metrics {
+            registry,
+            requests,
+            errors,
+            latency,
+            tokens,
+            images,
+            batch_size,
+            adapters_loaded,
+            adapter_loads,
+            evictions,
+            base_bf16_bytes,
+        }
     }
 }
 

@@ -43,7 +43,8 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
 
     // 1. Pre-training.
     let config = LlamaConfig::byte_default();
-    let (mut model, pre, pre_summary) = pretrain(&config, &mix, settings(&train, a.pretrain_steps, 3e-3, 0.1), &no_ckpt, &base_dir)?;
+    let (mut model, pre, pre_summary) =
+        pretrain(&config, &mix, settings(&train, a.pretrain_steps, 3e-3, 0.1), &no_ckpt, &base_dir, Default::default())?;
     println!(
         "Pre-trained: final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}\n",
         pre_summary["final_loss"].as_f64().unwrap_or(f64::NAN),

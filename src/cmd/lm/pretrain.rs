@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use lora_lm::data::{Corpus, TokenStream};
-use lora_lm::hf::{save_model, CONFIG_FILE, WEIGHTS_FILE};
+use lora_lm::hf::{load_model, save_model_as, WeightDtype, CONFIG_FILE, WEIGHTS_FILE};
 use lora_lm::train::{Mixture, TrainSettings, Trainer};
 use lora_lm::{Llama, LlamaConfig, Tokenizer};
 use serde_json::{json, Value};
@@ -88,13 +88,15 @@ pub fn train_with_bar(label: &str, model: &Llama, data: &Mixture, s: TrainSettin
     Ok(trainer)
 }
 
-/// Pre-trains a base and writes it to `out`; returns the model, the trainer and the JSON summary.
+/// Pre-trains a base and writes it to `out` in `dtype`; returns the model as written (read back when
+/// rounded to bf16), the trainer and the JSON summary.
 pub fn pretrain(
     config: &LlamaConfig,
     corpora: &[(&Corpus, f64)],
     s: TrainSettings,
     ck: &LmCheckpointArgs,
     out: &Path,
+    dtype: WeightDtype,
 ) -> Result<(Llama, Trainer, Value)> {
     let model = Llama::random(config, s.seed)?;
     let data = mixture(corpora, &Tokenizer::bytes())?;
@@ -112,7 +114,9 @@ pub fn pretrain(
     let trainer = train_with_bar("Pre-training", &model, &data, s.clone(), ck, &ckpt)?;
     let mut meta = BTreeMap::new();
     meta.insert("lora_rs.pretrain_steps".to_string(), trainer.step().to_string());
-    save_model(&model, out, &meta).with_context(|| format!("writing the model to {}", out.display()))?;
+    save_model_as(&model, out, &meta, dtype).with_context(|| format!("writing the model to {}", out.display()))?;
+    let model =
+        if dtype == WeightDtype::F32 { model } else { load_model(out).with_context(|| format!("reading back {}", out.display()))?.0 };
     if ckpt.exists() {
         std::fs::remove_file(&ckpt).with_context(|| format!("removing the finished run's checkpoint {}", ckpt.display()))?;
     }
@@ -125,6 +129,7 @@ pub fn pretrain(
         "final_loss": final_loss,
         "settings": serde_json::to_value(&s)?,
         "model": out.display().to_string(),
+        "dtype": dtype.torch_name(),
     });
     Ok((model, trainer, summary))
 }
@@ -139,7 +144,7 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
     let s = settings(&a.train, a.steps, a.lr, 0.1);
     let corpora = read_weighted(&files)?;
     let weighted: Vec<(&Corpus, f64)> = corpora.iter().map(|(c, w)| (c, *w)).collect();
-    let (_, trainer, summary) = pretrain(&config, &weighted, s, &a.checkpoint, &a.out)?;
+    let (_, trainer, summary) = pretrain(&config, &weighted, s, &a.checkpoint, &a.out, a.dtype.into())?;
     println!(
         "Final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}",
         summary["final_loss"].as_f64().unwrap_or(f64::NAN),
