@@ -41,12 +41,23 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32,
 
 /// `dst (m×n, row-major) = [dst +] beta·lhs·Wᵀ` for a bf16 weight W (n × k): the same bits as
 /// [`matmul_into`] with the f32 values of W (`lhs·Wᵀ` read through a transposed view), from half the weight
-/// bytes where our dot-product kernel takes the product (a few rows: a decode step); other shapes widen W to
-/// f32 first and make that very call.
-pub fn matmul_bf16_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, beta: f32, accumulate: bool) -> Result<()> {
+/// bytes where our dot-product kernel takes the product (a few rows: a decode step). Other shapes (many rows:
+/// a long prompt) make that very call on `wide`, W's f32 values (n × k) where the caller holds them, else on
+/// W widened to f32 for the call.
+pub fn matmul_bf16_into(
+    dst: &mut [f32],
+    lhs: MatRef<'_>,
+    w: &Bf16Matrix,
+    wide: Option<MatRef<'_>>,
+    beta: f32,
+    accumulate: bool,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, w.rows());
     if w.cols() != k || dst.len() != m * n {
         bail!("matmul_bf16_into: ({m}x{k})·({}x{n})ᵀ into {} values", w.cols(), dst.len())
+    }
+    if let Some(v) = wide.filter(|v| (v.rows, v.cols) != (n, k)) {
+        bail!("matmul_bf16_into: the f32 weight is {}x{}, the bf16 one {n}x{k}", v.rows, v.cols)
     }
     let threads = if SERIAL.get() { 1 } else { threads() };
     // W's f32 values read as Wᵀ: a (k × n) view with unit row stride.
@@ -55,8 +66,11 @@ pub fn matmul_bf16_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, beta: 
         sgemm::dots_bf16(isa, dst, lhs, w, beta, accumulate, threads);
         return Ok(());
     }
-    let wide = w.to_f32();
-    matmul_into(dst, lhs, MatRef::row_major(&wide, n, k)?.t(), beta, accumulate)
+    if let Some(v) = wide {
+        return matmul_into(dst, lhs, v.t(), beta, accumulate);
+    }
+    let widened = w.to_f32();
+    matmul_into(dst, lhs, MatRef::row_major(&widened, n, k)?.t(), beta, accumulate)
 }
 
 /// Which code computes a product.
@@ -124,7 +138,6 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::bf16::Bf16Matrix;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut g = StdRng::seed_from_u64(seed);
@@ -198,14 +211,21 @@ mod tests {
             let xv = MatRef::row_major(&x, m, k).unwrap();
             for accumulate in [false, true] {
                 let init = rand_vec(m * n, 130);
-                let (mut want, mut got) = (init.clone(), init.clone());
+                let mut want = init.clone();
                 matmul_into(&mut want, xv, MatRef::row_major(&w, n, k).unwrap().t(), 0.5, accumulate).unwrap();
-                matmul_bf16_into(&mut got, xv, &packed, 0.5, accumulate).unwrap();
-                assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "({m}, {k}, {n}) accumulate {accumulate}");
+                // Widened for the call, or the caller's f32 copy: the same bits either way.
+                for wide in [None, Some(MatRef::row_major(&w, n, k).unwrap())] {
+                    let mut got = init.clone();
+                    matmul_bf16_into(&mut got, xv, &packed, wide, 0.5, accumulate).unwrap();
+                    assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "({m}, {k}, {n}) accumulate {accumulate}");
+                }
             }
         }
         let packed = Bf16Matrix::pack(&[0.0; 6], 2, 3).unwrap();
-        let e = matmul_bf16_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 8], 2, 4).unwrap(), &packed, 1.0, false).unwrap_err();
+        let e = matmul_bf16_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 8], 2, 4).unwrap(), &packed, None, 1.0, false).unwrap_err();
         assert!(e.to_string().contains("(2x4)·(3x2)ᵀ"), "{e}");
+        let other = MatRef::row_major(&[0.0; 6], 3, 2).unwrap();
+        let e = matmul_bf16_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 6], 2, 3).unwrap(), &packed, Some(other), 1.0, false).unwrap_err();
+        assert!(e.to_string().contains("f32 weight is 3x2"), "{e}");
     }
 }

@@ -189,20 +189,18 @@ impl LoraModel {
             ));
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let hx = Held::new(&x);
+        let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
+        let (hx, hw) = (Held::new(&x), Held::new(&w));
         let xs = hx.slice()?;
         let mut y = vec![0f32; n * out];
         match base.and_then(|b| b.layers.get(index)).and_then(Option::as_ref) {
-            Some(w) if (w.rows(), w.cols()) != (out, inp) => {
-                return Err(LoraError::config("base", format!("({}, {})", w.rows(), w.cols()), "was packed for another model"));
+            Some(p) if (p.rows(), p.cols()) != (out, inp) => {
+                return Err(LoraError::config("base", format!("({}, {})", p.rows(), p.cols()), "was packed for another model"));
             }
-            // The same bits as the f32 product below, from half the weight's bytes.
-            Some(w) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, w, 1.0, false)?,
-            None => {
-                let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
-                let hw = Held::new(&w);
-                matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?;
-            }
+            // The same bits as the f32 product below, from half the weight's bytes (the f32 weight for
+            // the shapes the bf16 kernel does not take: many rows, a long prompt).
+            Some(p) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, p, Some(hw.mat()?), 1.0, false)?,
+            None => matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?,
         }
         if let Some(b) = layer.bias() {
             let b = b.as_tensor().to_dtype(DType::F32)?;
@@ -353,10 +351,14 @@ mod tests {
         // A layer whose weight values are bf16 numbers, in a batch of few rows (the dot-product kernel)
         // and of many (the widened fallback), with and without adapters.
         let mut m = LoraModel::new();
-        let w: Vec<f32> = rand_vec(OUT * IN, 3).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
-        m.push("fc", LoraLinear::new(t2(w, (OUT, IN)), None).unwrap()).unwrap();
+        let bf16 = |n: usize, seed: u64| -> Vec<f32> {
+            rand_vec(n, seed).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect()
+        };
+        m.push("fc", LoraLinear::new(t2(bf16(OUT * IN, 3), (OUT, IN)), None).unwrap()).unwrap();
+        // A wider layer: 40 rows of it take the tiled kernel, which reads the layer's f32 weight.
+        m.push("wide", LoraLinear::new(t2(bf16(70 * IN, 4), (70, IN)), None).unwrap()).unwrap();
         let packed = m.pack_base().unwrap();
-        assert_eq!((packed.bf16_layers(), packed.bytes()), (1, OUT * IN.div_ceil(32) * 64));
+        assert_eq!((packed.bf16_layers(), packed.bytes()), (2, (OUT + 70) * IN.div_ceil(32) * 64));
         let p = m.pack_adapter(&files(3, 6.0, 80)).unwrap();
         for rows in [3, 40] {
             let x = t2(rand_vec(rows * IN, 90 + rows as u64), (rows, IN));
@@ -366,6 +368,10 @@ mod tests {
                 let bf16_path = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu, Some(&packed)).unwrap());
                 assert!(f32_path.iter().zip(&bf16_path).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} rows");
             }
+            let groups = [RowGroup { rows, adapter: None }];
+            let f32_path = flat(&m.forward_mixed(1, &x, &groups, Activation::Identity, None).unwrap());
+            let bf16_path = flat(&m.forward_mixed(1, &x, &groups, Activation::Identity, Some(&packed)).unwrap());
+            assert!(f32_path.iter().zip(&bf16_path).all(|(a, b)| a.to_bits() == b.to_bits()), "wide layer, {rows} rows");
         }
         // Weights with full f32 mantissas stay f32; a packing of another shape is refused by name.
         assert_eq!(model().pack_base().unwrap().bf16_layers(), 0);
