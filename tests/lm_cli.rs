@@ -11,6 +11,9 @@ fn lora(dir: &Path, args: &[&str]) -> String {
     out.into_owned()
 }
 
+/// A one-layer model small enough to train in a test.
+const SHAPE: [&str; 12] = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "32"];
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -21,10 +24,9 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
     let d = tmp.path();
     std::fs::write(d.join("sql.txt"), "SELECT name FROM users WHERE id = 1;\n".repeat(40)).unwrap();
     std::fs::write(d.join("js.txt"), "function f(x) { return x * 2; }\n".repeat(40)).unwrap();
-    let shape = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "32"];
     let train = ["--steps", "4", "--batch-size", "2", "--seq-len", "16"];
     let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "sql.txt:1", "--data", "js.txt:3", "--json", "pre.json"];
-    args.extend(shape);
+    args.extend(SHAPE);
     args.extend(train);
     lora(d, &args);
     let pre = json(&d.join("pre.json"));
@@ -135,10 +137,9 @@ fn a_base_pretrained_with_dtype_bf16_is_written_in_bf16_and_adapts_and_generates
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     std::fs::write(d.join("sql.txt"), "SELECT name FROM users WHERE id = 1;\n".repeat(40)).unwrap();
-    let shape = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "32"];
     let train = ["--steps", "2", "--batch-size", "2", "--seq-len", "16"];
     let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "sql.txt", "--dtype", "bf16", "--json", "pre.json"];
-    args.extend(shape);
+    args.extend(SHAPE);
     args.extend(train);
     lora(d, &args);
     assert_eq!(json(&d.join("pre.json"))["dtype"], "bfloat16");

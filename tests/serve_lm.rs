@@ -25,6 +25,17 @@ async fn complete(c: &reqwest::Client, url: &str, model: &str, prompt: &str, max
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
+/// `lora lm generate`'s greedy 20 tokens after `prompt` on ROOT/base with ROOT/adapters/ADAPTER.
+fn cli_greedy(root: &Path, adapter: Option<&str>, prompt: &str) -> String {
+    let base = root.join("base");
+    let dir = adapter.map(|a| root.join("adapters").join(a));
+    let mut args = vec!["lm", "generate", "--model", s(&base), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"];
+    if let Some(dir) = &dir {
+        args.extend(["--adapter", s(dir)]);
+    }
+    serve_support::lora(&args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_equal_the_clis_greedy_generation_for_the_base_and_each_adapter() {
     let d = tempfile::tempdir().unwrap();
@@ -40,13 +51,7 @@ async fn completions_equal_the_clis_greedy_generation_for_the_base_and_each_adap
     let mut seen = Vec::new();
     for (model, adapter) in [("base", None), ("sql", Some("sql")), ("js", Some("js"))] {
         let text = complete(&c, &server.url, model, prompt, 20).await;
-        let base = d.path().join("base");
-        let dir = adapter.map(|a| d.path().join("adapters").join(a));
-        let mut args = vec!["lm", "generate", "--model", s(&base), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"];
-        if let Some(dir) = &dir {
-            args.extend(["--adapter", s(dir)]);
-        }
-        let cli = serve_support::lora(&args);
+        let cli = cli_greedy(d.path(), adapter, prompt);
         assert_eq!(format!("{prompt}{text}\n"), cli, "{model}: the server and `lora lm generate` disagree");
         // Streamed, the same text arrives in pieces, then one finish reason and [DONE].
         let body = json!({"model": model, "prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": true});
@@ -127,13 +132,8 @@ async fn a_base_stored_in_bf16_is_served_from_its_bf16_copy_and_completes_as_the
     let prompt = "SELECT name FROM";
     for (model, adapter) in [("base", None), ("sql", Some("sql"))] {
         let text = complete(&c, &server.url, model, prompt, 20).await;
-        let base = d.path().join("base");
-        let dir = adapter.map(|a| d.path().join("adapters").join(a));
-        let mut args = vec!["lm", "generate", "--model", s(&base), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"];
-        if let Some(dir) = &dir {
-            args.extend(["--adapter", s(dir)]);
-        }
-        assert_eq!(format!("{prompt}{text}\n"), serve_support::lora(&args), "{model}: the server and `lora lm generate` disagree");
+        let cli = cli_greedy(d.path(), adapter, prompt);
+        assert_eq!(format!("{prompt}{text}\n"), cli, "{model}: the server and `lora lm generate` disagree");
     }
     assert!(server.stop().success());
     let d = tempfile::tempdir().unwrap();

@@ -311,6 +311,24 @@ fn argmax(x: &[f32]) -> u32 {
     x.iter().enumerate().fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
 }
 
+/// One step of a mixed batch: sequence s feeds `fresh[s]` with adapter `packed[which[s]]` (or none).
+fn mixed_step(
+    m: &Llama,
+    fresh: &[Vec<u32>],
+    caches: &mut [lora_lm::KvCache],
+    which: &[Option<usize>],
+    packed: &[lora::PackedAdapter],
+    base: Option<&lora::PackedBase>,
+) -> Vec<f32> {
+    let mut batch: Vec<Sequence<'_>> = fresh
+        .iter()
+        .zip(caches.iter_mut())
+        .zip(which)
+        .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
+        .collect();
+    m.forward_mixed(&mut batch, base).unwrap()
+}
+
 #[test]
 fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() {
     let mut m = Llama::random(&tiny(false), 7).unwrap();
@@ -329,15 +347,7 @@ fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() 
     let mut caches: Vec<_> = seqs.iter().map(|_| m.sequence_cache()).collect();
     let mut fresh: Vec<Vec<u32>> = seqs.clone(); // what each sequence feeds this step
     for step in 0..4 {
-        let logits = {
-            let mut batch: Vec<Sequence<'_>> = fresh
-                .iter()
-                .zip(caches.iter_mut())
-                .zip(which)
-                .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
-                .collect();
-            m.forward_mixed(&mut batch, None).unwrap()
-        };
+        let logits = mixed_step(&m, &fresh, &mut caches, &which, &packed, None);
         let vocab = m.config().vocab_size;
         for (s, w) in which.iter().enumerate() {
             let got = &logits[s * vocab..(s + 1) * vocab];
@@ -400,13 +410,7 @@ fn a_model_saved_in_bf16_reads_back_rounded_and_serves_the_same_logits_from_its_
         let mut fresh: Vec<Vec<u32>> = prompts.to_vec();
         let mut all = Vec::new();
         for _ in 0..3 {
-            let mut batch: Vec<Sequence<'_>> = fresh
-                .iter()
-                .zip(caches.iter_mut())
-                .zip(which)
-                .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
-                .collect();
-            let logits = back.forward_mixed(&mut batch, with_base.then_some(&base)).unwrap();
+            let logits = mixed_step(&back, &fresh, &mut caches, &which, &packed, with_base.then_some(&base));
             let vocab = back.config().vocab_size;
             fresh = (0..which.len()).map(|s| vec![argmax(&logits[s * vocab..(s + 1) * vocab])]).collect();
             all.extend(logits);
