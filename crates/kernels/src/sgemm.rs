@@ -25,7 +25,9 @@
 //! adapter) as L-lane dot products ([`Plan::Dots`]), and a mostly-zero A in the direct case, which is the
 //! rule in the backward pass: the gradient at a ReLU is zero wherever the unit was off (75–88 % of the
 //! entries of a trained ExpensiveNet's hidden layers). Such an A is compressed to its non-zeros and only
-//! those rows of B are read (`sparse_direct`), in blocks of 64 steps of k.
+//! those rows of B are read (`sparse_direct`), in blocks of 64 steps of k. The dot products also read a
+//! weight held in bf16 ([`Bf16Matrix`], `dots_bf16`): the same tiles in the same order, each load of B one
+//! vector of words and a shift or mask, so the same bits as on the weight's f32 values.
 //!
 //! Each output element of the tiles and of the sparse loop is one fused multiply-add chain over k in
 //! increasing order (in the sparse case, one per block of 64 steps, added to C in order), then scaled by β
