@@ -74,12 +74,13 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String
         .iter()
         .map(|(n, t)| {
             let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok(if t.dtype() == DType::BF16 {
+            let (dtype, bytes) = if t.dtype() == DType::BF16 {
                 // A BF16 value widened to f32 is its 16 bits followed by 16 zeros: write the 16.
-                (n.clone(), Dtype::BF16, v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect(), t.dims().to_vec())
+                (Dtype::BF16, v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect())
             } else {
-                (n.clone(), Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec())
-            })
+                (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            };
+            Ok((n.clone(), dtype, bytes, t.dims().to_vec()))
         })
         .collect::<candle_core::Result<_>>()?;
     let views: Vec<(String, TensorView<'_>)> = data
