@@ -5,10 +5,15 @@ use std::path::Path;
 use std::process::Command;
 
 fn lora(dir: &Path, args: &[&str]) -> String {
+    lora_out_err(dir, args).0
+}
+
+/// Runs `lora` (stderr is a pipe, not a terminal), asserts success, returns (stdout, stderr).
+fn lora_out_err(dir: &Path, args: &[&str]) -> (String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_lora")).args(args).current_dir(dir).output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "lora {}: failed\nstdout: {out}\nstderr: {err}", args.join(" "));
-    out.into_owned()
+    (out.into_owned(), err.into_owned())
 }
 
 /// A one-layer model small enough to train in a test.
@@ -28,7 +33,9 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
     let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "sql.txt:1", "--data", "js.txt:3", "--json", "pre.json"];
     args.extend(SHAPE);
     args.extend(train);
-    lora(d, &args);
+    let (_, err) = lora_out_err(d, &args);
+    // Off a terminal the bar is hidden: plain progress lines instead (the first step, then every 10 s, the end).
+    assert!(err.contains("Pre-training: step 1/4 (") && err.contains("Pre-training: 4 steps, loss="), "{err}");
     let pre = json(&d.join("pre.json"));
     assert_eq!(pre["steps"], 4);
     assert_eq!(pre["tokens"], 4 * 2 * 16);

@@ -20,6 +20,7 @@ pub mod eval;
 pub mod fused;
 pub mod generate;
 pub mod hf;
+pub mod jobs;
 pub mod mixed;
 mod model;
 pub mod ops;

@@ -10,11 +10,13 @@ use lora_lm::generate::{generate, Sampling};
 use lora_lm::{LlamaConfig, Tokenizer};
 use serde_json::{json, Map, Value};
 
-use super::eval::{eval_table, Windows};
-use super::finetune::{finetune, lora_config};
-use super::pretrain::{default_mix, pretrain, settings};
+use lora_lm::jobs::{Checkpointing, EvalJob, FinetuneJob, PretrainJob};
+
+use super::eval::print_table;
+use super::finetune::lora_config;
+use super::pretrain::{default_mix, settings};
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::{LmCheckpointArgs, LmDemoArgs, LmLoraArgs, LmTrainArgs};
+use crate::lm_cli::{LmDemoArgs, LmLoraArgs, LmTrainArgs};
 
 /// Prompts sampled with each adapter and with none.
 const PROMPTS: [&str; 3] = ["SELECT ", "function ", "def "];
@@ -39,15 +41,20 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         default_mix(&a.data).into_iter().filter_map(|(p, w)| cs.iter().find(|c| c.path == p).map(|c| (c, w))).collect();
     let base_dir = a.out.join("base");
     let train = LmTrainArgs { batch_size: 16, seq_len: 256, warmup: None, clip: 1.0, seed: a.seed };
-    let no_ckpt = LmCheckpointArgs { checkpoint_every: None, resume: None };
 
     // 1. Pre-training.
     let config = LlamaConfig::byte_default();
-    let (mut model, pre, pre_summary) =
-        pretrain(&config, &mix, settings(&train, a.pretrain_steps, 3e-3, 0.1), &no_ckpt, &base_dir, Default::default())?;
+    let job = PretrainJob {
+        config: config.clone(),
+        settings: settings(&train, a.pretrain_steps, 3e-3, 0.1),
+        out: base_dir.clone(),
+        dtype: Default::default(),
+        checkpoint: Checkpointing::beside(&base_dir),
+    };
+    let lora_lm::jobs::Pretrained { mut model, trainer: pre, summary: pre_summary } = super::pretrain::run_job(&job, &mix)?;
     println!(
         "Pre-trained: final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}\n",
-        pre_summary["final_loss"].as_f64().unwrap_or(f64::NAN),
+        pre_summary.final_loss,
         pre.step(),
         pre.seconds(),
         base_dir.display()
@@ -72,20 +79,35 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             convert_to_lora: false,
         },
     })?;
+    let tok = Tokenizer::bytes();
     let mut tuned = Vec::new();
     for (name, data) in ["sql", "js"].into_iter().zip(&cs) {
         let out = a.out.join("adapters").join(name);
-        let f = finetune(&mut model, &base_dir, name, data, &lora, settings(&train, a.finetune_steps, 2e-3, 0.0), &no_ckpt, &out, false)?;
+        let job = FinetuneJob {
+            name: name.into(),
+            lora: lora.clone(),
+            settings: settings(&train, a.finetune_steps, 2e-3, 0.0),
+            base_model: Some(base_dir.display().to_string()),
+            convert_to_lora: false,
+            checkpoint: Checkpointing::beside(&out),
+            out,
+        };
+        let f = super::finetune::run_job(&mut model, &tok, data, &job)?;
         println!();
         tuned.push((name, f));
     }
 
     // 3. One loaded base, three columns.
-    let tok = Tokenizer::bytes();
     println!("Validation bits per byte (first {} bytes of each corpus' validation split), one loaded base:", a.eval_tokens);
-    let w = Windows { ctx: config.max_position_embeddings, max_tokens: Some(a.eval_tokens as usize), batch: 16, per_token: false };
-    let table = eval_table(&mut model, &tok, &cs, &["sql".into(), "js".into()], w)?;
-    table.print();
+    let job = EvalJob {
+        adapters: vec!["sql".into(), "js".into()],
+        context: config.max_position_embeddings,
+        max_tokens: Some(a.eval_tokens as usize),
+        batch: 16,
+        per_token: false,
+    };
+    let table = lora_lm::jobs::evaluate(&mut model, &tok, &cs, &job, &mut |_| {}).context("scoring the validation splits")?;
+    print_table(&table);
     let mut eval = Map::new();
     for ((short, _), row) in corpora.iter().zip(&table.scores) {
         let m: Map<String, Value> = table.columns.iter().zip(row).map(|(c, s)| (c.clone(), json!(s.bits_per_byte))).collect();
@@ -115,7 +137,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
     let report = json!({
         "params": model.num_params(),
         "pretrain": pre_summary,
-        "finetune": tuned.iter().map(|(n, f)| (n.to_string(), f.summary.clone())).collect::<Map<String, Value>>(),
+        "finetune": tuned.iter().map(|(n, f)| Ok((n.to_string(), serde_json::to_value(&f.summary)?))).collect::<Result<Map<String, Value>>>()?,
         "eval": eval,
         "eval_detail": table.json(),
         "eval_tokens_per_corpus": a.eval_tokens,

@@ -1,23 +1,16 @@
-//! `lora lm finetune`: a LoRA adapter trained on one corpus over a frozen base, written as a PEFT
-//! adapter directory; the base is proven bit-for-bit unchanged.
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! `lora lm finetune`: flags → [`lora_lm::jobs::FinetuneJob`] → [`lora_lm::jobs::finetune`], with bars.
 
 use anyhow::{Context, Result};
 use lora::{Exclude, Init, LoraConfig, Scaling, Targets};
 use lora_lm::data::Corpus;
-use lora_lm::hf::{load_model, load_tokenizer, save_adapter};
-use lora_lm::train::{TrainSettings, Trainer};
-use lora_lm::Llama;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use serde_json::{json, Value};
+use lora_lm::hf::{load_model, load_tokenizer};
+use lora_lm::jobs::{finetune, Event, FinetuneJob, Finetuned};
+use lora_lm::{Llama, Tokenizer};
 
-use super::pretrain::{mixture, settings, train_with_bar};
-use super::{check_out_dir, checkpoint_path};
+use super::pretrain::{checkpointing, settings};
+use super::{check_out_dir, Bars};
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::{LmCheckpointArgs, LmFinetuneArgs, LmLoraArgs};
+use crate::lm_cli::{LmFinetuneArgs, LmLoraArgs};
 
 /// The adapter config of the LoRA flags.
 pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
@@ -40,81 +33,29 @@ pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
     Ok(c)
 }
 
-/// What a fine-tune did.
-pub struct Finetuned {
-    pub trainer: Trainer,
-    pub summary: Value,
-}
-
-/// Adds adapter `name` to the (frozen) base, trains it on `data`, proves the base unchanged and writes
-/// the adapter to `out`. The adapter stays loaded (inactive) on the model.
-#[allow(clippy::too_many_arguments)]
-pub fn finetune(
-    model: &mut Llama,
-    base_dir: &Path,
-    name: &str,
-    data: &Corpus,
-    config: &LoraConfig,
-    s: TrainSettings,
-    ck: &LmCheckpointArgs,
-    out: &Path,
-    convert: bool,
-) -> Result<Finetuned> {
-    let before = model.base_state()?;
-    model.lora_mut().add_adapter(name, config, &mut StdRng::seed_from_u64(s.seed.wrapping_add(1)))?;
-    model.lora_mut().set_active(&[name])?;
-    model.freeze_base();
-    let tok = load_tokenizer(base_dir, model.config())?;
-    let mix = mixture(&[(data, 1.0)], &tok)?;
-    let trainable: usize = model.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
-    println!(
-        "Fine-tuning adapter {name:?} (rank {}, alpha {}) on {}: {} trainable parameters ({:.2}% of {}), {} steps",
-        config.r,
-        config.alpha,
-        data.path.display(),
-        trainable,
-        100.0 * trainable as f64 / model.num_params() as f64,
-        model.num_params(),
-        s.steps
-    );
-    let trainer = train_with_bar(&format!("Fine-tuning {name}"), model, &mix, s.clone(), ck, &checkpoint_path(out))?;
-    let after = model.base_state()?;
-    let mut unchanged = before.len() == after.len();
-    for ((n1, a), (n2, b)) in before.iter().zip(&after) {
-        unchanged &= n1 == n2 && bits(a)? == bits(b)?;
-    }
-    anyhow::ensure!(unchanged, "the base weights changed during fine-tuning (this is a bug: the base must stay frozen)");
-    let fp_after = model.fingerprint()?;
-    let meta = BTreeMap::from([
-        ("lora_rs.data".to_string(), data.path.display().to_string()),
-        ("lora_rs.steps".to_string(), trainer.step().to_string()),
-    ]);
-    save_adapter(model, name, out, Some(base_dir.display().to_string()), meta, convert)
-        .with_context(|| format!("writing the adapter to {}", out.display()))?;
-    let ckpt = checkpoint_path(out);
-    if ckpt.exists() {
-        std::fs::remove_file(&ckpt).with_context(|| format!("removing the finished run's checkpoint {}", ckpt.display()))?;
-    }
-    model.lora_mut().set_active(&[])?;
-    println!("  base weights bit-for-bit unchanged: {unchanged} (SHA-256 {} before and after)", &fp_after[..16]);
-    let summary = json!({
-        "adapter": name,
-        "data": data.path.display().to_string(),
-        "rank": config.r,
-        "alpha": config.alpha,
-        "trainable_params": trainable,
-        "steps": trainer.step(),
-        "tokens": trainer.step() * s.batch_size * s.seq_len,
-        "seconds": (trainer.seconds() * 1000.0).round() / 1000.0,
-        "final_loss": trainer.losses.last().map_or(f64::NAN, |l| l.1),
-        "base_unchanged": unchanged,
-        "out": out.display().to_string(),
+/// Runs a fine-tuning job with a bar and the line `lora lm finetune` prints before it.
+pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: &Corpus, job: &FinetuneJob) -> Result<Finetuned> {
+    let mut bars = Bars::default();
+    let (name, c, steps) = (&job.name, &job.lora, job.settings.steps);
+    let done = finetune(model, tok, data, job, &mut |e| {
+        if let Event::Start { params, trainable, .. } = &e {
+            println!(
+                "Fine-tuning adapter {name:?} (rank {}, alpha {}) on {}: {trainable} trainable parameters ({:.2}% of {params}), {steps} steps",
+                c.r,
+                c.alpha,
+                data.path.display(),
+                100.0 * *trainable as f64 / *params as f64,
+            );
+        }
+        bars.event(&e);
     });
-    Ok(Finetuned { trainer, summary })
-}
-
-fn bits(t: &candle_core::Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+    let f = done.with_context(|| format!("fine-tuning adapter {name} into {}", job.out.display()))?;
+    println!(
+        "  base weights bit-for-bit unchanged: {} (SHA-256 {} before and after)",
+        f.summary.base_unchanged,
+        &f.summary.base_sha256[..16]
+    );
+    Ok(f)
 }
 
 pub fn run(a: LmFinetuneArgs) -> Result<()> {
@@ -123,25 +64,34 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     }
     check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = lora_config(&a.lora)?;
-    let s = lora_lm::train::TrainSettings { loraplus_lr_ratio: a.loraplus_lr_ratio, ..settings(&a.train, a.steps, a.lr, 0.0) };
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
+    let tok = load_tokenizer(&a.model, model.config())?;
     // Fail before the work: the data must read and the targets must exist.
     let data = super::corpus(&a.data)?;
     model.lora().targeted(&config).context("--target-modules / --target-regex / --exclude-modules / --layers-to-transform")?;
-    let name = "adapter";
-    let f = finetune(&mut model, &a.model, name, &data, &config, s, &a.checkpoint, &a.out, a.lora.variant.convert_to_lora)?;
+    let job = FinetuneJob {
+        name: "adapter".into(),
+        lora: config,
+        settings: lora_lm::train::TrainSettings { loraplus_lr_ratio: a.loraplus_lr_ratio, ..settings(&a.train, a.steps, a.lr, 0.0) },
+        out: a.out.clone(),
+        base_model: Some(a.model.display().to_string()),
+        convert_to_lora: a.lora.variant.convert_to_lora,
+        checkpoint: checkpointing(&a.checkpoint, &a.out),
+    };
+    let f = run_job(&mut model, &tok, &data, &job)?;
     println!(
         "Final loss {:.4} after {} steps ({:.1} s); wrote {}",
-        f.summary["final_loss"].as_f64().unwrap_or(f64::NAN),
+        f.summary.final_loss,
         f.trainer.step(),
         f.trainer.seconds(),
         a.out.display()
     );
+    let summary = serde_json::to_value(&f.summary)?;
     if let Some(p) = &a.json {
-        write_json(p, &f.summary)?;
+        write_json(p, &summary)?;
     }
     if let Some(dir) = &a.report.report {
-        super::report_dir::training(dir, "lora lm finetune", &[("fine-tuning", &f.trainer)], &[], &f.summary)?;
+        super::report_dir::training(dir, "lora lm finetune", &[("fine-tuning", &f.trainer)], &[], &summary)?;
     }
     Ok(())
 }

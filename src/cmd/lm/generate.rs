@@ -13,6 +13,8 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     sampling.validate()?;
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
+    // Nothing trains here: a frozen base lets every adapted projection run as one fused op.
+    model.freeze_base();
     let tok = load_tokenizer(&a.model, model.config())?;
     if let Some(dir) = &a.adapter {
         load_adapter(&mut model, "adapter", dir, a.force).with_context(|| format!("loading the adapter {}", dir.display()))?;

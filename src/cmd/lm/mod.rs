@@ -8,10 +8,12 @@ mod generate;
 mod pretrain;
 mod report_dir;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora_lm::jobs::Event;
 use lora_lm::train::StepReport;
 
 use crate::common::{check_outputs, Out};
@@ -29,10 +31,42 @@ pub fn run(a: LmArgs) -> Result<()> {
     }
 }
 
+/// Progress of a job's training runs: a bar on a terminal; off one (a log, CI), a plain line at the first
+/// step, then every [`PLAIN_EVERY`] and at the end, so a long run never looks hung.
+#[derive(Default)]
+pub struct Bars {
+    bar: Option<StepBar>,
+}
+
+impl Bars {
+    /// Drives the bar from a job's events (`Start`, `Step`, `Finish`; the others are the caller's).
+    pub fn event(&mut self, e: &Event<'_>) {
+        match e {
+            Event::Start { label, steps, done, .. } => self.bar = Some(StepBar::new(label, *steps, *done)),
+            Event::Step(r) => {
+                if let Some(b) = self.bar.as_mut() {
+                    b.step(r)
+                }
+            }
+            Event::Finish { .. } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish()
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How often a run off a terminal prints a progress line.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
 /// A progress bar over training steps showing loss and tokens per second.
 pub struct StepBar {
     bar: ProgressBar,
     label: String,
+    /// Off a terminal: when the last plain line was printed.
+    last_line: Option<Instant>,
 }
 
 impl StepBar {
@@ -44,13 +78,17 @@ impl StepBar {
         );
         bar.set_message(label.to_string());
         bar.set_position(done as u64);
-        StepBar { bar, label: label.to_string() }
+        StepBar { bar, label: label.to_string(), last_line: None }
     }
 
-    pub fn step(&self, r: &StepReport) {
+    pub fn step(&mut self, r: &StepReport) {
         let tps = if r.seconds > 0.0 { r.tokens as f64 / r.seconds } else { 0.0 };
         self.bar.set_prefix(format!("loss={:.4} lr={:.2e} {:.0} tok/s", r.loss, r.lr, tps));
         self.bar.set_position(r.step as u64);
+        if self.bar.is_hidden() && r.step < r.steps && self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
+            eprintln!("{}: step {}/{} ({:.0} s) {}", self.label, r.step, r.steps, r.seconds, self.bar.prefix());
+            self.last_line = Some(Instant::now());
+        }
     }
 
     pub fn finish(&self) {
@@ -72,13 +110,6 @@ pub fn check_out_dir(dir: &Path, files: &[&str]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The default checkpoint file of an output directory.
-pub fn checkpoint_path(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".ckpt.safetensors");
-    PathBuf::from(s)
 }
 
 /// candle's own pool (its elementwise ops) spins 25,000 rounds after each op by default, competing with

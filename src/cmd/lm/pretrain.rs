@@ -1,16 +1,15 @@
-//! `lora lm pretrain`: a byte-level Llama trained from scratch on a weighted mix of corpora.
+//! `lora lm pretrain`: flags → [`lora_lm::jobs::PretrainJob`] → [`lora_lm::jobs::pretrain`], with bars.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lora_lm::data::{Corpus, TokenStream};
-use lora_lm::hf::{load_model, save_model_as, WeightDtype, CONFIG_FILE, WEIGHTS_FILE};
-use lora_lm::train::{Mixture, TrainSettings, Trainer};
-use lora_lm::{Llama, LlamaConfig, Tokenizer};
-use serde_json::{json, Value};
+use lora_lm::data::Corpus;
+use lora_lm::hf::{CONFIG_FILE, WEIGHTS_FILE};
+use lora_lm::jobs::{pretrain, Checkpointing, Event, PretrainJob, Pretrained};
+use lora_lm::train::TrainSettings;
+use lora_lm::LlamaConfig;
 
-use super::{check_out_dir, checkpoint_path, corpus, StepBar};
+use super::{check_out_dir, corpus, Bars};
 use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::{LmCheckpointArgs, LmPretrainArgs, LmShapeArgs, LmTrainArgs};
 
@@ -42,16 +41,6 @@ pub fn read_weighted(files: &[(PathBuf, f64)]) -> Result<Vec<(Corpus, f64)>> {
     files.iter().map(|(p, w)| Ok((corpus(p)?, *w))).collect()
 }
 
-/// A mixture of token streams from weighted corpora.
-pub fn mixture(corpora: &[(&Corpus, f64)], tok: &Tokenizer) -> Result<Mixture> {
-    let mut m = Mixture::new();
-    for (c, w) in corpora {
-        let s = TokenStream::from_corpus(c, tok)?;
-        m.add(&c.short_name(), s, *w).with_context(|| format!("data {}", c.path.display()))?;
-    }
-    Ok(m)
-}
-
 /// Training settings from the flags.
 pub fn settings(t: &LmTrainArgs, steps: u32, lr: f64, weight_decay: f64) -> TrainSettings {
     let steps = steps as usize;
@@ -69,69 +58,26 @@ pub fn settings(t: &LmTrainArgs, steps: u32, lr: f64, weight_decay: f64) -> Trai
     }
 }
 
-/// Runs (or resumes) a training run with a progress bar and periodic checkpoints to `ckpt`.
-pub fn train_with_bar(label: &str, model: &Llama, data: &Mixture, s: TrainSettings, ck: &LmCheckpointArgs, ckpt: &Path) -> Result<Trainer> {
-    let mut trainer = match &ck.resume {
-        Some(p) => Trainer::resume(model, s.clone(), p).with_context(|| format!("resuming from {}", p.display()))?,
-        None => Trainer::new(model, s.clone())?,
-    };
-    let bar = StepBar::new(label, s.steps, trainer.step());
-    let every = ck.checkpoint_every.map(|n| n as usize);
-    trainer.run(model, data, s.steps, |t, r| {
-        bar.step(r);
-        if every.is_some_and(|n| r.step % n == 0 && r.step < r.steps) {
-            t.save_checkpoint(ckpt)?;
-        }
-        Ok(true)
-    })?;
-    bar.finish();
-    Ok(trainer)
+/// The checkpoint flags for a job writing `out`.
+pub fn checkpointing(ck: &LmCheckpointArgs, out: &Path) -> Checkpointing {
+    Checkpointing { every: ck.checkpoint_every.map(|n| n as usize), resume: ck.resume.clone(), ..Checkpointing::beside(out) }
 }
 
-/// Pre-trains a base and writes it to `out` in `dtype`; returns the model as written (read back when
-/// rounded to bf16), the trainer and the JSON summary.
-pub fn pretrain(
-    config: &LlamaConfig,
-    corpora: &[(&Corpus, f64)],
-    s: TrainSettings,
-    ck: &LmCheckpointArgs,
-    out: &Path,
-    dtype: WeightDtype,
-) -> Result<(Llama, Trainer, Value)> {
-    let model = Llama::random(config, s.seed)?;
-    let data = mixture(corpora, &Tokenizer::bytes())?;
-    for (name, tokens, w) in data.sources() {
-        println!("  {name:<8} {tokens:>10} train bytes, weight {w}");
-    }
-    println!(
-        "Pre-training a {}-parameter byte-level Llama: {} steps of {} × {} bytes",
-        model.num_params(),
-        s.steps,
-        s.batch_size,
-        s.seq_len
-    );
-    let ckpt = checkpoint_path(out);
-    let trainer = train_with_bar("Pre-training", &model, &data, s.clone(), ck, &ckpt)?;
-    let mut meta = BTreeMap::new();
-    meta.insert("lora_rs.pretrain_steps".to_string(), trainer.step().to_string());
-    save_model_as(&model, out, &meta, dtype).with_context(|| format!("writing the model to {}", out.display()))?;
-    let model =
-        if dtype == WeightDtype::F32 { model } else { load_model(out).with_context(|| format!("reading back {}", out.display()))?.0 };
-    if ckpt.exists() {
-        std::fs::remove_file(&ckpt).with_context(|| format!("removing the finished run's checkpoint {}", ckpt.display()))?;
-    }
-    let final_loss = trainer.losses.last().map_or(f64::NAN, |l| l.1);
-    let summary = json!({
-        "params": model.num_params(),
-        "steps": trainer.step(),
-        "tokens": trainer.step() * s.batch_size * s.seq_len,
-        "seconds": (trainer.seconds() * 1000.0).round() / 1000.0,
-        "final_loss": final_loss,
-        "settings": serde_json::to_value(&s)?,
-        "model": out.display().to_string(),
-        "dtype": dtype.torch_name(),
+/// Runs a pre-training job with bars and the lines `lora lm pretrain` prints before it.
+pub fn run_job(job: &PretrainJob, corpora: &[(&Corpus, f64)]) -> Result<Pretrained> {
+    let mut bars = Bars::default();
+    let s = &job.settings;
+    let done = pretrain(job, corpora, &mut |e| {
+        match &e {
+            Event::Source { name, tokens, weight } => println!("  {name:<8} {tokens:>10} train bytes, weight {weight}"),
+            Event::Start { params, .. } => {
+                println!("Pre-training a {params}-parameter byte-level Llama: {} steps of {} × {} bytes", s.steps, s.batch_size, s.seq_len)
+            }
+            _ => {}
+        }
+        bars.event(&e);
     });
-    Ok((model, trainer, summary))
+    done.with_context(|| format!("pre-training {}", job.out.display()))
 }
 
 pub fn run(a: LmPretrainArgs) -> Result<()> {
@@ -141,22 +87,29 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
     check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = shape_config(&a.shape)?;
     let files = if a.data.is_empty() { default_mix(Path::new("data/code")) } else { a.data.clone() };
-    let s = settings(&a.train, a.steps, a.lr, 0.1);
     let corpora = read_weighted(&files)?;
     let weighted: Vec<(&Corpus, f64)> = corpora.iter().map(|(c, w)| (c, *w)).collect();
-    let (_, trainer, summary) = pretrain(&config, &weighted, s, &a.checkpoint, &a.out, a.dtype.into())?;
+    let job = PretrainJob {
+        config,
+        settings: settings(&a.train, a.steps, a.lr, 0.1),
+        out: a.out.clone(),
+        dtype: a.dtype.into(),
+        checkpoint: checkpointing(&a.checkpoint, &a.out),
+    };
+    let p = run_job(&job, &weighted)?;
     println!(
         "Final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}",
-        summary["final_loss"].as_f64().unwrap_or(f64::NAN),
-        trainer.step(),
-        trainer.seconds(),
+        p.summary.final_loss,
+        p.trainer.step(),
+        p.trainer.seconds(),
         a.out.display()
     );
-    if let Some(p) = &a.json {
-        write_json(p, &summary)?;
+    let summary = serde_json::to_value(&p.summary)?;
+    if let Some(path) = &a.json {
+        write_json(path, &summary)?;
     }
     if let Some(dir) = &a.report.report {
-        super::report_dir::training(dir, "lora lm pretrain", &[("pre-training", &trainer)], &[], &summary)?;
+        super::report_dir::training(dir, "lora lm pretrain", &[("pre-training", &p.trainer)], &[], &summary)?;
     }
     Ok(())
 }

@@ -7,8 +7,8 @@ use lora_lm::train::Trainer;
 use lora_viz::{BarChart, LossSeries, RunReport, Table as VizTable, Timing};
 use serde_json::Value;
 
-use super::eval::Table;
 use crate::report_dir::{command_line, json_table, write};
+use lora_lm::jobs::EvalTable as Table;
 
 /// A training run's losses as a series, with the seconds elapsed at each step.
 fn series(name: &str, t: &Trainer) -> Result<LossSeries> {

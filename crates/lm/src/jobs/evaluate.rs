@@ -1,0 +1,111 @@
+//! [`evaluate`]: the validation loss of a base and of each of its adapters on one loaded model, a column
+//! each: rows are corpora, columns are `base` (adapters off) then each adapter active alone. Switching
+//! columns touches only the active list, never a weight.
+
+use serde_json::{json, Map, Value};
+
+use super::{Event, Progress};
+use crate::data::{eval_windows, Corpus};
+use crate::error::{LmError, Result};
+use crate::eval::{score, Score};
+use crate::{Llama, Tokenizer};
+
+/// How the windows are cut and scored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalJob {
+    /// Adapters (already loaded on the model) to score, each alone, after the base.
+    pub adapters: Vec<String>,
+    /// Window length in tokens (at most the model's context).
+    pub context: usize,
+    /// Tokens scored per corpus at most (`None`: the whole validation split).
+    pub max_tokens: Option<usize>,
+    /// Windows per forward pass.
+    pub batch: usize,
+    /// Keep every per-token loss.
+    pub per_token: bool,
+}
+
+/// Scores of every (corpus, column) pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalTable {
+    /// Row names: each corpus' file name.
+    pub corpora: Vec<String>,
+    /// Column names: `base`, then each adapter.
+    pub columns: Vec<String>,
+    /// `scores[row][column]`.
+    pub scores: Vec<Vec<Score>>,
+    /// `token_losses[row][column][window]`: per-token nats (empty unless the job asked for them).
+    pub token_losses: Vec<Vec<Vec<Vec<f64>>>>,
+}
+
+/// Scores `corpora` with the base (adapters off) and with each of `job.adapters` active alone; the model
+/// is left with no adapter active.
+pub fn evaluate(model: &mut Llama, tok: &Tokenizer, corpora: &[Corpus], job: &EvalJob, progress: Progress<'_>) -> Result<EvalTable> {
+    let ctx_max = model.config().max_position_embeddings;
+    if job.context < 2 || job.context > ctx_max {
+        return Err(LmError::invalid("context", job.context, format!("must be between 2 and the model's context ({ctx_max})")));
+    }
+    if job.batch == 0 {
+        return Err(LmError::invalid("batch_size", 0, "must be at least 1"));
+    }
+    for a in &job.adapters {
+        if a == "base" {
+            return Err(LmError::invalid("adapter", a, "the name \"base\" is taken by the model without adapters"));
+        }
+        if !model.lora().adapter_names().iter().any(|n| n == a) {
+            return Err(LmError::invalid("adapter", a, "is not loaded on the model"));
+        }
+    }
+    let mut columns = vec!["base".to_string()];
+    columns.extend(job.adapters.iter().cloned());
+    let mut scores = Vec::new();
+    let mut token_losses = Vec::new();
+    let result = (|| {
+        for c in corpora {
+            let windows = eval_windows(c, tok, job.context, job.max_tokens)
+                .map_err(|e| LmError::file(&c.path, format!("cutting into windows: {e}")))?;
+            let mut row = Vec::new();
+            let mut row_tokens = Vec::new();
+            for col in &columns {
+                let active: Vec<&str> = if col == "base" { vec![] } else { vec![col.as_str()] };
+                model.lora_mut().set_active(&active)?;
+                let (s, per) = score(model, &windows, job.batch, job.per_token)
+                    .map_err(|e| LmError::file(&c.path, format!("scoring with {col}: {e}")))?;
+                progress(Event::Scored { corpus: &c.name(), column: col, score: &s });
+                row.push(s);
+                row_tokens.push(per.unwrap_or_default());
+            }
+            scores.push(row);
+            token_losses.push(row_tokens);
+        }
+        Ok::<_, LmError>(())
+    })();
+    model.lora_mut().set_active(&[])?;
+    result?;
+    Ok(EvalTable { corpora: corpora.iter().map(Corpus::name).collect(), columns, scores, token_losses })
+}
+
+impl EvalTable {
+    /// `{"<file>": {"<column>": {"loss", "bits_per_byte", "tokens"}}}`.
+    pub fn json(&self) -> Value {
+        let mut out = Map::new();
+        for (c, row) in self.corpora.iter().zip(&self.scores) {
+            let mut m = Map::new();
+            for (col, s) in self.columns.iter().zip(row) {
+                m.insert(col.clone(), json!({"loss": s.loss, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens}));
+            }
+            out.insert(c.clone(), Value::Object(m));
+        }
+        Value::Object(out)
+    }
+
+    /// `{"<file>": {"<column>": [[per-token nats of window 0], …]}}`.
+    pub fn token_losses_json(&self) -> Value {
+        let mut out = Map::new();
+        for (c, row) in self.corpora.iter().zip(&self.token_losses) {
+            let m: Map<String, Value> = self.columns.iter().zip(row).map(|(col, w)| (col.clone(), json!(w))).collect();
+            out.insert(c.clone(), Value::Object(m));
+        }
+        Value::Object(out)
+    }
+}

@@ -1,0 +1,135 @@
+//! [`finetune`]: a LoRA adapter trained on one corpus over a frozen base, written as a PEFT adapter
+//! directory; the base is checked bit for bit unchanged before anything is written.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use lora::LoraConfig;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::pretrain::mixture;
+use super::{millis, remove_checkpoint, train_run, Checkpointing, Progress};
+use crate::data::Corpus;
+use crate::error::{LmError, Result};
+use crate::hf::save_adapter;
+use crate::train::{TrainSettings, Trainer};
+use crate::{Llama, Tokenizer};
+
+/// A fine-tuning run.
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    /// The adapter's name inside the model while it trains (and after: it stays loaded, inactive).
+    pub name: String,
+    /// The adapter's config (rank, alpha, targets, variants).
+    pub lora: LoraConfig,
+    /// Steps, batch, learning rate, seed, LoRA+, …
+    pub settings: TrainSettings,
+    /// The PEFT adapter directory to write.
+    pub out: PathBuf,
+    /// `base_model_name_or_path` written into `adapter_config.json`.
+    pub base_model: Option<String>,
+    /// Write a PiSSA/OLoRA adapter as the plain LoRA with the same update.
+    pub convert_to_lora: bool,
+    /// Periodic checkpoints and resuming.
+    pub checkpoint: Checkpointing,
+}
+
+/// What [`finetune`] reports (the `--json` of `lora lm finetune`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneSummary {
+    /// The adapter's name.
+    pub adapter: String,
+    /// The training data.
+    pub data: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Parameters that trained.
+    pub trainable_params: usize,
+    /// Steps trained.
+    pub steps: usize,
+    /// Tokens seen.
+    pub tokens: usize,
+    /// Seconds of training, across resumes.
+    pub seconds: f64,
+    /// Loss of the last step, nats per token.
+    pub final_loss: f64,
+    /// The base's weights are bit for bit those before training (always true: otherwise an error).
+    pub base_unchanged: bool,
+    /// The SHA-256 of the base's weights.
+    pub base_sha256: String,
+    /// The adapter directory.
+    pub out: String,
+}
+
+/// What [`finetune`] made.
+#[derive(Debug)]
+pub struct Finetuned {
+    /// The finished run: settings, loss history.
+    pub trainer: Trainer,
+    /// The summary.
+    pub summary: FinetuneSummary,
+}
+
+/// Adds adapter `job.name` to the (frozen) base, trains it on `data`, checks the base unchanged and writes
+/// the adapter to `job.out`. The adapter stays loaded (inactive) on the model.
+pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &FinetuneJob, progress: Progress<'_>) -> Result<Finetuned> {
+    let s = &job.settings;
+    job.lora.validate()?;
+    model.lora().targeted(&job.lora)?;
+    let before = model.base_state()?;
+    let name = job.name.as_str();
+    model.lora_mut().add_adapter(name, &job.lora, &mut StdRng::seed_from_u64(s.seed.wrapping_add(1)))?;
+    let trained = (|| {
+        model.lora_mut().set_active(&[name])?;
+        model.freeze_base();
+        let mix = mixture(&[(data, 1.0)], tokenizer, progress)?;
+        train_run(&format!("Fine-tuning {name}"), model, &mix, s, &job.checkpoint, progress)
+    })();
+    let trainer = match trained {
+        Ok(t) => t,
+        Err(e) => {
+            // Leave the model as it came: no half-trained adapter stays loaded.
+            let _ = model.lora_mut().set_active(&[]);
+            let _ = model.lora_mut().remove_adapter(name);
+            return Err(e);
+        }
+    };
+    let after = model.base_state()?;
+    let mut unchanged = before.len() == after.len();
+    for ((n1, a), (n2, b)) in before.iter().zip(&after) {
+        unchanged &= n1 == n2 && bits(a)? == bits(b)?;
+    }
+    if !unchanged {
+        return Err(LmError::invalid("base", "changed", "the base weights changed during fine-tuning (a bug: the base must stay frozen)"));
+    }
+    let meta = BTreeMap::from([
+        ("lora_rs.data".to_string(), data.path.display().to_string()),
+        ("lora_rs.steps".to_string(), trainer.step().to_string()),
+    ]);
+    save_adapter(model, name, &job.out, job.base_model.clone(), meta, job.convert_to_lora)?;
+    remove_checkpoint(&job.checkpoint)?;
+    model.lora_mut().set_active(&[])?;
+    let summary = FinetuneSummary {
+        adapter: name.to_string(),
+        data: data.path.display().to_string(),
+        rank: job.lora.r,
+        alpha: job.lora.alpha,
+        trainable_params: trainer.num_trainable(),
+        steps: trainer.step(),
+        tokens: trainer.step() * s.batch_size * s.seq_len,
+        seconds: millis(trainer.seconds()),
+        final_loss: trainer.losses.last().map_or(f64::NAN, |l| l.1),
+        base_unchanged: unchanged,
+        base_sha256: model.fingerprint()?,
+        out: job.out.display().to_string(),
+    };
+    Ok(Finetuned { trainer, summary })
+}
+
+fn bits(t: &candle_core::Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+}

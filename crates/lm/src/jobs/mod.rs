@@ -1,0 +1,156 @@
+//! Pre-training, fine-tuning and evaluation as library calls: each is a job (a plain struct of settings)
+//! and one function that runs it and returns what it made, reporting progress through a callback that
+//! receives [`Event`]s. The `lora lm` commands, the server and a Rust user call the same functions; the
+//! command line only turns flags into a job and events into bars and lines.
+//!
+//! ```text
+//! PretrainJob + weighted corpora ──► pretrain() ──► Pretrained { model, trainer, summary }   (model dir written)
+//! FinetuneJob + base + corpus    ──► finetune() ──► Finetuned { trainer, summary }           (PEFT dir written)
+//! EvalJob + base + adapters      ──► evaluate() ──► EvalTable (rows: corpora, columns: base, adapters)
+//! ```
+//!
+//! A job either writes all its files or none: outputs are written after training, each atomically, and
+//! the periodic checkpoint is removed only once they are.
+
+mod evaluate;
+mod finetune;
+mod pretrain;
+
+use std::path::{Path, PathBuf};
+
+use crate::eval::Score;
+use crate::train::StepReport;
+
+pub use evaluate::{evaluate, EvalJob, EvalTable};
+pub use finetune::{finetune, FinetuneJob, FinetuneSummary, Finetuned};
+pub use pretrain::{pretrain, PretrainJob, PretrainSummary, Pretrained};
+
+/// What a job reports while it runs, in order: the data, the start of each training run, each step, each
+/// checkpoint, the end of the run; evaluation reports each score as it is computed.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// One source of the training data: its short name, tokens in its training split, its weight.
+    Source {
+        /// The corpus' short name (`sql`).
+        name: &'a str,
+        /// Tokens it holds for training.
+        tokens: usize,
+        /// Its share of the draws.
+        weight: f64,
+    },
+    /// A training run starts (or resumes after `done` steps).
+    Start {
+        /// What runs (`Pre-training`, `Fine-tuning sql`).
+        label: &'a str,
+        /// Steps of the whole run.
+        steps: usize,
+        /// Steps already done (a resumed run).
+        done: usize,
+        /// Parameters of the model.
+        params: usize,
+        /// Parameters that train.
+        trainable: usize,
+    },
+    /// A step finished.
+    Step(&'a StepReport),
+    /// A checkpoint was written after `step` steps.
+    Checkpoint {
+        /// Steps it holds.
+        step: usize,
+        /// Where.
+        path: &'a Path,
+    },
+    /// The training run `label` finished.
+    Finish {
+        /// What ran.
+        label: &'a str,
+    },
+    /// Evaluation scored one corpus with one column (`base` or an adapter's name).
+    Scored {
+        /// The corpus' file name.
+        corpus: &'a str,
+        /// `base` or the adapter's name.
+        column: &'a str,
+        /// Its score.
+        score: &'a Score,
+    },
+}
+
+/// A progress callback: receives every [`Event`] of a job. `&mut |_| {}` ignores them.
+pub type Progress<'p> = &'p mut dyn FnMut(Event<'_>);
+
+/// Periodic checkpoints of a training job, and where a resumed one starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Write a checkpoint every this many steps (`None`: never).
+    pub every: Option<usize>,
+    /// The checkpoint file.
+    pub path: PathBuf,
+    /// Resume from this checkpoint file (written by an earlier run of the same job).
+    pub resume: Option<PathBuf>,
+}
+
+impl Checkpointing {
+    /// No periodic checkpoints, a fresh start; the file would be `OUT.ckpt.safetensors` beside `out`.
+    pub fn beside(out: &Path) -> Self {
+        Checkpointing { every: None, path: default_checkpoint(out), resume: None }
+    }
+}
+
+/// The default checkpoint file of an output path: `OUT.ckpt.safetensors` beside it.
+pub fn default_checkpoint(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".ckpt.safetensors");
+    PathBuf::from(s)
+}
+
+/// Rounds seconds to milliseconds for summaries.
+fn millis(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
+}
+
+/// Runs (or resumes) a training run over the model's trainable tensors, checkpointing as `ck` says and
+/// reporting every step.
+fn train_run(
+    label: &str,
+    model: &crate::Llama,
+    data: &crate::train::Mixture,
+    settings: &crate::train::TrainSettings,
+    ck: &Checkpointing,
+    progress: Progress<'_>,
+) -> crate::Result<crate::train::Trainer> {
+    use crate::train::Trainer;
+    if ck.every == Some(0) {
+        return Err(crate::LmError::invalid("checkpoint_every", 0, "must be at least 1"));
+    }
+    let mut trainer = match &ck.resume {
+        Some(p) if !p.is_file() => return Err(crate::LmError::file(p, "no such checkpoint file to resume from")),
+        Some(p) => Trainer::resume(model, settings.clone(), p)?,
+        None => Trainer::new(model, settings.clone())?,
+    };
+    progress(Event::Start {
+        label,
+        steps: settings.steps,
+        done: trainer.step(),
+        params: model.num_params(),
+        trainable: trainer.num_trainable(),
+    });
+    trainer.run(model, data, settings.steps, |t, r| {
+        progress(Event::Step(r));
+        if ck.every.is_some_and(|n| r.step % n == 0 && r.step < r.steps) {
+            t.save_checkpoint(&ck.path)?;
+            progress(Event::Checkpoint { step: r.step, path: &ck.path });
+        }
+        Ok(true)
+    })?;
+    progress(Event::Finish { label });
+    Ok(trainer)
+}
+
+/// Removes a finished run's checkpoint, if one was written.
+fn remove_checkpoint(ck: &Checkpointing) -> crate::Result<()> {
+    if ck.path.exists() {
+        std::fs::remove_file(&ck.path).map_err(|e| crate::LmError::io(&ck.path, e))?;
+    }
+    Ok(())
+}
