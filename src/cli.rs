@@ -144,17 +144,45 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
-/// Checkpoints: save the run every N steps, continue a killed run.
+/// Checkpoints of a training run (`lora pretrain`, `finetune`, `lm pretrain`, `lm finetune`): one file.
 #[derive(Debug, Clone, Args)]
 pub struct CheckpointArgs {
-    /// Save model, optimizer state and position every N steps (to --checkpoint-dir), so a killed run can
-    /// continue with --resume.
+    /// Save the trained tensors, optimizer state and position every N steps to the checkpoint file, so a
+    /// killed run can continue with --resume; a finished run removes it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub checkpoint_every: Option<u32>,
-    /// Where checkpoints go (default: the output path with .ckpt appended; for `demo`, OUT/checkpoint).
+    /// The checkpoint file (default: the --resume file, else the output path with .ckpt.safetensors appended).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue the run whose checkpoint is this file (the other flags must match the saved run).
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+}
+
+impl CheckpointArgs {
+    /// The checkpoint policy of a run writing `out`.
+    pub fn policy(&self, out: &std::path::Path) -> lora_optim::checkpoint::Checkpointing {
+        let default = lora_optim::checkpoint::Checkpointing::beside(out);
+        lora_optim::checkpoint::Checkpointing {
+            every: self.checkpoint_every.map(|n| n as usize),
+            // A resumed run goes on writing to the file it resumed from, unless told otherwise.
+            path: self.checkpoint.clone().or_else(|| self.resume.clone()).unwrap_or(default.path),
+            resume: self.resume.clone(),
+        }
+    }
+}
+
+/// Checkpoints of `lora demo`, which runs two phases: a folder holding one checkpoint file per phase.
+#[derive(Debug, Clone, Args)]
+pub struct DemoCheckpointArgs {
+    /// Save each phase every N steps (pretrain.ckpt.safetensors, finetune.ckpt.safetensors in
+    /// --checkpoint-dir), so a killed demo can continue with --resume.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub checkpoint_every: Option<u32>,
+    /// The checkpoint folder (default: OUT/checkpoint).
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue the run saved in DIR (its checkpoint.safetensors); the other flags must match the saved run.
+    /// Continue the demo whose checkpoint folder is DIR (the other flags must match the saved run).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }
@@ -301,7 +329,7 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub report: ReportArgs,
     #[command(flatten)]
-    pub checkpoint: CheckpointArgs,
+    pub checkpoint: DemoCheckpointArgs,
 }
 
 #[derive(Debug, Args)]

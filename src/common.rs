@@ -1,11 +1,10 @@
 //! Helpers shared by the commands: data loading, model files, tables, JSON output.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use lora::io::{save_safetensors, write_atomic};
+use lora::io::write_atomic;
 use lora_train::{Dataset, Evaluation, ExpensiveNet};
 use mnist::Mnist;
 
@@ -37,15 +36,7 @@ impl Data {
     }
 }
 
-/// Saves the network's base tensors (PyTorch state_dict names) atomically.
-pub fn save_model(net: &ExpensiveNet, path: &Path) -> Result<u64> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let state = net.model.base_state()?;
-    save_safetensors(path, &state, &meta)?;
-    Ok(std::fs::metadata(path)?.len())
-}
-
-/// Loads a network saved by [`save_model`] (or by PyTorch with the same names).
+/// Loads a network saved by [`ExpensiveNet::save`] (or by PyTorch with the same names).
 pub fn load_model(path: &Path) -> Result<ExpensiveNet> {
     Ok(ExpensiveNet::load(path)?)
 }
@@ -135,80 +126,6 @@ pub fn check_input_size(net: &ExpensiveNet, model: &Path, data: &Data) -> Result
         data.raw.test.pixels()
     );
     Ok(())
-}
-
-/// What [`finetune_digit`] trained.
-pub struct Finetuned {
-    pub digit_images: usize,
-    pub trainable: usize,
-    pub stats: lora_train::TrainStats,
-    pub steps_per_epoch: usize,
-}
-
-/// What [`finetune_digit`] trains: adapter `name` with config `lcfg` on the training images of `digit`.
-pub struct FinetuneJob<'a> {
-    pub name: &'a str,
-    pub lcfg: &'a lora::LoraConfig,
-    pub digit: u8,
-    pub train: &'a lora_train::TrainConfig,
-    pub seed: u64,
-    /// Continue from this checkpoint.
-    pub resume: Option<&'a lora_train::checkpoint::Loaded>,
-    /// Checkpoint every N steps into a directory, recording these settings.
-    pub every: Option<(usize, &'a Path, &'a serde_json::Value)>,
-}
-
-/// Adds the job's adapter to every layer, freezes the base, and trains only A and B on the training
-/// images of the job's digit with a progress bar.
-pub fn finetune_digit(net: &mut ExpensiveNet, data: &Data, job: FinetuneJob) -> Result<Finetuned> {
-    let FinetuneJob { name, lcfg, digit, train: train_cfg, seed, resume, every } = job;
-    use rand::SeedableRng;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1));
-    net.model.add_adapter(name, lcfg, &mut rng)?;
-    if let Some(l) = resume {
-        for (module, layer) in net.model.layers() {
-            for (which, var) in layer.adapter_vars(name) {
-                let t = l
-                    .tensor("adapter", &format!("{module}.{which}"))
-                    .with_context(|| format!("{}: missing tensor adapter.{module}.{which}", l.file.path.display()))?;
-                anyhow::ensure!(
-                    t.dims() == var.dims(),
-                    "{}: adapter.{module}.{which} has shape {:?}, expected {:?}",
-                    l.file.path.display(),
-                    t.dims(),
-                    var.dims()
-                );
-                var.set(&t)?;
-            }
-        }
-    }
-    net.model.set_active(&[name])?;
-    net.model.freeze_base(lora::Bias::None); // trained biases are the adapter's own copies
-    for (i, (_, l)) in net.model.layers().enumerate() {
-        l.seed_dropout(seed.wrapping_add(100 + i as u64));
-    }
-    let trainable: usize = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
-    let digit_data = data.train_digit(digit)?;
-    println!(
-        "\nFine-tuning LoRA (rank {}, alpha {}) on digit {digit}: {} training images, {} trainable parameters",
-        lcfg.r,
-        lcfg.alpha,
-        digit_data.len(),
-        trainable
-    );
-    let steps_per_epoch = train_cfg.steps_per_epoch(digit_data.len());
-    let total = train_cfg.max_steps.unwrap_or(steps_per_epoch * train_cfg.epochs);
-    let mut bars = crate::progress::EpochBars::new("Training", total.div_ceil(steps_per_epoch));
-    let net_ref: &ExpensiveNet = net;
-    let mut save = |ck: &lora_train::Checkpoint| -> lora_train::Result<()> {
-        let (_, dir, settings) = every.expect("only called when checkpointing");
-        lora_train::checkpoint::save(dir, "finetune", net_ref, Some(name), settings, ck)
-            .map_err(|e| lora_train::TrainError::Model { path: dir.display().to_string(), why: format!("{e:#}") })
-    };
-    let ck = every.map(|(n, _, _)| lora_train::Checkpointing { every: n, save: &mut save });
-    let stats = lora_train::train_with(net_ref, &digit_data, train_cfg, resume.map(|l| &l.checkpoint), ck, |s| bars.step(s))?;
-    bars.finish();
-    Ok(Finetuned { digit_images: digit_data.len(), trainable, stats, steps_per_epoch })
 }
 
 /// Total bytes of the regular files directly inside `dir`.

@@ -30,18 +30,6 @@ pub enum LmCommand {
     Bench(LmBenchArgs),
 }
 
-/// Checkpoints of a training run.
-#[derive(Debug, Clone, Args)]
-pub struct LmCheckpointArgs {
-    /// Save the trainable tensors, optimizer state and position every N steps, so a killed run can
-    /// continue with --resume.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub checkpoint_every: Option<u32>,
-    /// Continue the run whose checkpoint is this file (the other flags must match the saved run).
-    #[arg(long, value_name = "FILE")]
-    pub resume: Option<PathBuf>,
-}
-
 /// Training loop settings.
 #[derive(Debug, Clone, Args)]
 pub struct LmTrainArgs {
@@ -87,7 +75,7 @@ pub struct LmPretrainArgs {
     #[command(flatten)]
     pub shape: LmShapeArgs,
     #[command(flatten)]
-    pub checkpoint: LmCheckpointArgs,
+    pub checkpoint: crate::cli::CheckpointArgs,
     /// Also write a JSON summary here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -194,7 +182,7 @@ pub struct LmFinetuneArgs {
     #[command(flatten)]
     pub train: LmTrainArgs,
     #[command(flatten)]
-    pub checkpoint: LmCheckpointArgs,
+    pub checkpoint: crate::cli::CheckpointArgs,
     /// Also write a JSON summary here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

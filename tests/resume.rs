@@ -43,13 +43,10 @@ fn pretraining_killed_mid_run_and_resumed_matches_an_uninterrupted_run_bit_for_b
     ok(&[&args[..], &["--out", s(&full)]].concat());
 
     let out = d.path().join("killed.safetensors");
-    let ckpt = d.path().join("ckpt");
-    let extra = ["--out", s(&out), "--checkpoint-every", "200", "--checkpoint-dir", s(&ckpt)];
-    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &ckpt.join("checkpoint.safetensors"), Duration::from_millis(300));
+    let ckpt = d.path().join("run.ckpt.safetensors");
+    let extra = ["--out", s(&out), "--checkpoint-every", "200", "--checkpoint", s(&ckpt)];
+    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &ckpt, Duration::from_millis(300));
     assert!(!out.exists(), "the run finished before it was killed: the test proves nothing");
-
-    ok(&[&args[..], &["--out", s(&out), "--resume", s(&ckpt)]].concat());
-    assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&out).unwrap(), "resumed weights differ from the uninterrupted run");
 
     // Resuming with other settings is refused, naming the setting.
     let o = lora()
@@ -59,34 +56,33 @@ fn pretraining_killed_mid_run_and_resumed_matches_an_uninterrupted_run_bit_for_b
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("seed = 11") && err.contains("seed = 12"), "{err}");
+    assert!(!out.exists(), "a refused resume writes nothing");
+
+    ok(&[&args[..], &["--out", s(&out), "--resume", s(&ckpt)]].concat());
+    assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&out).unwrap(), "resumed weights differ from the uninterrupted run");
+    assert!(!ckpt.exists(), "the finished run's checkpoint is removed");
 }
 
 #[test]
-fn finetuning_resumed_from_a_checkpoint_writes_the_same_adapter() {
+fn finetuning_killed_mid_run_and_resumed_writes_the_same_adapter() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("m.safetensors");
     ok(&["pretrain", "--hidden1", "48", "--hidden2", "24", "--batch-size", "300", "--out", s(&model)]);
-    let ft = |out: &Path, extra: &[&str]| {
-        ok(&[&["finetune", "--model", s(&model), "--digit", "3", "--steps", "40", "--rank", "2", "--alpha", "5", "--out", s(out)], extra]
-            .concat());
-    };
+    let args = ["finetune", "--model", s(&model), "--digit", "3", "--steps", "3000", "--rank", "2", "--alpha", "5"];
     let whole = d.path().join("whole");
-    ft(&whole, &[]);
-    // A run that checkpoints every 15 steps leaves its last checkpoint at step 30; resuming from it must
-    // redo steps 31-40 exactly.
-    let first = d.path().join("first");
-    let ckpt = d.path().join("ft.ckpt");
-    ft(&first, &["--checkpoint-every", "15", "--checkpoint-dir", s(&ckpt)]);
-    let resumed = d.path().join("resumed");
-    ft(&resumed, &["--resume", s(&ckpt)]);
-    for dir in [&first, &resumed] {
-        assert_eq!(
-            std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
-            std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
-            "{} differs from the uninterrupted adapter",
-            dir.display()
-        );
-    }
+    ok(&[&args[..], &["--out", s(&whole)]].concat());
+    // Killed right after its first checkpoint (step 100 of 3,000), resumed: steps 101-3,000 redone exactly.
+    let out = d.path().join("resumed");
+    let ckpt = d.path().join("resumed.ckpt.safetensors");
+    kill_after_first_checkpoint(&[&args[..], &["--out", s(&out), "--checkpoint-every", "100"]].concat(), &ckpt, Duration::ZERO);
+    assert!(!out.join("adapter_model.safetensors").exists(), "the run finished before it was killed: the test proves nothing");
+    ok(&[&args[..], &["--out", s(&out), "--resume", s(&ckpt)]].concat());
+    assert_eq!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        "the resumed adapter differs from the uninterrupted one"
+    );
+    assert!(!ckpt.exists(), "the finished run's checkpoint is removed");
 }
 
 fn report_numbers(p: &Path) -> serde_json::Value {
@@ -110,7 +106,7 @@ fn report_numbers(p: &Path) -> serde_json::Value {
 #[test]
 fn a_demo_killed_in_pretraining_or_resumed_in_finetuning_ends_like_an_uninterrupted_one() {
     let d = tempfile::tempdir().unwrap();
-    let args = ["demo", "--hidden1", "256", "--hidden2", "128", "--epochs", "2", "--steps", "60", "--seed", "5"];
+    let args = ["demo", "--hidden1", "256", "--hidden2", "128", "--epochs", "2", "--steps", "2000", "--seed", "5"];
     let full = d.path().join("full");
     ok(&[&args[..], &["--out", s(&full)]].concat());
     let same_as_full = |out: &Path| {
@@ -123,18 +119,20 @@ fn a_demo_killed_in_pretraining_or_resumed_in_finetuning_ends_like_an_uninterrup
     // Killed during pre-training, resumed: pre-training continues from its checkpoint.
     let out = d.path().join("killed");
     let extra = ["--out", s(&out), "--checkpoint-every", "150"];
-    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &out.join("checkpoint/pretrain/checkpoint.safetensors"), Duration::ZERO);
+    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &out.join("checkpoint/pretrain.ckpt.safetensors"), Duration::ZERO);
     assert!(!out.join("report.json").exists(), "the demo finished before it was killed: the test proves nothing");
     ok(&[&args[..], &["--out", s(&out), "--checkpoint-every", "150", "--resume", s(&out.join("checkpoint"))]].concat());
     same_as_full(&out);
 
-    // Resumed from its last fine-tuning checkpoint (step 50 of 60): pre-training is not redone.
+    // Killed during fine-tuning, resumed from its first fine-tuning checkpoint: pre-training is not redone.
     let out = d.path().join("ft");
-    ok(&[&args[..], &["--out", s(&out), "--checkpoint-every", "25"]].concat());
+    let extra = ["--out", s(&out), "--checkpoint-every", "100"];
+    kill_after_first_checkpoint(&[&args[..], &extra[..]].concat(), &out.join("checkpoint/finetune.ckpt.safetensors"), Duration::ZERO);
+    assert!(!out.join("report.json").exists(), "the demo finished before it was killed: the test proves nothing");
     let o = lora().args(args).args(["--out", s(&out), "--resume", s(&out.join("checkpoint"))]).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("Pre-training already finished") && stdout.contains("at step 50"), "{stdout}");
+    assert!(stdout.contains("Pre-training already finished") && stdout.contains("Resuming fine-tuning"), "{stdout}");
     same_as_full(&out);
 }
 

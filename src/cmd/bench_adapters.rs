@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::cli::BenchAdaptersArgs;
-use crate::common::{check_outputs, dir_bytes, group, load_model, save_model, write_json, Out};
+use crate::common::{check_outputs, dir_bytes, group, load_model, write_json, Out};
 
 /// Median seconds of `n` runs of `f`.
 fn median_s(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -62,7 +62,7 @@ fn measure(a: &BenchAdaptersArgs, tmp: &Path) -> Result<()> {
         Some(p) => load_model(p)?,
         None => ExpensiveNet::new(784, 1000, 2000, 10, 0, &Device::Cpu)?,
     };
-    let base_bytes = save_model(&net, &base_path)?;
+    let base_bytes = net.save(&base_path)?;
     let names = fresh_adapters(&mut net, k, rank, tmp)?;
     let adapter_bytes = dir_bytes(&tmp.join(&names[0]))?;
 

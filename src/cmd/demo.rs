@@ -4,18 +4,18 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use lora::{LoraConfig, SaveOptions};
+use lora::LoraConfig;
 use lora_train::{evaluate, Evaluation, ExpensiveNet, TrainConfig, TrainStats};
 use serde_json::{json, Value};
 
 use crate::cli::DemoArgs;
-use crate::cmd::pretrain::pretrain_with;
 use crate::common::{
-    check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table,
-    save_model, worst_digit, write_json, Data, FinetuneJob, Out,
+    check_outputs, dir_bytes, fingerprint, load_model, param_counts, print_eval, print_params, print_wrong_table, worst_digit, write_json,
+    Data, Out,
 };
 use crate::json_report::*;
-use lora_train::checkpoint;
+use lora_optim::checkpoint::Checkpointing;
+use lora_train::{FinetuneJob, PretrainJob};
 
 /// The adapter's name (PEFT's default).
 pub const ADAPTER: &str = "default";
@@ -80,31 +80,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
         seed: a.seed,
         loraplus_lr_ratio: None,
     };
-    let ft_settings = json!({"base_sha256": lora::io::fingerprint(&original)?, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha,
-        "steps": a.steps, "batch_size": a.batch_size, "lr": 1e-3, "seed": a.seed});
-    let ft_resume = match &a.checkpoint.resume {
-        Some(root) if root.join("finetune").join(checkpoint::FILE).exists() => {
-            let l = checkpoint::load(&root.join("finetune"), "finetune", &ft_settings)?;
-            println!("Resuming fine-tuning from {} at step {}", root.join("finetune").display(), l.checkpoint.global_step);
-            Some(l)
-        }
-        _ => None,
+    let ft_ckpt = ck_root.join(FINETUNE_CKPT);
+    let ft_resume = a.checkpoint.resume.as_ref().map(|root| root.join(FINETUNE_CKPT)).filter(|p| p.exists());
+    let adapter_dir = a.out.join("adapter");
+    let job = FinetuneJob {
+        name: ADAPTER.into(),
+        lora: lcfg.clone(),
+        class: digit,
+        train: fcfg.clone(),
+        out: adapter_dir.clone(),
+        base_model: Some(base_path.display().to_string()),
+        convert_to_lora: false,
+        checkpoint: Checkpointing { every: a.checkpoint.checkpoint_every.map(|n| n as usize), path: ft_ckpt, resume: ft_resume },
     };
-    let ft_dir = ck_root.join("finetune");
-    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ft_dir.as_path(), &ft_settings));
-    let job = FinetuneJob { name: ADAPTER, lcfg: &lcfg, digit, train: &fcfg, seed: a.seed, resume: ft_resume.as_ref(), every };
-    let ft = finetune_digit(&mut net, &data, job)?;
+    let ft = crate::cmd::finetune::run_job(&mut net, &data, &job)?;
     anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
     let (fstats, trainable, steps_per_epoch) = (&ft.stats, ft.trainable, ft.steps_per_epoch);
-    let adapter_dir = a.out.join("adapter");
-    let save = SaveOptions {
-        convert_to_lora: false,
-        base_model_name_or_path: Some(base_path.display().to_string()),
-        base_fingerprint: Some(lora::io::fingerprint(&original)?),
-        metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
-        task_type: None,
-    };
-    net.model.save_adapter(ADAPTER, &adapter_dir, &save)?;
 
     // 8. Prove the base is untouched.
     let after = net.model.base_state()?;
@@ -168,7 +159,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         },
         finetune: Finetune {
             digit,
-            digit_train_images: ft.digit_images,
+            digit_train_images: ft.examples,
             steps: fstats.steps,
             batch_size: fcfg.batch_size,
             rank: a.lora.rank as usize,
@@ -227,13 +218,27 @@ pub fn run(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Pre-training for the demo: fresh, or continued from `--resume ROOT` (ROOT/pretrain/checkpoint.safetensors),
+/// Checkpoint files of the demo's two phases, inside its checkpoint folder.
+const PRETRAIN_CKPT: &str = "pretrain.ckpt.safetensors";
+const FINETUNE_CKPT: &str = "finetune.ckpt.safetensors";
+
+/// Pre-training for the demo: fresh, or continued from `--resume ROOT` (ROOT/pretrain.ckpt.safetensors),
 /// or skipped when ROOT/pretrain-done.json says it finished (the base is then read back from OUT). With
-/// `--checkpoint-every`, checkpoints go to CK_ROOT/pretrain and the finished run is recorded in
-/// CK_ROOT/pretrain-done.json, so a run killed during fine-tuning resumes without pre-training again.
+/// `--checkpoint-every`, checkpoints go to CK_ROOT/pretrain.ckpt.safetensors and the finished run is
+/// recorded in CK_ROOT/pretrain-done.json, so a run killed during fine-tuning resumes without pre-training again.
 fn pretrain_phase(a: &DemoArgs, data: &Data, cfg: &TrainConfig, base_path: &Path, ck_root: &Path) -> Result<(ExpensiveNet, TrainStats)> {
-    let settings = json!({"hidden1": a.net.hidden1, "hidden2": a.net.hidden2, "epochs": a.epochs, "batch_size": a.pretrain_batch_size,
-        "lr": cfg.lr, "seed": a.seed, "train_images": data.train.len()});
+    let job = PretrainJob {
+        hidden: (a.net.hidden1 as usize, a.net.hidden2 as usize),
+        classes: 10,
+        train: cfg.clone(),
+        out: base_path.to_path_buf(),
+        checkpoint: Checkpointing {
+            every: a.checkpoint.checkpoint_every.map(|n| n as usize),
+            path: ck_root.join(PRETRAIN_CKPT),
+            resume: None,
+        },
+    };
+    let settings = job.settings(&data.train);
     const DONE: &str = "pretrain-done.json";
     if let Some(root) = &a.checkpoint.resume {
         let done = root.join(DONE);
@@ -262,23 +267,14 @@ fn pretrain_phase(a: &DemoArgs, data: &Data, cfg: &TrainConfig, base_path: &Path
             return Ok((net, stats));
         }
     }
-    let (net, resume) = match &a.checkpoint.resume {
-        Some(root) if root.join("pretrain").join(checkpoint::FILE).exists() => {
-            let l = checkpoint::load(&root.join("pretrain"), "pretrain", &settings)?;
-            println!("Resuming pre-training from {} at step {}", root.join("pretrain").display(), l.checkpoint.global_step);
-            (l.net()?, Some(l.checkpoint))
-        }
-        Some(root) => anyhow::bail!("{}: nothing to resume (no pretrain/ or finetune/ checkpoint, no {DONE})", root.display()),
-        None => {
-            let net = ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?;
-            (net, None)
-        }
+    let resume = match &a.checkpoint.resume {
+        Some(root) if root.join(PRETRAIN_CKPT).exists() => Some(root.join(PRETRAIN_CKPT)),
+        Some(root) => anyhow::bail!("{}: nothing to resume (no {PRETRAIN_CKPT} or {FINETUNE_CKPT}, no {DONE})", root.display()),
+        None => None,
     };
-    let pdir = ck_root.join("pretrain");
-    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, pdir.as_path(), &settings));
-    let stats = pretrain_with(&net, data, cfg, resume.as_ref(), every)?;
-    save_model(&net, base_path)?;
-    if every.is_some() {
+    let job = PretrainJob { checkpoint: Checkpointing { resume, ..job.checkpoint.clone() }, ..job };
+    let (net, stats) = crate::cmd::pretrain::run_job(data, &job)?;
+    if job.checkpoint.every.is_some() {
         let done = json!({"settings": settings, "base_sha256": fingerprint(&net)?, "steps": stats.steps, "seconds": stats.seconds,
             "losses": stats.losses, "step_seconds": stats.step_seconds});
         write_json(&ck_root.join(DONE), &done)?;

@@ -1,26 +1,47 @@
-//! `lora finetune`: train a LoRA adapter on one digit on top of a saved model; write it in PEFT format.
+//! `lora finetune`: flags → [`lora_train::FinetuneJob`] → [`lora_train::finetune`] on one digit's images;
+//! the adapter is written in PEFT's format.
 
-use anyhow::Result;
-use lora::{LoraConfig, SaveOptions, Scaling};
-use lora_train::{evaluate, TrainConfig};
+use anyhow::{Context, Result};
+use lora::{LoraConfig, Scaling};
+use lora_train::{evaluate, Event, ExpensiveNet, FinetuneJob, Finetuned, TrainConfig};
 use serde_json::json;
 
 use crate::cli::FinetuneArgs;
-use crate::common::{
-    check_input_size, check_outputs, dir_bytes, finetune_digit, fingerprint, load_model, print_wrong_table, worst_digit, write_json, Data,
-    FinetuneJob, Out,
-};
-use lora_train::checkpoint;
+use crate::common::{check_input_size, check_outputs, dir_bytes, load_model, print_wrong_table, worst_digit, write_json, Data, Out};
+use crate::progress::EpochBars;
 
 /// Name of the adapter inside the model while training (PEFT's default).
 const NAME: &str = "default";
+
+/// Runs a fine-tuning job on the training images of `job.class` with a bar per epoch, after the line it
+/// prints when training starts.
+pub(crate) fn run_job(net: &mut ExpensiveNet, data: &Data, job: &FinetuneJob) -> Result<Finetuned> {
+    let digit = data.train_digit(job.class)?;
+    if let Some(p) = &job.checkpoint.resume {
+        println!("Resuming fine-tuning from {}", p.display());
+    }
+    let mut bars = EpochBars::new("Training", 1);
+    let (c, class) = (&job.lora, job.class);
+    let done = lora_train::finetune(net, &digit, job, |e| match e {
+        Event::Start { examples, trainable, epochs, .. } => {
+            println!(
+                "\nFine-tuning LoRA (rank {}, alpha {}) on digit {class}: {examples} training images, {trainable} trainable parameters",
+                c.r, c.alpha
+            );
+            bars = EpochBars::new("Training", epochs);
+        }
+        Event::Step(s) => bars.step(s),
+    });
+    bars.finish();
+    done.with_context(|| format!("fine-tuning on digit {} into {}", job.class, job.out.display()))
+}
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
     check_outputs(&[
         ("--out", Some(&a.out), Out::Dir),
         ("--json", a.json.as_deref(), Out::File),
         ("--report", a.report.report.as_deref(), Out::Dir),
-        ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
+        ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
     ])?;
     let lcfg = LoraConfig {
         r: a.lora.rank as usize,
@@ -32,7 +53,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     };
     let lcfg = a.variant.apply(lcfg, lora::Init::Normal);
     lcfg.validate()?;
-    let tcfg = TrainConfig {
+    let train = TrainConfig {
         epochs: usize::MAX,
         batch_size: a.batch_size as usize,
         lr: a.lr,
@@ -40,38 +61,23 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         seed: a.seed,
         loraplus_lr_ratio: a.loraplus_lr_ratio,
     };
-    tcfg.validate()?;
+    train.validate()?;
     let mut net = load_model(&a.model)?;
-    let fp = fingerprint(&net)?;
     let data = Data::load(&a.data.data)?;
     check_input_size(&net, &a.model, &data)?;
     let before = evaluate(&net, &data.test, 1000)?;
     let digit = a.digit.unwrap_or_else(|| worst_digit(&before));
-    let settings = json!({"base_sha256": fp, "digit": digit, "rank": lcfg.r, "alpha": lcfg.alpha, "rslora": a.rslora,
-        "dropout": a.dropout, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-        "loraplus_lr_ratio": a.loraplus_lr_ratio, "use_dora": lcfg.use_dora, "lora_bias": lcfg.lora_bias,
-        "target_modules": a.target_modules, "bias": format!("{:?}", lcfg.bias), "modules_to_save": lcfg.modules_to_save,
-        "init": lcfg.init.peft_value()});
-    let resume = match &a.checkpoint.resume {
-        Some(dir) => {
-            let l = checkpoint::load(dir, "finetune", &settings)?;
-            println!("Resuming from {} at step {}", dir.display(), l.checkpoint.global_step);
-            Some(l)
-        }
-        None => None,
-    };
-    let ck_dir = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| checkpoint::default_dir(&a.out));
-    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ck_dir.as_path(), &settings));
-    let job = FinetuneJob { name: NAME, lcfg: &lcfg, digit, train: &tcfg, seed: a.seed, resume: resume.as_ref(), every };
-    let ft = finetune_digit(&mut net, &data, job)?;
-    let save = SaveOptions {
-        base_model_name_or_path: Some(a.model.display().to_string()),
-        base_fingerprint: Some(fp.clone()),
-        metadata: [("lora_rs.digit".to_string(), digit.to_string())].into(),
-        task_type: None,
+    let job = FinetuneJob {
+        name: NAME.into(),
+        lora: lcfg,
+        class: digit,
+        train,
+        out: a.out.clone(),
+        base_model: Some(a.model.display().to_string()),
         convert_to_lora: a.variant.convert_to_lora,
+        checkpoint: a.checkpoint.policy(&a.out),
     };
-    net.model.save_adapter(NAME, &a.out, &save)?;
+    let ft = run_job(&mut net, &data, &job)?;
     let after = evaluate(&net, &data.test, 1000)?;
     println!("\nWrong answers per digit (test set):");
     print_wrong_table(&[("base", &before), ("adapter", &after)]);
@@ -84,6 +90,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         ft.trainable,
         ft.stats.seconds
     );
+    let lcfg = &job.lora;
     let summary = json!({"model": a.model, "adapter": a.out, "adapter_bytes": bytes, "digit": digit, "steps": ft.stats.steps,
                 "rank": lcfg.r, "alpha": lcfg.alpha, "use_rslora": a.rslora, "trainable_params": ft.trainable, "seconds": ft.stats.seconds,
                 "before": {"accuracy": before.accuracy, "wrong": before.wrong}, "after": {"accuracy": after.accuracy, "wrong": after.wrong}});

@@ -1,34 +1,26 @@
-//! `lora pretrain`: train ExpensiveNet from scratch and save it.
+//! `lora pretrain`: flags → [`lora_train::PretrainJob`] → [`lora_train::pretrain`], with a bar per epoch.
 
-use anyhow::Result;
-use candle_core::Device;
-use lora_train::{evaluate, train_with, Checkpoint, Checkpointing, ExpensiveNet, TrainConfig, TrainStats};
+use anyhow::{Context, Result};
+use lora_train::{evaluate, Event, ExpensiveNet, PretrainJob, TrainConfig, TrainStats};
 use serde_json::json;
 
 use crate::cli::PretrainArgs;
-use crate::common::{check_outputs, print_eval, save_model, write_json, Data, Out};
+use crate::common::{check_outputs, print_eval, write_json, Data, Out};
 use crate::progress::EpochBars;
-use lora_train::checkpoint;
 
-/// Pre-trains `net` on the training set with a progress bar per epoch, continuing from `resume` and/or
-/// checkpointing every `every.0` steps into `every.1`.
-pub(crate) fn pretrain_with(
-    net: &ExpensiveNet,
-    data: &Data,
-    cfg: &TrainConfig,
-    resume: Option<&Checkpoint>,
-    every: Option<(usize, &std::path::Path, &serde_json::Value)>,
-) -> Result<TrainStats> {
-    let mut bars = EpochBars::new("Training", cfg.epochs);
-    let mut save = |ck: &Checkpoint| -> lora_train::Result<()> {
-        let (_, dir, settings) = every.expect("only called when checkpointing");
-        checkpoint::save(dir, "pretrain", net, None, settings, ck)
-            .map_err(|e| lora_train::TrainError::Model { path: dir.display().to_string(), why: format!("{e:#}") })
-    };
-    let ck = every.map(|(n, _, _)| Checkpointing { every: n, save: &mut save });
-    let stats = train_with(net, &data.train, cfg, resume, ck, |s| bars.step(s))?;
+/// Runs a pre-training job with a progress bar per epoch.
+pub(crate) fn run_job(data: &Data, job: &PretrainJob) -> Result<(ExpensiveNet, TrainStats)> {
+    if let Some(p) = &job.checkpoint.resume {
+        println!("Resuming pre-training from {}", p.display());
+    }
+    let mut bars = EpochBars::new("Training", job.train.epochs);
+    let done = lora_train::pretrain(&data.train, job, |e| {
+        if let Event::Step(s) = e {
+            bars.step(s)
+        }
+    });
     bars.finish();
-    Ok(stats)
+    done.with_context(|| format!("pre-training {}", job.out.display()))
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
@@ -36,9 +28,9 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         ("--out", Some(&a.out), Out::File),
         ("--json", a.json.as_deref(), Out::File),
         ("--report", a.report.report.as_deref(), Out::Dir),
-        ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
+        ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
     ])?;
-    let cfg = TrainConfig {
+    let train = TrainConfig {
         epochs: a.epochs as usize,
         batch_size: a.batch_size as usize,
         lr: a.lr,
@@ -46,28 +38,21 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         seed: a.seed,
         loraplus_lr_ratio: None,
     };
-    cfg.validate()?;
+    train.validate()?;
     let data = Data::load(&a.data.data)?;
-    let settings = json!({"hidden1": a.net.hidden1, "hidden2": a.net.hidden2, "epochs": a.epochs, "batch_size": a.batch_size,
-        "lr": a.lr, "seed": a.seed, "train_images": data.train.len()});
-    let (net, resume) = match &a.checkpoint.resume {
-        Some(dir) => {
-            let l = checkpoint::load(dir, "pretrain", &settings)?;
-            println!("Resuming from {} at step {}", dir.display(), l.checkpoint.global_step);
-            (l.net()?, Some(l.checkpoint))
-        }
-        None => {
-            (ExpensiveNet::new(data.raw.train.pixels(), a.net.hidden1 as usize, a.net.hidden2 as usize, 10, a.seed, &Device::Cpu)?, None)
-        }
+    let job = PretrainJob {
+        hidden: (a.net.hidden1 as usize, a.net.hidden2 as usize),
+        classes: 10,
+        train,
+        out: a.out.clone(),
+        checkpoint: a.checkpoint.policy(&a.out),
     };
-    let ck_dir = a.checkpoint.checkpoint_dir.clone().unwrap_or_else(|| checkpoint::default_dir(&a.out));
-    let every = a.checkpoint.checkpoint_every.map(|n| (n as usize, ck_dir.as_path(), &settings));
-    let stats = pretrain_with(&net, &data, &cfg, resume.as_ref(), every)?;
-    let bytes = save_model(&net, &a.out)?;
+    let (net, stats) = run_job(&data, &job)?;
+    let bytes = std::fs::metadata(&a.out).with_context(|| format!("reading back {}", a.out.display()))?.len();
     let e = evaluate(&net, &data.test, 1000)?;
     print_eval("Pre-trained network on the test set:", &e);
     println!("Saved {} ({bytes} bytes) after {} steps in {:.1} s", a.out.display(), stats.steps, stats.seconds);
-    let summary = json!({"epochs": cfg.epochs, "steps": stats.steps, "seconds": stats.seconds,
+    let summary = json!({"epochs": job.train.epochs, "steps": stats.steps, "seconds": stats.seconds,
     "accuracy": e.accuracy, "wrong": e.wrong, "model": a.out, "model_bytes": bytes});
     if let Some(j) = &a.json {
         write_json(j, &summary)?;

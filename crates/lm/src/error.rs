@@ -14,6 +14,9 @@ pub enum LmError {
     /// A LoRA layer, adapter or adapter file operation failed.
     #[error(transparent)]
     Lora(#[from] lora::LoraError),
+    /// An optimizer step or checkpoint failed.
+    #[error(transparent)]
+    Optim(#[from] lora_optim::OptimError),
     /// A file could not be read or written, or its content is unusable.
     #[error(transparent)]
     File(#[from] lora::io::FileError),

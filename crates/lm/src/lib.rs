@@ -24,7 +24,8 @@ pub mod jobs;
 pub mod mixed;
 mod model;
 pub mod ops;
-pub mod optim;
+/// The optimizer, schedule and checkpoint file every lora-rs trainer shares (re-exported).
+pub use lora_optim as optim;
 mod tokenizer;
 pub mod train;
 

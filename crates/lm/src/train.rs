@@ -7,7 +7,6 @@
 //! `model(ids, labels=ids).loss`. The draws of step t come from a generator seeded by (seed, t) alone,
 //! so a run is deterministic for a seed and thread count and a resumed run needs no generator state.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -20,7 +19,8 @@ use crate::data::TokenStream;
 use crate::error::{LmError, Result};
 use crate::model::Llama;
 use crate::ops::cross_entropy;
-use crate::optim::{AdamW, Moments, Schedule};
+use lora_optim::checkpoint;
+use lora_optim::{AdamW, Schedule};
 
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,24 +271,20 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes a checkpoint: the trainable tensors, the optimizer's moments, the position, the settings and
-    /// the loss history (one safetensors file, written atomically).
+    /// Writes a checkpoint (see [`lora_optim::checkpoint`]): the trainable tensors by name, the optimizer's
+    /// moments, the position, the settings and the loss history, one file written atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::new();
-        for (name, var) in self.opt.params() {
-            tensors.push((format!("param/{name}"), var.as_tensor().clone()));
-            let mo = &self.opt.moments[name];
-            tensors.push((format!("adam_m/{name}"), Tensor::from_vec(mo.m.clone(), var.shape(), &Device::Cpu)?));
-            tensors.push((format!("adam_v/{name}"), Tensor::from_vec(mo.v.clone(), var.shape(), &Device::Cpu)?));
-        }
-        let state =
-            CheckpointState { step: self.step, adam_steps: self.opt.steps, settings: self.settings.clone(), losses: self.losses.clone() };
-        let meta = std::collections::HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            (CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).map_err(|e| LmError::file(path, e.to_string()))?),
-        ]);
-        lora::io::save_safetensors(path, &tensors, &meta)?;
-        tracing::info!(step = self.step, path = %path.display(), "checkpoint saved");
+        let tensors = self.opt.params().iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+        let settings = serde_json::to_value(&self.settings).map_err(|e| LmError::file(path, e.to_string()))?;
+        let state = checkpoint::State {
+            kind: CHECKPOINT_KIND.into(),
+            step: self.step,
+            adam_steps: self.opt.steps,
+            losses: self.losses.iter().map(|l| l.1).collect(),
+            seconds: self.losses.iter().map(|l| l.2).collect(),
+            settings,
+        };
+        checkpoint::save(path, &checkpoint::Checkpoint { state, tensors, moments: self.opt.moments.clone() })?;
         Ok(())
     }
 
@@ -296,55 +292,41 @@ impl Trainer {
     /// trainable tensors by name and shape) and the same settings; the tensors are written into the model.
     pub fn resume(model: &Llama, settings: TrainSettings, path: &Path) -> Result<Self> {
         let mut t = Trainer::new(model, settings)?;
-        let f = lora::io::TensorFile::load(path, &Device::Cpu)?;
-        let state: CheckpointState = f
-            .metadata
-            .get(CHECKPOINT_KEY)
-            .ok_or_else(|| LmError::file(path, format!("not a lora-rs LM checkpoint (no {CHECKPOINT_KEY} metadata)")))
-            .and_then(|s| serde_json::from_str(s).map_err(|e| LmError::file(path, format!("{CHECKPOINT_KEY}: {e}"))))?;
-        if state.settings != t.settings {
-            return Err(LmError::file(path, format!("was written with other settings ({:?}); resume with the same ones", state.settings)));
-        }
-        let tensors: BTreeMap<&str, &Tensor> = f.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        if f.tensors.len() != 3 * t.opt.params().len() {
+        let want = serde_json::to_value(&t.settings).map_err(|e| LmError::file(path, e.to_string()))?;
+        let ck = checkpoint::load(path, CHECKPOINT_KIND, &want)?;
+        if ck.tensors.len() != t.opt.params().len() || ck.moments.len() != t.opt.params().len() {
             return Err(LmError::file(
                 path,
-                format!("holds {} tensors, expected {} for this model's trainable tensors", f.tensors.len(), 3 * t.opt.params().len()),
+                format!(
+                    "holds {} tensors and {} moments, expected {} for this model's trainable tensors",
+                    ck.tensors.len(),
+                    ck.moments.len(),
+                    t.opt.params().len()
+                ),
             ));
         }
         // Every tensor is found and checked before any is written: a bad checkpoint leaves the model as it was.
         let mut found = Vec::with_capacity(t.opt.params().len());
         for (name, var) in t.opt.params() {
-            let get = |k: String| {
-                let x = tensors.get(k.as_str()).ok_or_else(|| LmError::file(path, format!("missing tensor {k}")))?;
-                if x.dims() != var.dims() {
-                    return Err(LmError::file(path, format!("tensor {k}: shape {:?}, the model's is {:?}", x.dims(), var.dims())));
-                }
-                Ok(*x)
-            };
-            let (p, m, v) = (get(format!("param/{name}"))?, get(format!("adam_m/{name}"))?, get(format!("adam_v/{name}"))?);
-            found.push((name.clone(), var.clone(), p, m.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?));
+            let x = ck.tensor(name, path)?;
+            let mo = ck.moments.get(name).ok_or_else(|| LmError::file(path, format!("missing tensor adam_m/{name}")))?;
+            if x.dims() != var.dims() || mo.m.len() != var.elem_count() {
+                return Err(LmError::file(path, format!("tensor {name}: shape {:?}, the model's is {:?}", x.dims(), var.dims())));
+            }
+            found.push((name.clone(), var.clone(), x.clone(), mo.clone()));
         }
-        for (name, var, p, m, v) in found {
-            var.set(p)?;
-            t.opt.moments.insert(name, Moments { m, v });
+        for (name, var, x, mo) in found {
+            var.set(&x)?;
+            t.opt.moments.insert(name, mo);
         }
-        t.step = state.step;
-        t.opt.steps = state.adam_steps;
-        t.losses = state.losses;
+        t.step = ck.state.step;
+        t.opt.steps = ck.state.adam_steps;
+        t.losses = ck.state.losses.iter().zip(&ck.state.seconds).enumerate().map(|(i, (&l, &s))| (i + 1, l, s)).collect();
         t.seconds_before = t.seconds();
         tracing::info!(step = t.step, path = %path.display(), "resumed from checkpoint");
         Ok(t)
     }
 }
 
-/// Safetensors metadata key of a checkpoint's state.
-pub const CHECKPOINT_KEY: &str = "lora_rs.lm_checkpoint";
-
-#[derive(Debug, Serialize, Deserialize)]
-struct CheckpointState {
-    step: usize,
-    adam_steps: u64,
-    settings: TrainSettings,
-    losses: Vec<(usize, f64, f64)>,
-}
+/// The run kind of a language-model checkpoint (see [`lora_optim::checkpoint::State::kind`]).
+pub const CHECKPOINT_KIND: &str = "lm";

@@ -9,6 +9,9 @@ pub enum TrainError {
     /// From the LoRA layers.
     #[error(transparent)]
     Lora(#[from] lora::LoraError),
+    /// An optimizer step or checkpoint file failed.
+    #[error(transparent)]
+    Optim(#[from] lora_optim::OptimError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

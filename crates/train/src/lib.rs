@@ -11,6 +11,7 @@ mod data;
 mod error;
 mod eval;
 pub mod fused;
+pub mod jobs;
 mod net;
 mod train;
 
@@ -18,5 +19,7 @@ pub use data::Dataset;
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
 pub use fused::{OptimState, Trainer};
+pub use jobs::{finetune, pretrain, Event, FinetuneJob, Finetuned, PretrainJob};
+pub use lora_optim::checkpoint::Checkpointing;
 pub use net::ExpensiveNet;
-pub use train::{train, train_with, Checkpoint, Checkpointing, StepInfo, TrainConfig, TrainStats};
+pub use train::{train, train_with, Checkpoint, SaveEvery, StepInfo, TrainConfig, TrainStats};

@@ -78,6 +78,15 @@ impl ExpensiveNet {
         Self::from_tensors(|n| f.get(n).cloned(), &path.display().to_string())
     }
 
+    /// Writes the base tensors (PyTorch state_dict names, `{"format": "pt"}`) to `path` atomically, the file
+    /// [`ExpensiveNet::load`] reads; returns its size in bytes.
+    pub fn save(&self, path: &std::path::Path) -> Result<u64> {
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let file = |e| TrainError::Lora(lora::LoraError::File(e));
+        lora::io::save_safetensors(path, &self.model.base_state()?, &meta).map_err(file)?;
+        std::fs::metadata(path).map(|m| m.len()).map_err(|e| file(lora::io::FileError::Io { path: path.to_path_buf(), error: e }))
+    }
+
     /// Logits for x: (B, inputs) → (B, classes). `train` enables adapter dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.model.layer("linear1")?.forward_act_t(x, train, Activation::Relu)?; // (B, h1)

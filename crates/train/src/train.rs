@@ -108,9 +108,9 @@ pub struct Checkpoint {
     pub optim: crate::fused::OptimState,
 }
 
-/// Checkpointing for [`train_with`]: call `save` every `every` steps (and never on the last step, whose
+/// Periodic saving for [`train_with`]: call `save` every `every` steps (and never on the last step, whose
 /// result the caller saves anyway).
-pub struct Checkpointing<'a> {
+pub struct SaveEvery<'a> {
     /// Steps between checkpoints.
     pub every: usize,
     /// Persists a checkpoint (the model's tensors are read from the network by the caller).
@@ -131,7 +131,7 @@ pub fn train_with(
     data: &Dataset,
     cfg: &TrainConfig,
     resume: Option<&Checkpoint>,
-    mut checkpoints: Option<Checkpointing<'_>>,
+    mut checkpoints: Option<SaveEvery<'_>>,
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<TrainStats> {
     cfg.validate()?;

@@ -7,7 +7,7 @@ use lora_lm::hf::{load_model, load_tokenizer};
 use lora_lm::jobs::{finetune, Event, FinetuneJob, Finetuned};
 use lora_lm::{Llama, Tokenizer};
 
-use super::pretrain::{checkpointing, settings};
+use super::pretrain::settings;
 use super::{check_out_dir, Bars};
 use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::{LmFinetuneArgs, LmLoraArgs};
@@ -76,7 +76,7 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
         out: a.out.clone(),
         base_model: Some(a.model.display().to_string()),
         convert_to_lora: a.lora.variant.convert_to_lora,
-        checkpoint: checkpointing(&a.checkpoint, &a.out),
+        checkpoint: a.checkpoint.policy(&a.out),
     };
     let f = run_job(&mut model, &tok, &data, &job)?;
     println!(

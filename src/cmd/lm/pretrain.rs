@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use lora_lm::data::Corpus;
 use lora_lm::hf::{CONFIG_FILE, WEIGHTS_FILE};
-use lora_lm::jobs::{pretrain, Checkpointing, Event, PretrainJob, Pretrained};
+use lora_lm::jobs::{pretrain, Event, PretrainJob, Pretrained};
 use lora_lm::train::TrainSettings;
 use lora_lm::LlamaConfig;
 
 use super::{check_out_dir, corpus, Bars};
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::{LmCheckpointArgs, LmPretrainArgs, LmShapeArgs, LmTrainArgs};
+use crate::lm_cli::{LmPretrainArgs, LmShapeArgs, LmTrainArgs};
 
 /// The default pre-training mix: mostly Python, a little SQL and JavaScript, so adapters have
 /// something to teach.
@@ -58,11 +58,6 @@ pub fn settings(t: &LmTrainArgs, steps: u32, lr: f64, weight_decay: f64) -> Trai
     }
 }
 
-/// The checkpoint flags for a job writing `out`.
-pub fn checkpointing(ck: &LmCheckpointArgs, out: &Path) -> Checkpointing {
-    Checkpointing { every: ck.checkpoint_every.map(|n| n as usize), resume: ck.resume.clone(), ..Checkpointing::beside(out) }
-}
-
 /// Runs a pre-training job with bars and the lines `lora lm pretrain` prints before it.
 pub fn run_job(job: &PretrainJob, corpora: &[(&Corpus, f64)]) -> Result<Pretrained> {
     let mut bars = Bars::default();
@@ -94,7 +89,7 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
         settings: settings(&a.train, a.steps, a.lr, 0.1),
         out: a.out.clone(),
         dtype: a.dtype.into(),
-        checkpoint: checkpointing(&a.checkpoint, &a.out),
+        checkpoint: a.checkpoint.policy(&a.out),
     };
     let p = run_job(&job, &weighted)?;
     println!(

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::pretrain::mixture;
-use super::{millis, remove_checkpoint, train_run, Checkpointing, Progress};
+use super::{millis, train_run, Checkpointing, Progress};
 use crate::data::Corpus;
 use crate::error::{LmError, Result};
 use crate::hf::save_adapter;
@@ -111,7 +111,7 @@ pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &F
         ("lora_rs.steps".to_string(), trainer.step().to_string()),
     ]);
     save_adapter(model, name, &job.out, job.base_model.clone(), meta, job.convert_to_lora)?;
-    remove_checkpoint(&job.checkpoint)?;
+    job.checkpoint.remove()?;
     model.lora_mut().set_active(&[])?;
     let summary = FinetuneSummary {
         adapter: name.to_string(),

@@ -16,10 +16,12 @@ mod evaluate;
 mod finetune;
 mod pretrain;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::eval::Score;
 use crate::train::StepReport;
+
+pub use lora_optim::checkpoint::{default_path as default_checkpoint, Checkpointing};
 
 pub use evaluate::{evaluate, EvalJob, EvalTable};
 pub use finetune::{finetune, FinetuneJob, FinetuneSummary, Finetuned};
@@ -79,31 +81,6 @@ pub enum Event<'a> {
 /// A progress callback: receives every [`Event`] of a job. `&mut |_| {}` ignores them.
 pub type Progress<'p> = &'p mut dyn FnMut(Event<'_>);
 
-/// Periodic checkpoints of a training job, and where a resumed one starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpointing {
-    /// Write a checkpoint every this many steps (`None`: never).
-    pub every: Option<usize>,
-    /// The checkpoint file.
-    pub path: PathBuf,
-    /// Resume from this checkpoint file (written by an earlier run of the same job).
-    pub resume: Option<PathBuf>,
-}
-
-impl Checkpointing {
-    /// No periodic checkpoints, a fresh start; the file would be `OUT.ckpt.safetensors` beside `out`.
-    pub fn beside(out: &Path) -> Self {
-        Checkpointing { every: None, path: default_checkpoint(out), resume: None }
-    }
-}
-
-/// The default checkpoint file of an output path: `OUT.ckpt.safetensors` beside it.
-pub fn default_checkpoint(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".ckpt.safetensors");
-    PathBuf::from(s)
-}
-
 /// Rounds seconds to milliseconds for summaries.
 fn millis(s: f64) -> f64 {
     (s * 1000.0).round() / 1000.0
@@ -120,11 +97,8 @@ fn train_run(
     progress: Progress<'_>,
 ) -> crate::Result<crate::train::Trainer> {
     use crate::train::Trainer;
-    if ck.every == Some(0) {
-        return Err(crate::LmError::invalid("checkpoint_every", 0, "must be at least 1"));
-    }
+    ck.validate()?;
     let mut trainer = match &ck.resume {
-        Some(p) if !p.is_file() => return Err(crate::LmError::file(p, "no such checkpoint file to resume from")),
         Some(p) => Trainer::resume(model, settings.clone(), p)?,
         None => Trainer::new(model, settings.clone())?,
     };
@@ -137,7 +111,7 @@ fn train_run(
     });
     trainer.run(model, data, settings.steps, |t, r| {
         progress(Event::Step(r));
-        if ck.every.is_some_and(|n| r.step % n == 0 && r.step < r.steps) {
+        if ck.due(r.step, r.steps) {
             t.save_checkpoint(&ck.path)?;
             progress(Event::Checkpoint { step: r.step, path: &ck.path });
         }
@@ -145,12 +119,4 @@ fn train_run(
     })?;
     progress(Event::Finish { label });
     Ok(trainer)
-}
-
-/// Removes a finished run's checkpoint, if one was written.
-fn remove_checkpoint(ck: &Checkpointing) -> crate::Result<()> {
-    if ck.path.exists() {
-        std::fs::remove_file(&ck.path).map_err(|e| crate::LmError::io(&ck.path, e))?;
-    }
-    Ok(())
 }

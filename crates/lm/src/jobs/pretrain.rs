@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{millis, remove_checkpoint, train_run, Checkpointing, Event, Progress};
+use super::{millis, train_run, Checkpointing, Event, Progress};
 use crate::data::{Corpus, TokenStream};
 use crate::error::Result;
 use crate::hf::{load_model, save_model_as, WeightDtype};
@@ -81,7 +81,7 @@ pub fn pretrain(job: &PretrainJob, corpora: &[(&Corpus, f64)], progress: Progres
     let meta = BTreeMap::from([("lora_rs.pretrain_steps".to_string(), trainer.step().to_string())]);
     save_model_as(&model, &job.out, &meta, job.dtype)?;
     let model = if job.dtype == WeightDtype::F32 { model } else { load_model(&job.out)?.0 };
-    remove_checkpoint(&job.checkpoint)?;
+    job.checkpoint.remove()?;
     let s = &job.settings;
     let summary = PretrainSummary {
         params: model.num_params(),

@@ -18,8 +18,8 @@ mod loss;
 mod store;
 mod trainer;
 
-pub use adam::{adam_update, AdamConfig, AdamStep, Moments};
 pub use linear::BufferedLinear;
+pub use lora_optim::{adam_update, AdamConfig, AdamStep, Moments};
 pub use loss::cross_entropy;
 pub use store::{GradBuffer, OptimState, ParamStore, UpdateInBackward};
 pub use trainer::Trainer;

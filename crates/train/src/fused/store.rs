@@ -6,8 +6,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use lora::Held;
 
-use super::adam::{AdamConfig, AdamOp, AdamStep, Moments};
 use crate::error::{Result, TrainError};
+use lora_optim::{AdamConfig, AdamOp, AdamStep, Moments};
 
 /// A persistent gradient buffer that a fused layer's backward writes into and the optimizer reads.
 #[derive(Debug)]
@@ -110,13 +110,13 @@ impl Param {
     }
 }
 
-/// Adam's state for checkpoints: step count and per-parameter moments `(name, m, v)`.
+/// Adam's state for checkpoints: step count and each parameter's moments by name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimState {
     /// Steps taken (Adam's bias-correction counter).
     pub t: usize,
-    /// `(name, m, v)` for each parameter, in store order.
-    pub params: Vec<(String, Vec<f32>, Vec<f32>)>,
+    /// Each parameter's moments, by the store's name for it.
+    pub moments: std::collections::BTreeMap<String, Moments>,
 }
 
 /// The trainable tensors of a model with their gradient sources and Adam state; [`ParamStore::step`]
@@ -177,7 +177,7 @@ impl ParamStore {
         for p in &self.params {
             if let GradSource::Buffer(buf) = &p.grad {
                 if let Some(ib) = buf.lock()?.in_backward.as_mut() {
-                    ib.armed = Some(step.with_lr_scale(p.lr_scale));
+                    ib.armed = Some(step.with_lr_scale(p.lr_scale as f64, &self.cfg));
                 }
             }
         }
@@ -203,33 +203,28 @@ impl ParamStore {
 
     /// The optimizer's state: the step count and each parameter's Adam moments (m, v), by name.
     pub fn state(&self) -> OptimState {
-        let params = self
-            .params
-            .iter()
-            .map(|p| {
-                let mv = p.moments.lock().unwrap_or_else(|e| e.into_inner());
-                (p.name.clone(), mv.m.clone(), mv.v.clone())
-            })
-            .collect();
-        OptimState { t: self.t, params }
+        let moments = self.params.iter().map(|p| (p.name.clone(), p.moments.lock().unwrap_or_else(|e| e.into_inner()).clone())).collect();
+        OptimState { t: self.t, moments }
     }
 
     /// Restores a state taken by [`ParamStore::state`] on a store built for the same parameters.
     pub fn load_state(&mut self, s: &OptimState) -> Result<()> {
-        if s.params.len() != self.params.len() {
-            return Err(TrainError::setting("optimizer state", s.params.len(), &format!("expected {} parameters", self.params.len())));
+        if s.moments.len() != self.params.len() {
+            return Err(TrainError::setting("optimizer state", s.moments.len(), &format!("expected {} parameters", self.params.len())));
         }
-        for (p, (name, m, v)) in self.params.iter().zip(&s.params) {
-            let mut mv = p.moments()?;
-            if *name != p.name || m.len() != mv.m.len() || v.len() != mv.v.len() {
-                return Err(TrainError::setting(
-                    "optimizer state",
-                    name,
-                    &format!("does not match parameter {} ({} values)", p.name, mv.m.len()),
-                ));
+        // Every parameter is checked before any is written: a bad state leaves the store as it was.
+        for p in &self.params {
+            let n = p.moments()?.m.len();
+            match s.moments.get(&p.name) {
+                Some(mo) if mo.m.len() == n && mo.v.len() == n => {}
+                Some(mo) => {
+                    return Err(TrainError::setting("optimizer state", &p.name, &format!("holds {} values, the parameter {n}", mo.m.len())))
+                }
+                None => return Err(TrainError::setting("optimizer state", &p.name, "has no moments for this parameter")),
             }
-            mv.m.clone_from(m);
-            mv.v.clone_from(v);
+        }
+        for p in &self.params {
+            p.moments()?.clone_from(&s.moments[&p.name]);
         }
         self.t = s.t;
         Ok(())
@@ -243,7 +238,7 @@ impl ParamStore {
         self.t += 1;
         let base = AdamStep::new(&self.cfg, self.t);
         for p in &self.params {
-            let step = base.with_lr_scale(p.lr_scale);
+            let step = base.with_lr_scale(p.lr_scale as f64, &self.cfg);
             let theta = p.var.as_tensor();
             match &p.grad {
                 GradSource::Buffer(buf) => {

@@ -6,12 +6,12 @@ use candle_core::Tensor;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use lora::{Activation, Backend};
 
-use super::adam::AdamConfig;
 use super::linear::BufferedLinear;
 use super::loss::cross_entropy;
 use super::store::{GradBuffer, ParamStore};
 use crate::error::{Result, TrainError};
 use crate::net::{ExpensiveNet, LAYERS};
+use lora_optim::AdamConfig;
 
 /// Takes training steps (forward, cross-entropy, backward, Adam) on a network's trainable tensors.
 /// Built for the network's current state (which tensors train, which adapters are active): build a new

@@ -1,0 +1,238 @@
+//! Pre-training and fine-tuning as library calls, as `lora_lm::jobs` has them for language models: a job
+//! (a plain struct of settings) and one function that runs it, writes its output and returns what it made,
+//! reporting each step through a callback. `lora pretrain`, `lora finetune` and `lora demo` only turn
+//! flags into jobs and steps into bars.
+//!
+//! ```text
+//! PretrainJob + Dataset            ──► pretrain() ──► (ExpensiveNet, TrainStats)   (model file written)
+//! FinetuneJob + ExpensiveNet + Dataset ──► finetune() ──► Finetuned                  (PEFT adapter dir written)
+//! ```
+//!
+//! Checkpoints follow [`Checkpointing`] (lora-rs' one checkpoint file, `lora_optim::checkpoint`); the
+//! settings a resume must match are the job's own fields. Outputs are written after training, each
+//! atomically, and the checkpoint is removed only once they are.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::Device;
+use lora::{LoraConfig, SaveOptions};
+use lora_optim::checkpoint::Checkpointing;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+use crate::checkpoint;
+use crate::data::Dataset;
+use crate::error::{Result, TrainError};
+use crate::net::ExpensiveNet;
+use crate::train::{train_with, Checkpoint, StepInfo, TrainConfig, TrainStats};
+
+/// What a job reports: the start of its training run, then each step.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// Training starts (or resumes).
+    Start {
+        /// Examples in the training data.
+        examples: usize,
+        /// Parameters that train.
+        trainable: usize,
+        /// Steps the run takes in all.
+        steps: usize,
+        /// Passes over the data those steps make (the last may be partial).
+        epochs: usize,
+    },
+    /// A step finished.
+    Step(&'a StepInfo),
+}
+
+/// Pre-training a new network (every tensor trains).
+#[derive(Debug, Clone)]
+pub struct PretrainJob {
+    /// Units of the two hidden layers.
+    pub hidden: (usize, usize),
+    /// Classes (outputs).
+    pub classes: usize,
+    /// Epochs, batch size, learning rate, seed.
+    pub train: TrainConfig,
+    /// The model file to write (safetensors, PyTorch state_dict names).
+    pub out: PathBuf,
+    /// Periodic checkpoints and resuming.
+    pub checkpoint: Checkpointing,
+}
+
+impl PretrainJob {
+    /// What a resumed run must match (its checkpoint records it).
+    pub fn settings(&self, data: &Dataset) -> Value {
+        let t = &self.train;
+        json!({"hidden1": self.hidden.0, "hidden2": self.hidden.1, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+            "seed": t.seed, "train_images": data.len()})
+    }
+}
+
+/// Pre-trains a network on `data` as `job` says and writes it to `job.out`.
+pub fn pretrain(data: &Dataset, job: &PretrainJob, mut progress: impl FnMut(Event<'_>)) -> Result<(ExpensiveNet, TrainStats)> {
+    job.train.validate()?;
+    job.checkpoint.validate()?;
+    let settings = job.settings(data);
+    let (net, resume) = match &job.checkpoint.resume {
+        Some(p) => {
+            let l = checkpoint::load(p, "pretrain", &settings)?;
+            tracing::info!(step = l.checkpoint.global_step, path = %p.display(), "resuming pre-training");
+            (l.net()?, Some(l.checkpoint))
+        }
+        None => {
+            let inputs = data.inputs.dims().get(1).copied().unwrap_or(0);
+            (ExpensiveNet::new(inputs, job.hidden.0, job.hidden.1, job.classes, job.train.seed, &Device::Cpu)?, None)
+        }
+    };
+    let trainable = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
+    start(&mut progress, data, &job.train, trainable);
+    let stats = run(&net, data, &job.train, resume.as_ref(), &job.checkpoint, "pretrain", None, &settings, |s| progress(Event::Step(s)))?;
+    net.save(&job.out)?;
+    job.checkpoint.remove()?;
+    Ok((net, stats))
+}
+
+/// Fine-tuning a LoRA adapter on a frozen base, on one class's examples.
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    /// The adapter's name inside the network (it stays loaded, active, after the run).
+    pub name: String,
+    /// The adapter's config.
+    pub lora: LoraConfig,
+    /// The class the data holds (recorded in the adapter's metadata and the checkpoint's settings).
+    pub class: u8,
+    /// Steps (`max_steps`), batch size, learning rate, seed, LoRA+.
+    pub train: TrainConfig,
+    /// The PEFT adapter directory to write.
+    pub out: PathBuf,
+    /// `base_model_name_or_path` written into `adapter_config.json`.
+    pub base_model: Option<String>,
+    /// Write a PiSSA/OLoRA adapter as the plain LoRA with the same update.
+    pub convert_to_lora: bool,
+    /// Periodic checkpoints and resuming.
+    pub checkpoint: Checkpointing,
+}
+
+/// What [`finetune`] made.
+#[derive(Debug, Clone)]
+pub struct Finetuned {
+    /// Examples trained on.
+    pub examples: usize,
+    /// Parameters that trained.
+    pub trainable: usize,
+    /// The run.
+    pub stats: TrainStats,
+    /// Steps per pass over the data.
+    pub steps_per_epoch: usize,
+    /// The SHA-256 of the base's weights (recorded in the adapter).
+    pub base_sha256: String,
+}
+
+impl FinetuneJob {
+    /// What a resumed run must match (its checkpoint records it).
+    pub fn settings(&self, base_sha256: &str) -> Value {
+        let (l, t) = (&self.lora, &self.train);
+        json!({"base_sha256": base_sha256, "digit": self.class, "rank": l.r, "alpha": l.alpha, "scaling": format!("{:?}", l.scaling),
+            "dropout": l.dropout, "steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed,
+            "loraplus_lr_ratio": t.loraplus_lr_ratio, "use_dora": l.use_dora, "lora_bias": l.lora_bias,
+            "target_modules": format!("{:?}", l.target_modules), "bias": format!("{:?}", l.bias), "modules_to_save": l.modules_to_save,
+            "init": l.init.peft_value()})
+    }
+}
+
+/// Adds adapter `job.name` to every targeted layer, freezes the base, trains only the adapter on `data`
+/// (one class's examples), checks the base unchanged and writes the adapter to `job.out`. A failed run
+/// leaves no adapter on the network and writes nothing.
+pub fn finetune(net: &mut ExpensiveNet, data: &Dataset, job: &FinetuneJob, mut progress: impl FnMut(Event<'_>)) -> Result<Finetuned> {
+    job.train.validate()?;
+    job.lora.validate()?;
+    job.checkpoint.validate()?;
+    let base = net.model.base_state()?;
+    let fp = lora::io::fingerprint(&base).map_err(lora::LoraError::from)?;
+    let settings = job.settings(&fp);
+    let resume = job.checkpoint.resume.as_deref().map(|p| checkpoint::load(p, "finetune", &settings)).transpose()?;
+    let name = job.name.as_str();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(job.train.seed.wrapping_add(1));
+    net.model.add_adapter(name, &job.lora, &mut rng)?;
+    let trained = (|| {
+        if let Some(l) = &resume {
+            for (module, layer) in net.model.layers() {
+                for (which, var) in layer.adapter_vars(name) {
+                    let key = format!("{module}.{which}");
+                    let t = l.tensor("adapter", &key).ok_or_else(|| TrainError::Model {
+                        path: l.path.display().to_string(),
+                        why: format!("missing tensor adapter.{key}"),
+                    })?;
+                    if t.dims() != var.dims() {
+                        return Err(TrainError::Model {
+                            path: l.path.display().to_string(),
+                            why: format!("adapter.{key} has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                        });
+                    }
+                    var.set(&t)?;
+                }
+            }
+        }
+        net.model.set_active(&[name])?;
+        net.model.freeze_base(lora::Bias::None); // trained biases are the adapter's own copies
+        for (i, (_, l)) in net.model.layers().enumerate() {
+            l.seed_dropout(job.train.seed.wrapping_add(100 + i as u64));
+        }
+        let trainable: usize = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
+        start(&mut progress, data, &job.train, trainable);
+        let resume = resume.as_ref().map(|l| &l.checkpoint);
+        let stats = run(net, data, &job.train, resume, &job.checkpoint, "finetune", Some(name), &settings, |s| progress(Event::Step(s)))?;
+        Ok((trainable, stats))
+    })();
+    let (trainable, stats) = match trained {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = net.model.set_active(&[]);
+            let _ = net.model.remove_adapter(name);
+            return Err(e);
+        }
+    };
+    let after = net.model.base_state()?;
+    if lora::io::fingerprint(&after).map_err(lora::LoraError::from)? != fp {
+        return Err(TrainError::setting(
+            "base",
+            "changed",
+            "the base weights changed during fine-tuning (a bug: the base must stay frozen)",
+        ));
+    }
+    let save = SaveOptions {
+        base_model_name_or_path: job.base_model.clone(),
+        base_fingerprint: Some(fp.clone()),
+        metadata: BTreeMap::from([("lora_rs.digit".to_string(), job.class.to_string())]),
+        task_type: None,
+        convert_to_lora: job.convert_to_lora,
+    };
+    net.model.save_adapter(name, &job.out, &save)?;
+    job.checkpoint.remove()?;
+    Ok(Finetuned { examples: data.len(), trainable, stats, steps_per_epoch: job.train.steps_per_epoch(data.len()), base_sha256: fp })
+}
+
+fn start(progress: &mut impl FnMut(Event<'_>), data: &Dataset, cfg: &TrainConfig, trainable: usize) {
+    let per_epoch = cfg.steps_per_epoch(data.len()).max(1);
+    let steps = cfg.max_steps.unwrap_or(usize::MAX).min(per_epoch.saturating_mul(cfg.epochs));
+    progress(Event::Start { examples: data.len(), trainable, steps, epochs: steps.div_ceil(per_epoch) });
+}
+
+/// Trains with checkpoints as `ck` says (each holds the net, the adapter's tensors and Adam's state).
+#[allow(clippy::too_many_arguments)]
+fn run(
+    net: &ExpensiveNet,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    resume: Option<&Checkpoint>,
+    ck: &Checkpointing,
+    phase: &str,
+    adapter: Option<&str>,
+    settings: &Value,
+    on_step: impl FnMut(&StepInfo),
+) -> Result<TrainStats> {
+    let mut save = |c: &Checkpoint| checkpoint::save(&ck.path, phase, net, adapter, settings, c);
+    let every = ck.every.map(|n| crate::train::SaveEvery { every: n, save: &mut save });
+    train_with(net, data, cfg, resume, every, on_step)
+}
