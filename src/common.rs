@@ -37,7 +37,25 @@ impl Data {
 }
 
 /// Loads a network saved by [`ExpensiveNet::save`] (or by PyTorch with the same names).
+/// A directory is never an MNIST model: the error says what it is and which command takes it.
 pub fn load_model(path: &Path) -> Result<ExpensiveNet> {
+    if path.is_dir() {
+        if path.join(lora_lm::hf::CONFIG_FILE).is_file() {
+            anyhow::bail!(
+                "{}: is a language-model directory (it holds config.json), not an MNIST model file; the `lora lm` commands \
+                 take it (lora lm eval --model {0} --data FILE, lora lm finetune, lora lm generate)",
+                path.display()
+            );
+        }
+        if path.join(lora::adapter::CONFIG_FILE).is_file() {
+            anyhow::bail!(
+                "{}: is an adapter directory (it holds adapter_config.json), not a model; give the base model file as --model \
+                 and this folder as --adapter NAME={0}",
+                path.display()
+            );
+        }
+        anyhow::bail!("{}: is a directory; an MNIST model is a .safetensors file (lora pretrain --out FILE writes one)", path.display());
+    }
     Ok(ExpensiveNet::load(path)?)
 }
 
@@ -116,9 +134,16 @@ pub fn worst_digit(e: &Evaluation) -> u8 {
     e.wrong.iter().enumerate().max_by_key(|(d, w)| (**w, std::cmp::Reverse(*d))).map_or(0, |(d, _)| d as u8)
 }
 
-/// Checks the model's input size against the data's image size.
+/// Checks the model's input size against the data's image size, and its outputs against the classes.
 pub fn check_input_size(net: &ExpensiveNet, model: &Path, data: &Data) -> Result<()> {
-    let inputs = net.sizes()?[0];
+    let [inputs, .., outputs] = net.sizes()?;
+    let classes = data.raw.train.labels.iter().chain(&data.raw.test.labels).max().map_or(0, |&l| l as usize + 1);
+    anyhow::ensure!(
+        outputs >= classes,
+        "{}: the model has {outputs} outputs but the data's labels go up to {} ({classes} classes)",
+        model.display(),
+        classes.saturating_sub(1)
+    );
     anyhow::ensure!(
         inputs == data.raw.test.pixels(),
         "{}: model takes {inputs} inputs but the images have {} pixels",
@@ -151,7 +176,9 @@ pub enum Out {
 
 /// Checks output paths before any work starts, so a long run never ends in "File exists": each path
 /// must be creatable as its kind (no existing path of the other kind, no file where a parent directory
-/// must go). `outs` holds (flag, path, kind); `None` paths are skipped.
+/// must go). `outs` holds (flag, path, kind); `None` paths are skipped. The paths are then claimed for the
+/// run ([`crate::outputs::claim`]): those that do not exist yet are removed if the run does not finish
+/// (checkpoints excepted: they exist to outlive an unfinished run).
 pub fn check_outputs(outs: &[(&str, Option<&Path>, Out)]) -> Result<()> {
     for (flag, path, kind) in outs {
         let Some(p) = path else { continue };
@@ -172,5 +199,6 @@ pub fn check_outputs(outs: &[(&str, Option<&Path>, Out)]) -> Result<()> {
             }
         }
     }
+    crate::outputs::claim(outs.iter().filter(|(flag, _, _)| !flag.starts_with("--checkpoint")).filter_map(|(_, p, _)| *p));
     Ok(())
 }

@@ -6,6 +6,7 @@ mod cmd;
 mod common;
 mod json_report;
 mod lm_cli;
+mod outputs;
 mod progress;
 mod report_dir;
 
@@ -17,6 +18,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    outputs::quiet_on_broken_pipe();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORA_LOG").unwrap_or_else(|_| "warn".into()))
@@ -24,7 +26,14 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = cmd::run(cli) {
+        let removed = outputs::discard();
+        if outputs::is_broken_pipe(&e) {
+            std::process::exit(0); // stdout closed (`| head`): end quietly, as ripgrep does
+        }
         eprintln!("error: {e:#}");
+        for p in removed {
+            eprintln!("note: removed the unfinished output {}", p.display());
+        }
         // The library says what is wrong; the binary says which of its flags changes it.
         let base_mismatch = e.chain().any(|c| {
             matches!(c.downcast_ref::<lora::LoraError>(), Some(lora::LoraError::BaseMismatch { .. }))

@@ -201,7 +201,22 @@ fn build(d: &Path) -> Vec<Case> {
             cases.push(case(name, &["inspect", &f], &f));
         }
     }
-    cases.push(case("st_is_a_directory", &["eval", "--model", "data", "--data", "data"], "data"));
+    cases.push(case("st_is_a_directory", &["eval", "--model", "data", "--data", "data"], "data: is a directory; an MNIST model is a"));
+    // A language-model folder or an adapter folder given as the MNIST model: say what it is and what takes it.
+    std::fs::create_dir_all(d.join("lm")).unwrap();
+    std::fs::write(d.join("lm/config.json"), "{}").unwrap();
+    cases.push(case("st_is_a_language_model", &["eval", "--model", "lm", "--data", "data"], "lm: is a language-model directory"));
+    cases.push(case("st_is_an_adapter", &["eval", "--model", "adapter", "--data", "data"], "adapter: is an adapter directory"));
+    // A model with fewer outputs than the data has classes (it used to panic on an index).
+    st(&d.join("four-outputs.safetensors"), &ExpensiveNet::new(16, 8, 4, 4, 0, &Device::Cpu).unwrap().model.base_state().unwrap());
+    cases.push(case("st_fewer_outputs_than_classes", &["eval", "--model", "four-outputs.safetensors", "--data", "data"], "has 4 outputs"));
+    let mut c = case(
+        "st_fewer_outputs_than_classes_finetune",
+        &["finetune", "--model", "four-outputs.safetensors", "--data", "data", "--steps", "2", "--out", "four-out"],
+        "has 4 outputs",
+    );
+    c.absent = Some("four-out".into());
+    cases.push(c);
 
     // Adapter directories.
     type Edit = Box<dyn Fn(&Path)>;

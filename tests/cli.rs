@@ -100,3 +100,51 @@ fn bad_flags_and_missing_files_fail_cleanly() {
     let o = lora(&["eval", "--model", "/nonexistent/model.safetensors"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.safetensors"));
 }
+
+/// Runs `lora ARGS` with stdout read for one line and then closed (as `| head -1` does); returns the exit
+/// status and stderr.
+fn with_stdout_closed_after_one_line(args: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap(); // the reader is dropped: the pipe closes
+    assert!(!line.is_empty(), "no first line");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (child.wait().unwrap(), err)
+}
+
+#[test]
+fn a_closed_stdout_ends_the_demo_quietly_and_leaves_no_half_written_output_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let args = ["demo", "--hidden1", "64", "--hidden2", "32", "--steps", "40", "--out", out.to_str().unwrap()];
+    let (status, err) = with_stdout_closed_after_one_line(&args);
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("error"), "{err}");
+    assert!(!out.exists(), "the unfinished run's folder was left behind");
+}
+
+#[test]
+fn pretraining_never_replaces_a_base_with_different_weights_but_a_rerun_with_the_same_settings_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m.safetensors");
+    let pre = |seed: &str| {
+        lora(&["pretrain", "--hidden1", "24", "--hidden2", "12", "--batch-size", "600", "--seed", seed, "--out", model.to_str().unwrap()])
+    };
+    assert!(pre("1").status.success());
+    let first = std::fs::read(&model).unwrap();
+    let again = pre("1");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(std::fs::read(&model).unwrap(), first, "the same settings give the same file");
+    let other = pre("2");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && err.contains("already holds another model") && err.contains("m.safetensors"), "{err}");
+    assert_eq!(std::fs::read(&model).unwrap(), first, "the refused run left the old base as it was");
+}

@@ -73,6 +73,9 @@ fn build(d: &Path) -> Vec<Case> {
     };
     variant("m_no_hidden", &|p| edit_json(&p.join("config.json"), |v| drop(v.as_object_mut().unwrap().remove("hidden_size"))));
     variant("m_kv3", &|p| edit_json(&p.join("config.json"), |v| v["num_key_value_heads"] = 3.into()));
+    // A context of 10⁹ used to abort building RoPE tables for every position at load; 2³² does not fit a position.
+    variant("m_context_1e9", &|p| edit_json(&p.join("config.json"), |v| v["max_position_embeddings"] = 1_000_000_000u64.into()));
+    variant("m_context_2e32", &|p| edit_json(&p.join("config.json"), |v| v["max_position_embeddings"] = 4_294_967_296u64.into()));
     variant("m_gpt2", &|p| edit_json(&p.join("config.json"), |v| v["model_type"] = "gpt2".into()));
     variant("m_bad_json", &|p| std::fs::write(p.join("config.json"), "{\"vocab_size\": 256,").unwrap());
     variant("m_no_config", &|p| std::fs::remove_file(p.join("config.json")).unwrap());
@@ -148,6 +151,9 @@ fn build(d: &Path) -> Vec<Case> {
     let mut cases = vec![
         case("config_missing_key", &format!("{ev} m_no_hidden"), "missing key hidden_size", None),
         case("config_wrong_kv_heads", &format!("{ev} m_kv3"), "num_key_value_heads = 3", None),
+        case("config_context_beyond_32_bits", &format!("{ev} m_context_2e32"), "max_position_embeddings = 4294967296", None),
+        // Loads at once (tables are built for the lengths in use), then refuses only what is too long.
+        case("config_context_1e9_too_long_a_window", &format!("{ev} m_context_1e9 --context 1000000001"), "--context 1000000001", None),
         case("config_other_architecture", &format!("{ev} m_gpt2"), "model_type = \"gpt2\"", None),
         case("config_not_json", &format!("{ev} m_bad_json"), "m_bad_json/config.json: not valid JSON", None),
         case("config_missing", &format!("{ev} m_no_config"), "m_no_config/config.json", None),

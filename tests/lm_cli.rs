@@ -137,6 +137,22 @@ fn pretrain_finetune_eval_and_generate_work_together_on_one_base() {
         ],
     );
     assert!(out.contains("--- prompt 1 ---\nSELECT") && out.contains("--- prompt 2 ---\nfun"), "{out}");
+
+    // A closed stdout (`| head -c 0`: closed before the model has loaded, so before the first write) ends
+    // generation quietly: exit 0, nothing on stderr.
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(["lm", "generate", "--model", "base", "--prompt", "SELECT", "--max-tokens", "200"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success() && err.is_empty(), "exit {status:?}, stderr {err:?}");
 }
 
 #[test]

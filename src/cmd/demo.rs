@@ -38,6 +38,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ("--report", a.report.report.as_deref(), Out::Dir),
         ("--checkpoint-dir", a.checkpoint.checkpoint_dir.as_deref(), Out::Dir),
     ])?;
+    // A re-run into an earlier run's folder: its files are replaced only when complete (each atomically).
+    crate::outputs::claim([a.out.join("base.safetensors"), a.out.join("adapter"), a.out.join("report.json")].iter().map(|p| p.as_path()));
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
 
     // 1. Data.

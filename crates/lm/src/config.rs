@@ -114,6 +114,13 @@ impl LlamaConfig {
                 return Err(LmError::invalid(k, v, "must be at least 1"));
             }
         }
+        if self.max_position_embeddings > u32::MAX as usize {
+            return Err(LmError::invalid(
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                "must be at most 4294967295 (positions are 32-bit)",
+            ));
+        }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(LmError::invalid(
                 "num_key_value_heads",

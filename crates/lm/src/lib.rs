@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod mixed;
 mod model;
 pub mod ops;
+mod rope_cache;
 /// The optimizer, schedule and checkpoint file every lora-rs trainer shares (re-exported).
 pub use lora_optim as optim;
 mod tokenizer;

@@ -85,7 +85,7 @@ impl Llama {
 
     fn check_sequences(&self, seqs: &[Sequence<'_>]) -> Result<()> {
         let vocab = self.config.vocab_size;
-        let max = self.rope_tables.max_positions();
+        let max = self.rope.max_positions();
         for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() || s.cache.pad().len() != 1 || s.cache.len + s.tokens.len() > max {
                 return Err(LmError::invalid(
@@ -116,7 +116,8 @@ impl Llama {
             let want = s.cache.len + s.tokens.len();
             s.cache.reserve(want);
         }
-        let rope = RopeOp::new(self.rope_tables.clone(), positions)?;
+        let needed = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
+        let rope = RopeOp::new(self.rope.fused(needed)?, positions)?;
         let dev = Device::Cpu;
         let embed = self.embed.as_detached_tensor();
         let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lora::{LoraLinear, LoraModel};
@@ -32,8 +31,9 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
-use crate::fused::{self, AttentionShape, RopeOp, RopeTables};
-use crate::ops::{apply_rope, attention, causal_mask, rms_norm, Rope};
+use crate::fused::{self, AttentionShape, RopeOp};
+use crate::ops::{apply_rope, attention, causal_mask, rms_norm};
+use crate::rope_cache::RopeCache;
 
 /// The seven projections of a decoder layer, in PEFT's usual `target_modules` order.
 pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -146,8 +146,7 @@ pub struct Llama {
     names: Vec<[String; 7]>,           // module names per layer, PROJECTIONS order
     pub(crate) lora: LoraModel,        // projections (layer l's p-th at 7·l + p), lm_head, embed_tokens
     base_trainable: bool,              // embedding and norms train (pre-training)
-    rope: Rope,
-    pub(crate) rope_tables: Arc<RopeTables>,
+    pub(crate) rope: RopeCache,
     fused: bool,
 }
 
@@ -232,9 +231,8 @@ impl Llama {
         lora.push(EMBED, LoraLinear::embedding(embed.as_tensor().clone())?)?;
         // transformers' output embedding: PEFT's "all-linear" leaves it out.
         lora.set_output_layer(LM_HEAD)?;
-        let rope = Rope::new(config.rope_theta, config.head_dim, config.max_position_embeddings, &Device::Cpu)?;
-        let rope_tables = Arc::new(RopeTables::new(config.rope_theta, config.head_dim, config.max_position_embeddings));
-        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope, rope_tables, fused: true })
+        let rope = RopeCache::new(config.rope_theta, config.head_dim, config.max_position_embeddings);
+        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope, fused: true })
     }
 
     /// Chooses the fused CPU kernels of [`crate::fused`] (`true`, the default) or the reference ops of
@@ -384,6 +382,7 @@ impl Llama {
                 format!("longer than the model's context (max_position_embeddings = {})", self.rope.max_positions()),
             ));
         }
+        let needed = pad.iter().map(|&p| (offset + t).saturating_sub(p)).max().unwrap_or(0);
         if let Some(cache) = cache.as_deref_mut() {
             cache.reserve(offset + t);
         }
@@ -391,9 +390,9 @@ impl Llama {
         let positions: Vec<u32> = pad.iter().flat_map(|&p| (offset..offset + t).map(move |s| s.saturating_sub(p) as u32)).collect();
         let fast = self.is_fused();
         let (tables, mask, rope_op) = if fast {
-            (None, None, Some(RopeOp::new(self.rope_tables.clone(), positions)?))
+            (None, None, Some(RopeOp::new(self.rope.fused(needed)?, positions)?))
         } else {
-            let tables = self.rope.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
+            let tables = self.rope.reference(needed)?.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
             (Some(tables), Some(causal_mask(t, offset + t, offset, &pad, dev)?), None)
         };
         let norm = |x: &Tensor, w: &Var| -> Result<Tensor> {

@@ -26,6 +26,14 @@ pub struct Evaluation {
 pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result<Evaluation> {
     let n = data.len();
     let classes = net.sizes()?[3];
+    let labels = data.label_vec()?;
+    if let Some(bad) = labels.iter().find(|&&t| t as usize >= classes) {
+        return Err(crate::error::TrainError::setting(
+            "label",
+            bad,
+            &format!("the model has only {classes} outputs (classes 0 to {})", classes - 1),
+        ));
+    }
     let bs = batch_size.max(1);
     // Batches are independent: on the fused backend they run side by side on the rayon threads, each
     // batch's products unsplit on its thread, and are put back in order, so the logits are those of a
@@ -48,7 +56,6 @@ pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result
         preds.extend(p);
         logits.extend(l);
     }
-    let labels = data.label_vec()?;
     let mut confusion = vec![vec![0usize; classes]; classes];
     for (&t, &p) in labels.iter().zip(&preds) {
         confusion[t as usize][p as usize] += 1;
@@ -56,4 +63,21 @@ pub fn evaluate(net: &ExpensiveNet, data: &Dataset, batch_size: usize) -> Result
     let wrong: Vec<usize> = (0..classes).map(|t| confusion[t].iter().sum::<usize>() - confusion[t][t]).collect();
     let correct = n - wrong.iter().sum::<usize>();
     Ok(Evaluation { accuracy: correct as f64 / n.max(1) as f64, wrong, confusion, logits })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn a_label_beyond_the_model_s_outputs_is_an_error_naming_it_not_a_panic() {
+        let net = ExpensiveNet::new(4, 6, 5, 3, 1, &Device::Cpu).unwrap();
+        let data = Dataset::new(vec![0.5; 8], &[0, 7], 4, &Device::Cpu).unwrap();
+        let e = evaluate(&net, &data, 2).unwrap_err().to_string();
+        assert!(e.contains("label = 7") && e.contains("only 3 outputs"), "{e}");
+        let ok = Dataset::new(vec![0.5; 8], &[0, 2], 4, &Device::Cpu).unwrap();
+        assert_eq!(evaluate(&net, &ok, 2).unwrap().wrong.len(), 3);
+    }
 }

@@ -88,6 +88,22 @@ pub fn pretrain(data: &Dataset, job: &PretrainJob, mut progress: impl FnMut(Even
     let trainable = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
     start(&mut progress, data, &job.train, trainable);
     let stats = run(&net, data, &job.train, resume.as_ref(), &job.checkpoint, "pretrain", None, &settings, |s| progress(Event::Step(s)))?;
+    if job.out.exists() {
+        // A base is never replaced by different weights: adapters trained on it record its fingerprint and
+        // would no longer load. The same weights (a re-run with the same settings) replace it.
+        let new = lora::io::fingerprint(&net.model.base_state()?).map_err(lora::LoraError::from)?;
+        let old = ExpensiveNet::load(&job.out).ok().map(|n| n.model.base_state()).transpose()?;
+        let old = old.map(|s| lora::io::fingerprint(&s)).transpose().map_err(lora::LoraError::from)?;
+        if old.as_deref() != Some(new.as_str()) {
+            return Err(TrainError::Model {
+                path: job.out.display().to_string(),
+                why: format!(
+                    "already holds another model ({}); adapters trained on it would no longer load: choose another output or remove it",
+                    old.map_or("one that does not load".to_string(), |f| format!("SHA-256 {}…", &f[..16]))
+                ),
+            });
+        }
+    }
     net.save(&job.out)?;
     job.checkpoint.remove()?;
     Ok((net, stats))

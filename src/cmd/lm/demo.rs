@@ -35,6 +35,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         ("--json", a.json.as_deref(), Out::File),
         ("--report", a.report.report.as_deref(), Out::Dir),
     ])?;
+    crate::outputs::claim([a.out.join("base"), a.out.join("adapters"), a.out.join("report.json")].iter().map(|p| p.as_path()));
     // Each corpus is read once: pre-training, fine-tuning and scoring share them.
     let cs: Vec<Corpus> = corpora.iter().map(|(_, p)| super::corpus(p)).collect::<Result<_>>()?;
     let mix: Vec<(&Corpus, f64)> =

@@ -33,8 +33,8 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
         if stream {
             if let Some(piece) = decoder.push(&tok, id)? {
                 let mut stdout = std::io::stdout();
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
+                // A closed stdout (`| head`) stops generating; the end below then exits quietly.
+                return Ok(write!(stdout, "{piece}").and_then(|()| stdout.flush()).is_ok());
             }
         }
         Ok(true)

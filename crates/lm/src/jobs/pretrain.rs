@@ -72,6 +72,33 @@ pub(super) fn mixture(corpora: &[(&Corpus, f64)], tok: &Tokenizer, progress: Pro
     Ok(m)
 }
 
+/// A base is never replaced by different weights: adapters trained on it record its fingerprint and would
+/// no longer load. Weights identical to those on disk (a re-run with the same settings) replace them.
+fn refuse_to_orphan(model: &Llama, job: &PretrainJob) -> Result<()> {
+    let weights = job.out.join(crate::hf::WEIGHTS_FILE);
+    if !weights.exists() && !job.out.join(crate::hf::INDEX_FILE).exists() {
+        return Ok(());
+    }
+    let old = load_model(&job.out).and_then(|(m, _)| m.fingerprint()).ok();
+    let mut state = model.base_state()?;
+    if job.dtype == WeightDtype::Bf16 {
+        for (_, t) in &mut state {
+            *t = t.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?;
+        }
+    }
+    let new = lora::io::fingerprint(&state)?;
+    match old {
+        Some(old) if old == new => Ok(()),
+        old => Err(crate::LmError::file(
+            &job.out,
+            format!(
+                "already holds another model ({}); adapters trained on it would no longer load: choose another output folder or remove it",
+                old.map_or("one that does not load".to_string(), |f| format!("SHA-256 {}…", &f[..16]))
+            ),
+        )),
+    }
+}
+
 /// Pre-trains a byte-level model of `job.config` on `corpora` (weighted) and writes it to `job.out`.
 pub fn pretrain(job: &PretrainJob, corpora: &[(&Corpus, f64)], progress: Progress<'_>) -> Result<Pretrained> {
     job.config.validate()?;
@@ -79,6 +106,7 @@ pub fn pretrain(job: &PretrainJob, corpora: &[(&Corpus, f64)], progress: Progres
     let data = mixture(corpora, &Tokenizer::bytes(), progress)?;
     let trainer = train_run("Pre-training", &model, &data, &job.settings, &job.checkpoint, progress)?;
     let meta = BTreeMap::from([("lora_rs.pretrain_steps".to_string(), trainer.step().to_string())]);
+    refuse_to_orphan(&model, job)?;
     save_model_as(&model, &job.out, &meta, job.dtype)?;
     let model = if job.dtype == WeightDtype::F32 { model } else { load_model(&job.out)?.0 };
     job.checkpoint.remove()?;
