@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::config::{Bias, Init, LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::FileError;
-use crate::matching::{Exclude, Pattern, Targets};
+use crate::peft::matching::{Exclude, Pattern, Targets};
 
 /// Keys of features lora-rs does not have: accepted only when they hold PEFT's "off" value.
 pub(crate) const OFF_ONLY_KEYS: &[&str] = &[
