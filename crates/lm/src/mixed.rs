@@ -27,7 +27,7 @@ use lora::{Activation, PackedAdapter, PackedBase, RowGroup};
 
 use crate::error::{LmError, Result};
 use crate::fused::{self, attention::attention_forward, AttentionShape, RopeOp};
-use crate::model::{KvCache, Llama, LM_HEAD};
+use crate::model::{module_name, KvCache, Llama, LM_HEAD, PROJECTIONS};
 
 /// One sequence of a mixed batch: its new tokens, its cache (made by [`Llama::sequence_cache`]) and
 /// its adapter.
@@ -122,11 +122,11 @@ impl Llama {
         let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
         let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity, base)?) };
         for l in 0..c.num_hidden_layers {
-            let at = 7 * l;
+            let [q_at, k_at, v_at, o_at, gate_at, up_at, down_at] = self.projection_positions(l)?;
             let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
-            let q = rope.apply(&proj(at, &x)?)?;
-            let k = rope.apply(&proj(at + 1, &x)?)?;
-            let v = proj(at + 2, &x)?;
+            let q = rope.apply(&proj(q_at, &x)?)?;
+            let k = rope.apply(&proj(k_at, &x)?)?;
+            let v = proj(v_at, &x)?;
             let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
             let mut a = Vec::with_capacity(rows * nh * d);
             let mut r0 = 0;
@@ -142,10 +142,10 @@ impl Llama {
                 r0 += t;
             }
             let a = Tensor::from_vec(a, (rows, nh * d), &dev)?;
-            h = (h + proj(at + 3, &a)?)?;
+            h = (h + proj(o_at, &a)?)?;
             let x = fused::rms_norm(&h, &self.norms[l].1.as_detached_tensor(), c.rms_norm_eps)?;
-            let gu = fused::swiglu(&proj(at + 4, &x)?, &proj(at + 5, &x)?)?;
-            h = (h + proj(at + 6, &gu)?)?;
+            let gu = fused::swiglu(&proj(gate_at, &x)?, &proj(up_at, &x)?)?;
+            h = (h + proj(down_at, &gu)?)?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut r = 0;
@@ -157,9 +157,19 @@ impl Llama {
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
         let heads = row_groups(seqs, |_| 1);
-        let head = 7 * c.num_hidden_layers;
-        debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
+        let head = self.lora.position(LM_HEAD)?;
         flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity, base)?)
+    }
+
+    /// The positions in the model's [`lora::LoraModel`] of decoder layer `l`'s projections, in
+    /// [`PROJECTIONS`] order, found by their transformers names (never assumed from the order they were
+    /// pushed in).
+    fn projection_positions(&self, l: usize) -> Result<[usize; 7]> {
+        let mut at = [0; 7];
+        for (slot, proj) in at.iter_mut().zip(PROJECTIONS) {
+            *slot = self.lora.position(&module_name(l, proj))?;
+        }
+        Ok(at)
     }
 }
 
@@ -187,4 +197,45 @@ fn same(a: Option<&PackedAdapter>, b: Option<&PackedAdapter>) -> bool {
 
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LlamaConfig;
+    use lora::{LoraLinear, LoraModel};
+
+    #[test]
+    fn the_projections_are_found_by_name_whatever_their_order_in_the_model() {
+        let cfg = LlamaConfig {
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 6,
+            max_position_embeddings: 32,
+            initializer_range: 0.3,
+            ..LlamaConfig::byte_default()
+        };
+        let mut m = Llama::random(&cfg, 7).unwrap();
+        let tokens = [3u32, 1, 4, 1, 5];
+        let logits = |m: &Llama| {
+            let mut cache = m.sequence_cache();
+            m.forward_mixed(&mut [Sequence { tokens: &tokens, cache: &mut cache, adapter: None }], None).unwrap()
+        };
+        let want = logits(&m);
+        // The same layers (sharing their variables) pushed in reverse order: every position changes, no name.
+        let mut reversed = LoraModel::new();
+        for (name, l) in m.lora.layers().collect::<Vec<_>>().into_iter().rev() {
+            let w = l.weight().as_tensor().clone();
+            let layer =
+                if l.is_embedding() { LoraLinear::embedding(w) } else { LoraLinear::new(w, l.bias().map(|b| b.as_tensor().clone())) };
+            reversed.push(name, layer.unwrap()).unwrap();
+        }
+        reversed.set_output_layer(LM_HEAD).unwrap();
+        m.lora = reversed;
+        // The same products of the same rows: the same bits.
+        assert_eq!(logits(&m), want);
+    }
 }
