@@ -110,6 +110,9 @@ unsafe fn kernel_avx2(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]
 
 /// [`kernel_body`] compiled for AVX-512: the same operations (IEEE sqrt and division are exact at any
 /// vector width, and Rust never contracts a·b + c into an FMA), so the same bits, in 16-lane vectors.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel_avx512(theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamStep) {
@@ -264,7 +267,8 @@ mod tests {
         let n = 1000 + 7; // a ragged tail for every vector width
         let c = AdamStep::new(&AdamConfig { lr: 3e-3, ..AdamConfig::default() }, 3);
         let g = rand_vec(n, 7);
-        let run = |f: &dyn Fn(&mut [f32], &[f32], &mut [f32], &mut [f32])| {
+        type Kernel<'a> = dyn Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + 'a;
+        let run = |f: &Kernel<'_>| {
             let (mut t, mut m, mut v) = (rand_vec(n, 8), rand_vec(n, 9), rand_vec(n, 10).iter().map(|x| x.abs()).collect::<Vec<_>>());
             f(&mut t, &g, &mut m, &mut v);
             (t, m, v)
