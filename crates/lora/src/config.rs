@@ -71,7 +71,7 @@ pub enum Init {
         /// PEFT's `N` of `"pissa_niter_N"`, when that name was asked for.
         niter: Option<usize>,
     },
-    /// OLoRA (`"olora"`): W0 = Q·R, A = R[:r], B = Q[:, :r], and the base becomes W0 − s·B·A.
+    /// OLoRA (`"olora"`): W0 = Q·R, `A = R[:r]`, `B = Q[:, :r]`, and the base becomes W0 − s·B·A.
     Olora,
 }
 

@@ -25,7 +25,7 @@ pub struct Adapter {
     pub(super) initial: Option<(Tensor, Tensor)>, // PiSSA/OLoRA's frozen (A0 (r, in), B0 (out, r))
 }
 
-/// How [`LoraLinear::add_adapter`] builds a new adapter (one module's share of a [`crate::LoraConfig`]).
+/// How [`crate::LoraLinear::add_adapter`] builds a new adapter (one module's share of a [`crate::LoraConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdapterSpec {
     /// Rank r (≥ 1).

@@ -1,8 +1,8 @@
 //! PEFT's `adapter_config.json`, both ways: [`parse_peft_config`] reads it into a validated [`LoraConfig`],
 //! [`peft_config_json`] writes one PEFT loads.
 //!
-//! The file is read by `serde` into [`PeftConfigFile`], one field per key of PEFT 0.21's `LoraConfig`, each
-//! of a type that checks its value as it is read ([`Checked`]); `serde_path_to_error` names the key of the
+//! The file is read by `serde` into `PeftConfigFile`, one field per key of PEFT 0.21's `LoraConfig`, each
+//! of a type that checks its value as it is read (`Checked`); `serde_path_to_error` names the key of the
 //! value that fails, down to `rank_pattern.<module>`. Every error reads `<file>: <key> = <value>: <why>`.
 //! `null` reads as absent (PEFT writes `null` for unset keys). Keys PEFT's `LoraConfig` does not have, and
 //! keys of features lora-rs does not have, are refused by name unless they hold PEFT's "off" value.
