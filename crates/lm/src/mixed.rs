@@ -69,13 +69,14 @@ impl Llama {
     pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         self.check_sequences(seqs)?;
+        let at = self.positions()?;
         let parts = lora_kernels::threads().min(seqs.len());
         if parts <= 1 {
-            return self.forward_part(seqs, base);
+            return self.forward_part(seqs, base, &at);
         }
         let per = seqs.len().div_ceil(parts);
         let outs: Vec<Result<Vec<f32>>> =
-            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base))).collect();
+            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base, &at))).collect();
         let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
         for o in outs {
             logits.extend(o?);
@@ -102,7 +103,7 @@ impl Llama {
     }
 
     /// [`Llama::forward_mixed`] of checked sequences as one batch.
-    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
+    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>, at: &Positions) -> Result<Vec<f32>> {
         let c = &self.config;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if seqs.is_empty() {
@@ -122,7 +123,7 @@ impl Llama {
         let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
         let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity, base)?) };
         for l in 0..c.num_hidden_layers {
-            let [q_at, k_at, v_at, o_at, gate_at, up_at, down_at] = self.projection_positions(l)?;
+            let [q_at, k_at, v_at, o_at, gate_at, up_at, down_at] = at.layers[l];
             let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
             let q = rope.apply(&proj(q_at, &x)?)?;
             let k = rope.apply(&proj(k_at, &x)?)?;
@@ -157,20 +158,27 @@ impl Llama {
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
         let heads = row_groups(seqs, |_| 1);
-        let head = self.lora.position(LM_HEAD)?;
-        flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity, base)?)
+        flat(&self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity, base)?)
     }
 
-    /// The positions in the model's [`lora::LoraModel`] of decoder layer `l`'s projections, in
-    /// [`PROJECTIONS`] order, found by their transformers names (never assumed from the order they were
-    /// pushed in).
-    fn projection_positions(&self, l: usize) -> Result<[usize; 7]> {
-        let mut at = [0; 7];
-        for (slot, proj) in at.iter_mut().zip(PROJECTIONS) {
-            *slot = self.lora.position(&module_name(l, proj))?;
+    /// Where the projections and `lm_head` sit in the model's [`lora::LoraModel`], found by their
+    /// transformers names (never assumed from the order they were pushed in): once per step, shared by
+    /// its parts.
+    fn positions(&self) -> Result<Positions> {
+        let mut layers = vec![[0; 7]; self.config.num_hidden_layers];
+        for (l, at) in layers.iter_mut().enumerate() {
+            for (slot, proj) in at.iter_mut().zip(PROJECTIONS) {
+                *slot = self.lora.position(&module_name(l, proj))?;
+            }
         }
-        Ok(at)
+        Ok(Positions { layers, head: self.lora.position(LM_HEAD)? })
     }
+}
+
+/// The positions of a model's layers in its `LoraModel` ([`Llama::positions`]).
+struct Positions {
+    layers: Vec<[usize; 7]>, // each decoder layer's projections, PROJECTIONS order
+    head: usize,
 }
 
 /// The row groups of `seqs`, each sequence contributing `rows(seq)` rows: neighbours with the same adapter
