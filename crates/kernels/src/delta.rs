@@ -163,28 +163,32 @@ impl WithSimd for Rows {
 /// `x` points at a row of `t.inp` values; rows j0..j0+Q of A and values j0..j0+Q of t are valid.
 #[inline(always)]
 unsafe fn dots<S: pulp::Simd, const Q: usize>(simd: S, t: &Rows, x: *const f32, j0: usize) {
-    let lanes = S::F32_LANES;
-    let a = t.a.add(j0 * t.inp);
-    let mut acc = [simd.splat_f32s(0.0); Q];
-    let full = first_lanes(simd, lanes);
-    let whole = t.inp - t.inp % lanes;
-    let mut k = 0;
-    while k < whole {
-        let xv = load(simd, x.add(k), false, full);
-        for (q, s) in acc.iter_mut().enumerate() {
-            *s = simd.mul_add_f32s(xv, load(simd, a.add(q * t.inp + k), false, full), *s);
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        let a = t.a.add(j0 * t.inp);
+        let mut acc = [simd.splat_f32s(0.0); Q];
+        let full = first_lanes(simd, lanes);
+        let whole = t.inp - t.inp % lanes;
+        let mut k = 0;
+        while k < whole {
+            let xv = load(simd, x.add(k), false, full);
+            for (q, s) in acc.iter_mut().enumerate() {
+                *s = simd.mul_add_f32s(xv, load(simd, a.add(q * t.inp + k), false, full), *s);
+            }
+            k += lanes;
         }
-        k += lanes;
-    }
-    if k < t.inp {
-        let m = first_lanes(simd, t.inp - k);
-        let xv = load(simd, x.add(k), true, m);
-        for (q, s) in acc.iter_mut().enumerate() {
-            *s = simd.mul_add_f32s(xv, load(simd, a.add(q * t.inp + k), true, m), *s);
+        if k < t.inp {
+            let m = first_lanes(simd, t.inp - k);
+            let xv = load(simd, x.add(k), true, m);
+            for (q, s) in acc.iter_mut().enumerate() {
+                *s = simd.mul_add_f32s(xv, load(simd, a.add(q * t.inp + k), true, m), *s);
+            }
         }
-    }
-    for (q, s) in acc.iter().enumerate() {
-        *t.t.add(j0 + q) = simd.reduce_sum_f32s(*s);
+        for (q, s) in acc.iter().enumerate() {
+            *t.t.add(j0 + q) = simd.reduce_sum_f32s(*s);
+        }
     }
 }
 
@@ -195,26 +199,30 @@ unsafe fn dots<S: pulp::Simd, const Q: usize>(simd: S, t: &Rows, x: *const f32, 
 /// `y` points at a row of `t.out` values, `c + w ≤ t.out`, and t holds r values.
 #[inline(always)]
 unsafe fn axpys<S: pulp::Simd, const W: usize>(simd: S, t: &Rows, y: *mut f32, c: usize, w: usize) {
-    let lanes = S::F32_LANES;
-    debug_assert!(w > (W - 1) * lanes && w <= W * lanes, "axpys: {w} columns in {W} vectors of {lanes}");
-    let masked = w < W * lanes;
-    let mask = first_lanes(simd, w - (W - 1) * lanes);
-    let full = first_lanes(simd, lanes);
-    let mut acc = [simd.splat_f32s(0.0); W];
-    for j in 0..t.r {
-        let tj = simd.splat_f32s(*t.t.add(j));
-        let b = t.bt.add(j * t.out + c);
-        for (v, s) in acc.iter_mut().enumerate() {
-            let last = masked && v == W - 1;
-            *s = simd.mul_add_f32s(tj, load(simd, b.add(v * lanes), last, if last { mask } else { full }), *s);
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        debug_assert!(w > (W - 1) * lanes && w <= W * lanes, "axpys: {w} columns in {W} vectors of {lanes}");
+        let masked = w < W * lanes;
+        let mask = first_lanes(simd, w - (W - 1) * lanes);
+        let full = first_lanes(simd, lanes);
+        let mut acc = [simd.splat_f32s(0.0); W];
+        for j in 0..t.r {
+            let tj = simd.splat_f32s(*t.t.add(j));
+            let b = t.bt.add(j * t.out + c);
+            for (v, s) in acc.iter_mut().enumerate() {
+                let last = masked && v == W - 1;
+                *s = simd.mul_add_f32s(tj, load(simd, b.add(v * lanes), last, if last { mask } else { full }), *s);
+            }
         }
-    }
-    let scale = simd.splat_f32s(t.scale);
-    for (v, s) in acc.iter().enumerate() {
-        let last = masked && v == W - 1;
-        let m = if last { mask } else { full };
-        let p = y.add(c + v * lanes);
-        store(simd, p, simd.add_f32s(load(simd, p, last, m), simd.mul_f32s(*s, scale)), last, m);
+        let scale = simd.splat_f32s(t.scale);
+        for (v, s) in acc.iter().enumerate() {
+            let last = masked && v == W - 1;
+            let m = if last { mask } else { full };
+            let p = y.add(c + v * lanes);
+            store(simd, p, simd.add_f32s(load(simd, p, last, m), simd.mul_f32s(*s, scale)), last, m);
+        }
     }
 }
 

@@ -16,3 +16,12 @@ macro_rules! bail {
     };
 }
 pub(crate) use bail;
+
+/// `rows · cols` as a buffer length, or an error naming `what` when the product overflows (a stride-0 view
+/// can have any number of rows, so a product of its sizes must never wrap in release arithmetic).
+pub(crate) fn elems(what: &str, rows: usize, cols: usize) -> Result<usize> {
+    match rows.checked_mul(cols) {
+        Some(n) => Ok(n),
+        None => bail!("{what}: {rows}x{cols} values overflow the address space"),
+    }
+}

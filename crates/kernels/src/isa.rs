@@ -110,10 +110,14 @@ pub(crate) fn first_lanes<S: pulp::Simd>(simd: S, n: usize) -> pulp::MemMask<S::
 /// The L values at `p` (the masked lanes only, when `masked`) must be readable.
 #[inline(always)]
 pub(crate) unsafe fn load<S: pulp::Simd>(simd: S, p: *const f32, masked: bool, mask: pulp::MemMask<S::m32s>) -> S::f32s {
-    if masked {
-        simd.mask_load_ptr_f32s(mask, p)
-    } else {
-        p.cast::<S::f32s>().read_unaligned()
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        if masked {
+            simd.mask_load_ptr_f32s(mask, p)
+        } else {
+            p.cast::<S::f32s>().read_unaligned()
+        }
     }
 }
 
@@ -123,10 +127,14 @@ pub(crate) unsafe fn load<S: pulp::Simd>(simd: S, p: *const f32, masked: bool, m
 /// The L values at `p` (the masked lanes only, when `masked`) must be writable.
 #[inline(always)]
 pub(crate) unsafe fn store<S: pulp::Simd>(simd: S, p: *mut f32, v: S::f32s, masked: bool, mask: pulp::MemMask<S::m32s>) {
-    if masked {
-        simd.mask_store_ptr_f32s(mask, p, v)
-    } else {
-        p.cast::<S::f32s>().write_unaligned(v)
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        if masked {
+            simd.mask_store_ptr_f32s(mask, p, v)
+        } else {
+            p.cast::<S::f32s>().write_unaligned(v)
+        }
     }
 }
 

@@ -11,11 +11,15 @@
 //!
 //! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
 //! compiled for AVX-512, AVX2 + FMA and NEON, chosen at run time and capped by `LORA_KERNELS`), the rest on
-//! the `gemm` crate. Every `unsafe` block of the crate is in the SIMD kernels (`sgemm`, `delta` and the
-//! helpers in `isa`): views and slices are checked on construction or entry, and the kernels can only be
-//! reached with a run-time proof that the CPU has their instructions, so no safe call can read out of
-//! bounds or run an instruction the CPU lacks.
+//! the `gemm` crate. The crate's `unsafe` code is in the SIMD kernels (`sgemm`, `delta` and the helpers in
+//! `isa`) plus the one call into the `gemm` crate's raw-pointer API (`matmul`), each block with its safety
+//! argument beside it (`unsafe_op_in_unsafe_fn` is denied, so an `unsafe fn`'s body states its own): views
+//! and slices are checked on construction or entry (sizes in checked arithmetic, so a stride-0 view with a
+//! huge row count cannot wrap a length), and the kernels can only be reached with a run-time proof that the
+//! CPU has their instructions, so no safe call can read or write out of bounds or run an instruction the
+//! CPU lacks.
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod bf16;
 mod delta;

@@ -11,7 +11,7 @@
 //! dA = s·(g·B)ᵀ·x      dB = s·gᵀ·(x·Aᵀ)      dx = g·W + s·(g·B)·A      dW = gᵀ·x      db = Σ_rows g
 //! ```
 
-use crate::error::{bail, Result};
+use crate::error::{bail, elems, Result};
 use crate::mat::MatRef;
 use crate::matmul::matmul_into;
 
@@ -66,7 +66,8 @@ pub fn linear_forward(x: MatRef<'_>, p: &LinearRef<'_>, act: Activation, y: &mut
     let (n, _, out) = p.check(&x)?;
     matmul_into(y, x, p.weight.t(), 1.0, false)?;
     if let Some(b) = p.bias {
-        for row in y.chunks_exact_mut(out) {
+        for row in y.chunks_exact_mut(out.max(1)) {
+            // (out = 0: y is empty; a chunk size of 0 would panic)
             for (v, bv) in row.iter_mut().zip(b) {
                 *v += *bv;
             }
@@ -74,9 +75,9 @@ pub fn linear_forward(x: MatRef<'_>, p: &LinearRef<'_>, act: Activation, y: &mut
     }
     if let Some(ad) = &p.adapter {
         let r = ad.a.rows;
-        let mut xa = vec![0f32; n * r];
+        let mut xa = vec![0f32; elems("fused linear: x·Aᵀ", n, r)?];
         matmul_into(&mut xa, x, ad.a.t(), 1.0, false)?; // (n, r)
-        let mut d = vec![0f32; n * out];
+        let mut d = vec![0f32; y.len()];
         matmul_into(&mut d, MatRef::row_major(&xa, n, r)?, ad.b.t(), 1.0, false)?; // (n, out)
         for (v, dv) in y.iter_mut().zip(&d) {
             *v += *dv * ad.scale; // the reference's `y + (d * s)`, same rounding
@@ -115,14 +116,15 @@ pub fn output_grad<'g>(act: Activation, y: Option<&[f32]>, g: MatRef<'g>) -> Res
     if let (Activation::Identity, Some(s)) = (act, g.contiguous()) {
         return Ok(std::borrow::Cow::Borrowed(s));
     }
+    let len = elems("fused linear backward: the output gradient", n, out)?;
     let mask = match act {
         Activation::Relu => match y {
-            Some(y) if y.len() == n * out => Some(y),
+            Some(y) if y.len() == len => Some(y),
             _ => bail!("fused linear backward: ReLU needs the forward output ({n}x{out} values)"),
         },
         Activation::Identity => None,
     };
-    let mut v = vec![0f32; n * out];
+    let mut v = vec![0f32; len];
     match (g.contiguous(), mask) {
         // The common case, as straight slices the compiler vectorises: g' = g where y > 0, else 0.
         (Some(gs), Some(m)) => {
@@ -131,7 +133,7 @@ pub fn output_grad<'g>(act: Activation, y: Option<&[f32]>, g: MatRef<'g>) -> Res
             }
         }
         _ => {
-            for (i, row) in v.chunks_exact_mut(out).enumerate() {
+            for (i, row) in v.chunks_exact_mut(out.max(1)).enumerate() {
                 for (j, d) in row.iter_mut().enumerate() {
                     let keep = mask.is_none_or(|m| m[i * out + j] > 0.0);
                     *d = if keep { g.get(i, j) } else { 0.0 };
@@ -166,16 +168,17 @@ pub fn linear_backward(
         }
     }
     if let Some(dx) = &dx {
-        if dx.len() != n * inp {
-            bail!("fused linear backward: input gradient buffer has {} values, expected {}", dx.len(), n * inp)
+        if Some(dx.len()) != n.checked_mul(inp) {
+            bail!("fused linear backward: input gradient buffer has {} values, expected {n}x{inp}", dx.len())
         }
     }
     // The adapter's small products first: g·B feeds both dA and dx.
     let mut gb = Vec::new();
     if let Some(ad) = &p.adapter {
         let r = ad.a.rows;
+        let nr = elems("fused linear backward: g·B", n, r)?;
         if da.is_some() || dx.is_some() {
-            gb = vec![0f32; n * r];
+            gb = vec![0f32; nr];
             matmul_into(&mut gb, gm, ad.b, 1.0, false)?; // (n, out)·(out, r)
         }
         if let Some(da) = da {
@@ -183,7 +186,7 @@ pub fn linear_backward(
             // s·(r, n)·(n, in)
         }
         if let Some(dlb) = dlora_b {
-            let mut xa = vec![0f32; n * r];
+            let mut xa = vec![0f32; nr];
             matmul_into(&mut xa, x, ad.a.t(), 1.0, false)?; // (n, r)
             matmul_into(dlb, gm.t(), MatRef::row_major(&xa, n, r)?, ad.scale, acc)?;
             // s·(out, n)·(n, r)
@@ -197,7 +200,7 @@ pub fn linear_backward(
             if !acc {
                 db.fill(0.0);
             }
-            for row in gc.chunks_exact(out) {
+            for row in gc.chunks_exact(out.max(1)) {
                 for (d, v) in db.iter_mut().zip(row) {
                     *d += *v;
                 }
@@ -219,4 +222,42 @@ pub fn linear_backward(
     // each across the cores in turn (the two compete for memory bandwidth), so they run in turn.
     weight_grads()?;
     input_grad()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_that_overflow_are_refused_with_an_error_not_a_wrapped_buffer() {
+        // A stride-0 view repeats one row: 2⁶² rows fit in 4 values, and 2⁶² · 4 wraps to 0 in release
+        // arithmetic (a panic with overflow checks), so every buffer length must be checked.
+        let v = [0.5f32; 16];
+        let tall = MatRef::new(&v, 1 << 62, 4, 0, 1).unwrap();
+        let w = MatRef::row_major(&v, 4, 4).unwrap();
+        let a = MatRef::row_major(&v[..8], 2, 4).unwrap();
+        let b = MatRef::row_major(&v[..8], 4, 2).unwrap();
+        let p = LinearRef { weight: w, bias: None, adapter: Some(AdapterRef { a, b, scale: 1.0 }) };
+        let e = linear_forward(tall, &p, Activation::Identity, &mut []).unwrap_err();
+        assert!(e.to_string().contains("matmul_into"), "{e}");
+        let g = MatRef::new(&v, 1 << 62, 4, 0, 1).unwrap();
+        for act in [Activation::Identity, Activation::Relu] {
+            let mut dx = [0f32; 0];
+            let grads = LinearGrads { dx: Some(&mut dx), ..LinearGrads::default() };
+            let e = linear_backward(tall, &p, act, Some(&[]), g, grads).unwrap_err();
+            assert!(e.to_string().contains("overflow") || e.to_string().contains("needs the forward output"), "{act:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_layer_with_no_outputs_gives_an_empty_output_and_gradients() {
+        let x = [1f32; 6];
+        let p = LinearRef { weight: MatRef::row_major(&[], 0, 3).unwrap(), bias: Some(&[]), adapter: None };
+        let xm = MatRef::row_major(&x, 2, 3).unwrap();
+        linear_forward(xm, &p, Activation::Relu, &mut []).unwrap();
+        let (mut dx, mut db) = ([7f32; 6], [0f32; 0]);
+        let grads = LinearGrads { dx: Some(&mut dx), db: Some(&mut db), ..LinearGrads::default() };
+        linear_backward(xm, &p, Activation::Relu, Some(&[]), MatRef::row_major(&[], 2, 0).unwrap(), grads).unwrap();
+        assert_eq!(dx, [0.0; 6], "dx = g·W with no outputs is zero");
+    }
 }

@@ -53,7 +53,8 @@ pub fn matmul_bf16_into(
     accumulate: bool,
 ) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, w.rows());
-    if w.cols() != k || dst.len() != m * n {
+    // Checked: a stride-0 lhs may have any number of rows, and an m·n that wrapped could equal dst.len().
+    if w.cols() != k || m.checked_mul(n) != Some(dst.len()) {
         bail!("matmul_bf16_into: ({m}x{k})·({}x{n})ᵀ into {} values", w.cols(), dst.len())
     }
     if let Some(v) = wide.filter(|v| (v.rows, v.cols) != (n, k)) {
@@ -85,7 +86,8 @@ enum Kernel {
 
 fn matmul_with(kernel: Kernel, dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
+    // Checked: a stride-0 view may have any number of rows, and an m·n that wrapped could equal dst.len().
+    if rhs.rows != k || m.checked_mul(n) != Some(dst.len()) {
         bail!("matmul_into: ({m}x{k})·({}x{n}) into {} values", rhs.rows, dst.len())
     }
     if m == 0 || n == 0 {
@@ -185,6 +187,19 @@ mod tests {
             }
         }
         assert!(MatRef::new(&a, 3, 4, 4, 2).is_err(), "a view past the end of its slice must be refused");
+    }
+
+    #[test]
+    fn a_product_whose_size_wraps_around_is_refused_not_written_out_of_bounds() {
+        // A stride-0 view repeats one row, so 2⁶² rows fit in 4 values; with n = 4 columns, m·n = 2⁶⁴ wraps
+        // to 0 in release arithmetic and equalled an empty dst's length: the product then wrote 2⁶⁴ values.
+        let v = [0.5f32; 16];
+        let tall = MatRef::new(&v, 1 << 62, 4, 0, 1).unwrap();
+        let e = matmul_into(&mut [], tall, MatRef::row_major(&v, 4, 4).unwrap(), 1.0, false).unwrap_err();
+        assert!(e.to_string().contains("into 0 values"), "{e}");
+        let w = Bf16Matrix::pack(&v, 4, 4).unwrap();
+        let e = matmul_bf16_into(&mut [], tall, &w, None, 1.0, false).unwrap_err();
+        assert!(e.to_string().contains("into 0 values"), "{e}");
     }
 
     #[test]

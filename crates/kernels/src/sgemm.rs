@@ -279,23 +279,27 @@ impl Job {
     /// # Safety
     /// The job's pointers must be valid for every element it describes.
     unsafe fn run(&self, isa: Isa, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
-        // A long k (dW = Gᵀ·X over a batch of thousands of tokens) with a large B: a 64-column panel of all
-        // k rows would not stay in L2, so k is cut into blocks of KC steps, each block's products added to
-        // C in turn (every element still sums its terms in increasing k, in the same blocks whatever the
-        // thread count).
-        if self.k > KC && self.k * self.cols > ROW_ORDER_MAX_B {
-            for k0 in (0..self.k).step_by(KC) {
-                let part = Job {
-                    k: KC.min(self.k - k0),
-                    a: self.a.offset(k0 as isize * self.a_ks),
-                    b: self.b.offset(k0 as isize * self.b_ks),
-                    accumulate: self.accumulate || k0 > 0,
-                    ..*self
-                };
-                part.run_block(isa, c, (r0, r1), (c0, c1));
+        // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+        // makes the caller guarantee.
+        unsafe {
+            // A long k (dW = Gᵀ·X over a batch of thousands of tokens) with a large B: a 64-column panel of all
+            // k rows would not stay in L2, so k is cut into blocks of KC steps, each block's products added to
+            // C in turn (every element still sums its terms in increasing k, in the same blocks whatever the
+            // thread count).
+            if self.k > KC && self.k * self.cols > ROW_ORDER_MAX_B {
+                for k0 in (0..self.k).step_by(KC) {
+                    let part = Job {
+                        k: KC.min(self.k - k0),
+                        a: self.a.offset(k0 as isize * self.a_ks),
+                        b: self.b.offset(k0 as isize * self.b_ks),
+                        accumulate: self.accumulate || k0 > 0,
+                        ..*self
+                    };
+                    part.run_block(isa, c, (r0, r1), (c0, c1));
+                }
+            } else {
+                self.run_block(isa, c, (r0, r1), (c0, c1));
             }
-        } else {
-            self.run_block(isa, c, (r0, r1), (c0, c1));
         }
     }
 
@@ -304,29 +308,33 @@ impl Job {
     /// # Safety
     /// As for [`Job::run`].
     unsafe fn run_block(&self, isa: Isa, c: Out, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
-        // Loop order: when B is small (dW = Gᵀ·X: B = X, 64 rows) sweep it once per row tile and write C
-        // row block by row block, in address order; when B is large (dX = G·W: B = W) keep one 64-column
-        // panel of it in L2 and run every row tile over it before the next.
-        if self.k * self.cols <= ROW_ORDER_MAX_B {
-            for ip in r0..r1 {
-                for jp in c0..c1 {
-                    self.tile(isa, c, ip, jp, None);
-                }
-            }
-        } else {
-            // Each panel is read from memory by its first row tile, which alone would stall on it; so each
-            // tile also prefetches its share of the next panel while it computes.
-            let tiles = (r1 - r0).max(1);
-            let share = self.k.div_ceil(tiles);
-            for jp in c0..c1 {
+        // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+        // makes the caller guarantee.
+        unsafe {
+            // Loop order: when B is small (dW = Gᵀ·X: B = X, 64 rows) sweep it once per row tile and write C
+            // row block by row block, in address order; when B is large (dX = G·W: B = W) keep one 64-column
+            // panel of it in L2 and run every row tile over it before the next.
+            if self.k * self.cols <= ROW_ORDER_MAX_B {
                 for ip in r0..r1 {
-                    let next = (jp + 1 < c1).then(|| {
-                        let k0 = ((ip - r0) * share).min(self.k);
-                        let n = share.min(self.k - k0);
-                        // A prefetch target (k0 may equal k): wrapping arithmetic, never dereferenced.
-                        (self.b.wrapping_offset((jp + 1) as isize * self.b_panel + k0 as isize * self.b_ks), n)
-                    });
-                    self.tile(isa, c, ip, jp, next);
+                    for jp in c0..c1 {
+                        self.tile(isa, c, ip, jp, None);
+                    }
+                }
+            } else {
+                // Each panel is read from memory by its first row tile, which alone would stall on it; so each
+                // tile also prefetches its share of the next panel while it computes.
+                let tiles = (r1 - r0).max(1);
+                let share = self.k.div_ceil(tiles);
+                for jp in c0..c1 {
+                    for ip in r0..r1 {
+                        let next = (jp + 1 < c1).then(|| {
+                            let k0 = ((ip - r0) * share).min(self.k);
+                            let n = share.min(self.k - k0);
+                            // A prefetch target (k0 may equal k): wrapping arithmetic, never dereferenced.
+                            (self.b.wrapping_offset((jp + 1) as isize * self.b_panel + k0 as isize * self.b_ks), n)
+                        });
+                        self.tile(isa, c, ip, jp, next);
+                    }
                 }
             }
         }
@@ -338,27 +346,31 @@ impl Job {
     /// As for [`Job::run`].
     #[inline]
     unsafe fn tile(&self, isa: Isa, c: Out, ip: usize, jp: usize, next: Option<(*const f32, usize)>) {
-        let (pf, pf_n) = next.unwrap_or((std::ptr::null(), 0));
-        let j0 = jp * NR;
-        let i0 = ip * MR;
-        let t = Tile {
-            rows: (self.rows - i0).min(MR),
-            cols: (self.cols - j0).min(NR),
-            k: self.k,
-            a: self.a.offset(i0 as isize * self.a_rs),
-            a_rs: self.a_rs,
-            a_ks: self.a_ks,
-            b: self.b.offset(jp as isize * self.b_panel),
-            b_ks: self.b_ks,
-            c: c.0.offset(i0 as isize * self.c_rs + j0 as isize * self.c_cs),
-            c_rs: self.c_rs,
-            c_cs: self.c_cs,
-            beta: self.beta,
-            accumulate: self.accumulate,
-            pf,
-            pf_n,
-        };
-        isa.vectorize(t);
+        // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+        // makes the caller guarantee.
+        unsafe {
+            let (pf, pf_n) = next.unwrap_or((std::ptr::null(), 0));
+            let j0 = jp * NR;
+            let i0 = ip * MR;
+            let t = Tile {
+                rows: (self.rows - i0).min(MR),
+                cols: (self.cols - j0).min(NR),
+                k: self.k,
+                a: self.a.offset(i0 as isize * self.a_rs),
+                a_rs: self.a_rs,
+                a_ks: self.a_ks,
+                b: self.b.offset(jp as isize * self.b_panel),
+                b_ks: self.b_ks,
+                c: c.0.offset(i0 as isize * self.c_rs + j0 as isize * self.c_cs),
+                c_rs: self.c_rs,
+                c_cs: self.c_cs,
+                beta: self.beta,
+                accumulate: self.accumulate,
+                pf,
+                pf_n,
+            };
+            isa.vectorize(t);
+        }
     }
 }
 
@@ -450,52 +462,56 @@ struct Pass {
 /// `t` must describe valid memory (masked-off lanes are never touched).
 #[inline(always)]
 unsafe fn tile<S: pulp::Simd, const R: usize, const V: usize>(simd: S, t: &Tile, p: Pass, sums: &mut Sums) {
-    let lanes = S::F32_LANES;
-    let Pass { j, w, k0, k1 } = p;
-    let zero = simd.splat_f32s(0.0);
-    let last = w - lanes * (V - 1); // lanes of the last vector inside the tile
-    let full = last == lanes;
-    let mask = first_lanes(simd, last);
-    let mut acc = [[zero; V]; R]; // (R, L·V)
-    if k0 > 0 {
-        for (row, sum) in acc.iter_mut().zip(sums.iter()) {
-            for (v, x) in row.iter_mut().enumerate() {
-                // Written by the previous pass over these columns.
-                *x = sum.as_ptr().add(j + lanes * v).cast::<S::f32s>().read_unaligned();
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        let Pass { j, w, k0, k1 } = p;
+        let zero = simd.splat_f32s(0.0);
+        let last = w - lanes * (V - 1); // lanes of the last vector inside the tile
+        let full = last == lanes;
+        let mask = first_lanes(simd, last);
+        let mut acc = [[zero; V]; R]; // (R, L·V)
+        if k0 > 0 {
+            for (row, sum) in acc.iter_mut().zip(sums.iter()) {
+                for (v, x) in row.iter_mut().enumerate() {
+                    // Written by the previous pass over these columns.
+                    *x = sum.as_ptr().add(j + lanes * v).cast::<S::f32s>().read_unaligned();
+                }
             }
         }
-    }
-    let (mut a, mut b) = (t.a.offset(k0 as isize * t.a_ks), t.b.offset(k0 as isize * t.b_ks).add(j));
-    // The next panel's rows are fetched by the first column block only, one row per step of k.
-    let pf_end = if j == 0 { t.pf_n.min(k1) } else { 0 };
-    let mut pf = t.pf.wrapping_offset(k0 as isize * t.b_ks);
-    for kk in k0..k1 {
-        if kk < pf_end {
-            for line in 0..4 {
-                // The address may lie past B's end: wrapping arithmetic (a prefetch never faults).
-                prefetch_line(pf.wrapping_add(16 * line));
+        let (mut a, mut b) = (t.a.offset(k0 as isize * t.a_ks), t.b.offset(k0 as isize * t.b_ks).add(j));
+        // The next panel's rows are fetched by the first column block only, one row per step of k.
+        let pf_end = if j == 0 { t.pf_n.min(k1) } else { 0 };
+        let mut pf = t.pf.wrapping_offset(k0 as isize * t.b_ks);
+        for kk in k0..k1 {
+            if kk < pf_end {
+                for line in 0..4 {
+                    // The address may lie past B's end: wrapping arithmetic (a prefetch never faults).
+                    prefetch_line(pf.wrapping_add(16 * line));
+                }
+                pf = pf.wrapping_offset(t.b_ks);
             }
-            pf = pf.wrapping_offset(t.b_ks);
-        }
-        let mut bv = [zero; V]; // columns j.. of row kk of B
-        for (v, x) in bv.iter_mut().enumerate() {
-            *x = load(simd, b.add(lanes * v), v + 1 == V && !full, mask);
-        }
-        for (i, row) in acc.iter_mut().enumerate() {
-            let s = simd.splat_f32s(*a.offset(i as isize * t.a_rs)); // A[i, kk]
-            for (x, y) in row.iter_mut().zip(&bv) {
-                *x = simd.mul_add_f32s(s, *y, *x);
+            let mut bv = [zero; V]; // columns j.. of row kk of B
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = load(simd, b.add(lanes * v), v + 1 == V && !full, mask);
             }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let s = simd.splat_f32s(*a.offset(i as isize * t.a_rs)); // A[i, kk]
+                for (x, y) in row.iter_mut().zip(&bv) {
+                    *x = simd.mul_add_f32s(s, *y, *x);
+                }
+            }
+            // Loop-carried: after the last step they point one stride past the data (never read), so wrapping
+            // arithmetic, which may leave the allocation, instead of `offset`, which may not.
+            a = a.wrapping_offset(t.a_ks);
+            b = b.wrapping_offset(t.b_ks);
         }
-        // Loop-carried: after the last step they point one stride past the data (never read), so wrapping
-        // arithmetic, which may leave the allocation, instead of `offset`, which may not.
-        a = a.wrapping_offset(t.a_ks);
-        b = b.wrapping_offset(t.b_ks);
-    }
-    // The buffer is NR wide: whole vectors fit past the tile's last column (those lanes are never written out).
-    for (row, sum) in acc.iter().zip(sums.iter_mut()) {
-        for (v, x) in row.iter().enumerate() {
-            sum.as_mut_ptr().add(j + lanes * v).cast::<S::f32s>().write_unaligned(*x);
+        // The buffer is NR wide: whole vectors fit past the tile's last column (those lanes are never written out).
+        for (row, sum) in acc.iter().zip(sums.iter_mut()) {
+            for (v, x) in row.iter().enumerate() {
+                sum.as_mut_ptr().add(j + lanes * v).cast::<S::f32s>().write_unaligned(*x);
+            }
         }
     }
 }
@@ -507,30 +523,34 @@ unsafe fn tile<S: pulp::Simd, const R: usize, const V: usize>(simd: S, t: &Tile,
 /// up to `cols` rounded up to L, are written).
 #[inline(always)]
 unsafe fn write_tile<S: pulp::Simd>(simd: S, t: &Tile, sums: &Sums) {
-    let lanes = S::F32_LANES;
-    let beta = simd.splat_f32s(t.beta);
-    if t.c_cs == 1 {
-        for (i, sum) in sums.iter().enumerate().take(t.rows) {
-            let out = t.c.offset(i as isize * t.c_rs);
-            for j in (0..t.cols).step_by(lanes) {
-                let n = (t.cols - j).min(lanes);
-                let (masked, mask) = (n < lanes, first_lanes(simd, n));
-                let p = out.add(j);
-                let mut r = simd.mul_f32s(sum.as_ptr().add(j).cast::<S::f32s>().read_unaligned(), beta);
-                if t.accumulate {
-                    r = simd.add_f32s(load(simd, p, masked, mask), r);
-                }
-                store(simd, p, r, masked, mask);
-            }
-        }
-    } else {
-        // Transposed output: column by column (contiguous along i when c_rs = 1).
-        for j in 0..t.cols {
-            let out = t.c.offset(j as isize * t.c_cs);
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        let beta = simd.splat_f32s(t.beta);
+        if t.c_cs == 1 {
             for (i, sum) in sums.iter().enumerate().take(t.rows) {
-                let p = out.offset(i as isize * t.c_rs);
-                let r = sum[j].assume_init() * t.beta;
-                *p = if t.accumulate { *p + r } else { r };
+                let out = t.c.offset(i as isize * t.c_rs);
+                for j in (0..t.cols).step_by(lanes) {
+                    let n = (t.cols - j).min(lanes);
+                    let (masked, mask) = (n < lanes, first_lanes(simd, n));
+                    let p = out.add(j);
+                    let mut r = simd.mul_f32s(sum.as_ptr().add(j).cast::<S::f32s>().read_unaligned(), beta);
+                    if t.accumulate {
+                        r = simd.add_f32s(load(simd, p, masked, mask), r);
+                    }
+                    store(simd, p, r, masked, mask);
+                }
+            }
+        } else {
+            // Transposed output: column by column (contiguous along i when c_rs = 1).
+            for j in 0..t.cols {
+                let out = t.c.offset(j as isize * t.c_cs);
+                for (i, sum) in sums.iter().enumerate().take(t.rows) {
+                    let p = out.offset(i as isize * t.c_rs);
+                    let r = sum[j].assume_init() * t.beta;
+                    *p = if t.accumulate { *p + r } else { r };
+                }
             }
         }
     }
@@ -661,7 +681,9 @@ struct F32Cols {
 impl DotCols for F32Cols {
     #[inline(always)]
     unsafe fn load<S: pulp::Simd>(self, simd: S, j: usize, kk: usize, masked: bool, mask: pulp::MemMask<S::m32s>) -> S::f32s {
-        load(simd, self.b.add(j * self.cs + kk), masked, mask)
+        // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+        // makes the caller guarantee.
+        unsafe { load(simd, self.b.add(j * self.cs + kk), masked, mask) }
     }
 }
 
@@ -676,17 +698,21 @@ struct Bf16Rows {
 impl DotCols for Bf16Rows {
     #[inline(always)]
     unsafe fn load<S: pulp::Simd>(self, simd: S, j: usize, kk: usize, _masked: bool, _mask: pulp::MemMask<S::m32s>) -> S::f32s {
-        // Values 32p + i (i < 16) are the low halves of words 16p + i, values 32p + 16 + i their high halves.
-        // L ≤ 16 divides 16 and kk is a multiple of L, so the L words lie in one block of 16. Beyond k the
-        // words are zero (the padding), which is what the f32 path's masked load gives.
-        let (block, within) = (kk / 32, kk % 32);
-        let words = self.b.add(j * self.stride + block * 16 + within % 16).cast::<S::u32s>().read_unaligned();
-        let bits = if within < 16 {
-            simd.wrapping_dyn_shl_u32s(words, simd.splat_u32s(16))
-        } else {
-            simd.and_u32s(words, simd.splat_u32s(0xFFFF_0000))
-        };
-        simd.transmute_f32s_u32s(bits)
+        // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+        // makes the caller guarantee.
+        unsafe {
+            // Values 32p + i (i < 16) are the low halves of words 16p + i, values 32p + 16 + i their high halves.
+            // L ≤ 16 divides 16 and kk is a multiple of L, so the L words lie in one block of 16. Beyond k the
+            // words are zero (the padding), which is what the f32 path's masked load gives.
+            let (block, within) = (kk / 32, kk % 32);
+            let words = self.b.add(j * self.stride + block * 16 + within % 16).cast::<S::u32s>().read_unaligned();
+            let bits = if within < 16 {
+                simd.wrapping_dyn_shl_u32s(words, simd.splat_u32s(16))
+            } else {
+                simd.and_u32s(words, simd.splat_u32s(0xFFFF_0000))
+            };
+            simd.transmute_f32s_u32s(bits)
+        }
     }
 }
 
@@ -734,44 +760,48 @@ impl<B: DotCols> WithSimd for DotTile<B> {
 /// As described at [`DotTile`].
 #[inline(always)]
 unsafe fn dot_tile<S: pulp::Simd, B: DotCols, const R: usize, const N: usize>(simd: S, t: &DotTile<B>) {
-    let lanes = S::F32_LANES;
-    let zero = simd.splat_f32s(0.0);
-    // The whole loop in this one function, the accumulators never passed to or returned from another:
-    // either way they were kept in memory (written back on every step; measured, a decode step of the LM
-    // ran 1.8× as long).
-    let mut acc = [[zero; N]; R]; // (R, N), L partial sums each
-                                  // One step: lanes kk.. of every row of A and column of B into the accumulators; whole steps
-                                  // unmasked, then the short last one (if any) masked, so that no step tests which it is.
-    macro_rules! step {
-        ($kk:expr, $masked:expr, $mask:expr) => {{
-            let mut av = [zero; R];
-            for (i, x) in av.iter_mut().enumerate() {
-                *x = load(simd, t.a.add(i * t.a_rs + $kk), $masked, $mask);
-            }
-            // One column of B at a time (R + 1 vectors live beside the accumulators).
-            for j in 0..N {
-                let bv = t.b.load(simd, j, $kk, $masked, $mask);
-                for (row, a) in acc.iter_mut().zip(&av) {
-                    row[j] = simd.mul_add_f32s(*a, bv, row[j]);
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        let zero = simd.splat_f32s(0.0);
+        // The whole loop in this one function, the accumulators never passed to or returned from another:
+        // either way they were kept in memory (written back on every step; measured, a decode step of the LM
+        // ran 1.8× as long).
+        let mut acc = [[zero; N]; R]; // (R, N), L partial sums each
+                                      // One step: lanes kk.. of every row of A and column of B into the accumulators; whole steps
+                                      // unmasked, then the short last one (if any) masked, so that no step tests which it is.
+        macro_rules! step {
+            ($kk:expr, $masked:expr, $mask:expr) => {{
+                let mut av = [zero; R];
+                for (i, x) in av.iter_mut().enumerate() {
+                    *x = load(simd, t.a.add(i * t.a_rs + $kk), $masked, $mask);
                 }
+                // One column of B at a time (R + 1 vectors live beside the accumulators).
+                for j in 0..N {
+                    let bv = t.b.load(simd, j, $kk, $masked, $mask);
+                    for (row, a) in acc.iter_mut().zip(&av) {
+                        row[j] = simd.mul_add_f32s(*a, bv, row[j]);
+                    }
+                }
+            }};
+        }
+        let whole = t.k - t.k % lanes;
+        let full = first_lanes(simd, lanes);
+        let mut kk = 0;
+        while kk < whole {
+            step!(kk, false, full);
+            kk += lanes;
+        }
+        if kk < t.k {
+            step!(kk, true, first_lanes(simd, t.k - kk));
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, x) in row.iter().enumerate() {
+                let p = t.c.add(t.c_off + i * t.ldc + j);
+                let v = t.beta * simd.reduce_sum_f32s(*x);
+                *p = if t.accumulate { *p + v } else { v };
             }
-        }};
-    }
-    let whole = t.k - t.k % lanes;
-    let full = first_lanes(simd, lanes);
-    let mut kk = 0;
-    while kk < whole {
-        step!(kk, false, full);
-        kk += lanes;
-    }
-    if kk < t.k {
-        step!(kk, true, first_lanes(simd, t.k - kk));
-    }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, x) in row.iter().enumerate() {
-            let p = t.c.add(t.c_off + i * t.ldc + j);
-            let v = t.beta * simd.reduce_sum_f32s(*x);
-            *p = if t.accumulate { *p + v } else { v };
         }
     }
 }
@@ -956,25 +986,29 @@ impl WithSimd for SparseTile<'_> {
 /// As described at [`SparseTile`].
 #[inline(always)]
 unsafe fn sparse_tile<S: pulp::Simd, const V: usize>(simd: S, t: &SparseTile<'_>, j: usize, w: usize) {
-    let lanes = S::F32_LANES;
-    let last = w - lanes * (V - 1);
-    let full = last == lanes;
-    let mask = first_lanes(simd, last);
-    let mut acc = [simd.splat_f32s(0.0); V];
-    for (&kk, &a) in t.idx.iter().zip(t.val) {
-        let s = simd.splat_f32s(a);
-        let row = t.b.add(kk as usize * t.b_ks + j);
-        for (v, x) in acc.iter_mut().enumerate() {
-            *x = simd.mul_add_f32s(s, load(simd, row.add(lanes * v), v + 1 == V && !full, mask), *x);
+    // SAFETY: every operation below stays within what this function's `# Safety` contract (above)
+    // makes the caller guarantee.
+    unsafe {
+        let lanes = S::F32_LANES;
+        let last = w - lanes * (V - 1);
+        let full = last == lanes;
+        let mask = first_lanes(simd, last);
+        let mut acc = [simd.splat_f32s(0.0); V];
+        for (&kk, &a) in t.idx.iter().zip(t.val) {
+            let s = simd.splat_f32s(a);
+            let row = t.b.add(kk as usize * t.b_ks + j);
+            for (v, x) in acc.iter_mut().enumerate() {
+                *x = simd.mul_add_f32s(s, load(simd, row.add(lanes * v), v + 1 == V && !full, mask), *x);
+            }
         }
-    }
-    let beta = simd.splat_f32s(t.beta);
-    let out = t.c.add(t.c_off + j);
-    for (v, x) in acc.iter().enumerate() {
-        let p = out.add(lanes * v);
-        let masked = v + 1 == V && !full;
-        let r = simd.add_f32s(load(simd, p, masked, mask), simd.mul_f32s(*x, beta));
-        store(simd, p, r, masked, mask);
+        let beta = simd.splat_f32s(t.beta);
+        let out = t.c.add(t.c_off + j);
+        for (v, x) in acc.iter().enumerate() {
+            let p = out.add(lanes * v);
+            let masked = v + 1 == V && !full;
+            let r = simd.add_f32s(load(simd, p, masked, mask), simd.mul_f32s(*x, beta));
+            store(simd, p, r, masked, mask);
+        }
     }
 }
 

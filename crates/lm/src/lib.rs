@@ -12,6 +12,7 @@
 //! Files are Hugging Face's: a model directory loads with transformers' `LlamaForCausalLM`, adapters
 //! with PEFT's `PeftModel` (module names as transformers names them).
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod config;
 pub mod data;

@@ -27,7 +27,7 @@ use lora::{Activation, PackedAdapter, PackedBase, RowGroup};
 
 use crate::error::{LmError, Result};
 use crate::fused::{self, attention::attention_forward, AttentionShape, RopeOp};
-use crate::model::{KvCache, Llama, LM_HEAD};
+use crate::model::{module_name, KvCache, Llama, LM_HEAD, PROJECTIONS};
 
 /// One sequence of a mixed batch: its new tokens, its cache (made by [`Llama::sequence_cache`]) and
 /// its adapter.
@@ -69,13 +69,14 @@ impl Llama {
     pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         self.check_sequences(seqs)?;
+        let at = self.positions()?;
         let parts = lora_kernels::threads().min(seqs.len());
         if parts <= 1 {
-            return self.forward_part(seqs, base);
+            return self.forward_part(seqs, base, &at);
         }
         let per = seqs.len().div_ceil(parts);
         let outs: Vec<Result<Vec<f32>>> =
-            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base))).collect();
+            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base, &at))).collect();
         let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
         for o in outs {
             logits.extend(o?);
@@ -102,7 +103,7 @@ impl Llama {
     }
 
     /// [`Llama::forward_mixed`] of checked sequences as one batch.
-    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
+    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>, at: &Positions) -> Result<Vec<f32>> {
         let c = &self.config;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if seqs.is_empty() {
@@ -123,11 +124,11 @@ impl Llama {
         let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
         let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity, base)?) };
         for l in 0..c.num_hidden_layers {
-            let at = 7 * l;
+            let [q_at, k_at, v_at, o_at, gate_at, up_at, down_at] = at.layers[l];
             let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
-            let q = rope.apply(&proj(at, &x)?)?;
-            let k = rope.apply(&proj(at + 1, &x)?)?;
-            let v = proj(at + 2, &x)?;
+            let q = rope.apply(&proj(q_at, &x)?)?;
+            let k = rope.apply(&proj(k_at, &x)?)?;
+            let v = proj(v_at, &x)?;
             let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
             let mut a = Vec::with_capacity(rows * nh * d);
             let mut r0 = 0;
@@ -143,10 +144,10 @@ impl Llama {
                 r0 += t;
             }
             let a = Tensor::from_vec(a, (rows, nh * d), &dev)?;
-            h = (h + proj(at + 3, &a)?)?;
+            h = (h + proj(o_at, &a)?)?;
             let x = fused::rms_norm(&h, &self.norms[l].1.as_detached_tensor(), c.rms_norm_eps)?;
-            let gu = fused::swiglu(&proj(at + 4, &x)?, &proj(at + 5, &x)?)?;
-            h = (h + proj(at + 6, &gu)?)?;
+            let gu = fused::swiglu(&proj(gate_at, &x)?, &proj(up_at, &x)?)?;
+            h = (h + proj(down_at, &gu)?)?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut r = 0;
@@ -158,10 +159,27 @@ impl Llama {
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
         let heads = row_groups(seqs, |_| 1);
-        let head = 7 * c.num_hidden_layers;
-        debug_assert_eq!(self.lora.layer_names().nth(head), Some(LM_HEAD));
-        flat(&self.lora.forward_mixed(head, &h, &heads, Activation::Identity, base)?)
+        flat(&self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity, base)?)
     }
+
+    /// Where the projections and `lm_head` sit in the model's [`lora::LoraModel`], found by their
+    /// transformers names (never assumed from the order they were pushed in): once per step, shared by
+    /// its parts.
+    fn positions(&self) -> Result<Positions> {
+        let mut layers = vec![[0; 7]; self.config.num_hidden_layers];
+        for (l, at) in layers.iter_mut().enumerate() {
+            for (slot, proj) in at.iter_mut().zip(PROJECTIONS) {
+                *slot = self.lora.position(&module_name(l, proj))?;
+            }
+        }
+        Ok(Positions { layers, head: self.lora.position(LM_HEAD)? })
+    }
+}
+
+/// The positions of a model's layers in its `LoraModel` ([`Llama::positions`]).
+struct Positions {
+    layers: Vec<[usize; 7]>, // each decoder layer's projections, PROJECTIONS order
+    head: usize,
 }
 
 /// The row groups of `seqs`, each sequence contributing `rows(seq)` rows: neighbours with the same adapter
@@ -188,4 +206,45 @@ fn same(a: Option<&PackedAdapter>, b: Option<&PackedAdapter>) -> bool {
 
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LlamaConfig;
+    use lora::{LoraLinear, LoraModel};
+
+    #[test]
+    fn the_projections_are_found_by_name_whatever_their_order_in_the_model() {
+        let cfg = LlamaConfig {
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 6,
+            max_position_embeddings: 32,
+            initializer_range: 0.3,
+            ..LlamaConfig::byte_default()
+        };
+        let mut m = Llama::random(&cfg, 7).unwrap();
+        let tokens = [3u32, 1, 4, 1, 5];
+        let logits = |m: &Llama| {
+            let mut cache = m.sequence_cache();
+            m.forward_mixed(&mut [Sequence { tokens: &tokens, cache: &mut cache, adapter: None }], None).unwrap()
+        };
+        let want = logits(&m);
+        // The same layers (sharing their variables) pushed in reverse order: every position changes, no name.
+        let mut reversed = LoraModel::new();
+        for (name, l) in m.lora.layers().collect::<Vec<_>>().into_iter().rev() {
+            let w = l.weight().as_tensor().clone();
+            let layer =
+                if l.is_embedding() { LoraLinear::embedding(w) } else { LoraLinear::new(w, l.bias().map(|b| b.as_tensor().clone())) };
+            reversed.push(name, layer.unwrap()).unwrap();
+        }
+        reversed.set_output_layer(LM_HEAD).unwrap();
+        m.lora = reversed;
+        // The same products of the same rows: the same bits.
+        assert_eq!(logits(&m), want);
+    }
 }

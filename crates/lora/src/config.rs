@@ -3,12 +3,12 @@
 //! Scaling of the update `s·B·A`: standard LoRA uses `s = alpha / r`; rank-stabilised LoRA (rsLoRA,
 //! Kalajievo 2023) uses `s = alpha / √r`, so the update's magnitude does not shrink as the rank grows.
 //! Which modules are adapted, and per-module rank and alpha overrides (`rank_pattern`, `alpha_pattern`),
-//! follow PEFT's rules exactly: see [`crate::matching`].
+//! follow PEFT's rules exactly: see [`crate::peft::matching`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LoraError, Result};
-use crate::matching::{fullmatch, layer_index, name_match, Exclude, Pattern, Targets};
+use crate::peft::matching::{fullmatch, layer_index, name_match, Exclude, Pattern, Targets};
 
 /// How the adapter's update is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -71,7 +71,7 @@ pub enum Init {
         /// PEFT's `N` of `"pissa_niter_N"`, when that name was asked for.
         niter: Option<usize>,
     },
-    /// OLoRA (`"olora"`): W0 = Q·R, A = R[:r], B = Q[:, :r], and the base becomes W0 − s·B·A.
+    /// OLoRA (`"olora"`): W0 = Q·R, `A = R[:r]`, `B = Q[:, :r]`, and the base becomes W0 − s·B·A.
     Olora,
 }
 
@@ -204,11 +204,11 @@ impl LoraConfig {
         check_alpha("lora_alpha".into(), self.alpha)?;
         for (k, &r) in self.rank_pattern.iter() {
             check_r(format!("rank_pattern.{k}"), r)?;
-            crate::matching::regex(k, &format!("rank_pattern.{k}"))?;
+            crate::peft::matching::regex(k, &format!("rank_pattern.{k}"))?;
         }
         for (k, &a) in self.alpha_pattern.iter() {
             check_alpha(format!("alpha_pattern.{k}"), a)?;
-            crate::matching::regex(k, &format!("alpha_pattern.{k}"))?;
+            crate::peft::matching::regex(k, &format!("alpha_pattern.{k}"))?;
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(LoraError::config("lora_dropout", self.dropout, "dropout must be in [0, 1)"));
@@ -220,7 +220,7 @@ impl LoraConfig {
                 }
             }
             Targets::Regex(r) => {
-                crate::matching::regex(r, "target_modules")?;
+                crate::peft::matching::regex(r, "target_modules")?;
                 if !self.layers_to_transform.is_empty() {
                     return Err(LoraError::config(
                         "layers_to_transform",
@@ -232,10 +232,10 @@ impl LoraConfig {
             Targets::AllLinear => {}
         }
         if let Some(Exclude::Regex(r)) = &self.exclude_modules {
-            crate::matching::regex(r, "exclude_modules")?;
+            crate::peft::matching::regex(r, "exclude_modules")?;
         }
         for p in &self.layers_pattern {
-            crate::matching::regex(p, "layers_pattern")?;
+            crate::peft::matching::regex(p, "layers_pattern")?;
         }
         if let Some(m) = self.modules_to_save.iter().find(|m| m.is_empty()) {
             return Err(LoraError::config("modules_to_save", format!("{m:?}"), "module names must not be empty"));

@@ -1,10 +1,10 @@
 //! Files: atomic writes and safetensors reading/writing with checks that name the file and tensor.
 //!
-//! Every write goes to `NAME.tmp-PID` in the target's directory, is flushed and `fsync`ed, then renamed
-//! over the target, so a crash leaves either the old file or the new one, never a torn one.
+//! Every write goes through `lora-atomic` (the workspace's one atomic writer, shared with `lora-viz`): a
+//! fresh temporary file in the target's directory, flushed and `fsync`ed, then renamed over the target, so
+//! a crash leaves either the old file or the new one, never a torn one.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -39,32 +39,12 @@ impl FileError {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+/// Writes `bytes` to `path` atomically ([`lora_atomic::write_atomic`]: a temporary file in the same
+/// directory, fsync, rename), naming the file in the error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    let io = |source| FileError::Io { path: path.to_path_buf(), error: source };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let name = path.file_name().ok_or_else(|| FileError::invalid(path, "not a file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    } else {
-        tracing::info!(path = %path.display(), bytes = bytes.len(), "wrote file");
-    }
-    result.map_err(io)
+    lora_atomic::write_atomic(path, bytes).map_err(|error| FileError::Io { path: path.to_path_buf(), error })?;
+    tracing::info!(path = %path.display(), bytes = bytes.len(), "wrote file");
+    Ok(())
 }
 
 /// Serialises named tensors (in the given order) with `metadata` to safetensors bytes: BF16 tensors as
@@ -208,7 +188,7 @@ mod tests {
         let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(f.get("z.w").unwrap()), bits(&a));
         assert_eq!(f.metadata["format"], "pt");
-        assert!(std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1, "x.safetensors alone, no temporary file");
     }
 
     #[test]

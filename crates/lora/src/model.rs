@@ -4,7 +4,7 @@
 //! targeted layer; activating it activates it in each layer that holds it. The model does not know how its
 //! layers are wired (the network owning it does); it knows names, adapters and parameters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Tensor, Var};
 use rand::Rng;
@@ -17,6 +17,8 @@ use crate::linear::LoraLinear;
 #[derive(Debug, Default)]
 pub struct LoraModel {
     layers: Vec<(String, LoraLinear)>,
+    /// Each layer's position in `layers`, by name.
+    positions: HashMap<String, usize>,
     /// Each adapter's configuration, `target_modules` resolved to the layers that hold it.
     configs: BTreeMap<String, LoraConfig>,
     /// The output layer, left out by `"all-linear"`.
@@ -31,9 +33,10 @@ impl LoraModel {
 
     /// Appends a layer; names must be unique.
     pub fn push(&mut self, name: &str, layer: LoraLinear) -> Result<()> {
-        if self.layers.iter().any(|(n, _)| n == name) {
+        if self.positions.contains_key(name) {
             return Err(LoraError::config("module", name, "a module of that name already exists"));
         }
+        self.positions.insert(name.to_string(), self.layers.len());
         self.layers.push((name.to_string(), layer));
         Ok(())
     }
@@ -44,12 +47,17 @@ impl LoraModel {
 
     /// The layer called `name`.
     pub fn layer(&self, name: &str) -> Result<&LoraLinear> {
-        self.layers.iter().find(|(n, _)| n == name).map(|(_, l)| l).ok_or_else(|| self.unknown_module(name))
+        Ok(&self.layers[self.position(name)?].1)
     }
     /// The layer called `name`, mutably.
     pub fn layer_mut(&mut self, name: &str) -> Result<&mut LoraLinear> {
-        let e = self.unknown_module(name);
-        self.layers.iter_mut().find(|(n, _)| n == name).map(|(_, l)| l).ok_or(e)
+        let i = self.position(name)?;
+        Ok(&mut self.layers[i].1)
+    }
+    /// The position (in push order) of the layer called `name`: what [`LoraModel::layer_at`],
+    /// [`LoraModel::forward_mixed`] and a [`crate::PackedAdapter`]'s layers are indexed by.
+    pub fn position(&self, name: &str) -> Result<usize> {
+        self.positions.get(name).copied().ok_or_else(|| self.unknown_module(name))
     }
     /// The layer at position `i` (in push order).
     pub fn layer_at(&self, i: usize) -> Option<&LoraLinear> {
@@ -76,7 +84,7 @@ impl LoraModel {
         Ok(())
     }
 
-    /// Names of the layers `config` adapts, by PEFT's rules ([`crate::matching`]). A listed name that
+    /// Names of the layers `config` adapts, by PEFT's rules ([`crate::peft::matching`]). A listed name that
     /// matches no layer, and a config that adapts nothing, are errors.
     pub fn targeted(&self, config: &LoraConfig) -> Result<Vec<String>> {
         config.validate()?;
@@ -339,6 +347,18 @@ mod tests {
             m.push(n, LoraLinear::new(w, Some(b)).unwrap()).unwrap();
         }
         m
+    }
+
+    #[test]
+    fn layers_are_found_by_name_at_the_position_they_were_pushed() {
+        let mut m = model();
+        assert_eq!((m.position("linear1").unwrap(), m.position("linear2").unwrap()), (0, 1));
+        assert!(std::ptr::eq(m.layer("linear2").unwrap(), m.layer_at(1).unwrap()));
+        let e = m.position("linear3").unwrap_err().to_string();
+        assert!(e.contains("linear3") && e.contains("linear1, linear2"), "{e}");
+        let e = m.push("linear1", LoraLinear::new(Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(), None).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(m.layer_names().count(), 2);
     }
 
     #[test]

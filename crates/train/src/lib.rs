@@ -5,6 +5,7 @@
 //! `θ ← θ − lr·m̂/(√v̂ + ε)` with bias-corrected m̂, v̂). Nothing here knows where the data came from: a
 //! data set is a (N, features) f32 tensor and N labels.
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod checkpoint;
 mod data;

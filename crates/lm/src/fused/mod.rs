@@ -41,10 +41,14 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                /// # Safety
+                /// The CPU must have AVX-512 F, BW, DQ and VL, AVX2 and FMA.
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
+                /// # Safety
+                /// The CPU must have AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
@@ -179,26 +183,16 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, work: usize, f: impl Fn(usize, T)
     }
 }
 
-/// A contiguous f32 view of a custom op's CPU input, or an error naming the op.
+/// A contiguous f32 view of a custom op's CPU input (`lora::bridge`), or an error naming the op.
 pub(crate) fn cpu_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("{op}: expects f32 tensors"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: expects contiguous tensors, got strides {:?}", l.stride()),
-    }
+    lora::bridge::cpu_slice(s, l).map_err(|e| candle_core::Error::msg(format!("{op}: {e}")))
 }
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor (made contiguous first when it is not).
 pub(crate) fn with_values<R>(op: &str, t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(c) => f(cpu_slice(op, c, layout)?),
-        _ => candle_core::bail!("{op}: runs on the CPU only"),
-    }
+    let held = lora::Held::new(&t);
+    f(held.slice().map_err(|e| candle_core::Error::msg(format!("{op}: {e}")))?)
 }
 
 /// A new f32 CPU tensor of `shape` holding `v`.

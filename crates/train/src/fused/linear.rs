@@ -8,8 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use lora::bridge::{cpu_mat as mat, cpu_slice, Held};
 use lora::Activation;
-use lora::Held;
 use lora_kernels::{linear_backward, linear_forward, output_grad, LinearGrads, LinearRef, MatRef};
 
 use super::adam::WeightAdamOp;
@@ -27,13 +27,6 @@ impl BufferedLinear {
     /// An op writing the weight gradient to `dw` and the bias gradient to `db`.
     pub fn new(act: Activation, dw: Arc<GradBuffer>, db: Arc<GradBuffer>) -> Self {
         BufferedLinear { act, dw, db }
-    }
-}
-
-fn mat<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<MatRef<'a>> {
-    match (l.dims(), l.stride()) {
-        ([r, c], [rs, cs]) => k(MatRef::new(&s.as_slice::<f32>()?[l.start_offset()..], *r, *c, *rs, *cs)),
-        (d, _) => candle_core::bail!("BufferedLinear: expected a 2-D tensor, got {d:?}"),
     }
 }
 
@@ -55,7 +48,7 @@ impl CustomOp3 for BufferedLinear {
         if !l3.is_contiguous() || l3.dims() != [w.rows()] {
             candle_core::bail!("BufferedLinear: bias of shape {:?} for {} outputs", l3.dims(), w.rows())
         }
-        let b = &s3.as_slice::<f32>()?[l3.start_offset()..l3.start_offset() + w.rows()];
+        let b = cpu_slice(s3, l3)?;
         let mut y = vec![0f32; x.rows() * w.rows()];
         k(linear_forward(x, &LinearRef { weight: w, bias: Some(b), adapter: None }, self.act, &mut y))?;
         Ok((CpuStorage::F32(y), Shape::from((x.rows(), w.rows()))))

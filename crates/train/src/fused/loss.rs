@@ -2,7 +2,7 @@
 //! gradient `∂L/∂z = (softmax(z) − onehot(y)) / B`.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use lora::Held;
+use lora::bridge::{cpu_slice, Held};
 
 use crate::error::Result;
 
@@ -10,7 +10,7 @@ struct CrossEntropy;
 
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize, usize)> {
     match l.dims() {
-        [b, c] if l.is_contiguous() => Ok((&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + b * c], *b, *c)),
+        [b, c] if l.is_contiguous() => Ok((cpu_slice(s, l)?, *b, *c)),
         d => candle_core::bail!("cross_entropy: logits must be a contiguous (batch, classes) tensor, got {d:?}"),
     }
 }
@@ -19,7 +19,7 @@ fn labels<'a>(s: &'a CpuStorage, l: &Layout, b: usize, c: usize) -> candle_core:
     if !l.is_contiguous() || l.dims() != [b] {
         candle_core::bail!("cross_entropy: labels must be a contiguous ({b}) u32 tensor, got {:?}", l.dims())
     }
-    let y = &s.as_slice::<u32>()?[l.start_offset()..l.start_offset() + b];
+    let y: &[u32] = cpu_slice(s, l)?;
     if let Some(bad) = y.iter().find(|&&v| v as usize >= c) {
         candle_core::bail!("cross_entropy: label {bad} is not below the {c} classes")
     }

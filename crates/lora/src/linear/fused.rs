@@ -22,60 +22,23 @@
 //!
 //! A frozen W0 and bias are constants held by the op (no gradient is ever formed for them), and dx is
 //! skipped when x does not depend on any variable (the first layer's input).
+//!
+//! Which op serves a layer is [`plan`]'s decision, from the layer's state alone; a state no op serves (several
+//! active adapters, dropout while training, a LoRA bias, PiSSA/OLoRA, an adapter's copies of the layer, an
+//! embedding) takes the reference path.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use lora_kernels::{linear_backward, linear_forward, Activation, AdapterRef, LinearGrads, LinearRef, MatRef};
 
+use super::{Adapter, Backend, LoraLinear};
+use crate::bridge::{cpu_mat, cpu_slice, Held};
 use crate::error::Result;
-use crate::linear::{Backend, LoraLinear};
 
 type CResult<T> = candle_core::Result<T>;
 
 /// A kernel's result as candle's (the custom ops answer in candle's errors).
 fn k<T>(r: lora_kernels::Result<T>) -> CResult<T> {
     r.map_err(candle_core::Error::wrap)
-}
-
-/// A read lock on a tensor's storage, to view it as a matrix or vector.
-pub struct Held<'a> {
-    storage: StorageRef<'a>,
-    layout: &'a Layout,
-}
-
-impl<'a> Held<'a> {
-    /// Locks `t`'s storage for reading.
-    pub fn new(t: &'a Tensor) -> Self {
-        let (storage, layout) = t.storage_and_layout();
-        Held { storage, layout }
-    }
-    fn data(&self) -> CResult<&[f32]> {
-        match &*self.storage {
-            Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[self.layout.start_offset()..]),
-            _ => candle_core::bail!("fused LoRA kernels run on the CPU only"),
-        }
-    }
-    /// A 2-D tensor as a strided matrix.
-    pub fn mat(&self) -> CResult<MatRef<'_>> {
-        layout_mat(self.data()?, self.layout)
-    }
-    /// A contiguous tensor as a slice.
-    pub fn slice(&self) -> CResult<&[f32]> {
-        if !self.layout.is_contiguous() {
-            candle_core::bail!("fused LoRA kernels need a contiguous vector")
-        }
-        Ok(&self.data()?[..self.layout.shape().elem_count()])
-    }
-}
-
-fn layout_mat<'a>(data: &'a [f32], l: &Layout) -> CResult<MatRef<'a>> {
-    match (l.dims(), l.stride()) {
-        ([r, c], [rs, cs]) => k(MatRef::new(data, *r, *c, *rs, *cs)),
-        (d, _) => candle_core::bail!("fused LoRA kernels need 2-D tensors, got shape {d:?}"),
-    }
-}
-
-fn cpu_mat<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<MatRef<'a>> {
-    layout_mat(&s.as_slice::<f32>()?[l.start_offset()..], l)
 }
 
 fn out_tensor(v: Vec<f32>, shape: (usize, usize)) -> CResult<Tensor> {
@@ -240,11 +203,10 @@ impl CustomOp3 for TrainableBaseOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let b = &s3.as_slice::<f32>()?[l3.start_offset()..];
-        if !l3.is_contiguous() || l3.dims().len() != 1 {
-            candle_core::bail!("fused linear: the bias must be a contiguous vector")
+        if l3.dims().len() != 1 {
+            candle_core::bail!("fused linear: the bias must be a vector, got shape {:?}", l3.dims())
         }
-        self.forward(cpu_mat(s1, l1)?, cpu_mat(s2, l2)?, Some(&b[..l3.dims()[0]]))
+        self.forward(cpu_mat(s1, l1)?, cpu_mat(s2, l2)?, Some(cpu_slice(s3, l3)?))
     }
     fn bwd(
         &self,
@@ -259,16 +221,27 @@ impl CustomOp3 for TrainableBaseOp {
     }
 }
 
-/// The fused forward of `layer` on x (n, in) when its backend and state allow one; `None` otherwise
-/// (the caller then takes the reference path).
-pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Activation) -> Result<Option<Tensor>> {
+/// The fused op that serves a layer's state, with the adapter it reads.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Plan<'a> {
+    /// Base frozen, one DoRA adapter: `z = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` in the op, then `act(f ⊙ z + b)` in candle's
+    /// graph (so the magnitude's gradient comes from candle's product rule).
+    Dora(&'a Adapter),
+    /// Base frozen, no adapter or one plain one: the whole layer in one op.
+    Frozen(Option<&'a Adapter>),
+    /// Base trains and no adapter is active: the whole layer in one op, with dW and db.
+    TrainableBase,
+}
+
+/// Which fused op serves `layer` on x, or `None` (the reference path then runs). An op serves a layer whose
+/// backend is [`Backend::Fused`], on a 2-D f32 CPU input, with an f32 weight, no active adapter's copies of
+/// the layer, no embedding table, at most one active unmerged adapter without dropout (while training), LoRA
+/// bias or PiSSA/OLoRA starting point, and a base that is either frozen or trains with no adapter.
+pub(super) fn plan<'a>(layer: &'a LoraLinear, x: &Tensor, train: bool) -> Result<Option<Plan<'a>>> {
     if layer.backend() != Backend::Fused || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 2 {
         return Ok(None);
     }
-    if layer.weight().dtype() != DType::F32 {
-        return Ok(None);
-    }
-    if layer.active_override().is_some() || layer.is_embedding() {
+    if layer.weight().dtype() != DType::F32 || layer.active_override().is_some() || layer.is_embedding() {
         return Ok(None);
     }
     let mut adapters = Vec::new();
@@ -282,106 +255,65 @@ pub(crate) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
     }
     let (w_train, b_train) = layer.base_trainable();
     let b_train = b_train && layer.bias().is_some();
-    if let (false, false, Some(ad)) = (w_train, b_train, adapters.first().filter(|ad| ad.magnitude().is_some())) {
-        // DoRA: z = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ in the fused op (no bias), then y = act(f ⊙ z + b) in candle's graph,
-        // so the magnitude's gradient Σ_rows g⊙z/‖·‖ comes from candle's product rule.
-        let f = ad.dora_factor(layer.weight().as_tensor())?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
-        let op =
-            FrozenBaseOp { weight: layer.weight().as_detached_tensor(), bias: None, scale: ad.scale() as f32, act: Activation::Identity };
-        let z = x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?;
-        let mut y = z.broadcast_mul(&f)?;
-        if let Some(b) = layer.bias() {
-            y = y.broadcast_add(&b.as_detached_tensor())?;
-        }
-        return Ok(Some(if act == Activation::Relu { y.relu()? } else { y }));
-    }
-    if !w_train && !b_train {
-        let op = FrozenBaseOp {
-            weight: layer.weight().as_detached_tensor(),
-            bias: layer.bias().map(|b| b.as_detached_tensor()),
-            scale: adapters.first().map_or(0.0, |ad| ad.scale() as f32),
-            act,
-        };
-        let y = match adapters.first() {
-            Some(ad) => x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?,
-            None if x.track_op() => x.apply_op1(op)?,
-            None => x.apply_op1_no_bwd(&op)?,
-        };
-        return Ok(Some(y));
-    }
-    if w_train && adapters.is_empty() && (b_train || layer.bias().is_none()) {
-        let op = TrainableBaseOp { act };
-        let y = match layer.bias() {
-            Some(b) => x.apply_op3(layer.weight().as_tensor(), b.as_tensor(), op)?,
-            None => x.apply_op2(layer.weight().as_tensor(), op)?,
-        };
-        return Ok(Some(y));
-    }
-    Ok(None)
+    Ok(match (w_train, b_train, adapters.first()) {
+        (false, false, Some(ad)) if ad.magnitude().is_some() => Some(Plan::Dora(ad)),
+        (false, false, ad) => Some(Plan::Frozen(ad.copied())),
+        (true, _, None) if b_train || layer.bias().is_none() => Some(Plan::TrainableBase),
+        _ => None,
+    })
 }
 
-impl LoraLinear {
-    /// Inference forward: x (…, in) → (…, out), no dropout.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
-    }
-
-    /// Forward with dropout on the adapter input when `train` is true: x (…, in) → (…, out).
-    /// Runs as one fused op where [`LoraLinear::backend`] and the layer's state allow (see
-    /// [`Backend::Fused`]), else as [`LoraLinear::forward_reference_t`].
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_act_t(x, train, Activation::Identity)
-    }
-
-    /// `act(forward_t(x, train))` for x (…, in) → (…, out), as one fused op when the backend and the
-    /// layer's state allow it, else through the reference path.
-    pub fn forward_act_t(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
-        let dims = x.dims();
-        if dims.len() >= 2 && dims.last() == Some(&self.in_features()) {
-            let x2 = if dims.len() == 2 { x.clone() } else { x.reshape(((), self.in_features()))? };
-            if let Some(y) = try_forward(self, &x2, train, act)? {
-                let mut out_dims = dims.to_vec();
-                *out_dims.last_mut().unwrap_or(&mut 0) = self.out_features();
-                return Ok(if dims.len() == 2 { y } else { y.reshape(out_dims)? });
+/// The fused forward of `layer` on x (n, in) when an op serves it ([`plan`]); `None` otherwise.
+pub(super) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Activation) -> Result<Option<Tensor>> {
+    let Some(plan) = plan(layer, x, train)? else { return Ok(None) };
+    let y = match plan {
+        Plan::Dora(ad) => {
+            let f = ad.dora_factor(layer.weight().as_tensor())?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
+            let op = FrozenBaseOp {
+                weight: layer.weight().as_detached_tensor(),
+                bias: None,
+                scale: ad.scale() as f32,
+                act: Activation::Identity,
+            };
+            let z = x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?;
+            let mut y = z.broadcast_mul(&f)?;
+            if let Some(b) = layer.bias() {
+                y = y.broadcast_add(&b.as_detached_tensor())?;
+            }
+            if act == Activation::Relu {
+                y.relu()?
+            } else {
+                y
             }
         }
-        let y = self.forward_reference_t(x, train)?;
-        Ok(match act {
-            Activation::Identity => y,
-            Activation::Relu => y.relu()?,
-        })
-    }
-}
-
-/// Helpers for the crate's unit tests: deterministic random values and tensors.
-#[cfg(test)]
-pub(crate) mod test_util {
-    use candle_core::{Device, Tensor};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-
-    /// Deterministic values in [-1, 1), never exactly zero in practice.
-    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut g = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).collect()
-    }
-
-    /// A (rows, cols) tensor of `v`.
-    pub fn t2(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// Every value of `t`, flat.
-    pub fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    }
+        Plan::Frozen(adapter) => {
+            let op = FrozenBaseOp {
+                weight: layer.weight().as_detached_tensor(),
+                bias: layer.bias().map(|b| b.as_detached_tensor()),
+                scale: adapter.map_or(0.0, |ad| ad.scale() as f32),
+                act,
+            };
+            match adapter {
+                Some(ad) => x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?,
+                None if x.track_op() => x.apply_op1(op)?,
+                None => x.apply_op1_no_bwd(&op)?,
+            }
+        }
+        Plan::TrainableBase => {
+            let op = TrainableBaseOp { act };
+            match layer.bias() {
+                Some(b) => x.apply_op3(layer.weight().as_tensor(), b.as_tensor(), op)?,
+                None => x.apply_op2(layer.weight().as_tensor(), op)?,
+            }
+        }
+    };
+    Ok(Some(y))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_util::{flat, rand_vec, t2};
     use super::*;
-    use crate::linear::Adapter;
+    use crate::linear::testing::{flat, rand_vec, reference, t2};
     use candle_core::{Device, Var};
 
     /// A layer (out, in) with bias and one active adapter of rank r, alpha ≠ r, and a non-zero B.
@@ -427,6 +359,7 @@ mod tests {
         for frozen in [true, false] {
             let f = layer(inp, out, r, alpha, frozen, Backend::Fused);
             let rf = layer(inp, out, r, alpha, frozen, Backend::Reference);
+            assert!(plan(&f, &x, false).unwrap().is_some(), "the fused op serves the layer (frozen = {frozen})");
             // Our kernels sum x·Wᵀ in another order than candle's gemm: f32 rounding of sums of 37 terms of
             // size ≲ 1, ≈ 37·6e-8; 1e-5 of the largest value is a safe bound that any wrong term breaks.
             assert_close(&flat(&f.forward(&x).unwrap()), &flat(&rf.forward(&x).unwrap()), 1e-5, &format!("identity, frozen = {frozen}"));
@@ -444,6 +377,7 @@ mod tests {
         let mut results = Vec::new();
         for backend in [Backend::Fused, Backend::Reference] {
             let l = layer(inp, out, r, alpha, true, backend);
+            assert_eq!(plan(&l, xv.as_tensor(), true).unwrap().is_some(), backend == Backend::Fused);
             for act in [Activation::Identity, Activation::Relu] {
                 let g = loss(&l.forward_act_t(xv.as_tensor(), true, act).unwrap(), &c).backward().unwrap();
                 assert!(
@@ -480,6 +414,7 @@ mod tests {
                 Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), alpha, ad.scale(), 0.0).unwrap().with_magnitude(&m).unwrap();
             l.insert_adapter("a", ad).unwrap();
             l.set_active(&["a"]).unwrap();
+            assert_eq!(matches!(plan(&l, xv.as_tensor(), true).unwrap(), Some(Plan::Dora(_))), backend == Backend::Fused);
             for act in [Activation::Identity, Activation::Relu] {
                 let y = l.forward_act_t(xv.as_tensor(), true, act).unwrap();
                 let g = loss(&y, &c).backward().unwrap();
@@ -508,6 +443,7 @@ mod tests {
         let mut results = Vec::new();
         for backend in [Backend::Fused, Backend::Reference] {
             let l = layer(inp, out, 1, 1.0, false, backend);
+            assert_eq!(matches!(plan(&l, xv.as_tensor(), true).unwrap(), Some(Plan::TrainableBase)), backend == Backend::Fused);
             let g = loss(&l.forward_act_t(xv.as_tensor(), true, Activation::Relu).unwrap(), &c).backward().unwrap();
             let grad = |t: &Tensor| flat(g.get(t).expect("missing gradient"));
             results.push([grad(xv.as_tensor()), grad(l.weight().as_tensor()), grad(l.bias().unwrap().as_tensor())]);
@@ -531,16 +467,53 @@ mod tests {
 
     #[test]
     fn layers_the_fused_op_cannot_serve_fall_back_to_the_reference_path() {
-        // Two active adapters: no fused op; the output still equals the reference's.
-        let (inp, out) = (8, 6);
-        let mk = |backend| {
-            let mut l = layer(inp, out, 2, 2.0, true, backend);
-            let ad = Adapter::from_tensors(&t2(rand_vec(inp, 50), (1, inp)), &t2(rand_vec(out, 51), (out, 1)), 1.0, 1.0, 0.0).unwrap();
-            l.insert_adapter("b", ad).unwrap();
-            l.set_active(&["a", "b"]).unwrap();
-            l
+        // Each state no op serves: `plan` finds none, and the output is still the layer's function, checked
+        // against the f64 loops (which share no code with either path). A fused op that took such a layer
+        // and dropped what it cannot compute (a second adapter, a LoRA bias, an adapter's own bias) fails
+        // the comparison; one that took it and computed it all fails the `plan` check.
+        let (n, inp, out, r, alpha) = (4, 8, 6, 2, 2.0);
+        let s = alpha / r as f64;
+        let x = rand_vec(n * inp, 52);
+        let xt = t2(x.clone(), (n, inp));
+        // `layer`'s values (seeds 1–4): W (out, in), b (out), A (r, in), B (out, r).
+        let (w, bias, a, b) = (rand_vec(out * inp, 1), rand_vec(out, 2), rand_vec(r * inp, 3), rand_vec(out * r, 4));
+        let lora = reference(&x, &w, &bias, &a, &b, s, n, inp, out, r); // x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, f64
+        let (a2, b2, extra) = (rand_vec(inp, 50), rand_vec(out, 51), rand_vec(out, 53));
+        let zeros = (vec![0f32; out * inp], vec![0f32; out]);
+        let second = reference(&x, &zeros.0, &zeros.1, &a2, &b2, 3.0, n, inp, out, 1); // 3·(x·A2ᵀ)·B2ᵀ
+        let check = |l: &LoraLinear, want: Vec<f64>, what: &str| {
+            assert!(plan(l, &xt, false).unwrap().is_none(), "{what}: a fused op took the layer");
+            let got = flat(&l.forward(&xt).unwrap());
+            // f32 sums of ≤ 8 terms of size ≤ 1 and products with s ≤ 3: rounding well under 1e-5, while
+            // each dropped part is ≳ 0.1 somewhere (its values are of size ≈ 1).
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-5, "{what}: y[{i}] = {g} vs {w}");
+            }
         };
-        let x = t2(rand_vec(4 * inp, 52), (4, inp));
-        assert_eq!(flat(&mk(Backend::Fused).forward(&x).unwrap()), flat(&mk(Backend::Reference).forward(&x).unwrap()));
+        // Two active adapters: the sum of both deltas.
+        let mut l = layer(inp, out, r, alpha, true, Backend::Fused);
+        let ad = Adapter::from_tensors(&t2(a2.clone(), (1, inp)), &t2(b2.clone(), (out, 1)), 3.0, 3.0, 0.0).unwrap();
+        l.insert_adapter("b", ad).unwrap();
+        assert!(plan(&l, &xt, false).unwrap().is_some(), "one plain adapter is the op's");
+        l.set_active(&["a", "b"]).unwrap();
+        check(&l, lora.iter().zip(&second).map(|(p, q)| p + q).collect(), "two adapters");
+        // A LoRA bias: + s·b_B.
+        let mut l = layer(inp, out, r, alpha, true, Backend::Fused);
+        let ad = l.remove_adapter("a").unwrap().unwrap();
+        let lb = Tensor::from_vec(extra.clone(), out, &Device::Cpu).unwrap();
+        let ad = Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), alpha, s, 0.0).unwrap().with_lora_bias(&lb).unwrap();
+        l.insert_adapter("a", ad).unwrap();
+        l.set_active(&["a"]).unwrap();
+        check(&l, lora.iter().enumerate().map(|(i, v)| v + s * extra[i % out] as f64).collect(), "LoRA bias");
+        // The adapter's own trained bias in place of b.
+        let mut l = layer(inp, out, r, alpha, true, Backend::Fused);
+        l.insert_override("a", None, Some(&Tensor::from_vec(extra.clone(), out, &Device::Cpu).unwrap())).unwrap();
+        check(&l, lora.iter().enumerate().map(|(i, v)| v - bias[i % out] as f64 + extra[i % out] as f64).collect(), "trained bias");
+        // Dropout: no op while training (the mask is the reference path's), the op at inference.
+        let mut l = layer(inp, out, r, alpha, true, Backend::Fused);
+        let ad = l.remove_adapter("a").unwrap().unwrap();
+        l.insert_adapter("a", Adapter::from_tensors(ad.a().as_tensor(), ad.b().as_tensor(), alpha, s, 0.5).unwrap()).unwrap();
+        l.set_active(&["a"]).unwrap();
+        assert!(plan(&l, &xt, true).unwrap().is_none() && plan(&l, &xt, false).unwrap().is_some(), "dropout");
     }
 }

@@ -1,9 +1,6 @@
-//! Merging adapters into the base, taking them back out, and combining adapters into new ones.
-//!
-//! Merge: `W ← W + s·B·A`; unmerge: `W ← W − s·B·A` (exact up to one rounding per element each way;
-//! [`BaseSnapshot`] restores bit-exactly). Combinations compute what PEFT 0.21's `add_weighted_adapter`
-//! computes, per layer, for adapters i with weights w_i and scales s_i (the new adapter has alpha = r,
-//! so its scale is 1):
+//! Combining adapters into a new one ([`LoraModel::combine_adapters_with`]): what PEFT 0.21's
+//! `add_weighted_adapter` computes, per layer, for adapters i with weights w_i and scales s_i (the new
+//! adapter has alpha = r, so its scale is 1):
 //!
 //! - `Cat`: `A = [w_1 s_1 A_1; …; w_n s_n A_n]` (Σr_i, in), `B = [B_1, …, B_n]` (out, Σr_i): exactly the
 //!   weighted sum of the updates, `B·A = Σ w_i s_i B_i A_i`.
@@ -19,13 +16,17 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::combine::{check_density, merge_tasks, quantile, MajoritySign, TaskMerge};
 use crate::config::{LoraConfig, Scaling};
 use crate::decompose::{svd, Dense};
 use crate::error::{LoraError, Result};
+use task_merge::{check_density, merge_tasks, quantile, TaskMerge};
+
+mod task_merge;
+
+use crate::bridge::values as flat;
 use crate::linear::Adapter;
-use crate::mixed::values as flat;
 use crate::model::LoraModel;
+pub use task_merge::MajoritySign;
 
 /// How [`LoraModel::combine_adapters`] builds the new adapter (PEFT's `combination_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,30 +124,7 @@ impl Default for CombineOptions {
     }
 }
 
-/// Exact copies of every base weight and bias, for a bit-exact restore after merges.
-#[derive(Debug, Clone)]
-pub struct BaseSnapshot {
-    tensors: Vec<(String, Tensor, Option<Tensor>)>,
-}
-
 impl LoraModel {
-    /// Copies every layer's weight and bias as stored now.
-    pub fn snapshot_base(&self) -> Result<BaseSnapshot> {
-        let mut tensors = Vec::new();
-        for (n, l) in self.layers() {
-            tensors.push((n.to_string(), l.weight().as_tensor().copy()?, l.bias().map(|b| b.as_tensor().copy()).transpose()?));
-        }
-        Ok(BaseSnapshot { tensors })
-    }
-
-    /// Writes a snapshot back (bit-exact) and forgets every merge.
-    pub fn restore_base(&mut self, snap: &BaseSnapshot) -> Result<()> {
-        for (n, w, b) in &snap.tensors {
-            self.layer_mut(n)?.restore_base(w, b.as_ref())?;
-        }
-        Ok(())
-    }
-
     /// Creates adapter `new_name` from weighted existing adapters (see the module docs), with default
     /// [`CombineOptions`].
     pub fn combine_adapters(&mut self, adapters: &[(&str, f64)], combination: Combination, new_name: &str) -> Result<()> {
@@ -270,14 +248,16 @@ impl LoraModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::linear::LoraLinear;
     use candle_core::Device;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
-    fn model_with(adapters: &[(&str, usize, f64)]) -> LoraModel {
+    /// Layers l1 (6, 9) and l2 (4, 6) with random weights and biases, and the given adapters (name, r,
+    /// alpha) on both with random A and B.
+    pub(crate) fn model_with(adapters: &[(&str, usize, f64)]) -> LoraModel {
         let mut m = LoraModel::new();
         let mut g = StdRng::seed_from_u64(3);
         for (n, i, o) in [("l1", 9, 6), ("l2", 6, 4)] {
@@ -329,22 +309,5 @@ mod tests {
         assert!(ya.iter().zip(&yl).all(|(p, q)| (p - q).abs() < 1e-4));
         let e = m.combine_adapters(&[("a", f64::NAN), ("lin", -1.0)], Combination::Linear, "z").unwrap_err().to_string();
         assert!(e.contains("weight of a = NaN"), "{e}");
-    }
-
-    #[test]
-    fn snapshot_restore_is_bit_exact_after_merge_and_unmerge() {
-        let mut m = model_with(&[("a", 2, 3.0)]);
-        let snap = m.snapshot_base().unwrap();
-        let bits = |m: &LoraModel| -> Vec<u32> {
-            m.base_state().unwrap().iter().flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(f32::to_bits).collect()
-        };
-        let before = bits(&m);
-        m.merge("a", true).unwrap();
-        assert_ne!(bits(&m), before);
-        m.unmerge("a").unwrap();
-        m.merge("a", true).unwrap();
-        m.restore_base(&snap).unwrap();
-        assert_eq!(bits(&m), before);
-        assert!(m.layers().all(|(_, l)| l.merged().is_empty()));
     }
 }

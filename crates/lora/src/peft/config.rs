@@ -1,8 +1,8 @@
 //! PEFT's `adapter_config.json`, both ways: [`parse_peft_config`] reads it into a validated [`LoraConfig`],
 //! [`peft_config_json`] writes one PEFT loads.
 //!
-//! The file is read by `serde` into [`PeftConfigFile`], one field per key of PEFT 0.21's `LoraConfig`, each
-//! of a type that checks its value as it is read ([`Checked`]); `serde_path_to_error` names the key of the
+//! The file is read by `serde` into `PeftConfigFile`, one field per key of PEFT 0.21's `LoraConfig`, each
+//! of a type that checks its value as it is read (`Checked`); `serde_path_to_error` names the key of the
 //! value that fails, down to `rank_pattern.<module>`. Every error reads `<file>: <key> = <value>: <why>`.
 //! `null` reads as absent (PEFT writes `null` for unset keys). Keys PEFT's `LoraConfig` does not have, and
 //! keys of features lora-rs does not have, are refused by name unless they hold PEFT's "off" value.
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::config::{Bias, Init, LoraConfig, Scaling};
 use crate::error::{LoraError, Result};
 use crate::io::FileError;
-use crate::matching::{Exclude, Pattern, Targets};
+use crate::peft::matching::{Exclude, Pattern, Targets};
 
 /// Keys of features lora-rs does not have: accepted only when they hold PEFT's "off" value.
 pub(crate) const OFF_ONLY_KEYS: &[&str] = &[
