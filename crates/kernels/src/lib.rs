@@ -30,6 +30,7 @@ mod linear;
 mod mat;
 mod matmul;
 mod sgemm;
+pub mod vector;
 
 pub use bf16::Bf16Matrix;
 pub use delta::{add_delta, DeltaRef};

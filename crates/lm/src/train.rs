@@ -179,7 +179,7 @@ pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bo
         let logits = model.logits_rows(&t, None, train)?; // (rows·len, V)
         if crate::fused::supports(&logits) {
             // Every position predicts the next token; the last of each row predicts nothing.
-            let ignore = crate::fused::cross_entropy::IGNORE;
+            let ignore = lora_optim::IGNORE;
             let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
             return Ok(crate::fused::cross_entropy(&logits, &targets)?);
         }
