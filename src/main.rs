@@ -17,8 +17,21 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A write past the file-size limit (`ulimit -f`, a full quota) would kill the process with SIGXFSZ and
+/// leave its temporary file behind; ignored, the write fails with EFBIG instead, and the atomic writers
+/// remove their temporary files and report the path.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code, touches no Rust state and
+    // is done once, before this program starts any thread.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() {
     outputs::quiet_on_broken_pipe();
+    ignore_file_size_signal();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORA_LOG").unwrap_or_else(|_| "warn".into()))

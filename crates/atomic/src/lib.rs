@@ -6,6 +6,11 @@
 //! write_atomic(path, bytes):  dir = path's directory (made when missing)
 //!                             dir/.NAME.XXXXXX.tmp  ← bytes, fsync     (a fresh name per call: tempfile)
 //!                             rename over path, fsync dir               (the rename itself made durable)
+//! write_dir_atomic(dir, files): the files of one output that belong together (an adapter's config and
+//!                             weights, a model's config and weights) written into a fresh sibling folder
+//!                             .NAME.XXXXXX.tmp/, each fsynced, then renamed to dir in one step when dir
+//!                             is missing or empty; into an existing non-empty dir, file by file (each
+//!                             atomic, the last one named last: the one that makes the folder an output)
 //! ```
 //!
 //! A reader (or a crash) sees the old file or the whole new one, never a part. Each call writes its own
@@ -31,6 +36,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // The rename is durable once the directory is synced (POSIX); best effort where a directory cannot be
     // opened as a file (Windows).
     if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes the files of one output folder so that `dir` holds all of them or none of this write's: see the
+/// crate docs. `files` are (file name, bytes); the last one is the one that marks the folder as complete
+/// (a config) and is written last when the folder already holds other files.
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> std::io::Result<()> {
+    let name = dir.file_name().ok_or_else(|| Error::new(ErrorKind::InvalidInput, "not a folder name"))?;
+    let parent = dir.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let empty = match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        Err(e) => return Err(e),
+    };
+    if !empty {
+        for (f, bytes) in files {
+            write_atomic(&dir.join(f), bytes)?;
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new().prefix(&format!(".{}.", name.to_string_lossy())).suffix(".tmp").tempdir_in(parent)?;
+    for (f, bytes) in files {
+        let mut file = std::fs::File::create(staging.path().join(f))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    if let Ok(d) = std::fs::File::open(staging.path()) {
+        let _ = d.sync_all();
+    }
+    // rename(2) replaces an empty directory, or creates the name: either way in one step.
+    std::fs::rename(staging.path(), dir)?;
+    let _ = staging.keep(); // renamed away: nothing left to remove
+    if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
     Ok(())
@@ -96,5 +137,28 @@ mod tests {
         let got = std::fs::read(&p).unwrap();
         assert!(contents.contains(&got), "the file is no writer's whole contents");
         assert_eq!(entries(d.path()), ["shared.bin"]);
+    }
+
+    #[test]
+    fn a_folder_gets_all_its_files_in_one_step_or_none() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("adapter");
+        write_dir_atomic(&out, &[("weights.bin", b"w"), ("config.json", b"{}")]).unwrap();
+        assert_eq!(entries(&out), ["config.json", "weights.bin"]);
+        assert_eq!(entries(d.path()), ["adapter"], "no staging folder left behind");
+        // An existing empty folder is replaced in one step too.
+        let empty = d.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        write_dir_atomic(&empty, &[("a", b"1")]).unwrap();
+        assert_eq!(entries(&empty), ["a"]);
+        // A folder holding other files keeps them; each file is replaced whole.
+        write_dir_atomic(&out, &[("weights.bin", b"w2"), ("config.json", b"{\"r\": 2}")]).unwrap();
+        assert_eq!(std::fs::read(out.join("weights.bin")).unwrap(), b"w2");
+        assert_eq!(entries(&out), ["config.json", "weights.bin"]);
+        // A write that fails (a file name that is a folder path) leaves nothing behind.
+        let bad = d.path().join("bad");
+        assert!(write_dir_atomic(&bad, &[("a", b"1"), ("no/such/sub", b"2")]).is_err());
+        assert!(!bad.exists());
+        assert_eq!(entries(d.path()), ["adapter", "empty"], "the staging folder was removed");
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use lora::io::{save_safetensors, write_atomic, TensorFile};
+use lora::io::TensorFile;
 use serde_json::Value;
 
 use crate::config::{LlamaConfig, TokenizerKind};
@@ -152,7 +152,6 @@ pub fn save_model(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>) -
 /// [`save_model`] with the weights in `dtype`; the fingerprint is that of the weights as written (the model
 /// [`load_model`] reads back).
 pub fn save_model_as(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>, dtype: WeightDtype) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
     let mut state = model.base_state()?;
     if dtype == WeightDtype::Bf16 {
         for (_, t) in &mut state {
@@ -162,11 +161,12 @@ pub fn save_model_as(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>
     let mut meta: HashMap<String, String> = extra.clone().into_iter().collect();
     meta.insert("format".into(), "pt".into());
     meta.insert(META_FINGERPRINT.into(), lora::io::fingerprint(&state)?);
-    save_safetensors(&dir.join(WEIGHTS_FILE), &state, &meta)?;
+    let weights = lora::io::safetensors_bytes(&state, &meta)?;
     let mut config = model.config().to_json();
     config["torch_dtype"] = dtype.torch_name().into();
     let text = serde_json::to_string_pretty(&config).map_err(|e| LmError::file(&dir.join(CONFIG_FILE), e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
+    // Both files or neither: the model folder appears whole (config.json, which makes it a model, last).
+    lora::io::write_dir_atomic(dir, &[(WEIGHTS_FILE, &weights), (CONFIG_FILE, format!("{text}\n").as_bytes())])?;
     Ok(())
 }
 

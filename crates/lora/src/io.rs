@@ -47,6 +47,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     Ok(())
 }
 
+/// Writes the files of one output folder (`(name, bytes)`, the marking file last) so that `dir` holds all
+/// of them or none ([`lora_atomic::write_dir_atomic`]), naming the folder in the error.
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<(), FileError> {
+    lora_atomic::write_dir_atomic(dir, files).map_err(|error| FileError::Io { path: dir.to_path_buf(), error })?;
+    tracing::info!(path = %dir.display(), files = files.len(), "wrote folder");
+    Ok(())
+}
+
 /// Serialises named tensors (in the given order) with `metadata` to safetensors bytes: BF16 tensors as
 /// BF16, every other as F32.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> candle_core::Result<Vec<u8>> {

@@ -12,7 +12,7 @@ use super::config::peft_config_json;
 use super::files::{bad, CONFIG_FILE, META_BASE_SHA256, PEFT_PREFIX, WEIGHTS_FILE};
 use crate::config::{Init, LoraConfig, Scaling};
 use crate::error::Result;
-use crate::io::{save_safetensors, write_atomic, FileError};
+use crate::io::{safetensors_bytes, write_dir_atomic};
 use crate::model::LoraModel;
 use crate::peft::matching::{Pattern, Targets};
 
@@ -126,12 +126,11 @@ impl LoraModel {
         if let Some(fp) = &opts.base_fingerprint {
             meta.insert(META_BASE_SHA256.into(), fp.clone());
         }
-        std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.to_path_buf(), error: source })?;
-        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
+        let weights = safetensors_bytes(&tensors, &meta).map_err(|e| bad(&dir.join(WEIGHTS_FILE), e.to_string()))?;
         let json = peft_config_json(&config, opts.base_model_name_or_path.as_deref(), opts.task_type.as_deref());
         let text = serde_json::to_string_pretty(&json).map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
-        write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())?;
-        Ok(())
+        // Both files or neither: the adapter folder appears whole (the config, which makes it an adapter, last).
+        Ok(write_dir_atomic(dir, &[(WEIGHTS_FILE, &weights), (CONFIG_FILE, format!("{text}\n").as_bytes())])?)
     }
 }
 
