@@ -10,10 +10,6 @@ fn lora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lora"))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn ok(dir: &Path, args: &[&str]) {
     let o = lora().args(args).current_dir(dir).output().unwrap();
     assert!(o.status.success(), "lora {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
