@@ -11,7 +11,10 @@ use crate::cli::ServeArgs;
 
 /// `value` seconds as a duration, or an error naming `flag`.
 fn seconds(flag: &str, value: f64) -> Result<Duration> {
-    anyhow::ensure!(value.is_finite() && value > 0.0 && value <= 86_400.0, "{flag} {value}: give a number of seconds above 0 (at most 86400)");
+    anyhow::ensure!(
+        value.is_finite() && value > 0.0 && value <= 86_400.0,
+        "{flag} {value}: give a number of seconds above 0 (at most 86400)"
+    );
     Ok(Duration::from_secs_f64(value))
 }
 
@@ -94,7 +97,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     match stopped {
         Stopped::Drained => println!("lora serve: stopped (requests in flight finished)"),
         Stopped::TimedOut { open_requests } => {
-            println!("lora serve: stopped after --shutdown-timeout {} s; {open_requests} request(s) still open were dropped", a.shutdown_timeout)
+            println!(
+                "lora serve: stopped after --shutdown-timeout {} s; {open_requests} request(s) still open were dropped",
+                a.shutdown_timeout
+            )
         }
     }
     Ok(())

@@ -67,12 +67,20 @@ impl ClassifierEngine {
     /// `settings.max_batch` counts images.
     pub fn start(net: Arc<ExpensiveNet>, norm: Normalization, settings: BatchSettings, metrics: Arc<Metrics>) -> crate::Result<Self> {
         if !(norm.std.is_finite() && norm.std > 0.0 && norm.mean.is_finite()) {
-            return Err(ServeError::setting("normalization", format!("mean {} std {}", norm.mean, norm.std), "std must be > 0, both finite"));
+            return Err(ServeError::setting(
+                "normalization",
+                format!("mean {} std {}", norm.mean, norm.std),
+                "std must be > 0, both finite",
+            ));
         }
         let mut layers = Vec::with_capacity(LAYERS.len());
         for (name, act) in LAYERS {
             let i = net.model.layer_names().position(|n| n == name).ok_or_else(|| {
-                ServeError::setting("model", name, format!("the classifier has no layer {name:?} (it has {:?})", net.model.layer_names().collect::<Vec<_>>()))
+                ServeError::setting(
+                    "model",
+                    name,
+                    format!("the classifier has no layer {name:?} (it has {:?})", net.model.layer_names().collect::<Vec<_>>()),
+                )
             })?;
             layers.push((i, act));
         }

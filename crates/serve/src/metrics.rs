@@ -153,7 +153,11 @@ impl Default for Metrics {
         registry.register("requests_in_flight", "Completions and predictions admitted now", in_flight.clone());
         registry.register("worker_up", "1 while the batching worker runs", worker_up.clone());
         registry.register("worker_panics", "Batching steps that panicked", worker_panics.clone());
-        registry.register("stalled_connections_dropped", "Connections dropped because the client stopped reading", stalled_connections.clone());
+        registry.register(
+            "stalled_connections_dropped",
+            "Connections dropped because the client stopped reading",
+            stalled_connections.clone(),
+        );
         Metrics {
             registry,
             requests,

@@ -118,7 +118,11 @@ impl axum::serve::Listener for Listener {
                     return (WriteTimeout::new(stream, self.write_timeout, self.dropped.clone()), addr);
                 }
                 // The peer gave up before we accepted: take the next.
-                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    ) => {}
                 // Out of file descriptors or the like: wait for some to close rather than spin (as axum does).
                 Err(e) => {
                     tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");

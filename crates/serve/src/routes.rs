@@ -287,7 +287,9 @@ fn updates_allowed(state: &State, route: &str) -> Result<(), ApiError> {
     }
     Err(ApiError::status(
         StatusCode::FORBIDDEN,
-        format!("{route}: loading and unloading adapters over HTTP is off on this server; start it with --allow-adapter-updates to allow it"),
+        format!(
+            "{route}: loading and unloading adapters over HTTP is off on this server; start it with --allow-adapter-updates to allow it"
+        ),
     ))
 }
 
@@ -300,7 +302,8 @@ async fn load_adapter(AxState(state): S, b: Result<Json<Value>, JsonRejection>) 
         updates_allowed(&state, "/v1/load_lora_adapter")?;
         let r: LoadRequest = parse(body(b, state.limits.max_body_bytes)?)?;
         let registry = state.registry.clone();
-        let info = tokio::task::spawn_blocking(move || registry.load(&r.lora_name, &r.lora_path, r.load_inplace)).await.map_err(joined)??;
+        let info =
+            tokio::task::spawn_blocking(move || registry.load(&r.lora_name, &r.lora_path, r.load_inplace)).await.map_err(joined)??;
         // Labelled only once accepted: refused names (any text a client sends) never become label values.
         model.set(info.name.clone());
         Ok(Json(json!({"status": "ok", "adapter": info})).into_response())
@@ -646,7 +649,9 @@ async fn predict(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -> Re
             .await
             .map_err(|_| failure(Failure::timeout("the prediction ran past the server's request timeout (--request-timeout)")))?;
         let probs = answer
-            .map_err(|_| ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the classifier worker stopped before this prediction finished"))?
+            .map_err(|_| {
+                ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the classifier worker stopped before this prediction finished")
+            })?
             .map_err(failure)?;
         let label = state.metrics.models.label(&r.model);
         state.metrics.images.get_or_create(&crate::metrics::ModelLabel { model: label }).inc_by(n as u64);
@@ -807,9 +812,10 @@ mod tests {
         write_lm(d.path(), 64);
         let s = Running::start(crate::ServeOptions { access: Access::default(), ..options(d.path()) }).await;
         let c = reqwest::Client::new();
-        for (route, body) in
-            [("/v1/load_lora_adapter", json!({"lora_name": "c", "lora_path": "spare/c"})), ("/v1/unload_lora_adapter", json!({"lora_name": "a"}))]
-        {
+        for (route, body) in [
+            ("/v1/load_lora_adapter", json!({"lora_name": "c", "lora_path": "spare/c"})),
+            ("/v1/unload_lora_adapter", json!({"lora_name": "a"})),
+        ] {
             let (status, v) = post(&c, &format!("{}{route}", s.url), &body).await;
             assert_eq!(status, 403, "{route}: {v}");
             assert!(v["error"]["message"].as_str().unwrap().contains("--allow-adapter-updates"), "{route}: {v}");
@@ -870,8 +876,11 @@ mod tests {
             assert_eq!(status, 200, "{v}");
         }
         let metrics = c.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-        let models: std::collections::HashSet<&str> =
-            metrics.lines().filter(|l| l.starts_with("lora_requests_total{")).filter_map(|l| l.split("model=\"").nth(1)?.split('"').next()).collect();
+        let models: std::collections::HashSet<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("lora_requests_total{"))
+            .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+            .collect();
         assert!(models.len() <= crate::metrics::MODEL_LABELS + 1, "{} model labels", models.len());
         assert!(models.contains("other"), "{models:?}");
     }

@@ -31,7 +31,11 @@ pub fn config(context: usize) -> LlamaConfig {
 
 /// Writes adapter `name` (random non-zero B on every projection) for `m` into `dir`.
 pub fn write_adapter(m: &mut Llama, name: &str, seed: u64, dir: &Path) {
-    let c = LoraConfig { target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(), init: lora::Init::PeftGaussian, ..LoraConfig::new(4, 8.0) };
+    let c = LoraConfig {
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        init: lora::Init::PeftGaussian,
+        ..LoraConfig::new(4, 8.0)
+    };
     m.lora_mut().add_adapter(name, &c, &mut StdRng::seed_from_u64(seed)).unwrap();
     let mut g = StdRng::seed_from_u64(seed + 1000);
     for (_, l) in m.lora().layers() {

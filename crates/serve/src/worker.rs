@@ -221,6 +221,9 @@ mod tests {
         let a = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
         let b = std::panic::catch_unwind(|| panic!("formatted {}", 7)).unwrap_err();
         let c = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
-        assert_eq!((panic_message(&*a), panic_message(&*b), panic_message(&*c)), ("plain".into(), "formatted 7".into(), "a panic without a message".into()));
+        assert_eq!(
+            (panic_message(&*a), panic_message(&*b), panic_message(&*c)),
+            ("plain".into(), "formatted 7".into(), "a panic without a message".into())
+        );
     }
 }
