@@ -135,12 +135,13 @@ impl Worker {
                 Ok(false) => return,
                 Err(p) => {
                     let message = panic_message(&*p);
+                    supervisor.panicked("classifier", &message);
                     for j in batch.drain(..) {
                         let _ = j.reply.send(Err(Failure::internal(format!(
                             "the classifier worker panicked in the batch that ran this request ({message}); the worker goes on"
                         ))));
                     }
-                    supervisor.panicked("classifier", &message);
+                    supervisor.back_off();
                 }
             }
         }

@@ -218,6 +218,7 @@ impl Worker {
                 Ok(None) => return,
                 Err(p) => {
                     let message = panic_message(&*p);
+                    supervisor.panicked("lm", &message);
                     for r in q.running.drain(..) {
                         let _ = r.job.events.send(Event::Failed(
                             r.job.index,
@@ -230,7 +231,7 @@ impl Worker {
                     if message == crate::worker::fault::KILL_MESSAGE {
                         std::panic::resume_unwind(p);
                     }
-                    supervisor.panicked("lm", &message);
+                    supervisor.back_off();
                 }
             }
         }

@@ -130,7 +130,8 @@ impl Supervisor {
         self.in_a_row = 0;
     }
 
-    /// A turn panicked with `message` (its requests already failed): count it, log it, back off.
+    /// A turn panicked with `message`: count it and log it (before its requests are failed, so that a
+    /// client told of the panic finds it counted).
     pub fn panicked(&mut self, worker: &str, message: &str) {
         self.in_a_row = self.in_a_row.saturating_add(1);
         self.health.panics.fetch_add(1, Ordering::Relaxed);
@@ -138,8 +139,17 @@ impl Supervisor {
         if let Ok(mut m) = self.health.last_panic.lock() {
             *m = Some(message.to_string());
         }
+        tracing::error!(
+            worker,
+            panic = message,
+            in_a_row = self.in_a_row,
+            "a batching step panicked; its requests fail, the worker goes on"
+        );
+    }
+
+    /// After a panic's requests have failed: waits [`backoff`] (reporting `restarting` meanwhile).
+    pub fn back_off(&mut self) {
         let wait = backoff(self.in_a_row);
-        tracing::error!(worker, panic = message, in_a_row = self.in_a_row, wait_ms = wait.as_millis() as u64, "a batching step panicked");
         if !wait.is_zero() {
             self.health.set(WorkerState::Restarting);
             std::thread::sleep(wait);
@@ -209,7 +219,10 @@ mod tests {
         let h = WorkerHealth::new(up.clone(), panics.clone());
         let mut s = Supervisor::new(h.clone());
         s.panicked("test", "first");
-        s.panicked("test", "second"); // waits 10 ms, restarting meanwhile
+        s.back_off();
+        s.panicked("test", "second");
+        assert_eq!(h.panics(), 2, "counted before the back-off");
+        s.back_off(); // waits 10 ms, restarting meanwhile
         s.step_ok();
         assert_eq!((h.panics(), panics.get(), h.last_panic().as_deref()), (2, 2, Some("second")));
         assert_eq!((h.state(), up.get()), (WorkerState::Running, 1));
