@@ -65,7 +65,14 @@ pub struct ClassifierEngine {
 impl ClassifierEngine {
     /// Starts the worker for `net` (no adapters of its own), normalising with `norm`.
     /// `settings.max_batch` counts images.
-    pub fn start(net: Arc<ExpensiveNet>, norm: Normalization, settings: BatchSettings, metrics: Arc<Metrics>) -> crate::Result<Self> {
+    /// A batch running longer than `stuck_after` reports the worker stuck.
+    pub fn start(
+        net: Arc<ExpensiveNet>,
+        norm: Normalization,
+        settings: BatchSettings,
+        metrics: Arc<Metrics>,
+        stuck_after: std::time::Duration,
+    ) -> crate::Result<Self> {
         if !(norm.std.is_finite() && norm.std > 0.0 && norm.mean.is_finite()) {
             return Err(ServeError::setting(
                 "normalization",
@@ -86,7 +93,7 @@ impl ClassifierEngine {
         }
         let [inputs, _, _, classes] = net.sizes()?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let health = WorkerHealth::new(metrics.worker_up.clone(), metrics.worker_panics.clone());
+        let health = WorkerHealth::new(metrics.worker_up.clone(), metrics.worker_panics.clone(), stuck_after);
         let h = health.clone();
         std::thread::Builder::new()
             .name("lora-classifier-batcher".into())
@@ -127,10 +134,10 @@ struct Worker {
 impl Worker {
     fn run(self, rx: Receiver<Job>, health: Arc<WorkerHealth>) {
         let _alive = AliveGuard(health.clone());
-        let mut supervisor = Supervisor::new(health);
+        let mut supervisor = Supervisor::new(health.clone());
         let mut batch: Vec<Job> = Vec::new();
         loop {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&rx, &mut batch))) {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&rx, &mut batch, &health))) {
                 Ok(true) => supervisor.step_ok(),
                 Ok(false) => return,
                 Err(p) => {
@@ -148,7 +155,7 @@ impl Worker {
     }
 
     /// Collects one batch into `batch` and answers it; false when the channel is closed.
-    fn turn(&self, rx: &Receiver<Job>, batch: &mut Vec<Job>) -> bool {
+    fn turn(&self, rx: &Receiver<Job>, batch: &mut Vec<Job>, health: &WorkerHealth) -> bool {
         let Ok(first) = rx.recv() else { return false };
         batch.push(first);
         let mut images = batch[0].pixels.len() / self.inputs;
@@ -173,6 +180,7 @@ impl Worker {
             return true;
         }
         self.metrics.batch_size.observe(batch.iter().map(|j| j.pixels.len() / self.inputs).sum::<usize>() as f64);
+        let _step = health.step();
         #[cfg(test)]
         if batch.iter().any(|j| j.pixels.first().is_some_and(|p| *p == f32::MAX)) {
             panic!("test hook: a panic in this batch");
@@ -239,7 +247,14 @@ mod tests {
 
     fn engine(net: ExpensiveNet) -> ClassifierEngine {
         let settings = BatchSettings { max_batch: 64, window: Duration::from_millis(1) };
-        ClassifierEngine::start(Arc::new(net), Normalization { mean: 0.1, std: 0.3 }, settings, Arc::new(Metrics::default())).unwrap()
+        ClassifierEngine::start(
+            Arc::new(net),
+            Normalization { mean: 0.1, std: 0.3 },
+            settings,
+            Arc::new(Metrics::default()),
+            Duration::from_secs(60),
+        )
+        .unwrap()
     }
 
     fn ask(e: &ClassifierEngine, pixels: Vec<f32>) -> oneshot::Receiver<Result<Vec<f32>, Failure>> {

@@ -137,16 +137,17 @@ pub struct LmEngine {
 
 impl LmEngine {
     /// Starts the worker thread. `base` is `model`'s [`Llama::pack_base`]: the weights it holds in bf16
-    /// are read from there.
+    /// are read from there. A step running longer than `stuck_after` reports the worker stuck.
     pub fn start(
         model: Arc<Llama>,
         base: PackedBase,
         tokenizer: Arc<Tokenizer>,
         settings: BatchSettings,
         metrics: Arc<Metrics>,
+        stuck_after: Duration,
     ) -> crate::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let health = WorkerHealth::new(metrics.worker_up.clone(), metrics.worker_panics.clone());
+        let health = WorkerHealth::new(metrics.worker_up.clone(), metrics.worker_panics.clone(), stuck_after);
         let h = health.clone();
         std::thread::Builder::new()
             .name("lora-lm-batcher".into())
@@ -206,10 +207,10 @@ impl Worker {
     /// turn starts (after the supervisor's backoff).
     fn run(self, rx: Receiver<Job>, health: Arc<WorkerHealth>) {
         let _alive = AliveGuard(health.clone());
-        let mut supervisor = Supervisor::new(health);
+        let mut supervisor = Supervisor::new(health.clone());
         let mut q = Queues::default();
         loop {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&rx, &mut q))) {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&rx, &mut q, &health))) {
                 Ok(Some(stepped)) => {
                     if stepped {
                         supervisor.step_ok();
@@ -239,7 +240,7 @@ impl Worker {
 
     /// Takes new jobs, drops the finished, the abandoned and the late, and runs one step. `None` when the
     /// channel is closed and nothing is left; else whether a step ran.
-    fn turn(&self, rx: &Receiver<Job>, q: &mut Queues) -> Option<bool> {
+    fn turn(&self, rx: &Receiver<Job>, q: &mut Queues, health: &WorkerHealth) -> Option<bool> {
         if q.running.is_empty() && q.waiting.is_empty() {
             q.waiting.push_back(rx.recv().ok()?);
             let deadline = Instant::now() + self.settings.window;
@@ -279,6 +280,7 @@ impl Worker {
         }
         // Sequences of one adapter side by side share their delta products (the order changes no result).
         q.running.sort_by(|a, b| adapter_key(a).cmp(&adapter_key(b)));
+        let _step = health.step();
         self.step(&mut q.running);
         Some(true)
     }
@@ -296,6 +298,9 @@ impl Worker {
         };
         #[cfg(test)]
         for r in running.iter() {
+            if crate::worker::fault::asks(&r.job.prompt, crate::worker::fault::HANG_STEP) {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
             if crate::worker::fault::asks(&r.job.prompt, crate::worker::fault::PANIC_STEP) {
                 panic!("test hook: a panic in this step");
             }

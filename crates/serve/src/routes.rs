@@ -234,20 +234,22 @@ async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("page.html"))
 }
 
-/// 200 `ok` while the worker runs; 503 `unhealthy` when it is restarting or dead, `draining` after the
-/// shutdown signal (so that a load balancer stops sending).
+/// 200 `ok` while the worker runs; 503 `unhealthy` when it is restarting, stuck in one step past the
+/// request timeout, or dead; 503 `draining` after the shutdown signal (so that a load balancer stops
+/// sending).
 async fn health(AxState(state): S) -> Response {
     let worker = state.worker();
     let (status, code) = if state.draining.load(Ordering::Acquire) {
         ("draining", StatusCode::SERVICE_UNAVAILABLE)
     } else if worker.state() != WorkerState::Running {
-        ("unhealthy", StatusCode::SERVICE_UNAVAILABLE)
+        ("unhealthy", StatusCode::SERVICE_UNAVAILABLE) // restarting, stuck or dead
     } else {
         ("ok", StatusCode::OK)
     };
     let body = json!({"status": status, "kind": state.kind.as_str(), "model": state.registry.base_name(),
         "adapters_loaded": state.registry.held(), "adapter_updates": state.allow_adapter_updates,
-        "worker": {"state": worker.state(), "panics": worker.panics(), "last_panic": worker.last_panic()},
+        "worker": {"state": worker.state(), "panics": worker.panics(), "last_panic": worker.last_panic(),
+            "step_seconds": worker.step_age().map(|d| d.as_secs_f64())},
         "requests_in_flight": state.admission.in_flight(), "max_concurrent_requests": state.admission.limit()});
     (code, Json(body)).into_response()
 }
@@ -683,7 +685,7 @@ mod tests {
     use serde_json::json;
 
     use crate::testing::{get, options, post, write_lm, Running};
-    use crate::worker::fault::{KILL_WORKER, PANIC_STEP};
+    use crate::worker::fault::{HANG_STEP, KILL_WORKER, PANIC_STEP};
     use crate::{Access, Limits, Timeouts};
 
     fn greedy(prompt: &str) -> serde_json::Value {
@@ -785,6 +787,38 @@ mod tests {
             "FAULTS panics: 16 clients completing again and again while 5 panics were injected (test hook): {ok} got their text, \
              {failed_with_step} shared a panicking step and got its 500, 0 other answers, 0 lost; /health ok after, 5 panics counted"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_running_past_the_request_timeout_makes_health_unhealthy_until_it_ends() {
+        let d = tempfile::tempdir().unwrap();
+        write_lm(d.path(), 64);
+        let o =
+            crate::ServeOptions { timeouts: Timeouts { request: Duration::from_millis(500), ..Timeouts::default() }, ..options(d.path()) };
+        let s = Running::start(o).await;
+        let c = reqwest::Client::new();
+        let hung = tokio::spawn({
+            let (c, u) = (c.clone(), format!("{}/v1/completions", s.url));
+            async move { post(&c, &u, &greedy(HANG_STEP)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await; // the step sleeps 1.5 s; the limit is 0.5 s
+        let (status, h) = get(&c, &format!("{}/health", s.url)).await;
+        assert_eq!((status, h["worker"]["state"].as_str()), (503, Some("stuck")), "{h}");
+        assert!(h["worker"]["step_seconds"].as_f64().unwrap() > 0.5, "{h}");
+        let (status, v) = hung.await.unwrap();
+        assert_eq!(status, 504, "{v}");
+        // Once the step returns, the worker runs again.
+        let mut h = serde_json::Value::Null;
+        for _ in 0..100 {
+            h = get(&c, &format!("{}/health", s.url)).await.1;
+            if h["status"] == "ok" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h["worker"]["state"].as_str(), Some("running"), "{h}");
+        let (status, v) = post(&c, &format!("{}/v1/completions", s.url), &greedy("a")).await;
+        assert_eq!(status, 200, "{v}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,7 +284,7 @@ impl Server {
             let base = model.pack_base()?;
             tracing::info!(layers = base.bf16_layers(), bytes = base.bytes(), "base weights held in bf16 for serving");
             metrics.base_bf16_bytes.set(base.bytes() as i64);
-            let engine = LmEngine::start(model, base, tokenizer.clone(), settings, metrics.clone())?;
+            let engine = LmEngine::start(model, base, tokenizer.clone(), settings, metrics.clone(), o.timeouts.request)?;
             (ModelKind::Lm, registry, Some(LmState { engine, tokenizer, context }), None)
         } else if o.model.is_file() {
             let mut net = ExpensiveNet::load(&o.model)?;
@@ -309,7 +309,7 @@ impl Server {
             let n = net.clone();
             let packer: Packer = Arc::new(move |files| n.model.pack_adapter(files).map_err(|e| e.to_string()));
             let registry = Arc::new(Registry::new(o.adapters.as_deref(), o.max_loaded, &name, fingerprint, packer, metrics.clone())?);
-            let engine = ClassifierEngine::start(net, inputs.normalization, settings, metrics.clone())?;
+            let engine = ClassifierEngine::start(net, inputs.normalization, settings, metrics.clone(), o.timeouts.request)?;
             (ModelKind::Classifier, registry, None, Some(ClassifierState { engine, samples: inputs }))
         } else {
             return Err(ServeError::path(&o.model, "no such model: give an LM model directory or an MNIST model file"));

@@ -9,17 +9,19 @@
 //!                 │   k-th panic in a row: Restarting for backoff(k)        │
 //!                 └─────────────────────────────────────────────────────────┘
 //! thread exit (channel closed, or a panic the loop could not catch) ──► Dead
+//! one step running longer than the request timeout ──────────────────► Stuck (until it ends)
 //! ```
 //!
 //! A step's state (the running sequences and their KV caches) is thrown away after a panic; the model and
 //! the packed base are read-only while serving, so nothing shared is left half-changed. Consecutive panics
 //! back off — 0, 10, 20, 40 … ms, at most 1 s — so a poison request cannot spin the worker at full speed;
-//! while it waits the worker reports `restarting` and `/health` answers 503.
+//! while it waits the worker reports `restarting` and `/health` answers 503. A step that runs longer than
+//! the request timeout has outlived every request in it: the worker reports `stuck` until it returns.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -33,6 +35,8 @@ pub enum WorkerState {
     Running,
     /// Backing off after panics in consecutive steps; requests wait in the queue.
     Restarting,
+    /// One step has run longer than the request timeout: every request in it is past its deadline.
+    Stuck,
     /// The thread has ended: no request can be served.
     Dead,
 }
@@ -41,6 +45,10 @@ pub enum WorkerState {
 #[derive(Debug)]
 pub struct WorkerHealth {
     state: AtomicU8,
+    /// When the step running now started, in ms after `epoch` + 1 (0: no step running).
+    busy_since: AtomicU64,
+    epoch: Instant,
+    stuck_after: Duration,
     panics: AtomicU64,
     last_panic: Mutex<Option<String>>,
     up: Gauge,
@@ -48,11 +56,15 @@ pub struct WorkerHealth {
 }
 
 impl WorkerHealth {
-    /// A running worker's health, mirrored in the `up` gauge (1 running, 0 otherwise) and `panics` counter.
-    pub fn new(up: Gauge, panics: Counter) -> Arc<Self> {
+    /// A running worker's health, mirrored in the `up` gauge (1 running, 0 otherwise) and `panics` counter;
+    /// a step running longer than `stuck_after` makes it [`WorkerState::Stuck`].
+    pub fn new(up: Gauge, panics: Counter, stuck_after: Duration) -> Arc<Self> {
         up.set(1);
         Arc::new(WorkerHealth {
             state: AtomicU8::new(0),
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stuck_after,
             panics: AtomicU64::new(0),
             last_panic: Mutex::new(None),
             up,
@@ -62,17 +74,36 @@ impl WorkerHealth {
 
     /// The state now.
     pub fn state(&self) -> WorkerState {
-        match self.state.load(Ordering::Acquire) {
+        let s = match self.state.load(Ordering::Acquire) {
             0 => WorkerState::Running,
             1 => WorkerState::Restarting,
             _ => WorkerState::Dead,
+        };
+        if s == WorkerState::Running && self.step_age().is_some_and(|age| age > self.stuck_after) {
+            return WorkerState::Stuck;
+        }
+        s
+    }
+
+    /// How long the step running now has run (`None`: none runs).
+    pub fn step_age(&self) -> Option<Duration> {
+        match self.busy_since.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(self.epoch.elapsed().saturating_sub(Duration::from_millis(t - 1))),
         }
     }
 
+    /// Marks a step as running from now until the guard is dropped (however the step ends).
+    pub(crate) fn step(&self) -> StepGuard<'_> {
+        self.busy_since.store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
+        StepGuard(self)
+    }
+
+    /// Sets the stored state (`Stuck` is not stored: [`WorkerHealth::state`] derives it from the step's age).
     fn set(&self, s: WorkerState) {
         self.state.store(
             match s {
-                WorkerState::Running => 0,
+                WorkerState::Running | WorkerState::Stuck => 0,
                 WorkerState::Restarting => 1,
                 WorkerState::Dead => 2,
             },
@@ -89,6 +120,15 @@ impl WorkerHealth {
     /// The last panic's message.
     pub fn last_panic(&self) -> Option<String> {
         self.last_panic.lock().ok().and_then(|m| m.clone())
+    }
+}
+
+/// A step under way; see [`WorkerHealth::step`].
+pub(crate) struct StepGuard<'a>(&'a WorkerHealth);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since.store(0, Ordering::Release);
     }
 }
 
@@ -177,6 +217,8 @@ pub(crate) mod fault {
     pub const PANIC_STEP: &str = "<test-hook: panic in this step>";
     /// A prompt containing this panics the worker beyond its supervisor: the thread dies.
     pub const KILL_WORKER: &str = "<test-hook: kill the worker>";
+    /// A prompt containing this makes the step that runs it sleep for 1.5 s.
+    pub const HANG_STEP: &str = "<test-hook: hang in this step>";
     /// The panic message of [`KILL_WORKER`], which the supervisor lets through.
     pub const KILL_MESSAGE: &str = "test hook: the worker thread dies";
 
@@ -201,7 +243,7 @@ mod tests {
     #[test]
     fn a_thread_that_ends_by_panicking_leaves_its_worker_dead_and_its_up_gauge_at_zero() {
         let (up, panics) = (Gauge::default(), Counter::default());
-        let h = WorkerHealth::new(up.clone(), panics);
+        let h = WorkerHealth::new(up.clone(), panics, Duration::from_secs(60));
         assert_eq!((h.state(), up.get()), (WorkerState::Running, 1));
         let h2 = h.clone();
         let joined = std::thread::spawn(move || {
@@ -216,7 +258,7 @@ mod tests {
     #[test]
     fn the_supervisor_counts_panics_keeps_the_last_message_and_runs_again() {
         let (up, panics) = (Gauge::default(), Counter::default());
-        let h = WorkerHealth::new(up.clone(), panics.clone());
+        let h = WorkerHealth::new(up.clone(), panics.clone(), Duration::from_secs(60));
         let mut s = Supervisor::new(h.clone());
         s.panicked("test", "first");
         s.back_off();
@@ -227,6 +269,19 @@ mod tests {
         assert_eq!((h.panics(), panics.get(), h.last_panic().as_deref()), (2, 2, Some("second")));
         assert_eq!((h.state(), up.get()), (WorkerState::Running, 1));
         assert_eq!(s.in_a_row, 0);
+    }
+
+    #[test]
+    fn a_step_running_longer_than_the_limit_is_stuck_until_it_ends() {
+        let h = WorkerHealth::new(Gauge::default(), Counter::default(), Duration::from_millis(50));
+        assert_eq!((h.state(), h.step_age()), (WorkerState::Running, None));
+        {
+            let _step = h.step();
+            assert_eq!(h.state(), WorkerState::Running);
+            std::thread::sleep(Duration::from_millis(80));
+            assert_eq!(h.state(), WorkerState::Stuck);
+        }
+        assert_eq!((h.state(), h.step_age()), (WorkerState::Running, None));
     }
 
     #[test]
