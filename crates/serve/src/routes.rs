@@ -954,6 +954,81 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_with_nothing_to_send_sends_keep_alive_comments() {
+        let d = tempfile::tempdir().unwrap();
+        write_lm(d.path(), 64);
+        // The idle batcher waits 1 s for company before the first token; keep-alive every 200 ms.
+        let o = crate::ServeOptions {
+            batch_window: Duration::from_millis(1000),
+            timeouts: Timeouts { keep_alive: Duration::from_millis(200), ..Timeouts::default() },
+            ..options(d.path())
+        };
+        let s = Running::start(o).await;
+        let c = reqwest::Client::new();
+        let r = c
+            .post(format!("{}/v1/completions", s.url))
+            .json(&json!({"model": "base", "prompt": "a", "max_tokens": 2, "temperature": 0, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let body = r.text().await.unwrap();
+        let before_data = &body[..body.find("data:").unwrap()];
+        let comments = before_data.matches(":\n\n").count();
+        assert!(comments >= 2, "{comments} keep-alive comments in the 1 s wait: {body:?}");
+        assert!(body.contains("data: [DONE]"), "{body}");
+    }
+
+    #[test]
+    fn pixel_errors_name_the_image_the_pixel_and_the_value() {
+        let norm = |p: f32| p / 255.0;
+        let ok = super::pixels(&[json!([0, 255, 127.5])], 3, norm).unwrap();
+        assert_eq!(ok, [0.0, 1.0, 0.5]);
+        for (images, want) in [
+            (vec![json!([0, 0]), json!([0, 0])], "images[0] has 2 values; the model takes 3"),
+            (vec![json!([0, 0, 0]), json!([0, 256, 0])], "images[1][1] = 256"),
+            (vec![json!([0, -1, 0])], "images[0][1] = -1"),
+            (vec![json!([0, "x", 0])], "images[0][1] = \"x\""),
+            (vec![json!([0, null, 0])], "images[0][1] = null"),
+            (vec![json!(3)], "images[0] is not a list of 3 pixel values"),
+        ] {
+            let e = super::pixels(&images, 3, norm).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("images")));
+            assert!(e.message.contains(want), "{} lacks {want}", e.message);
+        }
+    }
+
+    #[test]
+    fn completion_fields_are_checked_by_name() {
+        let request = |v: serde_json::Value| -> Result<super::CompletionRequest, crate::ApiError> { super::parse(v) };
+        let e = request(json!({"prompt": "a"})).err().unwrap();
+        assert!(e.message.contains("missing field `model`"), "{}", e.message);
+        let e = request(json!({"model": "m", "prompt": "a", "max_tokens": "many"})).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
+        for (extra, field) in [
+            (json!({"n": 2}), "n"),
+            (json!({"best_of": 3}), "best_of"),
+            (json!({"echo": true}), "echo"),
+            (json!({"logprobs": 1}), "logprobs"),
+            (json!({"suffix": "x"}), "suffix"),
+            (json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"logit_bias": {"1": 2}}), "logit_bias"),
+        ] {
+            let mut v = json!({"model": "m", "prompt": "a"});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let e = super::refuse_unsupported(&request(v).ok().unwrap()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
+        }
+        // What the server does serve passes, including OpenAI's neutral values.
+        let fine = json!({"model": "m", "prompt": "a", "n": 1, "best_of": 1, "echo": false, "logprobs": null, "presence_penalty": 0, "logit_bias": {}});
+        assert!(super::refuse_unsupported(&request(fine).ok().unwrap()).is_ok());
+        assert_eq!(super::strings(&json!(["a", "b"]), "stop", "stop sequences").unwrap(), ["a", "b"]);
+        let e = super::strings(&json!(["a", 1]), "stop", "stop sequences").unwrap_err();
+        assert!(e.message.contains("stop[1] = 1"), "{}", e.message);
+        let e = super::strings(&json!(5), "prompt", "prompts").unwrap_err();
+        assert!(e.message.contains("prompt = 5"), "{}", e.message);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn while_draining_health_says_so_and_new_work_gets_503() {
         let d = tempfile::tempdir().unwrap();
         write_lm(d.path(), 64);
