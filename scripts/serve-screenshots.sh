@@ -24,7 +24,7 @@ if [ ! -f runs/lm-demo/base/config.json ]; then
 fi
 log=target/serve-screenshots.log
 if ! LORA_UPDATE_SCREENSHOTS=1 LORA_SCREENSHOT_MNIST=runs/demo LORA_SCREENSHOT_LM=runs/lm-demo \
-  cargo test --release --test serve_browser -- --nocapture --test-threads 1 the_ >"$log" 2>&1; then
+  cargo test --release --test serve_browser -- --nocapture --test-threads 1 the_language_model_page the_classifier_page >"$log" 2>&1; then
   cat "$log"
   exit 1
 fi

@@ -210,6 +210,15 @@ fn post(url: &str, body: &Value) -> Value {
     blocking(async { serve_support::post(&reqwest::Client::new(), url, body).await.1 })
 }
 
+/// The centre of mass (column, row) of a 28 × 28 image, pixel centres at i + 0.5.
+fn centre_of_mass(pixels: &Value) -> (f64, f64) {
+    let p: Vec<f64> = pixels.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let total: f64 = p.iter().sum();
+    let x = p.iter().enumerate().map(|(i, v)| v * ((i % 28) as f64 + 0.5)).sum::<f64>() / total;
+    let y = p.iter().enumerate().map(|(i, v)| v * ((i / 28) as f64 + 0.5)).sum::<f64>() / total;
+    (x, y)
+}
+
 /// The models the server lists, the base first.
 fn model_ids(server: &Served) -> Vec<String> {
     let v = blocking(async { serve_support::get(&reqwest::Client::new(), &format!("{}/v1/models", server.url)).await.1 });
@@ -343,6 +352,11 @@ fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_doe
     let pixels = b.eval("loraPage.pixels()");
     let ink = pixels.as_array().unwrap().iter().filter(|v| v.as_u64().unwrap() > 0).count();
     assert!((40..400).contains(&ink), "{ink} inked pixels");
+    // What is sent is the drawing centred by its centre of mass, as MNIST's digits are (the 7 was drawn
+    // high: its centre lies about 3 rows above the middle).
+    let (drawn, sent) = (centre_of_mass(&b.eval("loraPage.drawn()")), centre_of_mass(&pixels));
+    assert!(drawn.1 < 13.0, "the test's 7 is not drawn high: centre {drawn:?}");
+    assert!((sent.0 - 14.0).abs() <= 0.5 && (sent.1 - 14.0).abs() <= 0.5, "the sent image's centre of mass is {sent:?}");
     let charts = b.eval("[...document.querySelectorAll('#charts .chart')].map(c => [c.dataset.model, Number(c.dataset.prediction), JSON.parse(c.dataset.probabilities)])");
     let charts = charts.as_array().unwrap();
     assert_eq!(charts.len(), models.len(), "{charts:?}");
@@ -370,15 +384,17 @@ fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_doe
     for _ in 0..10 {
         b.key("ArrowDown", "ArrowDown", 40, None);
     }
-    assert_eq!(b.eval("loraPage.pixels()[24 * 28 + 22]"), json!(0), "the brush's target is inked already: the check proves nothing");
+    let ink = b.eval("loraPage.drawn().filter(v => v > 0).length").as_u64().unwrap() as usize;
+    assert_eq!(b.eval("loraPage.drawn()[24 * 28 + 22]"), json!(0), "the brush's target is inked already: the check proves nothing");
     b.key(" ", "Space", 32, Some(" "));
-    let after = b.eval("loraPage.pixels().filter(v => v > 0).length").as_u64().unwrap() as usize;
+    let after = b.eval("loraPage.drawn().filter(v => v > 0).length").as_u64().unwrap() as usize;
     assert!(after > ink, "painting from the keyboard changed nothing");
     // A random test image from the server.
     b.click("#sample");
     b.wait_for("document.querySelector('#sample-label').textContent.includes('labelled')", "a test image");
     b.wait_for(settled, "the charts of the test image");
     b.assert_no_errors("after a test image");
+    assert_eq!(b.eval("loraPage.pixels()"), b.eval("loraPage.drawn()"), "a test image is sent as it is, not shifted");
     // Last, as it changes the viewport under the mouse.
     fits_a_phone(&mut b);
     b.call("Emulation.clearDeviceMetricsOverride", json!({}));

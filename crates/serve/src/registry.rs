@@ -128,7 +128,8 @@ impl Drop for Turn<'_> {
 
 /// Registered adapters and the ones held in memory.
 pub struct Registry {
-    dir: Option<PathBuf>, // canonical
+    dir: Option<PathBuf>,   // canonical
+    given: Option<PathBuf>, // as the caller wrote it, for messages
     cap: usize,
     base_name: String,
     base_fingerprint: String,
@@ -188,12 +189,14 @@ impl Registry {
         if cap == 0 {
             return Err(crate::ServeError::setting("max-loaded-adapters", cap, "must be at least 1"));
         }
+        let given = dir;
         let dir = match dir {
             Some(d) => Some(d.canonicalize().map_err(|e| crate::ServeError::path(d, format!("adapters folder: {e}")))?),
             None => None,
         };
         Ok(Registry {
             dir,
+            given: given.map(Path::to_path_buf),
             cap,
             base_name: base_name.to_string(),
             base_fingerprint,
@@ -209,7 +212,7 @@ impl Registry {
     /// so does an adapters folder that is itself an adapter with none inside (`--adapters` names the folder
     /// *holding* adapter folders).
     pub fn scan(&self) -> crate::Result<Vec<AdapterInfo>> {
-        let Some(dir) = &self.dir else { return Ok(Vec::new()) };
+        let (Some(dir), Some(given)) = (&self.dir, &self.given) else { return Ok(Vec::new()) };
         let mut names = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| crate::ServeError::path(dir, e.to_string()))? {
             let e = e.map_err(|e| crate::ServeError::path(dir, e.to_string()))?;
@@ -220,9 +223,14 @@ impl Registry {
         }
         names.sort();
         if names.is_empty() && dir.join(lora::adapter::CONFIG_FILE).is_file() {
-            let parent = dir.parent().unwrap_or(dir);
+            // The folder above, as the caller wrote the path (`runs/demo/adapter` → `runs/demo`).
+            let parent = match given.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                Some(_) => PathBuf::from("."),
+                None => dir.parent().unwrap_or(dir).to_path_buf(),
+            };
             return Err(crate::ServeError::path(
-                dir,
+                given,
                 format!(
                     "no sub-folder holds an {}; this folder is an adapter itself. --adapters takes the folder that holds \
                      adapter folders (each served under its folder's name): --adapters {}",
@@ -235,7 +243,7 @@ impl Registry {
         for name in names {
             let info = self
                 .load(&name, &name, false)
-                .map_err(|e| crate::ServeError::path(&dir.join(&name), format!("adapter {name:?}: {}", e.message)))?;
+                .map_err(|e| crate::ServeError::path(&given.join(&name), format!("adapter {name:?}: {}", e.message)))?;
             out.push(info);
         }
         Ok(out)
@@ -544,7 +552,7 @@ mod tests {
         let one = d.path().join("adapters/a");
         let r = Registry::new(Some(&one), 8, "base", m.fingerprint().unwrap(), packer.clone(), Arc::new(Metrics::default())).unwrap();
         let e = r.scan().unwrap_err().to_string();
-        let parent = d.path().join("adapters").canonicalize().unwrap();
+        let parent = d.path().join("adapters");
         assert!(e.contains("no sub-folder holds an adapter_config.json"), "{e}");
         assert!(e.contains("an adapter itself") && e.contains(&format!("--adapters {}", parent.display())), "{e}");
         // An empty folder is no mistake: nothing to serve yet.
