@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::json;
 use serve_support::{fixture, fixture_long, s, Served};
-use tokio::io::AsyncWriteExt;
 
 /// Polls `/health` every 50 ms until `stop`; the slowest answer and the number of answers that were
 /// not a 200 within a second.
@@ -119,19 +118,22 @@ async fn a_thousand_concurrent_completions_against_a_queue_of_16_get_only_200s_a
 
 /// Opens a streamed completion of `prompts` prompts × `max_tokens` tokens on a socket with a tiny receive
 /// buffer, and never reads the answer.
-async fn stalled_stream(url: &str, prompts: usize, max_tokens: usize) -> tokio::net::TcpStream {
+async fn stalled_stream(url: &str, prompts: usize, max_tokens: usize) -> std::net::TcpStream {
+    use std::io::Write;
     let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    let stream = socket.connect(addr).await.unwrap().into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
     let prompt: Vec<String> = (0..prompts).map(|i| format!("stalled {i}")).collect();
     let body = json!({"model": "base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true}).to_string();
     let head = format!(
         "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
+    // A few hundred bytes into an empty socket buffer: the blocking write returns at once.
+    (&stream).write_all(head.as_bytes()).unwrap();
+    (&stream).write_all(body.as_bytes()).unwrap();
     stream
 }
 
