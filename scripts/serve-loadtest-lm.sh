@@ -17,7 +17,8 @@ lm=$work/lm; [ "$dtype" = f32 ] || lm=$work/lm-$dtype
 cargo build --release --quiet
 lora=./target/release/lora
 port=18191
-$lora serve --model "$lm/base" --adapters "$lm/adapters" --addr "127.0.0.1:$port" >"$work/lm-ab-$dtype-server.log" 2>&1 &
+# --allow-adapter-updates: CHURN=1 loads and unloads adapters over HTTP.
+$lora serve --model "$lm/base" --adapters "$lm/adapters" --addr "127.0.0.1:$port" --allow-adapter-updates >"$work/lm-ab-$dtype-server.log" 2>&1 &
 pid=$!
 trap 'kill -INT $pid 2>/dev/null; wait $pid || true' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done

@@ -34,7 +34,8 @@ done
 all=$(seq -s, -f 'a%g' 0 15)
 run() { # kind model-path
   local kind=$1 port=$2
-  $lora serve --model "$3" --adapters "$4" --addr "127.0.0.1:$port" >"$work/$kind-server.log" 2>&1 &
+  # --allow-adapter-updates: the churn runs load and unload adapters over HTTP.
+  $lora serve --model "$3" --adapters "$4" --addr "127.0.0.1:$port" --allow-adapter-updates >"$work/$kind-server.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
   for churn in "" "--churn"; do

@@ -57,8 +57,8 @@ pub struct ServeArgs {
     /// The base: an LM model directory (config.json + safetensors) or an MNIST model file.
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
-    /// The adapters folder: every sub-folder holding a PEFT adapter is loaded under its folder name, and
-    /// /v1/load_lora_adapter loads from inside it only.
+    /// The folder holding adapter folders: every sub-folder holding a PEFT adapter (adapter_config.json)
+    /// is served under its folder name, and /v1/load_lora_adapter loads from inside it only.
     #[arg(long, value_name = "DIR")]
     pub adapters: Option<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed).
@@ -90,6 +90,31 @@ pub struct ServeArgs {
     /// Largest max_tokens a completion may ask for.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
+    /// Most completions and predictions in the server at once (queued or running); one more gets a 503
+    /// with Retry-After at once.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+    /// A completion or prediction not finished this many seconds after it arrived is stopped (504).
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub request_timeout: f64,
+    /// A connection whose client has read nothing for this many seconds while the server has data for it
+    /// is dropped.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub write_timeout: f64,
+    /// A stream with nothing to send for this many seconds sends a keep-alive comment.
+    #[arg(long, default_value_t = 15.0, value_name = "SECONDS")]
+    pub keep_alive: f64,
+    /// On Ctrl-C or SIGTERM, requests in flight get this many seconds to finish; then the server exits.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub shutdown_timeout: f64,
+    /// Require `Authorization: Bearer KEY` on every /v1 route (default: the LORA_API_KEY environment
+    /// variable, if set). /, /health and /metrics stay open.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default: anyone who can reach the
+    /// server could otherwise change what it serves).
+    #[arg(long)]
+    pub allow_adapter_updates: bool,
     /// Threads for the model's kernels (default: every core).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
@@ -119,9 +144,14 @@ pub struct LoadtestArgs {
     /// Predictions: images per request.
     #[arg(long, default_value_t = 16)]
     pub images: usize,
-    /// Meanwhile keep reloading the named adapters in place and loading and unloading a copy.
+    /// Meanwhile keep reloading the named adapters in place and loading and unloading a copy (the server
+    /// must run with --allow-adapter-updates).
     #[arg(long)]
     pub churn: bool,
+    /// The server's API key, sent as `Authorization: Bearer KEY` (default: the LORA_API_KEY environment
+    /// variable, if set).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

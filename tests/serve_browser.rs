@@ -2,12 +2,17 @@
 //! it loads without console errors and shows only the panel of the server's model kind; a prompt streams
 //! into one column per ticked model with each model's own completion; a digit drawn with real pointer
 //! events gets the predictions `/v1/predict` gives the same pixels; the adapters table follows loads and
-//! unloads; server errors appear in the page; it fits a phone's width and works from the keyboard.
+//! unloads; server errors appear in the page; a blank pad predicts nothing; every model starts ticked; it
+//! fits a phone's width with every Unload button on the screen (and one clicked there), and works from the
+//! keyboard; a server with an API key and without adapter updates gets the key from the page and offers no
+//! loading.
 //!
-//! Screenshots of both panels go to `target/screenshots/`, and to `docs/` with `LORA_UPDATE_SCREENSHOTS=1`
-//! (`LORA_SCREENSHOT_LM=DIR` serves DIR/base with DIR/adapters instead of the random test model, for a
-//! screenshot with readable text; `LORA_SCREENSHOT_MNIST=DIR`, DIR/m.safetensors with DIR/adapters/digit7
-//! and more, for one with a well-trained classifier). Chromium: `.ci/run` installs Debian's `chromium` when it is missing.
+//! Screenshots of both panels go to `target/screenshots/`, and to `docs/` with `LORA_UPDATE_SCREENSHOTS=1`.
+//! With `LORA_SCREENSHOT_LM=DIR` the page serves DIR/base with DIR/adapters (`lora lm demo`'s
+//! runs/lm-demo) instead of the random test model, and with `LORA_SCREENSHOT_MNIST=DIR`
+//! DIR/base.safetensors with the adapter folders in DIR (`lora demo`'s runs/demo) instead of the tests'
+//! tiny classifier: `scripts/serve-screenshots.sh` makes the docs' pictures that way, from the real demo
+//! models. Chromium: `.ci/run` installs Debian's `chromium` when it is missing.
 
 mod serve_support;
 
@@ -205,12 +210,41 @@ fn post(url: &str, body: &Value) -> Value {
     blocking(async { serve_support::post(&reqwest::Client::new(), url, body).await.1 })
 }
 
-/// Checks the phone-width layout: nothing wider than the screen.
-fn fits_a_phone(b: &mut Browser) {
+/// The centre of mass (column, row) of a 28 × 28 image, pixel centres at i + 0.5.
+fn centre_of_mass(pixels: &Value) -> (f64, f64) {
+    let p: Vec<f64> = pixels.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let total: f64 = p.iter().sum();
+    let x = p.iter().enumerate().map(|(i, v)| v * ((i % 28) as f64 + 0.5)).sum::<f64>() / total;
+    let y = p.iter().enumerate().map(|(i, v)| v * ((i / 28) as f64 + 0.5)).sum::<f64>() / total;
+    (x, y)
+}
+
+/// The models the server lists, the base first.
+fn model_ids(server: &Served) -> Vec<String> {
+    let v = blocking(async { serve_support::get(&reqwest::Client::new(), &format!("{}/v1/models", server.url)).await.1 });
+    v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// A 390 × 844 phone.
+fn as_a_phone(b: &mut Browser) {
     b.call("Emulation.setDeviceMetricsOverride", json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}));
+}
+
+/// Checks the phone-width layout: nothing wider than the screen, and every Unload button on it: with the
+/// page scrolled down to it (only the page: a user does not know to scroll a table sideways), it lies
+/// inside the screen and is what a tap at its middle reaches.
+fn fits_a_phone(b: &mut Browser) {
+    as_a_phone(b);
     let fits = b.eval("document.documentElement.scrollWidth <= window.innerWidth + 1");
     assert_eq!(fits, json!(true), "the page is wider than a 390 px phone");
-    b.call("Emulation.clearDeviceMetricsOverride", json!({}));
+    let off = b.eval(
+        "(async () => { const off = []; for (const u of document.querySelectorAll('#adapters button')) { if (u.hidden) continue; \
+         window.scrollTo(0, u.getBoundingClientRect().top + window.scrollY - window.innerHeight / 2); \
+         await new Promise(f => requestAnimationFrame(() => requestAnimationFrame(f))); const r = u.getBoundingClientRect(); \
+         const hit = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2); \
+         if (r.left < 0 || r.right > window.innerWidth || !(hit === u || u.contains(hit))) off.push([u.getAttribute('aria-label'), r.left, r.right]); } return off; })()",
+    );
+    assert_eq!(off, json!([]), "Unload buttons off a 390 px screen: {off}");
 }
 
 #[test]
@@ -221,14 +255,19 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
         Ok(dir) => (PathBuf::from(&dir).join("base"), PathBuf::from(&dir).join("adapters"), "SELECT ", "48"),
         Err(_) => (d.path().join("base"), d.path().join("adapters"), "SELECT id FROM", "24"),
     };
-    let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters)]);
+    let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters), "--allow-adapter-updates"]);
     let mut b = Browser::launch();
     b.open(&server.url);
     assert_eq!(b.eval("document.querySelector('#kind').textContent"), "language model");
     assert_eq!(b.eval("[document.querySelector('#lm-panel').hidden, document.querySelector('#mnist-panel').hidden]"), json!([false, true]));
+    // The header names the base as the base model, with the number of adapters.
+    let header = b.eval("document.querySelector('#base').textContent");
+    let ids = model_ids(&server);
+    assert_eq!(header, format!("base model {} · {} adapters", ids[0], ids.len() - 1).as_str(), "{header}");
+    // Every model starts ticked.
     let ticked = b.eval("[...document.querySelectorAll('#lm-models input:checked')].map(i => i.value)");
     let models: Vec<String> = ticked.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    assert!(models.len() >= 3, "{models:?}");
+    assert_eq!(models, model_ids(&server), "not every model is ticked");
     b.type_into("#prompt", prompt);
     b.type_into("#max-tokens", max);
     b.click("#generate");
@@ -254,8 +293,12 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
         b.click("#load");
         b.wait_for("document.querySelector('#adapters tr[data-name=extra]')", "the loaded adapter's row");
         assert_eq!(b.eval("document.querySelector('#adapters tr[data-name=extra] td:nth-child(2)').textContent"), "4");
+        assert_eq!(b.eval("document.querySelector('#lm-models input[value=extra]').checked"), json!(true), "a loaded adapter comes ticked");
+        // On a phone: every Unload button on the screen, and a real tap on one unloads it.
+        fits_a_phone(&mut b);
         b.click("#adapters tr[data-name=extra] button");
         b.wait_for("!document.querySelector('#adapters tr[data-name=extra]')", "the unloaded adapter's row to go");
+        b.call("Emulation.clearDeviceMetricsOverride", json!({}));
         assert_eq!(b.eval(rows), before);
         b.assert_no_errors("after loading and unloading");
         // A server error shows in the page.
@@ -272,14 +315,23 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
 fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_does() {
     let d = tempfile::tempdir().unwrap();
     let (m, a) = match std::env::var("LORA_SCREENSHOT_MNIST") {
-        Ok(dir) => (PathBuf::from(&dir).join("m.safetensors"), PathBuf::from(&dir).join("adapters")),
+        Ok(dir) => (PathBuf::from(&dir).join("base.safetensors"), PathBuf::from(&dir)),
         Err(_) => mnist_fixture(d.path(), &["7", "1"], &[]),
     };
-    let server = Served::start(&["--model", s(&m), "--adapters", s(&a)]);
+    let server = Served::start(&["--model", s(&m), "--adapters", s(&a), "--allow-adapter-updates"]);
+    let models = model_ids(&server);
     let mut b = Browser::launch();
     b.open(&server.url);
     assert_eq!(b.eval("document.querySelector('#kind').textContent"), "classifier");
     assert_eq!(b.eval("[document.querySelector('#lm-panel').hidden, document.querySelector('#mnist-panel').hidden]"), json!([true, false]));
+    // A blank pad is no digit: no chart, a hint instead.
+    b.wait_for("document.querySelector('#charts').dataset.pixels", "the first (blank) prediction round");
+    assert_eq!(
+        b.eval("[document.querySelectorAll('#charts .chart').length, document.querySelector('#draw-hint').hidden]"),
+        json!([0, false])
+    );
+    let ticked = b.eval("[...document.querySelectorAll('#mnist-models input:checked')].map(i => i.value)");
+    assert_eq!(ticked, json!(models), "not every model is ticked");
     // A "7": a stroke across the top, then down to the bottom left, as real pointer events.
     let r = b.eval("(() => { const r = document.querySelector('#pad').getBoundingClientRect(); return [r.x, r.y, r.width]; })()");
     let (x0, y0, w) = (r[0].as_f64().unwrap(), r[1].as_f64().unwrap(), r[2].as_f64().unwrap());
@@ -300,9 +352,19 @@ fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_doe
     let pixels = b.eval("loraPage.pixels()");
     let ink = pixels.as_array().unwrap().iter().filter(|v| v.as_u64().unwrap() > 0).count();
     assert!((40..400).contains(&ink), "{ink} inked pixels");
+    // What is sent is the drawing centred by its centre of mass, as MNIST's digits are (the 7 was drawn
+    // high: its centre lies about 3 rows above the middle).
+    let (drawn, sent) = (centre_of_mass(&b.eval("loraPage.drawn()")), centre_of_mass(&pixels));
+    assert!(drawn.1 < 13.0, "the test's 7 is not drawn high: centre {drawn:?}");
+    assert!((sent.0 - 14.0).abs() <= 0.5 && (sent.1 - 14.0).abs() <= 0.5, "the sent image's centre of mass is {sent:?}");
     let charts = b.eval("[...document.querySelectorAll('#charts .chart')].map(c => [c.dataset.model, Number(c.dataset.prediction), JSON.parse(c.dataset.probabilities)])");
     let charts = charts.as_array().unwrap();
-    assert!(charts.len() >= 3, "{charts:?}");
+    assert_eq!(charts.len(), models.len(), "{charts:?}");
+    assert_eq!(b.eval("document.querySelector('#draw-hint').hidden"), json!(true));
+    if std::env::var("LORA_SCREENSHOT_MNIST").is_ok() {
+        let said: Vec<String> = charts.iter().map(|c| format!("{} predicts {}", c[0].as_str().unwrap(), c[1])).collect();
+        eprintln!("the drawn 7: {}", said.join(", "));
+    }
     for c in charts {
         let model = c[0].as_str().unwrap();
         let api = post(&format!("{}/v1/predict", server.url), &json!({"model": model, "images": [pixels]}));
@@ -313,25 +375,72 @@ fn the_classifier_page_predicts_a_digit_drawn_with_pointer_events_as_the_api_doe
         }
     }
     b.screenshot("serve-mnist.png");
-    // From the keyboard: focus the pad, move the brush, paint.
+    // From the keyboard: focus the pad, move the brush from the middle (14, 14) to the empty lower right
+    // (22, 24), paint.
     b.eval("document.querySelector('#pad').focus()");
-    for _ in 0..3 {
+    for _ in 0..8 {
+        b.key("ArrowRight", "ArrowRight", 39, None);
+    }
+    for _ in 0..10 {
         b.key("ArrowDown", "ArrowDown", 40, None);
     }
+    let ink = b.eval("loraPage.drawn().filter(v => v > 0).length").as_u64().unwrap() as usize;
+    assert_eq!(b.eval("loraPage.drawn()[24 * 28 + 22]"), json!(0), "the brush's target is inked already: the check proves nothing");
     b.key(" ", "Space", 32, Some(" "));
-    let after = b.eval("loraPage.pixels().filter(v => v > 0).length").as_u64().unwrap() as usize;
+    let after = b.eval("loraPage.drawn().filter(v => v > 0).length").as_u64().unwrap() as usize;
     assert!(after > ink, "painting from the keyboard changed nothing");
     // A random test image from the server.
     b.click("#sample");
     b.wait_for("document.querySelector('#sample-label').textContent.includes('labelled')", "a test image");
     b.wait_for(settled, "the charts of the test image");
     b.assert_no_errors("after a test image");
-    // An adapter unloaded elsewhere while ticked: the next prediction's error appears in the page.
-    let unloaded = post(&format!("{}/v1/unload_lora_adapter", server.url), &json!({"lora_name": "digit7"}));
-    assert_eq!(unloaded["status"], "ok", "{unloaded}");
-    b.click("#clear");
-    let shown = b.wait_for("!document.querySelector('#error').hidden && document.querySelector('#error').textContent", "the error");
-    assert!(shown.as_str().unwrap().contains("digit7"), "{shown}");
+    assert_eq!(b.eval("loraPage.pixels()"), b.eval("loraPage.drawn()"), "a test image is sent as it is, not shifted");
     // Last, as it changes the viewport under the mouse.
     fits_a_phone(&mut b);
+    b.call("Emulation.clearDeviceMetricsOverride", json!({}));
+    // Cleared: nothing predicted, the hint again.
+    b.click("#clear");
+    b.wait_for(
+        "document.querySelectorAll('#charts .chart').length === 0 && !document.querySelector('#draw-hint').hidden",
+        "the cleared pad",
+    );
+    b.assert_no_errors("after clearing");
+    // An adapter unloaded elsewhere while ticked: the next prediction's error appears in the page.
+    let victim = models.last().unwrap().clone();
+    let unloaded = post(&format!("{}/v1/unload_lora_adapter", server.url), &json!({"lora_name": victim}));
+    assert_eq!(unloaded["status"], "ok", "{unloaded}");
+    b.click("#sample");
+    let shown = b.wait_for("!document.querySelector('#error').hidden && document.querySelector('#error').textContent", "the error");
+    assert!(shown.as_str().unwrap().contains(&victim), "{shown}");
+}
+
+#[test]
+fn with_an_api_key_and_no_adapter_updates_the_page_asks_for_the_key_and_offers_no_loading() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let (base, adapters) = (d.path().join("base"), d.path().join("adapters"));
+    let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters), "--api-key", "page-key"]);
+    let mut b = Browser::launch();
+    b.call("Page.navigate", json!({"url": server.url}));
+    b.wait_for("window.loraPage && window.loraPage.ready", "the page to start");
+    // /v1/models answered 401: the page says so and shows the key field.
+    let shown = b.wait_for("!document.querySelector('#error').hidden && document.querySelector('#error').textContent", "the error");
+    assert!(shown.as_str().unwrap().contains("API key"), "{shown}");
+    assert_eq!(b.eval("document.querySelector('#key-form').hidden"), json!(false));
+    b.errors.clear(); // the browser logs the 401 itself
+    b.type_into("#api-key", "page-key");
+    b.click("#key-form button");
+    b.wait_for("document.querySelectorAll('#lm-models input').length === 3 && document.querySelector('#key-form').hidden", "the models");
+    assert_eq!(b.eval("document.querySelector('#error').hidden"), json!(true));
+    // Loading is off: no form, no Unload buttons, a note naming the flag.
+    assert_eq!(b.eval("document.querySelector('#load-form').hidden"), json!(true));
+    assert_eq!(b.eval("[...document.querySelectorAll('#adapters button')].filter(u => !u.hidden).length"), json!(0));
+    let note = b.eval("document.querySelector('#updates-off').hidden ? '' : document.querySelector('#updates-off').textContent");
+    assert!(note.as_str().unwrap().contains("--allow-adapter-updates"), "{note}");
+    // Generating sends the key.
+    b.type_into("#max-tokens", "4");
+    b.click("#generate");
+    b.wait_for("[...document.querySelectorAll('#columns .column')].every(c => c.dataset.done === 'true') && document.querySelectorAll('#columns .column').length", "every column");
+    assert_eq!(b.eval("[...document.querySelectorAll('#columns .column')].filter(c => c.dataset.error).length"), json!(0));
+    b.assert_no_errors("after generating with the key");
 }

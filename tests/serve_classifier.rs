@@ -34,6 +34,11 @@ async fn predictions_equal_lora_evals_for_the_base_and_each_adapter_requested_at
     let (a9, a4) = (format!("digit9={}", s(&p("adapters/digit9"))), format!("digit4={}", s(&p("adapters/digit4"))));
     lora(&["eval", "--model", s(&p("m.safetensors")), "--adapter", &a9, "--adapter", &a4, "--json", s(&p("eval.json"))]);
     let eval: Value = serde_json::from_slice(&std::fs::read(p("eval.json")).unwrap()).unwrap();
+    // An adapter folder given as the model is named as one, with the base it records and the folder to give.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lora")).args(["serve", "--model", s(&p("adapters/digit9"))]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is a LoRA adapter"), "{err}");
+    assert!(err.contains(&format!("--adapters {}", s(&a))) && err.contains("--model "), "{err}");
     let server = Served::start(&["--model", s(&m), "--adapters", s(&a), "--threads", "2"]);
     let c = reqwest::Client::new();
     let test = mnist::Mnist::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))).unwrap().test;
@@ -76,7 +81,7 @@ async fn bad_prediction_requests_get_a_4xx_naming_the_image_and_value() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("m.safetensors");
     lora(&["pretrain", "--hidden1", "16", "--hidden2", "8", "--epochs", "1", "--batch-size", "1000", "--out", s(&m)]);
-    let server = Served::start(&["--model", s(&m), "--max-images", "4"]);
+    let server = Served::start(&["--model", s(&m), "--max-images", "4", "--allow-adapter-updates"]);
     let c = reqwest::Client::new();
     let u = format!("{}/v1/predict", server.url);
     let zeros = vec![0u8; 784];

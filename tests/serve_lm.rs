@@ -10,9 +10,10 @@ use futures_util::future::join_all;
 use serde_json::json;
 use serve_support::{fixture, fixture_bf16, get, post, post_raw, s, stream, Served};
 
+/// `lora serve` of ROOT/base with ROOT/adapters, adapter updates over HTTP allowed, and `extra` flags.
 fn start(root: &Path, extra: &[&str]) -> Served {
     let (m, a) = (root.join("base"), root.join("adapters"));
-    let mut args = vec!["--model", s(&m), "--adapters", s(&a), "--threads", "2"];
+    let mut args = vec!["--model", s(&m), "--adapters", s(&a), "--threads", "2", "--allow-adapter-updates"];
     args.extend_from_slice(extra);
     Served::start(&args)
 }
@@ -276,6 +277,13 @@ async fn every_bad_request_gets_a_4xx_with_a_json_error_and_the_next_good_reques
             "nothing-here",
         ),
         (
+            "load path climbing out to nothing",
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "../no/such/thing"}).to_string().into_bytes(),
+            400,
+            "outside the adapters folder",
+        ),
+        (
             "adapter for another base",
             "/v1/load_lora_adapter",
             json!({"lora_name": "x", "lora_path": s(&foreign)}).to_string().into_bytes(),
@@ -325,16 +333,29 @@ fn a_server_that_cannot_start_says_why_and_exits_non_zero() {
     let d = tempfile::tempdir().unwrap();
     fixture(d.path());
     let base = d.path().join("base");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--model", "no/such/model"], "no/such/model"),
-        (vec!["--model", s(&base), "--adapters", "no/such/dir"], "no/such/dir"),
-        (vec!["--model", s(&base), "--addr", "not-an-address"], "--addr not-an-address"),
-        (vec!["--model", s(&base), "--name", "a b"], "name = a b"),
+    let (sql, adapters) = (d.path().join("adapters/sql"), d.path().join("adapters"));
+    let weights = sql.join("adapter_model.safetensors");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--model", "no/such/model"], vec!["no/such/model"]),
+        (vec!["--model", s(&base), "--adapters", "no/such/dir"], vec!["no/such/dir"]),
+        (vec!["--model", s(&base), "--addr", "not-an-address"], vec!["--addr not-an-address"]),
+        (vec!["--model", s(&base), "--name", "a b"], vec!["name = a b"]),
+        // An adapter given as the model: said so, with the flags to use instead.
+        (vec!["--model", s(&sql)], vec!["is a LoRA adapter", "not a base model", "--adapters", s(&adapters)]),
+        (vec!["--model", s(&weights)], vec!["is a LoRA adapter", "--adapters"]),
+        // An adapter folder given as the adapters folder: said why nothing would be served.
+        (
+            vec!["--model", s(&base), "--adapters", s(&sql)],
+            vec!["no sub-folder holds an adapter_config.json", "an adapter itself", "--adapters"],
+        ),
+        (vec!["--model", s(&base), "--request-timeout", "0"], vec!["--request-timeout 0"]),
+        (vec!["--model", s(&base), "--api-key", "two words"], vec!["api-key"]),
     ];
     for (args, want) in cases {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_lora")).arg("serve").args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(!o.status.success() && want.iter().all(|w| err.contains(w)) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("two words"), "the API key was printed: {err}");
     }
     // A folder holding an adapter for another base stops the start, naming the folder.
     std::fs::rename(d.path().join("adapters/spare/foreign"), d.path().join("adapters/foreign")).unwrap();
@@ -503,6 +524,22 @@ async fn the_load_generator_reports_throughput_latency_and_no_errors_with_adapte
         .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("loopback"), "{err}");
+    // Nothing listening: said so, with the next step (a port that was free a moment ago).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_lora")).args(["loadtest", "--addr", &addr, "--models", "m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains(&format!("nothing listens at {addr}")) && err.contains("lora serve"), "{err}");
+    // Churn against a server that refuses adapter updates: refused before the run, naming the flag.
+    let (m, a) = (d.path().join("base"), d.path().join("adapters"));
+    let locked = Served::start(&["--model", s(&m), "--adapters", s(&a)]);
+    let addr = locked.url.strip_prefix("http://").unwrap().to_string();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(["loadtest", "--addr", &addr, "--models", "sql", "--seconds", "1", "--churn"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--allow-adapter-updates"), "{err}");
 }
 
 /// The text of a streamed completion's body.
@@ -517,4 +554,58 @@ async fn sse_text(r: reqwest::Response) -> String {
     }
     assert!(body.contains("data: [DONE]"), "{body}");
     text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_allow_adapter_updates_loads_and_unloads_are_refused_with_a_403_naming_the_flag() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let (m, a) = (d.path().join("base"), d.path().join("adapters"));
+    let server = Served::start(&["--model", s(&m), "--adapters", s(&a), "--threads", "2"]);
+    let c = reqwest::Client::new();
+    for (route, body) in [
+        ("/v1/load_lora_adapter", json!({"lora_name": "v2", "lora_path": "spare/sql_v2"})),
+        ("/v1/load_lora_adapter", json!({"lora_name": "sql", "lora_path": "spare/sql_v2", "load_inplace": true})),
+        ("/v1/unload_lora_adapter", json!({"lora_name": "sql"})),
+    ] {
+        let (status, v) = post(&c, &format!("{}{route}", server.url), &body).await;
+        assert_eq!(status, 403, "{route}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("--allow-adapter-updates") && message.contains(route), "{message}");
+    }
+    // Nothing changed: the same adapters, and "sql" still completes as before.
+    let (_, models) = get(&c, &format!("{}/v1/models", server.url)).await;
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["base", "js", "sql"]);
+    complete(&c, &server.url, "sql", "SELECT", 4).await; // asserts a 200
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_api_key_the_v1_routes_want_it_and_the_load_generator_sends_it() {
+    let d = tempfile::tempdir().unwrap();
+    fixture(d.path());
+    let (m, a) = (d.path().join("base"), d.path().join("adapters"));
+    let server = Served::start(&["--model", s(&m), "--adapters", s(&a), "--threads", "2", "--api-key", "k3y"]);
+    let c = reqwest::Client::new();
+    let ok = json!({"model": "sql", "prompt": "SELECT", "max_tokens": 4, "temperature": 0});
+    let (status, v) = post(&c, &format!("{}/v1/completions", server.url), &ok).await;
+    assert_eq!(status, 401, "{v}");
+    let r = c.post(format!("{}/v1/completions", server.url)).bearer_auth("k3y").json(&ok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, &format!("{}/health", server.url)).await.0, 200, "/health stays open");
+    let addr = server.url.strip_prefix("http://").unwrap().to_string();
+    let run = |key: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lora"));
+        cmd.args(["loadtest", "--addr", &addr, "--models", "sql", "--clients", "2", "--seconds", "0.5", "--max-tokens", "4"]);
+        cmd.env_remove("LORA_API_KEY");
+        if let Some(k) = key {
+            cmd.env("LORA_API_KEY", k);
+        }
+        cmd.output().unwrap()
+    };
+    let o = tokio::task::block_in_place(|| run(None));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("API key"), "{err}");
+    let o = tokio::task::block_in_place(|| run(Some("k3y")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

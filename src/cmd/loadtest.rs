@@ -1,7 +1,7 @@
-//! `lora loadtest`: drives a local `lora serve` and prints throughput and latency.
+//! `lora loadtest`: drives a local `lora serve` (through `lora-loadtest`) and prints throughput and latency.
 
 use anyhow::Result;
-use lora_serve::loadtest::{run as drive, LoadtestOptions};
+use lora_loadtest::{run as drive, LoadtestOptions};
 
 use crate::cli::LoadtestArgs;
 use crate::common::{check_outputs, write_json, Out};
@@ -17,6 +17,7 @@ pub fn run(a: LoadtestArgs) -> Result<()> {
         prompt: a.prompt.clone(),
         images: a.images,
         churn: a.churn,
+        api_key: a.api_key.clone().or_else(|| std::env::var("LORA_API_KEY").ok()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
     let r = runtime.block_on(drive(&o))?;

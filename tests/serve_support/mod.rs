@@ -19,6 +19,8 @@ pub struct Served {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// What it printed on stdout and stderr after its address, as it prints it.
+    output: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Served {
@@ -48,9 +50,53 @@ impl Served {
                 }
             }
         };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Served { child, url }
+        // Keep draining stdout and stderr so the server never blocks on a full pipe.
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let out = output.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                out.lock().unwrap().push_str(&format!("{l}\n"));
+            }
+        });
+        let err = output.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                err.lock().unwrap().push_str(&format!("{l}\n"));
+            }
+        });
+        Served { child, url, output }
+    }
+
+    /// What the server printed after its address (stdout and stderr).
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory of the server so far (VmHWM), MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+        kb / 1024.0
+    }
+
+    /// Waits for the process to exit, at most `limit`; its status, or `None` if it is still running.
+    pub fn wait_for_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM (what Ctrl-C's SIGINT also does: drain, then exit).
@@ -160,6 +206,10 @@ pub fn s(p: &Path) -> &str {
 }
 
 fn config() -> LlamaConfig {
+    config_with_context(64)
+}
+
+fn config_with_context(context: usize) -> LlamaConfig {
     LlamaConfig {
         hidden_size: 32,
         intermediate_size: 64,
@@ -167,7 +217,7 @@ fn config() -> LlamaConfig {
         num_attention_heads: 4,
         num_key_value_heads: 2,
         head_dim: 8,
-        max_position_embeddings: 64,
+        max_position_embeddings: context,
         // Large random weights: the logits' top two are far apart, so greedy choices are robust to the
         // f32 rounding that batch sizes change.
         initializer_range: 0.3,
@@ -213,6 +263,13 @@ pub fn fixture(root: &Path) {
     write_adapter_with(&mut m, "dora", 5, &root.join("adapters/spare/dora"), true);
     let mut other = Llama::random(&config(), 99).unwrap();
     write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
+}
+
+/// base/ (the model with `context` positions, so that completions can be long) and an empty adapters/.
+pub fn fixture_long(root: &Path, context: usize) {
+    let m = Llama::random(&config_with_context(context), 1).unwrap();
+    save_model(&m, &root.join("base"), &BTreeMap::new()).unwrap();
+    std::fs::create_dir_all(root.join("adapters")).unwrap();
 }
 
 /// base/ written in bf16 and adapters/sql trained for it (on the model read back, whose fingerprint is the

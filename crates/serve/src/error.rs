@@ -8,7 +8,7 @@ use serde_json::json;
 /// Result with [`ServeError`].
 pub type Result<T> = std::result::Result<T, ServeError>;
 
-/// Why a server could not start (or a load test could not run).
+/// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The model or an adapter could not be loaded; names the file.
@@ -38,12 +38,9 @@ pub enum ServeError {
         /// What is wrong.
         why: String,
     },
-    /// The network (binding, connecting).
+    /// The network (binding, serving).
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// The load generator's client.
-    #[error("{0}")]
-    Http(String),
 }
 
 impl ServeError {
@@ -80,6 +77,8 @@ impl ApiError {
         match self.status {
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             s if s.is_server_error() => "server_error",
             _ => "invalid_request_error",
         }

@@ -1,6 +1,15 @@
 //! Prometheus metrics: requests and errors by route and model, latency histograms, tokens generated,
-//! images classified, batch sizes, adapters loaded, loads and evictions. Rendered in the OpenMetrics
-//! text format (Prometheus' text exposition) at `GET /metrics`.
+//! images classified, batch sizes, adapters loaded, loads and evictions, requests in flight, the worker's
+//! liveness and panics, connections dropped for not reading. Rendered in the OpenMetrics text format
+//! (Prometheus' text exposition) at `GET /metrics`.
+//!
+//! Label series stay bounded: routes and statuses are fixed sets, and the `model` label takes at most
+//! [`MODEL_LABELS`] distinct names ([`ModelLabels`]: the base and adapters in the order first seen); later
+//! names share the label `other`, so a server that loads ever new adapter names keeps a fixed number of
+//! series. Only names the server accepted become labels; anything else a client sends is `-`.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +52,36 @@ pub struct ModelLabel {
     pub model: String,
 }
 
+/// Most distinct values of the `model` label.
+pub const MODEL_LABELS: usize = 128;
+
+/// The label a model name gets: its own for the first [`MODEL_LABELS`] names seen, `other` after.
+#[derive(Debug)]
+pub struct ModelLabels {
+    cap: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl ModelLabels {
+    /// At most `cap` names get their own label.
+    pub fn new(cap: usize) -> Self {
+        ModelLabels { cap, seen: Mutex::new(HashSet::new()) }
+    }
+
+    /// The label for `name`.
+    pub fn label(&self, name: &str) -> String {
+        let Ok(mut seen) = self.seen.lock() else { return "other".into() };
+        if seen.contains(name) {
+            return name.to_string();
+        }
+        if seen.len() < self.cap {
+            seen.insert(name.to_string());
+            return name.to_string();
+        }
+        "other".into()
+    }
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18)) // 0.5 ms … 65 s
 }
@@ -70,6 +109,16 @@ pub struct Metrics {
     pub evictions: Counter,
     /// Bytes of the base's weights held in bf16 for serving (a checkpoint stored in bf16; 0 otherwise).
     pub base_bf16_bytes: Gauge,
+    /// Completions and predictions admitted now (queued or running).
+    pub in_flight: Gauge,
+    /// 1 while the batching worker runs, 0 while it restarts or after it died.
+    pub worker_up: Gauge,
+    /// Batching steps that panicked (their requests failed; the worker went on).
+    pub worker_panics: Counter,
+    /// Connections dropped because their client stopped reading (`--write-timeout`).
+    pub stalled_connections: Counter,
+    /// The `model` label of each name.
+    pub models: ModelLabels,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +148,16 @@ impl Default for Metrics {
         registry.register("adapter_evictions", "Adapters dropped from memory for the cap", evictions.clone());
         let base_bf16_bytes = Gauge::default();
         registry.register("base_bf16_bytes", "Bytes of base weights served from a bf16 copy", base_bf16_bytes.clone());
+        let (in_flight, worker_up, worker_panics, stalled_connections) =
+            (Gauge::default(), Gauge::default(), Counter::default(), Counter::default());
+        registry.register("requests_in_flight", "Completions and predictions admitted now", in_flight.clone());
+        registry.register("worker_up", "1 while the batching worker runs", worker_up.clone());
+        registry.register("worker_panics", "Batching steps that panicked", worker_panics.clone());
+        registry.register(
+            "stalled_connections_dropped",
+            "Connections dropped because the client stopped reading",
+            stalled_connections.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -111,6 +170,11 @@ impl Default for Metrics {
             adapter_loads,
             evictions,
             base_bf16_bytes,
+            in_flight,
+            worker_up,
+            worker_panics,
+            stalled_connections,
+            models: ModelLabels::new(MODEL_LABELS),
         }
     }
 }
@@ -122,5 +186,38 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_label_takes_at_most_the_cap_of_names_and_later_ones_share_other() {
+        let l = ModelLabels::new(3);
+        assert_eq!([l.label("base"), l.label("a"), l.label("b")], ["base", "a", "b"]);
+        assert_eq!(l.label("c"), "other");
+        assert_eq!(l.label("a"), "a", "a name seen before keeps its label");
+    }
+
+    #[test]
+    fn ten_thousand_adapter_names_make_a_bounded_number_of_series() {
+        let m = Metrics::default();
+        for i in 0..10_000 {
+            let model = m.models.label(&format!("adapter-{i}"));
+            m.requests.get_or_create(&RouteModel { route: "/v1/completions".into(), model: model.clone() }).inc();
+            m.tokens.get_or_create(&ModelLabel { model }).inc();
+        }
+        let text = m.render();
+        let series = text.lines().filter(|l| l.starts_with("lora_requests_total{")).count();
+        assert_eq!(series, MODEL_LABELS + 1, "one series per labelled name and one for `other`");
+        let other: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("lora_requests_total{route=\"/v1/completions\",model=\"other\"} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(other as usize, 10_000 - MODEL_LABELS, "every request is still counted");
     }
 }

@@ -1,10 +1,16 @@
-//! A bounded load generator for a `lora serve` on this machine: N clients send completions or
-//! predictions to the given models in turn for S seconds; optionally one more client keeps loading,
-//! replacing and unloading adapters meanwhile (`churn`).
+//! lora-loadtest: a bounded load generator for a `lora serve` on this machine. N clients send completions
+//! or predictions to the given models in turn for S seconds; optionally one more client keeps loading,
+//! replacing and unloading adapters meanwhile (`churn`, which needs a server started with
+//! `--allow-adapter-updates`).
 //!
 //! Each client sends one request at a time (closed loop), so the offered load is N requests in flight.
 //! Latency is measured per request from send to the last byte; throughput counts the generated tokens
 //! (`usage.completion_tokens`) or the classified images of successful requests over the run's length.
+//!
+//! The crate is an HTTP client only: it knows the server's routes and JSON shapes, not its code, so it
+//! drives any build of `lora serve` (and the server does not carry an HTTP client). `lora loadtest` calls
+//! [`run`].
+#![deny(missing_docs)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -16,7 +22,36 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::error::{Result, ServeError};
+/// Why a load test could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadtestError {
+    /// A setting is out of range; names the setting and value.
+    #[error("invalid setting {name} = {value}: {why}")]
+    Setting {
+        /// The setting (the command-line flag's name without dashes).
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it is refused.
+        why: String,
+    },
+    /// Nothing accepts connections at the address.
+    #[error("nothing listens at {addr}: start the server first (lora serve --addr {addr} …), or give the address it printed with --addr")]
+    NoServer {
+        /// The address tried.
+        addr: String,
+    },
+    /// The server answered, but not as a `lora serve` does, or refused the run.
+    #[error("{0}")]
+    Http(String),
+}
+
+/// Result with [`LoadtestError`].
+pub type Result<T> = std::result::Result<T, LoadtestError>;
+
+fn setting(name: &'static str, value: impl std::fmt::Display, why: impl Into<String>) -> LoadtestError {
+    LoadtestError::Setting { name, value: value.to_string(), why: why.into() }
+}
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -37,6 +72,8 @@ pub struct LoadtestOptions {
     pub images: usize,
     /// Keep loading, replacing and unloading adapters during the run.
     pub churn: bool,
+    /// Sent as `Authorization: Bearer KEY` (a server started with `--api-key`).
+    pub api_key: Option<String>,
 }
 
 /// Latency percentiles, milliseconds.
@@ -102,7 +139,8 @@ impl Tally {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The value at percentile `p` of `sorted` (nearest rank; 0 for none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -110,42 +148,59 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn http(e: impl std::fmt::Display) -> ServeError {
-    ServeError::Http(e.to_string())
+fn http(e: impl std::fmt::Display) -> LoadtestError {
+    LoadtestError::Http(e.to_string())
 }
 
 /// The loopback socket address of `addr`, or an error naming it.
-fn loopback(addr: &str) -> Result<SocketAddr> {
-    let resolved: Vec<SocketAddr> =
-        addr.to_socket_addrs().map_err(|e| ServeError::setting("addr", addr, format!("not a host:port ({e})")))?.collect();
+pub fn loopback(addr: &str) -> Result<SocketAddr> {
+    let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| setting("addr", addr, format!("not a host:port ({e})")))?.collect();
     resolved
         .into_iter()
         .find(|a| a.ip().is_loopback())
-        .ok_or_else(|| ServeError::setting("addr", addr, "the load generator only drives servers on this machine (a loopback address)"))
+        .ok_or_else(|| setting("addr", addr, "the load generator only drives servers on this machine (a loopback address)"))
 }
 
-async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value> {
-    let r = client.get(url).send().await.map_err(|e| http(format!("{url}: {e}")))?;
-    r.json::<Value>().await.map_err(|e| http(format!("{url}: {e}")))
+/// GETs `url` as JSON; a refused connection is [`LoadtestError::NoServer`], a 401 says to pass the key.
+async fn get_json(client: &reqwest::Client, addr: SocketAddr, url: &str) -> Result<Value> {
+    let r = client.get(url).send().await.map_err(|e| {
+        if e.is_connect() {
+            LoadtestError::NoServer { addr: addr.to_string() }
+        } else {
+            http(format!("{url}: {e}"))
+        }
+    })?;
+    if r.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(http(format!("{url}: 401: the server wants an API key (pass --api-key KEY or set LORA_API_KEY)")));
+    }
+    let status = r.status();
+    let v: Value = r.json().await.map_err(|e| http(format!("{url}: {status}, not a lora serve ({e})")))?;
+    Ok(v)
 }
 
 /// Runs the load and measures it.
 pub async fn run(o: &LoadtestOptions) -> Result<LoadtestReport> {
     if o.clients == 0 || o.clients > 1024 {
-        return Err(ServeError::setting("clients", o.clients, "must be 1 to 1024"));
+        return Err(setting("clients", o.clients, "must be 1 to 1024"));
     }
     if !(o.seconds > 0.0 && o.seconds <= 3600.0) {
-        return Err(ServeError::setting("seconds", o.seconds, "must be more than 0 and at most 3600"));
+        return Err(setting("seconds", o.seconds, "must be more than 0 and at most 3600"));
     }
     if o.models.is_empty() {
-        return Err(ServeError::setting("models", "", "name at least one model"));
+        return Err(setting("models", "", "name at least one model"));
     }
     let addr = loopback(&o.addr)?;
     let base = format!("http://{addr}");
-    let client = reqwest::Client::builder().pool_max_idle_per_host(o.clients + 2).build().map_err(http)?;
-    let health = get_json(&client, &format!("{base}/health")).await?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &o.api_key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| setting("api-key", "(hidden)", "must be printable ASCII"))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(o.clients + 2).default_headers(headers).build().map_err(http)?;
+    let health = get_json(&client, addr, &format!("{base}/health")).await?;
     let kind = health["kind"].as_str().ok_or_else(|| http(format!("{base}/health: not a lora serve ({health})")))?.to_string();
-    let listed = get_json(&client, &format!("{base}/v1/models")).await?;
+    let listed = get_json(&client, addr, &format!("{base}/v1/models")).await?;
     let roots: Vec<(String, String)> = listed["data"]
         .as_array()
         .map(|d| {
@@ -158,8 +213,11 @@ pub async fn run(o: &LoadtestOptions) -> Result<LoadtestReport> {
     for m in &o.models {
         let known = m == health["model"].as_str().unwrap_or("") || roots.iter().any(|(n, _)| n == m);
         if !known {
-            return Err(ServeError::setting("models", m, format!("the server at {base} serves no such model")));
+            return Err(setting("models", m, format!("the server at {base} serves no such model")));
         }
+    }
+    if o.churn && health["adapter_updates"] == json!(false) {
+        return Err(setting("churn", true, format!("the server at {base} refuses adapter loads: start it with --allow-adapter-updates")));
     }
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
@@ -208,7 +266,7 @@ pub async fn run(o: &LoadtestOptions) -> Result<LoadtestReport> {
         }));
     }
     let churn = if o.churn {
-        let (client, base, roots) = (client.clone(), base.clone(), roots.clone());
+        let (client, base, roots, tally) = (client.clone(), base.clone(), roots.clone(), tally.clone());
         let models = o.models.clone();
         Some(tokio::spawn(async move {
             let (mut ops, mut errors) = (0usize, 0usize);
@@ -225,8 +283,22 @@ pub async fn run(o: &LoadtestOptions) -> Result<LoadtestReport> {
                 ];
                 for (route, body) in calls {
                     ops += 1;
-                    let ok = client.post(format!("{base}/v1/{route}")).json(&body).send().await.is_ok_and(|r| r.status().is_success());
-                    errors += usize::from(!ok);
+                    let failure = match client.post(format!("{base}/v1/{route}")).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => None,
+                        Ok(r) => {
+                            let status = r.status();
+                            let v: Value = r.json().await.unwrap_or_default();
+                            Some(format!("churn {route}: {status}: {}", v["error"]["message"]))
+                        }
+                        Err(e) => Some(format!("churn {route}: {e}")),
+                    };
+                    if let Some(f) = failure {
+                        errors += 1;
+                        let mut t = tally.lock().await;
+                        if t.first_errors.len() < 5 {
+                            t.first_errors.push(f);
+                        }
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -263,4 +335,81 @@ pub async fn run(o: &LoadtestOptions) -> Result<LoadtestReport> {
         churn_errors,
         first_errors: std::mem::take(&mut t.first_errors),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(addr: &str) -> LoadtestOptions {
+        LoadtestOptions {
+            addr: addr.to_string(),
+            clients: 2,
+            seconds: 0.1,
+            models: vec!["m".into()],
+            max_tokens: 4,
+            prompt: "a".into(),
+            images: 1,
+            churn: false,
+            api_key: None,
+        }
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank_of_the_sorted_values() {
+        let v: Vec<f64> = (1..=101).map(f64::from).collect();
+        assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (51.0, 100.0, 101.0));
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_driven() {
+        assert!(loopback("127.0.0.1:80").is_ok());
+        assert!(loopback("[::1]:80").is_ok());
+        let e = loopback("192.0.2.1:80").unwrap_err().to_string();
+        assert!(e.contains("addr = 192.0.2.1:80") && e.contains("loopback"), "{e}");
+        let e = loopback("no port").unwrap_err().to_string();
+        assert!(e.contains("not a host:port"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_port_where_nothing_listens_is_named_with_the_next_step() {
+        // A port that was free a moment ago: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = run(&options(&format!("127.0.0.1:{port}"))).await.unwrap_err();
+        assert!(matches!(e, LoadtestError::NoServer { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains(&format!("nothing listens at 127.0.0.1:{port}")) && e.contains("lora serve"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn settings_out_of_range_are_refused_by_name_before_any_connection() {
+        for (o, want) in [
+            (LoadtestOptions { clients: 0, ..options("127.0.0.1:9") }, "clients = 0"),
+            (LoadtestOptions { seconds: -1.0, ..options("127.0.0.1:9") }, "seconds = -1"),
+            (LoadtestOptions { models: vec![], ..options("127.0.0.1:9") }, "models"),
+        ] {
+            let e = run(&o).await.unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_a_lora_serve_is_named() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = "{\"hello\": 1}";
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                    .await;
+            }
+        });
+        let e = run(&options(&addr.to_string())).await.unwrap_err().to_string();
+        assert!(e.contains("not a lora serve"), "{e}");
+    }
 }
