@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Runs `lora lm bench` and the transformers + PEFT peer (shared/bench/pytorch_lm_workloads.py) alternately,
+# Runs `lora lm bench` and the transformers + PEFT peer (scripts/pytorch_lm_workloads.py) alternately,
 # RUNS times each, same threads, then prints every run and the median of each key with the ratio
 # ours / theirs (time and memory: below 1 is better; tokens per second: above 1 is better).
 #
 #   scripts/bench-lm-vs-pytorch.sh [THREADS] [RUNS] [PEER] [PYTHON]
-#   defaults: all cores; 3 runs; ../shared/bench/pytorch_lm_workloads.py; /tmp/torch-venv/bin/python
+#   defaults: all cores; 3 runs; scripts/pytorch_lm_workloads.py; /tmp/torch-venv/bin/python
 #   PyTorch once: python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch transformers peft numpy safetensors
 # Extra flags for both sides (e.g. --quick) go in LM_BENCH_FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-$(nproc)}
 runs=${2:-3}
-peer=${3:-../shared/bench/pytorch_lm_workloads.py}
+peer=${3:-scripts/pytorch_lm_workloads.py}
 python=${4:-/tmp/torch-venv/bin/python}
 out=${BENCH_OUT:-runs/bench-lm}
 mkdir -p "$out"

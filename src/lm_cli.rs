@@ -26,7 +26,7 @@ pub enum LmCommand {
     Eval(LmEvalArgs),
     /// Generate text from prompts, with one adapter or none.
     Generate(LmGenerateArgs),
-    /// Time the workloads of the PyTorch peer (shared/bench/pytorch_lm_workloads.py) and print its keys.
+    /// Time the workloads of the PyTorch peer (scripts/pytorch_lm_workloads.py) and print its keys.
     Bench(LmBenchArgs),
 }
 

@@ -165,7 +165,12 @@ async fn clients_that_stop_reading_are_dropped_after_the_write_timeout_and_their
     let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let started = Instant::now();
     let stalled = [stalled_stream(&server.url, 16, 2000).await, stalled_stream(&server.url, 16, 2000).await];
-    // Both places are taken while the stalled streams hold them…
+    // Both places are taken while the stalled streams hold them (wait until the server has admitted them:
+    // on a busy machine it may read the probe below before the two requests written just now)…
+    while counter(&c, &server.url, "lora_requests_in_flight").await < 2.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the stalled requests were never admitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut shed_while_stalled = 0;
     let body = json!({"model": "base", "prompt": "a", "max_tokens": 8, "temperature": 0});
     let served_after = loop {

@@ -1,4 +1,4 @@
-//! `lora lm bench`: the workloads of shared/bench/pytorch_lm_workloads.py (transformers + PEFT), timed the
+//! `lora lm bench`: the workloads of scripts/pytorch_lm_workloads.py (transformers + PEFT), timed the
 //! same way and printed with the same keys, so the two can run side by side and be compared key by key.
 //!
 //! Model: the byte-level default (vocab 256, hidden 256, MLP 768, 4 layers, 8/4 heads, 3,279,104
