@@ -483,5 +483,6 @@ fn every_bad_input_fails_cleanly_naming_what_is_wrong() {
         std::fs::write(d.join("cases.tsv"), tsv).unwrap();
     }
     assert!(cases.len() > 60, "the matrix shrank to {} cases", cases.len());
+    support::check_doc("mnist", &cases);
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

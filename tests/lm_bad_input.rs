@@ -299,5 +299,6 @@ fn every_bad_language_model_input_fails_cleanly_naming_what_is_wrong() {
     let cases = build(d);
     let failures = support::failures(d, &cases);
     assert!(cases.len() >= 35, "the matrix shrank to {} cases", cases.len());
+    support::check_doc("lm", &cases);
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

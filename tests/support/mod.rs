@@ -47,3 +47,34 @@ pub fn failures(dir: &Path, cases: &[Case]) -> Vec<String> {
     }
     failures
 }
+
+/// The doc every case is listed in.
+pub const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/bad-input.md");
+
+/// The markdown table of `cases` (case, command, must mention).
+pub fn table(cases: &[Case]) -> String {
+    let mut t = String::from("| case | command | must mention |\n|---|---|---|\n");
+    for c in cases {
+        t.push_str(&format!("| `{}` | `lora {}` | `{}` |\n", c.name, c.args.join(" "), c.expect));
+    }
+    t
+}
+
+/// Checks that docs/bad-input.md lists exactly `cases`, as [`table`] renders them, between the markers
+/// `<!-- cases: SECTION -->` and `<!-- end cases: SECTION -->`; with `LORA_WRITE_DOCS=1` it rewrites that
+/// block instead. The doc is generated from the tests, so it cannot drift from them.
+pub fn check_doc(section: &str, cases: &[Case]) {
+    let (open, close) = (format!("<!-- cases: {section} -->\n"), format!("<!-- end cases: {section} -->"));
+    let doc = std::fs::read_to_string(DOC).unwrap();
+    let (Some(a), Some(b)) = (doc.find(&open), doc.find(&close)) else { panic!("{DOC}: no {open:?} … {close:?} block") };
+    let want = table(cases);
+    let have = &doc[a + open.len()..b];
+    if std::env::var_os("LORA_WRITE_DOCS").is_some() {
+        std::fs::write(DOC, format!("{}{want}{}", &doc[..a + open.len()], &doc[b..])).unwrap();
+    } else {
+        assert_eq!(
+            have, want,
+            "{DOC} is out of date with the {section} cases: run LORA_WRITE_DOCS=1 cargo test --release --test bad_input --test lm_bad_input"
+        );
+    }
+}
