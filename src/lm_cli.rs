@@ -257,6 +257,11 @@ pub struct LmGenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct LmBenchArgs {
+    /// The model shape, as the peer names it: tiny (the demo's 3.28M byte-level Llama, batch 16 × 256),
+    /// small (SmolLM-135M's body with a 256-byte vocabulary, 106M parameters, batch 4 × 256), 1b (Llama-3.2-1B's
+    /// body, 974M parameters, tied embeddings, batch 1 × 256; no full step: its AdamW state would not fit).
+    #[arg(long, value_enum, default_value_t = BenchShape::Tiny)]
+    pub shape: BenchShape,
     /// Threads for matrix products (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
@@ -272,6 +277,18 @@ pub struct LmBenchArgs {
     /// Also write the JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+/// A benchmark model shape (`lora lm bench --shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchShape {
+    /// The demo's byte-level Llama (3,279,104 parameters), batch 16 × 256.
+    Tiny,
+    /// SmolLM-135M's body (hidden 576, MLP 1536, 30 layers, 9 / 3 heads), vocabulary 256, batch 4 × 256.
+    Small,
+    /// Llama-3.2-1B's body (hidden 2048, MLP 8192, 16 layers, 32 / 8 heads, tied), vocabulary 256, batch 1 × 256.
+    #[value(name = "1b")]
+    OneB,
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,11 @@
 //! `lora lm bench`: the workloads of scripts/pytorch_lm_workloads.py (transformers + PEFT), timed the
 //! same way and printed with the same keys, so the two can run side by side and be compared key by key.
 //!
-//! Model: the byte-level default (vocab 256, hidden 256, MLP 768, 4 layers, 8/4 heads, 3,279,104
-//! parameters). full_step_ms: median step of batch 16 × 256 random bytes, AdamW (lr 1e-3) over every
+//! Models (`--shape`, the peer's `--shape`): tiny = the byte-level default (vocab 256, hidden 256, MLP 768,
+//! 4 layers, 8/4 heads, 3,279,104 parameters, batch 16 × 256); small = SmolLM-135M's body (hidden 576, MLP
+//! 1536, 30 layers, 9/3 heads, 106,498,368 parameters with the 256-byte vocabulary, batch 4 × 256); 1b =
+//! Llama-3.2-1B's body (hidden 2048, MLP 8192, 16 layers, 32/8 heads, tied, 973,670,400 parameters, batch
+//! 1 × 256, no full step). full_step_ms: median step of the batch of random bytes, AdamW (lr 1e-3) over every
 //! tensor; lora_step_ms: the same with LoRA r 8, alpha 16 on the seven projections, base frozen;
 //! eval_tokens_per_s: forward with loss, adapter active; generate_*: greedy, 16-token prompts, exactly
 //! 128 new tokens, KV cache, adapter active and unmerged.
@@ -20,11 +23,45 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::LmBenchArgs;
+use crate::lm_cli::{BenchShape, LmBenchArgs};
 
-const BATCH: usize = 16;
 const SEQ: usize = 256;
 const PROMPT: usize = 16;
+
+/// The model, batch rows and whether a full step is timed, of a shape.
+fn shape(s: BenchShape) -> (LlamaConfig, usize, bool) {
+    let base = LlamaConfig::byte_default();
+    match s {
+        BenchShape::Tiny => (base, 16, true),
+        BenchShape::Small => (
+            LlamaConfig {
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                head_dim: 64,
+                ..base
+            },
+            4,
+            true,
+        ),
+        BenchShape::OneB => (
+            LlamaConfig {
+                hidden_size: 2048,
+                intermediate_size: 8192,
+                num_hidden_layers: 16,
+                num_attention_heads: 32,
+                num_key_value_heads: 8,
+                head_dim: 64,
+                tie_word_embeddings: true,
+                ..base
+            },
+            1,
+            false,
+        ),
+    }
+}
 const NEW_TOKENS: usize = 128;
 
 fn random_ids(rng: &mut StdRng, n: usize) -> Vec<u32> {
@@ -45,10 +82,10 @@ fn time<F: FnMut(Vec<u32>) -> Result<()>>(rng: &mut StdRng, n: usize, reps: usiz
     Ok(crate::cmd::median(t))
 }
 
-fn train_steps(model: &Llama, rng: &mut StdRng, reps: usize, warmup: usize) -> Result<f64> {
+fn train_steps(model: &Llama, rng: &mut StdRng, batch: usize, reps: usize, warmup: usize) -> Result<f64> {
     let mut opt = AdamW::new(model.trainable_vars(), 0.0);
-    time(rng, BATCH * SEQ, reps, warmup, |ids| {
-        let loss = batch_loss(model, &ids, BATCH, SEQ, true)?;
+    time(rng, batch * SEQ, reps, warmup, |ids| {
+        let loss = batch_loss(model, &ids, batch, SEQ, true)?;
         let grads = loss.backward()?;
         opt.step(&grads, 1e-3, None)?;
         Ok(())
@@ -60,15 +97,20 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     let threads = crate::cmd::set_threads(a.threads);
     let (steps, warmup) = if a.quick { (3, 1) } else { (a.steps as usize, 3) };
     let (eval_reps, gen_reps) = if a.quick { (3, 1) } else { (10, 5) };
-    let config = LlamaConfig::byte_default();
+    let (config, batch, full_step) = shape(a.shape);
     let mut model = Llama::random(&config, a.seed)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     let params = model.num_params();
     eprintln!("params: {params}");
 
-    eprintln!("full_step: {warmup} warm-up + {steps} steps of batch {BATCH}x{SEQ}...");
-    let full = train_steps(&model, &mut rng, steps, warmup)?;
-    eprintln!("  full_step_ms {:.1}", full * 1e3);
+    let full = if full_step {
+        eprintln!("full_step: {warmup} warm-up + {steps} steps of batch {batch}x{SEQ}...");
+        let full = train_steps(&model, &mut rng, batch, steps, warmup)?;
+        eprintln!("  full_step_ms {:.1}", full * 1e3);
+        Some(full)
+    } else {
+        None
+    };
 
     let lora_cfg = LoraConfig {
         target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
@@ -80,14 +122,14 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     model.freeze_base();
     let lora_params: usize = model.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!("lora trainable params: {lora_params}");
-    let lora = train_steps(&model, &mut rng, steps, warmup)?;
+    let lora = train_steps(&model, &mut rng, batch, steps, warmup)?;
     eprintln!("  lora_step_ms {:.1}", lora * 1e3);
 
-    let ev = time(&mut rng, BATCH * SEQ, eval_reps, 1, |ids| {
-        batch_loss(&model, &ids, BATCH, SEQ, false)?.to_scalar::<f32>()?;
+    let ev = time(&mut rng, batch * SEQ, eval_reps, 1, |ids| {
+        batch_loss(&model, &ids, batch, SEQ, false)?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    let eval_tps = (BATCH * SEQ) as f64 / ev;
+    let eval_tps = (batch * SEQ) as f64 / ev;
     eprintln!("  eval_tokens_per_s {eval_tps:.0}");
 
     let mut gen = |rows: usize| -> Result<f64> {
@@ -110,7 +152,8 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
         "params": params,
         "lora_params": lora_params,
         "attn": if model.is_fused() { "grouped, fused CPU kernels (flash-style)" } else { "grouped (candle ops)" },
-        "full_step_ms": crate::cmd::round3(full * 1e3),
+        "shape": format!("{:?}", a.shape).to_lowercase().replace("oneb", "1b"),
+        "full_step_ms": full.map(|f| crate::cmd::round3(f * 1e3)),
         "lora_step_ms": crate::cmd::round3(lora * 1e3),
         "eval_tokens_per_s": (eval_tps * 10.0).round() / 10.0,
         "generate_tokens_per_s": ((NEW_TOKENS as f64 / g1) * 100.0).round() / 100.0,
