@@ -76,7 +76,15 @@ fn write(c: &ModelConfig, o: &mut Map<String, Value>) {
     let opt = |x: Option<f64>| x.map_or(Value::Null, Value::from);
     o.insert("hidden_activation".into(), c.hidden_act.name().into());
     o.insert("attention_bias".into(), c.attention_bias.into());
-    o.insert("query_pre_attn_scalar".into(), opt(c.query_pre_attn_scalar));
+    // transformers' Gemma2Config types it as an int and refuses a float.
+    let scalar = c.query_pre_attn_scalar.map_or(Value::Null, |x| {
+        if x.fract() == 0.0 && x.abs() < 1e15 {
+            Value::from(x as i64)
+        } else {
+            Value::from(x)
+        }
+    });
+    o.insert("query_pre_attn_scalar".into(), scalar);
     o.insert("attn_logit_softcapping".into(), opt(c.attn_logit_softcapping));
     o.insert("final_logit_softcapping".into(), opt(c.final_logit_softcapping));
     o.insert("sliding_window".into(), c.sliding_window.map_or(Value::Null, Value::from));
