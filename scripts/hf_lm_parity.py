@@ -4,8 +4,8 @@ Usage:
   python3 scripts/hf_lm_parity.py --model DIR [--adapter NAME=DIR ...] --data FILE [--ours TOKENS.json]
                                   [--context N] [--json OUT] [--rtol 1e-4] [--batch 8] [--threads N]
 
---model DIR      a transformers Llama checkpoint (config.json + safetensors), loaded with
-                 LlamaForCausalLM.from_pretrained(DIR) in float32 on CPU, eager attention, eval mode
+--model DIR      a transformers checkpoint of any family lora-rs reads (config.json + safetensors), loaded with
+                 AutoModelForCausalLM.from_pretrained(DIR) in float32 on CPU, eager attention, eval mode
 --adapter N=DIR  a PEFT LoRA adapter, loaded onto the model under the name N (repeatable); model "base" is the
                  model with every adapter disabled (PeftModel.disable_adapter())
 --data FILE      text to score. A .jsonl or .jsonl.gz file: the rows whose "split" is "validation" (every row
@@ -152,11 +152,11 @@ def windows(ids, counts, n):
 
 def load_model(model_dir, adapters):
     import transformers
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     # `torch_dtype` is called `dtype` from transformers 4.56 on (the old name warns there).
     new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
     kw = {"dtype": torch.float32} if new else {"torch_dtype": torch.float32}
-    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager", **kw)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", **kw)
     if adapters:
         from peft import PeftModel
         (first, path), rest = adapters[0], adapters[1:]

@@ -36,9 +36,14 @@ fn lm_model(dir: &Path) -> Result<()> {
         c.max_position_embeddings
     );
     println!(
-        "  rope_theta {}, rms_norm_eps {:e}, tied embeddings {}, tokenizer {:?}",
-        c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.tokenizer
+        "  rope_theta {} ({} scaling), rms_norm_eps {:e}, tied embeddings {}, tokenizer {:?}",
+        c.rope_theta,
+        c.rope_scaling.name(),
+        c.rms_norm_eps,
+        c.tie_word_embeddings,
+        c.tokenizer
     );
+    println!("  family {} ({})", c.family.spec().model_type, c.family.spec().architecture);
     println!(
         "  {} parameters in {} tensors; weights {:?}, {} bytes in {} file(s)",
         group(model.num_params()),
@@ -47,7 +52,7 @@ fn lm_model(dir: &Path) -> Result<()> {
         files.bytes,
         files.weight_files.len()
     );
-    println!("  LoRA-able modules: {} ({} per layer and lm_head)", model.lora().layer_names().count(), lora_lm::PROJECTIONS.join(", "));
+    println!("  LoRA-able modules: {} ({} per layer and lm_head)", model.lora().layer_names().count(), c.projections().join(", "));
     println!("  base SHA-256 {}", model.fingerprint()?);
     Ok(())
 }

@@ -18,6 +18,7 @@ mod config;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod family;
 pub mod fused;
 pub mod generate;
 pub mod hf;
@@ -26,12 +27,15 @@ pub mod mixed;
 mod model;
 pub mod ops;
 mod rope_cache;
+pub mod rope_scaling;
 /// The optimizer, schedule and checkpoint file every lora-rs trainer shares (re-exported).
 pub use lora_optim as optim;
 mod tokenizer;
 pub mod train;
 
-pub use config::{LlamaConfig, TokenizerKind};
+pub use config::{LlamaConfig, ModelConfig, TokenizerKind};
 pub use error::{LmError, Result};
+pub use family::{Activation, Family, LayerType, FAMILIES};
 pub use model::{expected_shapes, module_name, KvCache, Llama, EMBED, LM_HEAD, PROJECTIONS};
+pub use rope_scaling::RopeScaling;
 pub use tokenizer::{StreamDecoder, Tokenizer};

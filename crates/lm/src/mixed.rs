@@ -8,14 +8,14 @@
 //! h = E[tokens]                                        (Σ t_s, H)
 //! per layer: x = RMSNorm(h)
 //!            q, k, v = x·Wᵀ + s_a·(x·A_aᵀ)·B_aᵀ         one base product for all rows, each row's own delta
-//!            RoPE at each row's own position c_s + j
-//!            attention per sequence over its cache     (t_s queries, c_s + t_s keys, causal)
-//!            h = h + o_proj(…);  h = h + down(SwiGLU(gate(x), up(x)))
+//!            RoPE at each row's own position c_s + j (in the table of the sequence's own length)
+//!            attention per sequence over its cache     (t_s queries, c_s + t_s keys, causal, the layer's window)
+//!            h = h + o_proj(…);  h = h + down(act(gate(x)) ⊙ up(x))
 //! logits of each sequence's last row = RMSNorm(h_last)·W_headᵀ (+ its delta)   (S, V)
 //! ```
 //!
-//! The same kernels as [`Llama::forward`]'s fused path (norm, RoPE, attention, SwiGLU); the projections
-//! are [`lora::LoraModel::forward_mixed`]. A sequence's logits therefore do not depend on the other
+//! The layer is [`Llama::forward`]'s own (`layer_forward`: every family's blocks), on the fused kernels;
+//! the projections are [`lora::LoraModel::forward_mixed`]. A sequence's logits therefore do not depend on the other
 //! sequences' adapters, and differ from its logits alone only by the f32 rounding of the base products'
 //! batch-size-dependent summation order. With a [`lora::PackedBase`] ([`Llama::pack_base`]), projections
 //! whose weights are bf16 numbers (a checkpoint stored in bf16) read a bf16 copy: the same bits, from half
@@ -26,8 +26,8 @@ use candle_core::{Device, Tensor};
 use lora::{Activation, PackedAdapter, PackedBase, RowGroup};
 
 use crate::error::{LmError, Result};
-use crate::fused::{self, attention::attention_forward, AttentionShape, RopeOp};
-use crate::model::{module_name, KvCache, Llama, LM_HEAD, PROJECTIONS};
+use crate::fused::{attention::attention_forward, AttentionShape, RopeOp};
+use crate::model::{module_name, KvCache, Llama, LM_HEAD};
 
 /// One sequence of a mixed batch: its new tokens, its cache (made by [`Llama::sequence_cache`]) and
 /// its adapter.
@@ -117,37 +117,46 @@ impl Llama {
             let want = s.cache.len + s.tokens.len();
             s.cache.reserve(want);
         }
-        let needed = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
-        let rope = RopeOp::new(self.rope.fused(needed)?, positions)?;
+        // Each sequence's RoPE table is that of its own length, whatever else is in the batch.
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.cache.len + s.tokens.len()).collect();
+        let (tables, which) = self.rope_tables(&lengths)?;
+        let which = seqs.iter().zip(&which).flat_map(|(s, &w)| std::iter::repeat_n(w, s.tokens.len())).collect();
+        let rope = RopeOp::with_tables(tables, which, positions, d)?;
         let dev = Device::Cpu;
-        let embed = self.embed.as_detached_tensor();
-        let mut h = embed.index_select(&Tensor::from_vec(ids, rows, &dev)?, 0)?; // (rows, H)
-        let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.forward_mixed(i, x, &groups, Activation::Identity, base)?) };
+        let mut h = self.embed_rows(&Tensor::from_vec(ids, (1, rows), &dev)?, false)?.detach(); // (rows, H)
         for l in 0..c.num_hidden_layers {
-            let [q_at, k_at, v_at, o_at, gate_at, up_at, down_at] = at.layers[l];
-            let x = fused::rms_norm(&h, &self.norms[l].0.as_detached_tensor(), c.rms_norm_eps)?;
-            let q = rope.apply(&proj(q_at, &x)?)?;
-            let k = rope.apply(&proj(k_at, &x)?)?;
-            let v = proj(v_at, &x)?;
-            let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
-            let mut a = Vec::with_capacity(rows * nh * d);
-            let mut r0 = 0;
-            for s in seqs.iter_mut() {
-                let t = s.tokens.len();
-                let cache = &mut *s.cache;
-                cache.write(l, &k[r0 * nkv * d..(r0 + t) * nkv * d], &v[r0 * nkv * d..(r0 + t) * nkv * d], t);
-                let shape =
-                    AttentionShape { batch: 1, tq: t, tk: cache.len + t, heads: nh, kv_heads: nkv, d, offset: cache.len, pad: vec![0] };
-                let (kb, vb) = &cache.layers[l];
-                let (out, _) = attention_forward(&q[r0 * nh * d..(r0 + t) * nh * d], kb, vb, cache.cap, &shape)?;
-                a.extend_from_slice(&out);
-                r0 += t;
-            }
-            let a = Tensor::from_vec(a, (rows, nh * d), &dev)?;
-            h = (h + proj(o_at, &a)?)?;
-            let x = fused::rms_norm(&h, &self.norms[l].1.as_detached_tensor(), c.rms_norm_eps)?;
-            let gu = fused::swiglu(&proj(gate_at, &x)?, &proj(up_at, &x)?)?;
-            h = (h + proj(down_at, &gu)?)?;
+            let proj = |i: usize, x: &Tensor| -> Result<Tensor> {
+                Ok(self.lora.forward_mixed(at.layers[l][i], x, &groups, Activation::Identity, base)?)
+            };
+            let opts = self.attention_opts(l);
+            let seqs_l = &mut *seqs;
+            let mut attend = |q: Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
+                let (q, k, v) = (flat(&rope.apply(&q)?)?, flat(&rope.apply(&k)?)?, flat(&v.contiguous()?)?);
+                let mut a = Vec::with_capacity(rows * nh * d);
+                let mut r0 = 0;
+                for s in seqs_l.iter_mut() {
+                    let t = s.tokens.len();
+                    let cache = &mut *s.cache;
+                    cache.write(l, &k[r0 * nkv * d..(r0 + t) * nkv * d], &v[r0 * nkv * d..(r0 + t) * nkv * d], t);
+                    let shape = AttentionShape {
+                        batch: 1,
+                        tq: t,
+                        tk: cache.len + t,
+                        heads: nh,
+                        kv_heads: nkv,
+                        d,
+                        offset: cache.len,
+                        pad: vec![0],
+                        opts,
+                    };
+                    let (kb, vb) = &cache.layers[l];
+                    let (out, _) = attention_forward(&q[r0 * nh * d..(r0 + t) * nh * d], kb, vb, cache.cap, &shape)?;
+                    a.extend_from_slice(&out);
+                    r0 += t;
+                }
+                Ok(Tensor::from_vec(a, (rows, nh * d), &dev)?)
+            };
+            h = self.layer_forward(l, h, true, true, &proj, &mut attend)?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut r = 0;
@@ -157,20 +166,19 @@ impl Llama {
             s.cache.len += s.tokens.len();
         }
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
-        let h = fused::rms_norm(&h, &self.final_norm.as_detached_tensor(), c.rms_norm_eps)?;
+        let h = self.norm(&h, &self.final_norm, true, true)?;
         let heads = row_groups(seqs, |_| 1);
-        flat(&self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity, base)?)
+        flat(&self.softcap_logits(self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity, base)?)?)
     }
 
     /// Where the projections and `lm_head` sit in the model's [`lora::LoraModel`], found by their
     /// transformers names (never assumed from the order they were pushed in): once per step, shared by
     /// its parts.
     fn positions(&self) -> Result<Positions> {
-        let mut layers = vec![[0; 7]; self.config.num_hidden_layers];
-        for (l, at) in layers.iter_mut().enumerate() {
-            for (slot, proj) in at.iter_mut().zip(PROJECTIONS) {
-                *slot = self.lora.position(&module_name(l, proj))?;
-            }
+        let projections = self.config.projections();
+        let mut layers = Vec::with_capacity(self.config.num_hidden_layers);
+        for l in 0..self.config.num_hidden_layers {
+            layers.push(projections.iter().map(|p| self.lora.position(&module_name(l, p))).collect::<lora::Result<Vec<usize>>>()?);
         }
         Ok(Positions { layers, head: self.lora.position(LM_HEAD)? })
     }
@@ -178,7 +186,7 @@ impl Llama {
 
 /// The positions of a model's layers in its `LoraModel` ([`Llama::positions`]).
 struct Positions {
-    layers: Vec<[usize; 7]>, // each decoder layer's projections, PROJECTIONS order
+    layers: Vec<Vec<usize>>, // each decoder layer's projections, the family's order
     head: usize,
 }
 

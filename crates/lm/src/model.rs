@@ -1,15 +1,22 @@
-//! [`Llama`]: transformers' `LlamaForCausalLM` with every projection a [`lora::LoraLinear`].
+//! [`Llama`]: the decoder of every [`crate::Family`] (transformers' `LlamaForCausalLM` and the families
+//! built from its blocks) with every projection a [`lora::LoraLinear`].
 //!
 //! For token ids (B, T):
 //!
 //! ```text
-//! h₀ = E[ids]                                                      (B, T, H)
-//! per layer l:  x = RMSNorm(h; w_in)
-//!               q = RoPE(x·W_qᵀ) (B, n_h, T, d),  k = RoPE(x·W_kᵀ), v = x·W_vᵀ (B, n_kv, T, d)
-//!               h = h + W_o · attention(q, [cache_k, k], [cache_v, v])   (causal, grouped K/V)
-//!               x = RMSNorm(h; w_post)
-//!               h = h + W_down·(silu(W_gate·x) ⊙ W_up·x)
-//! logits = RMSNorm(h; w_final) · W_headᵀ                           (B, T, V)
+//! h₀ = E[ids] (· √H for Gemma)                                     (B, T, H)
+//! per layer l:  x = N(h; w_attn_in)
+//!               q, k, v = x·W_qᵀ, x·W_kᵀ, x·W_vᵀ   (Phi-3: x·W_qkvᵀ split in three; biases where the family has them)
+//!               q, k = N_head(q; w_q), N_head(k; w_k)  (Qwen3: RMSNorm of each head)
+//!               q, k = RoPE(q), RoPE(k)           (the family's scaling; Phi-3: the first r features of a head)
+//!               a = W_o · attention(q, [cache_k, k], [cache_v, v])   (causal, grouped K/V, the layer's window,
+//!                                                                      scale and soft-capping)
+//!               h = h + a   (Gemma: h + N(a; w_attn_out))
+//!               x = N(h; w_mlp_in)
+//!               m = W_down·(act(W_gate·x) ⊙ W_up·x)   (act: silu or tanh GELU; Phi-3: gate, up = halves of W_gate_up·x)
+//!               h = h + m   (Gemma: h + N(m; w_mlp_out))
+//! logits = N(h; w_final) · W_headᵀ  (Gemma: c·tanh(logits/c))     (B, T, V)
+//! N(x; w) = RMSNorm with weight w (Gemma: 1 + w)
 //! ```
 //!
 //! The norms, RoPE, attention, SwiGLU gate (and the training loss) run as the fused CPU kernels of
@@ -22,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lora::{LoraLinear, LoraModel};
@@ -31,11 +39,13 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
-use crate::fused::{self, AttentionShape, RopeOp};
-use crate::ops::{apply_rope, attention, causal_mask, rms_norm};
+use crate::family::{Activation, Norm};
+use crate::fused::{self, AttentionOpts, AttentionShape, RopeOp, RopeTables};
+use crate::ops::{apply_rope, attention_with, causal_mask_window, rms_norm, rope_cos_sin};
 use crate::rope_cache::RopeCache;
 
-/// The seven projections of a decoder layer, in PEFT's usual `target_modules` order.
+/// The seven projections of a Llama decoder layer, in PEFT's usual `target_modules` order (a family's own:
+/// [`LlamaConfig::projections`]).
 pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 /// The module name of the output projection.
 pub const LM_HEAD: &str = "lm_head";
@@ -44,7 +54,7 @@ pub const EMBED: &str = "model.embed_tokens";
 
 /// The transformers module name of projection `proj` in layer `layer`.
 pub fn module_name(layer: usize, proj: &str) -> String {
-    let group = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    let group = if matches!(proj, "gate_proj" | "up_proj" | "down_proj" | "gate_up_proj") { "mlp" } else { "self_attn" };
     format!("model.layers.{layer}.{group}.{proj}")
 }
 
@@ -70,7 +80,7 @@ impl KvCache {
             layers: vec![(Vec::new(), Vec::new()); config.num_hidden_layers],
             width: config.num_key_value_heads * config.head_dim,
             cap: 0,
-            max: config.max_position_embeddings,
+            max: config.context_len(),
             pad,
             len: 0,
         }
@@ -136,16 +146,28 @@ impl KvCache {
     }
 }
 
-/// A Llama-architecture decoder whose projections are LoRA layers.
+/// One decoder layer's norm weights and projection names.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    pub norms: Vec<(Norm, String, Var)>, // role, tensor name, weight: (H), or (d) for q/k norms
+    pub proj: Vec<String>,               // module names, the family's projection order
+}
+
+impl Layer {
+    pub fn norm(&self, role: Norm) -> Option<&Var> {
+        self.norms.iter().find(|(r, _, _)| *r == role).map(|(_, _, v)| v)
+    }
+}
+
+/// A decoder of one of the [`crate::Family`]s whose projections are LoRA layers.
 #[derive(Debug)]
 pub struct Llama {
     pub(crate) config: LlamaConfig,
-    pub(crate) embed: Var,             // (V, H)
-    pub(crate) norms: Vec<(Var, Var)>, // input_layernorm, post_attention_layernorm: (H) each
-    pub(crate) final_norm: Var,        // (H)
-    names: Vec<[String; 7]>,           // module names per layer, PROJECTIONS order
-    pub(crate) lora: LoraModel,        // projections (layer l's p-th at 7·l + p), lm_head, embed_tokens
-    base_trainable: bool,              // embedding and norms train (pre-training)
+    pub(crate) embed: Var,         // (V, H)
+    pub(crate) layers: Vec<Layer>, // norms and projection names per layer
+    pub(crate) final_norm: Var,    // (H)
+    pub(crate) lora: LoraModel,    // projections (layer by layer, the family's order), lm_head, embed_tokens
+    base_trainable: bool,          // embedding and norms train (pre-training)
     pub(crate) rope: RopeCache,
     fused: bool,
 }
@@ -156,7 +178,7 @@ fn var(t: Tensor) -> Result<Var> {
 
 impl Llama {
     /// A model with random weights as transformers initialises them (normal(0, initializer_range) for the
-    /// embedding and projections, ones for the norms), from `seed`.
+    /// embedding and projections, ones for the norms — zeros where they multiply by 1 + w), from `seed`.
     pub fn random(config: &LlamaConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
@@ -167,7 +189,7 @@ impl Llama {
         for (name, shape) in expected_shapes(config) {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
+                vec![if config.family.spec().norm_plus_one { 0.0 } else { 1.0 }; n]
             } else if name.ends_with(".bias") {
                 vec![0.0; n]
             } else {
@@ -198,26 +220,28 @@ impl Llama {
             if !known.contains(name.as_str()) && !ignorable {
                 return Err(LmError::file(
                     source,
-                    format!("unexpected tensor {name}: not part of a LlamaForCausalLM with this config.json"),
+                    format!("unexpected tensor {name}: not part of a {} with this config.json", config.family.spec().architecture),
                 ));
             }
         }
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name}")));
         let embed = var(take("model.embed_tokens.weight")?)?;
         let mut lora = LoraModel::new();
-        let mut norms = Vec::new();
-        let mut names = Vec::new();
+        let mut layers = Vec::new();
+        let spec = config.family.spec();
         for l in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            norms.push((var(take(&format!("{p}.input_layernorm.weight"))?)?, var(take(&format!("{p}.post_attention_layernorm.weight"))?)?));
-            let layer_names: [String; 7] = PROJECTIONS.map(|proj| module_name(l, proj));
-            for (proj, name) in PROJECTIONS.iter().zip(&layer_names) {
-                let has_bias = if matches!(*proj, "gate_proj" | "up_proj" | "down_proj") { config.mlp_bias } else { config.attention_bias };
+            let mut norms = Vec::new();
+            for (role, n) in spec.norms {
+                let name = format!("model.layers.{l}.{n}.weight");
+                norms.push((*role, name.clone(), var(take(&name)?)?));
+            }
+            let proj: Vec<String> = spec.projections.iter().map(|p| module_name(l, p)).collect();
+            for (p, name) in spec.projections.iter().zip(&proj) {
                 let w = take(&format!("{name}.weight"))?;
-                let b = if has_bias { Some(take(&format!("{name}.bias"))?) } else { None };
+                let b = if config.family.bias(config, p) { Some(take(&format!("{name}.bias"))?) } else { None };
                 lora.push(name, LoraLinear::new(w, b)?)?;
             }
-            names.push(layer_names);
+            layers.push(Layer { norms, proj });
         }
         let final_norm = var(take("model.norm.weight")?)?;
         // Tied: lm_head's weight is the embedding variable itself (`Var::from_tensor` of a variable shares it).
@@ -231,8 +255,8 @@ impl Llama {
         lora.push(EMBED, LoraLinear::embedding(embed.as_tensor().clone())?)?;
         // transformers' output embedding: PEFT's "all-linear" leaves it out.
         lora.set_output_layer(LM_HEAD)?;
-        let rope = RopeCache::new(config.rope_theta, config.head_dim, config.max_position_embeddings);
-        Ok(Llama { config: config.clone(), embed, norms, final_norm, names, lora, base_trainable: true, rope, fused: true })
+        let rope = RopeCache::new(config.rope_theta, config.rotary_dim(), config.max_position_embeddings, config.rope_scaling.clone());
+        Ok(Llama { config: config.clone(), embed, layers, final_norm, lora, base_trainable: true, rope, fused: true })
     }
 
     /// Chooses the fused CPU kernels of [`crate::fused`] (`true`, the default) or the reference ops of
@@ -276,9 +300,10 @@ impl Llama {
         let mut out: Vec<(String, Var)> = Vec::new();
         if self.base_trainable {
             out.push(("model.embed_tokens.weight".into(), self.embed.clone()));
-            for (l, (a, b)) in self.norms.iter().enumerate() {
-                out.push((format!("model.layers.{l}.input_layernorm.weight"), a.clone()));
-                out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.clone()));
+            for layer in &self.layers {
+                for (_, name, v) in &layer.norms {
+                    out.push((name.clone(), v.clone()));
+                }
             }
             out.push(("model.norm.weight".into(), self.final_norm.clone()));
         }
@@ -308,9 +333,10 @@ impl Llama {
     /// sorted by name. Copies, not views: later writes to the model (merge, training) do not change them.
     pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.as_tensor().clone())];
-        for (l, (a, b)) in self.norms.iter().enumerate() {
-            out.push((format!("model.layers.{l}.input_layernorm.weight"), a.as_tensor().clone()));
-            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.as_tensor().clone()));
+        for layer in &self.layers {
+            for (_, name, v) in &layer.norms {
+                out.push((name.clone(), v.as_tensor().clone()));
+            }
         }
         for (name, layer) in self.lora.layers() {
             if name == EMBED || (name == LM_HEAD && self.config.tie_word_embeddings) {
@@ -356,8 +382,130 @@ impl Llama {
     /// reshapes would each copy a gradient in the backward).
     pub(crate) fn logits_rows(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let h = self.hidden_rows(ids, cache, train)?;
-        let logits = self.lora.layer(LM_HEAD)?.forward_t(&h, train)?;
+        let logits = self.softcap_logits(self.lora.layer(LM_HEAD)?.forward_t(&h, train)?)?;
         Ok(if logits.rank() == 2 { logits } else { logits.reshape(((), self.config.vocab_size))? })
+    }
+
+    /// c·tanh(z/c) with the final soft-capping c (Gemma 2), else z.
+    pub(crate) fn softcap_logits(&self, z: Tensor) -> Result<Tensor> {
+        Ok(match self.config.final_logit_softcapping {
+            Some(c) => ((z / c)?.tanh()? * c)?,
+            None => z,
+        })
+    }
+
+    /// The weight a norm multiplies by: w, or 1 + w (Gemma); detached when `detach` or the base is frozen.
+    pub(crate) fn norm_weight(&self, w: &Var, detach: bool) -> Result<Tensor> {
+        let w = if detach { w.as_detached_tensor() } else { self.param(w) };
+        Ok(if self.config.family.spec().norm_plus_one { (w + 1.0)? } else { w })
+    }
+
+    /// RMSNorm of x (…, H) with weight w as the family applies it.
+    pub(crate) fn norm(&self, x: &Tensor, w: &Var, fast: bool, detach: bool) -> Result<Tensor> {
+        let w = self.norm_weight(w, detach)?;
+        let eps = self.config.rms_norm_eps;
+        Ok(if fast { fused::rms_norm(x, &w, eps)? } else { rms_norm(x, &w, eps)? })
+    }
+
+    /// The embedding of `ids` (B, T) as (B·T, H) rows, with any embedding adapters, scaled by √H where the
+    /// family scales it (the factor rounded to f32 first, as transformers does).
+    pub(crate) fn embed_rows(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.lora.layer(EMBED)?.embed_t(ids, train)?;
+        Ok(if self.config.family.spec().embed_scale { (h * ((self.config.hidden_size as f64).sqrt() as f32) as f64)? } else { h })
+    }
+
+    /// The attention options of layer `l`: its scale, window and soft-capping.
+    pub(crate) fn attention_opts(&self, l: usize) -> AttentionOpts {
+        let c = &self.config;
+        AttentionOpts { scale: Some(c.attention_scale() as f32), window: c.window(l), softcap: c.attn_logit_softcapping.map(|x| x as f32) }
+    }
+
+    /// Decoder layer `l` on hidden states h (rows × H, any leading shape): the norms, the projections
+    /// (`proj(i, x)` applies the i-th of the family's projections), q/k norms, attention (`attend(q, k, v)`,
+    /// un-roped q and k: RoPE and the cache are the caller's), the MLP and both residual adds. `fast`: fused
+    /// kernels; `detach`: norm weights as constants (serving).
+    pub(crate) fn layer_forward(
+        &self,
+        l: usize,
+        h: Tensor,
+        fast: bool,
+        detach: bool,
+        proj: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+        attend: &mut dyn FnMut(Tensor, Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let spec = c.family.spec();
+        let layer = &self.layers[l];
+        let at = |name: &str| spec.projections.iter().position(|p| *p == name);
+        let need =
+            |name: &str| at(name).ok_or_else(|| LmError::invalid("projection", name, "internal error: not a projection of this family"));
+        let (nh, nkv, d, inter) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+        let w = |role: Norm| layer.norm(role).ok_or_else(|| LmError::invalid("norm", format!("{role:?}"), "internal error: missing"));
+        let x = self.norm(&h, w(Norm::AttnIn)?, fast, detach)?;
+        let last = x.rank() - 1;
+        let (q, k, v) = match at("qkv_proj") {
+            Some(i) => {
+                let qkv = proj(i, &x)?;
+                (qkv.narrow(last, 0, nh * d)?, qkv.narrow(last, nh * d, nkv * d)?, qkv.narrow(last, (nh + nkv) * d, nkv * d)?)
+            }
+            None => (proj(need("q_proj")?, &x)?, proj(need("k_proj")?, &x)?, proj(need("v_proj")?, &x)?),
+        };
+        // Each head's d features normalised on their own: (rows, heads·d) as (rows·heads, d).
+        let head_norm = |t: Tensor, role: Norm| -> Result<Tensor> {
+            match layer.norm(role) {
+                None => Ok(t),
+                Some(wv) => {
+                    let dims = t.dims().to_vec();
+                    Ok(self.norm(&t.reshape((t.elem_count() / d, d))?, wv, fast, detach)?.reshape(dims)?)
+                }
+            }
+        };
+        let (q, k) = (head_norm(q, Norm::Q)?, head_norm(k, Norm::K)?);
+        let a = attend(q, k, v)?;
+        let mut o = proj(need("o_proj")?, &a)?;
+        if let Some(wv) = layer.norm(Norm::AttnOut) {
+            o = self.norm(&o, wv, fast, detach)?;
+        }
+        let h = (h + o)?;
+        let x = self.norm(&h, w(Norm::MlpIn)?, fast, detach)?;
+        let (g, u) = match at("gate_up_proj") {
+            Some(i) => {
+                let gu = proj(i, &x)?;
+                (gu.narrow(last, 0, inter)?, gu.narrow(last, inter, inter)?)
+            }
+            None => (proj(need("gate_proj")?, &x)?, proj(need("up_proj")?, &x)?),
+        };
+        let gu = if fast {
+            fused::gated(&g, &u, c.hidden_act)?
+        } else {
+            match c.hidden_act {
+                Activation::Silu => (g.silu()? * u)?,
+                Activation::GeluTanh => (g.gelu()? * u)?,
+            }
+        };
+        let mut m = proj(need("down_proj")?, &gu)?;
+        if let Some(wv) = layer.norm(Norm::MlpOut) {
+            m = self.norm(&m, wv, fast, detach)?;
+        }
+        Ok((h + m)?)
+    }
+
+    /// The RoPE op of one batch: each row's positions (slot − its padding) in the table of its own length.
+    pub(crate) fn rope_tables(&self, lengths: &[usize]) -> Result<(Vec<Arc<RopeTables>>, Vec<u32>)> {
+        let mut tables: Vec<Arc<RopeTables>> = Vec::new();
+        let mut which = Vec::with_capacity(lengths.len());
+        for &n in lengths {
+            let t = self.rope.fused(n.max(1))?;
+            let i = match tables.iter().position(|x| Arc::ptr_eq(x, &t)) {
+                Some(i) => i,
+                None => {
+                    tables.push(t);
+                    tables.len() - 1
+                }
+            };
+            which.push(i as u32);
+        }
+        Ok((tables, which))
     }
 
     /// The final hidden states (B, T, H), after the last norm.
@@ -382,66 +530,65 @@ impl Llama {
                 format!("longer than the model's context (max_position_embeddings = {})", self.rope.max_positions()),
             ));
         }
-        let needed = pad.iter().map(|&p| (offset + t).saturating_sub(p)).max().unwrap_or(0);
         if let Some(cache) = cache.as_deref_mut() {
             cache.reserve(offset + t);
         }
         let dev = ids.device();
         let positions: Vec<u32> = pad.iter().flat_map(|&p| (offset..offset + t).map(move |s| s.saturating_sub(p) as u32)).collect();
+        // Each row's table is that of its own length (its largest position + 1).
+        let lengths: Vec<usize> = pad.iter().map(|&p| (offset + t).saturating_sub(p)).collect();
+        let (tables, which) = self.rope_tables(&lengths)?;
         let fast = self.is_fused();
-        let (tables, mask, rope_op) = if fast {
-            (None, None, Some(RopeOp::new(self.rope.fused(needed)?, positions)?))
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (cos_sin, rope_op) = if fast {
+            let which = which.iter().flat_map(|&w| std::iter::repeat_n(w, t)).collect();
+            (None, Some(RopeOp::with_tables(tables, which, positions, d)?))
         } else {
-            let tables = self.rope.reference(needed)?.tables(&Tensor::from_vec(positions, (b, t), dev)?)?;
-            (Some(tables), Some(causal_mask(t, offset + t, offset, &pad, dev)?), None)
+            let per_row: Vec<&RopeTables> = which.iter().map(|&w| tables[w as usize].as_ref()).collect();
+            (Some(rope_cos_sin(&per_row, &positions, t, dev)?), None)
         };
-        let norm = |x: &Tensor, w: &Var| -> Result<Tensor> {
-            let w = self.param(w);
-            Ok(if fast { fused::rms_norm(x, &w, c.rms_norm_eps)? } else { rms_norm(x, &w, c.rms_norm_eps)? })
-        };
+        // Reference masks, one per window in use.
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         // The fused path keeps every activation as (B·T, features) rows, the layout of the projections'
         // inputs and outputs: no reshape enters the graph.
-        let mut h = self.lora.layer(EMBED)?.embed_t(ids, train)?; // (B·T, H), with any embedding adapters
+        let mut h = self.embed_rows(ids, train)?; // (B·T, H)
         if !fast {
             h = h.reshape((b, t, c.hidden_size))?;
         }
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        for (l, names) in self.names.iter().enumerate() {
-            let layer = |i: usize| self.lora.layer(&names[i]);
-            let x = norm(&h, &self.norms[l].0)?;
-            let q = layer(0)?.forward_t(&x, train)?;
-            let k = layer(1)?.forward_t(&x, train)?;
-            let v = layer(2)?.forward_t(&x, train)?;
-            let a = match (&rope_op, &tables, &mask) {
-                (Some(rope), _, _) => {
+        for l in 0..self.layers.len() {
+            let names = &self.layers[l].proj;
+            let proj = |i: usize, x: &Tensor| -> Result<Tensor> { Ok(self.lora.layer(&names[i])?.forward_t(x, train)?) };
+            let opts = self.attention_opts(l);
+            if !fast && !masks.iter().any(|(w, _)| *w == opts.window) {
+                masks.push((opts.window, causal_mask_window(t, offset + t, offset, &pad, opts.window, dev)?));
+            }
+            let cache_l = &mut cache;
+            let mut attend = |q: Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
+                if let Some(rope) = &rope_op {
                     let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
-                    self.fused_attention(l, q, k, v, cache.as_deref_mut(), train, &pad)?
+                    return self.fused_attention(l, q, k, v, cache_l.as_deref_mut(), train, &pad, opts);
                 }
-                (None, Some((cos, sin)), Some(mask)) => {
-                    // (B, heads, T, d) for the reference ops.
-                    let (q, k, v) = (q.reshape((b, t, nh, d))?, k.reshape((b, t, nkv, d))?, v.reshape((b, t, nkv, d))?);
-                    let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
-                    let mut k = apply_rope(&k.transpose(1, 2)?, cos, sin)?; // (B, n_kv, T, d)
-                    let mut v = v.transpose(1, 2)?.contiguous()?;
-                    if let Some(cache) = cache.as_deref_mut() {
-                        // Cached keys and values are constants: no graph is kept alive across generation steps.
-                        let kt = k.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                        let vt = v.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                        cache.write(l, &kt, &vt, t);
-                        let (ck, cv) = cache.tensors(l, offset + t, d)?;
-                        k = ck.transpose(1, 2)?.contiguous()?;
-                        v = cv.transpose(1, 2)?.contiguous()?;
-                    }
-                    attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, t, nh * d))?
+                let (cos, sin) =
+                    cos_sin.as_ref().ok_or_else(|| LmError::invalid("backend", "reference", "internal error: tables missing"))?;
+                let mask = &masks.iter().find(|(w, _)| *w == opts.window).ok_or_else(|| LmError::invalid("mask", l, "internal error"))?.1;
+                // (B, heads, T, d) for the reference ops.
+                let (q, k, v) = (q.reshape((b, t, nh, d))?, k.reshape((b, t, nkv, d))?, v.reshape((b, t, nkv, d))?);
+                let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
+                let mut k = apply_rope(&k.transpose(1, 2)?, cos, sin)?; // (B, n_kv, T, d)
+                let mut v = v.transpose(1, 2)?.contiguous()?;
+                if let Some(cache) = cache_l.as_deref_mut() {
+                    // Cached keys and values are constants: no graph is kept alive across generation steps.
+                    let kt = k.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                    let vt = v.detach().transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                    cache.write(l, &kt, &vt, t);
+                    let (ck, cv) = cache.tensors(l, offset + t, d)?;
+                    k = ck.transpose(1, 2)?.contiguous()?;
+                    v = cv.transpose(1, 2)?.contiguous()?;
                 }
-                _ => return Err(LmError::invalid("backend", "fused", "internal error: tables missing")),
+                let scale = c.attention_scale();
+                Ok(attention_with(&q, &k, &v, mask, scale, c.attn_logit_softcapping)?.transpose(1, 2)?.reshape((b, t, nh * d))?)
             };
-            h = (h + layer(3)?.forward_t(&a, train)?)?;
-            let x = norm(&h, &self.norms[l].1)?;
-            let gate = layer(4)?.forward_t(&x, train)?;
-            let up = layer(5)?.forward_t(&x, train)?;
-            let gu = if fast { fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
-            h = (h + layer(6)?.forward_t(&gu, train)?)?;
+            h = self.layer_forward(l, h, fast, false, &proj, &mut attend)?;
             if !train {
                 // Inference: cut the graph at each layer so intermediates are freed as soon as they are used.
                 h = h.detach();
@@ -450,7 +597,7 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len += t;
         }
-        norm(&h, &self.final_norm)
+        self.norm(&h, &self.final_norm, fast, false)
     }
 
     /// The fused attention of layer `l` on roped q (B·T, n_h·d), k and v (B·T, n_kv·d), through the cache
@@ -465,12 +612,13 @@ impl Llama {
         cache: Option<&mut KvCache>,
         train: bool,
         pad: &[usize],
+        opts: AttentionOpts,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (q, k, v) = if train { (q, k, v) } else { (q.detach(), k.detach(), v.detach()) };
         let Some(cache) = cache else {
-            return Ok(fused::attention(&q, &k, &v, nh, nkv, 0, pad)?);
+            return Ok(fused::attention(&q, &k, &v, nh, nkv, 0, pad, opts)?);
         };
         let b = pad.len();
         let t = q.dim(0)? / b.max(1);
@@ -481,9 +629,9 @@ impl Llama {
         if q.track_op() {
             let (ck, cv) = cache.tensors(l, offset + t, d)?;
             let rows = b * (offset + t);
-            return Ok(fused::attention(&q, &ck.reshape((rows, nkv * d))?, &cv.reshape((rows, nkv * d))?, nh, nkv, offset, pad)?);
+            return Ok(fused::attention(&q, &ck.reshape((rows, nkv * d))?, &cv.reshape((rows, nkv * d))?, nh, nkv, offset, pad, opts)?);
         }
-        let shape = AttentionShape { batch: b, tq: t, tk: offset + t, heads: nh, kv_heads: nkv, d, offset, pad: pad.to_vec() };
+        let shape = AttentionShape { batch: b, tq: t, tk: offset + t, heads: nh, kv_heads: nkv, d, offset, pad: pad.to_vec(), opts };
         let (kb, vb) = &cache.layers[l];
         let (out, _) = fused::attention::attention_forward(&values(&q)?, kb, vb, cache.cap, &shape)?;
         Ok(Tensor::from_vec(out, (b * t, nh * d), q.device())?)
@@ -493,16 +641,28 @@ impl Llama {
 /// Every base tensor a model with `config` holds, with its shape, in transformers' names.
 pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let c = config;
+    let spec = c.family.spec();
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for l in 0..c.num_hidden_layers {
-        out.push((format!("model.layers.{l}.input_layernorm.weight"), vec![h]));
-        out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![h]));
-        for (proj, (o, inp)) in PROJECTIONS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
+        for (role, name) in spec.norms {
+            let width = if matches!(role, Norm::Q | Norm::K) { c.head_dim } else { h };
+            out.push((format!("model.layers.{l}.{name}.weight"), vec![width]));
+        }
+        for proj in spec.projections {
+            let (o, inp) = match *proj {
+                "q_proj" => (q, h),
+                "k_proj" | "v_proj" => (kv, h),
+                "o_proj" => (h, q),
+                "gate_proj" | "up_proj" => (i, h),
+                "down_proj" => (h, i),
+                "qkv_proj" => (q + 2 * kv, h),
+                "gate_up_proj" => (2 * i, h),
+                other => unreachable!("a family lists projection {other}, which has no shape here"),
+            };
             let name = module_name(l, proj);
             out.push((format!("{name}.weight"), vec![o, inp]));
-            let bias = if matches!(*proj, "gate_proj" | "up_proj" | "down_proj") { c.mlp_bias } else { c.attention_bias };
-            if bias {
+            if c.family.bias(c, proj) {
                 out.push((format!("{name}.bias"), vec![o]));
             }
         }

@@ -7,12 +7,17 @@
 //! RoPE:      x·cos + rotate_half(x)·sin,  rotate_half([x₁, x₂]) = [−x₂, x₁]  (halves of d)
 //!            cos, sin at position p, feature j: angle p·θ^(−2(j mod d/2)/d)
 //! attention: softmax(q·kᵀ/√d + mask)·v, K/V head ⌊h·n_kv/n_h⌋ serving query head h
-//! SwiGLU:    down(silu(gate(x)) ⊙ up(x)),  silu(z) = z·σ(z)
+//!            (or another scale κ, soft-capped scores c·tanh(κ·q·kᵀ/c), a sliding-window mask)
+//! SwiGLU:    down(silu(gate(x)) ⊙ up(x)),  silu(z) = z·σ(z)   (GeGLU: candle's tanh `gelu` for silu)
 //! ```
+//!
+//! Partial rotary (Phi-3): RoPE rotates the first r features of each head as above (halves of r) and passes
+//! the rest through.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
+use crate::fused::RopeTables;
 
 /// The additive mask value for blocked attention entries (transformers uses the dtype's minimum too).
 pub const MASKED: f32 = f32::MIN;
@@ -24,52 +29,60 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
 }
 
-/// Rotary position tables: cos and sin of shape (positions, d).
+/// Rotary position tables (the fused path's [`RopeTables`], the same f32 values) as tensors.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    tables: std::sync::Arc<RopeTables>,
 }
 
 impl Rope {
     /// Tables for positions `0..max_positions`, head width `d`, base `theta`, computed in f32 as
     /// transformers does (`inv_freq = 1 / θ^(2i/d)`, angle = position · inv_freq, duplicated halves).
-    pub fn new(theta: f64, d: usize, max_positions: usize, device: &Device) -> Result<Self> {
-        let half = d / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
-        let mut cos = Vec::with_capacity(max_positions * d);
-        let mut sin = Vec::with_capacity(max_positions * d);
-        for p in 0..max_positions {
-            for _ in 0..2 {
-                for f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-        Ok(Rope { cos: Tensor::from_vec(cos, (max_positions, d), device)?, sin: Tensor::from_vec(sin, (max_positions, d), device)? })
+    pub fn new(theta: f64, d: usize, max_positions: usize, _device: &Device) -> Result<Self> {
+        Ok(Rope { tables: std::sync::Arc::new(RopeTables::new(theta, d, max_positions)) })
     }
 
     /// The number of positions the tables cover.
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.tables.max_positions()
     }
 
-    /// (cos, sin) for `positions` (rows, T) as tensors of shape (rows, 1, T, d), ready to broadcast over heads.
+    /// (cos, sin) for `positions` (rows, T) as tensors of shape (rows, 1, T, r), ready to broadcast over heads.
     pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (rows, t) = positions.dims2()?;
-        let d = self.cos.dims()[1];
-        let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((rows, 1, t, d))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((rows, 1, t, d))?;
-        Ok((cos, sin))
+        let p = positions.flatten_all()?.to_vec1::<u32>()?;
+        let per_row: Vec<&RopeTables> = vec![&self.tables; rows];
+        rope_cos_sin(&per_row, &p, t, positions.device())
     }
 }
 
-/// Applies RoPE to x (B, heads, T, d) with tables (B or 1, 1, T, d).
+/// (cos, sin) of shape (rows, 1, T, r) (duplicated halves) for `positions` (rows·T), row b's from `tables[b]`.
+pub fn rope_cos_sin(tables: &[&RopeTables], positions: &[u32], t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let rows = tables.len();
+    let r = tables.first().map_or(0, |x| 2 * x.half());
+    let mut cos = Vec::with_capacity(rows * t * r);
+    let mut sin = Vec::with_capacity(rows * t * r);
+    for (b, tab) in tables.iter().enumerate() {
+        for &p in &positions[b * t..(b + 1) * t] {
+            let (c, s) = tab.row(p as usize);
+            for _ in 0..2 {
+                cos.extend_from_slice(c);
+                sin.extend_from_slice(s);
+            }
+        }
+    }
+    Ok((Tensor::from_vec(cos, (rows, 1, t, r), device)?, Tensor::from_vec(sin, (rows, 1, t, r), device)?))
+}
+
+/// Applies RoPE to x (B, heads, T, d) with tables (B or 1, 1, T, r): the first r features of each head
+/// rotate (r = d unless the rotary factor is partial), the rest pass through.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    let r = cos.dim(D::Minus1)?;
+    if r < d {
+        let rotated = apply_rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
+        return Ok(Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)?);
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -88,11 +101,21 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// (B or 1, 1, 1, Tq, Tk) → (B, n_h, Tq, d). The query heads of one K/V head are stacked along the rows
 /// of a single product instead of copying K and V n_h / n_kv times.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    attention_with(q, k, v, mask, 1.0 / (d as f64).sqrt(), None)
+}
+
+/// [`attention`] with the score scale κ and soft-capping c: scores c·tanh(κ·q·kᵀ/c) (as transformers'
+/// Gemma 2: scaled, divided, tanh, multiplied, then masked).
+pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
     let (b, nh, tq, d) = q.dims4()?;
     let (_, nkv, tk, _) = k.dims4()?;
     let g = nh / nkv;
     let q = q.contiguous()?.reshape((b, nkv, g * tq, d))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, n_kv, g·Tq, Tk)
+    let mut scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?; // (B, n_kv, g·Tq, Tk)
+    if let Some(c) = softcap {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
     let scores = scores.reshape((b, nkv, g, tq, tk))?.broadcast_add(mask)?;
     let p = softmax_last(&scores)?.reshape((b, nkv, g * tq, tk))?;
     Ok(p.matmul(&v.contiguous()?)?.reshape((b, nh, tq, d))?)
@@ -102,13 +125,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 /// `0..Tk`: a key is visible when it is not in the future and not padding (`pad[row]` leading slots are
 /// padding; a padding query sees itself, so no row of the softmax is empty). One row when no row is padded.
 pub fn causal_mask(tq: usize, tk: usize, offset: usize, pad: &[usize], device: &Device) -> Result<Tensor> {
+    causal_mask_window(tq, tk, offset, pad, None, device)
+}
+
+/// [`causal_mask`] with a sliding window: a query also sees no key `window` or more slots before it
+/// (transformers' `sliding_window_overlay`: key > query − window).
+pub fn causal_mask_window(tq: usize, tk: usize, offset: usize, pad: &[usize], window: Option<usize>, device: &Device) -> Result<Tensor> {
     let rows: Vec<usize> = if pad.iter().all(|&p| p == 0) { vec![0] } else { pad.to_vec() };
     let mut m = Vec::with_capacity(rows.len() * tq * tk);
     for &p in &rows {
         for i in 0..tq {
             let qi = offset + i;
             for j in 0..tk {
-                let visible = j <= qi && (j >= p || j == qi);
+                let in_window = window.is_none_or(|w| j + w > qi);
+                let visible = j <= qi && ((j >= p && in_window) || j == qi);
                 m.push(if visible { 0.0 } else { MASKED });
             }
         }

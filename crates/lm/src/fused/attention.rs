@@ -6,10 +6,13 @@
 //!
 //! ```text
 //! visible(i, j) ⇔ lo_i ≤ j ≤ qᵢ,  lo_i = min(pad, qᵢ)        (a padding query sees itself only)
-//! s_ij = (q_i·k_j)/√d,  L_i = log Σ_visible e^(s_ij),  p_ij = e^(s_ij − L_i),  o_i = Σ_j p_ij·v_j
+//!                with a sliding window W: lo_i = max(min(pad, qᵢ), qᵢ − W + 1)
+//! s_ij = c·tanh(κ·(q_i·k_j)/c) with soft-capping c, else κ·(q_i·k_j)   (κ = 1/√d unless given)
+//! L_i = log Σ_visible e^(s_ij),  p_ij = e^(s_ij − L_i),  o_i = Σ_j p_ij·v_j
 //! backward, with dO = ∂loss/∂o and D_i = dO_i·o_i:
 //!   dp_ij = dO_i·v_j,   ds_ij = p_ij·(dp_ij − D_i)
-//!   dq_i = Σ_j ds_ij·k_j/√d,   dk_j = Σ_(heads, i) ds_ij·q_i/√d,   dv_j = Σ_(heads, i) p_ij·dO_i
+//!   dq_i = Σ_j ds'_ij·k_j,   dk_j = Σ_(heads, i) ds'_ij·q_i,   dv_j = Σ_(heads, i) p_ij·dO_i
+//!   with ds' = ds·κ (no cap) or ds·κ·(1 − tanh²(κ·q_i·k_j/c)) (soft-capping)
 //! ```
 //!
 //! Layouts are the projections' own, so no transpose is ever materialised: q and dq (B·T_q, n_h·d), k, v,
@@ -31,8 +34,20 @@ const BLOCK: usize = 64;
 /// Below this many multiply-adds of q·kᵀ (≈ 50 µs of work) the pairs run in turn on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
+/// What a layer's attention computes besides causal grouped-query attention: its scale, its sliding window,
+/// its soft-capping.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AttentionOpts {
+    /// The score scale κ (`None`: 1/√d).
+    pub scale: Option<f32>,
+    /// Each query sees at most this many keys: itself and the `window − 1` before it.
+    pub window: Option<usize>,
+    /// Scores become c·tanh(s/c).
+    pub softcap: Option<f32>,
+}
+
 /// The sizes of one attention call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttentionShape {
     /// Batch rows B.
     pub batch: usize,
@@ -50,6 +65,8 @@ pub struct AttentionShape {
     pub offset: usize,
     /// Leading padding slots of each batch row (B values).
     pub pad: Vec<usize>,
+    /// Scale, window, soft-capping.
+    pub opts: AttentionOpts,
 }
 
 impl AttentionShape {
@@ -64,15 +81,27 @@ impl AttentionShape {
         if s.offset + s.tq > s.tk {
             candle_core::bail!("attention: queries at slots {}..{} but only {} keys", s.offset, s.offset + s.tq, s.tk)
         }
+        if s.opts.window == Some(0) || s.opts.softcap.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            candle_core::bail!("attention: window {:?} and soft-capping {:?} must be positive", s.opts.window, s.opts.softcap)
+        }
         Ok(())
     }
     fn scale(&self) -> f32 {
-        (1.0 / (self.d as f64).sqrt()) as f32
+        self.opts.scale.unwrap_or((1.0 / (self.d as f64).sqrt()) as f32)
     }
-    /// The visible keys lo..=hi of query i of row b.
+    /// The soft-capping c, 0 for none.
+    fn cap(&self) -> f32 {
+        self.opts.softcap.unwrap_or(0.0)
+    }
+    /// The visible keys lo..=hi of query i of row b (lo never decreases with i, so a block's first query
+    /// has the block's lowest key).
     fn range(&self, b: usize, i: usize) -> (usize, usize) {
         let qi = self.offset + i;
-        (self.pad[b].min(qi), qi)
+        let lo = self.pad[b].min(qi);
+        match self.opts.window {
+            Some(w) => (lo.max((qi + 1).saturating_sub(w)), qi),
+            None => (lo, qi),
+        }
     }
     fn parallel(&self) -> bool {
         self.batch * self.heads * self.tq * self.tk * self.d >= PARALLEL_MIN
@@ -101,13 +130,19 @@ fn q_view<'a>(x: &'a [f32], s: &AttentionShape, b: usize, h: usize) -> KResult<M
 
 multiversion! {
     /// One row of scores → probabilities in place over `lo..=hi` (zero elsewhere); returns log Σ e^s.
-    fn softmax_row(row: &mut [f32], lo: usize, hi: usize, scale: f32) -> f32 {
+    /// `cap` > 0 soft-caps the scaled scores.
+    fn softmax_row(row: &mut [f32], lo: usize, hi: usize, scale: f32, cap: f32) -> f32 {
         let (head, rest) = row.split_at_mut(lo);
         let (vis, tail) = rest.split_at_mut(hi + 1 - lo);
         head.fill(0.0);
         tail.fill(0.0);
         for x in vis.iter_mut() {
             *x *= scale;
+        }
+        if cap > 0.0 {
+            for x in vis.iter_mut() {
+                *x = (*x / cap).tanh() * cap;
+            }
         }
         let m = max(vis);
         for x in vis.iter_mut() {
@@ -122,13 +157,22 @@ multiversion! {
 }
 
 multiversion! {
-    /// Recomputes one row of probabilities from the scores and L, then turns it into ds (scaled by 1/√d)
-    /// given dp; `p` keeps the probabilities.
-    fn grad_row(s: &mut [f32], dp: &mut [f32], lo: usize, hi: usize, scale: f32, lse: f32, dd: f32) {
+    /// Recomputes one row of probabilities from the scores and L, then turns it into ds (with respect to
+    /// the raw q·k: scaled by κ, and through the cap when `cap` > 0) given dp; `p` keeps the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_row(s: &mut [f32], dp: &mut [f32], lo: usize, hi: usize, scale: f32, lse: f32, dd: f32, cap: f32) {
         s[..lo].fill(0.0);
         s[hi + 1..].fill(0.0);
         dp[..lo].fill(0.0);
         dp[hi + 1..].fill(0.0);
+        if cap > 0.0 {
+            for (p, g) in s[lo..=hi].iter_mut().zip(&mut dp[lo..=hi]) {
+                let t = (*p * scale / cap).tanh();
+                *p = exp(t * cap - lse);
+                *g = *p * (*g - dd) * scale * (1.0 - t * t);
+            }
+            return;
+        }
         for (p, g) in s[lo..=hi].iter_mut().zip(&mut dp[lo..=hi]) {
             *p = exp(*p * scale - lse);
             *g = *p * (*g - dd) * scale;
@@ -190,7 +234,7 @@ fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usiz
                     let qrow = &q[((b * s.tq + i) * s.heads + kh * g + r) * d..][..d];
                     scores_row(qrow, &k[kv0..kv0 + kv_len], stride, row);
                     let (a, z) = s.range(b, i);
-                    lse[r * s.tq + i] = softmax_row(row, a - lo, z - lo, scale);
+                    lse[r * s.tq + i] = softmax_row(row, a - lo, z - lo, scale, s.cap());
                     mix_row(row, &v[kv0..kv0 + kv_len], stride, &mut out[(r * s.tq + i) * d..][..d]);
                 }
                 continue;
@@ -199,7 +243,7 @@ fn forward_pair(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], slots: usiz
             matmul_into(&mut sbuf, qall.row_range(i0, i1)?, kw.t(), 1.0, false)?;
             for (ri, row) in sbuf.chunks_exact_mut(nk).enumerate() {
                 let (a, z) = s.range(b, i0 + ri);
-                lse[r * s.tq + i0 + ri] = softmax_row(row, a - lo, z - lo, scale);
+                lse[r * s.tq + i0 + ri] = softmax_row(row, a - lo, z - lo, scale, s.cap());
             }
             let dst = &mut out[(r * s.tq + i0) * d..(r * s.tq + i1) * d];
             matmul_into(dst, MatRef::row_major(&sbuf, rows, nk)?, vall.row_range(lo, hi + 1)?, 1.0, false)?;
@@ -255,6 +299,7 @@ fn backward_pair(
                     scale,
                     lse[r * s.tq + i],
                     dd,
+                    s.cap(),
                 );
             }
             let (pm, dsm) = (MatRef::row_major(&sbuf, rows, nk)?, MatRef::row_major(&dpbuf, rows, nk)?);
@@ -295,8 +340,19 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], slots: usize, s: &Atte
 /// Causal grouped-query attention on the projections' outputs: q (B·T_q, n_h·d), k and v (B·T_k, n_kv·d)
 /// → (B·T_q, n_h·d), with B = `pad.len()`, queries at cache slots `offset..offset + T_q` and `pad[b]`
 /// leading padding slots in row b (differentiable in q, k and v). Taking the 2-D outputs as they are
-/// keeps reshapes out of the graph (each would cost a copy of its gradient in the backward).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, offset: usize, pad: &[usize]) -> CResult<Tensor> {
+/// keeps reshapes out of the graph (each would cost a copy of its gradient in the backward). `opts`: scale,
+/// sliding window, soft-capping.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    offset: usize,
+    pad: &[usize],
+    opts: AttentionOpts,
+) -> CResult<Tensor> {
     let b = pad.len();
     let ((nq, wq), (nk, wk)) = (q.dims2()?, k.dims2()?);
     if b == 0 || heads == 0 || kv_heads == 0 || nq % b != 0 || nk % b != 0 || wq % heads != 0 || v.dims() != k.dims() {
@@ -311,7 +367,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
     if wk != kv_heads * d {
         candle_core::bail!("attention: k {:?} is not (B·T, {kv_heads}·{d})", k.dims())
     }
-    let shape = AttentionShape { batch: b, tq: nq / b, tk: nk / b, heads, kv_heads, d, offset, pad: pad.to_vec() };
+    let shape = AttentionShape { batch: b, tq: nq / b, tk: nk / b, heads, kv_heads, d, offset, pad: pad.to_vec(), opts };
     shape.check()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let track = q.track_op() || k.track_op() || v.track_op();
@@ -411,12 +467,27 @@ impl CustomOp3 for Attention {
 mod tests {
     use super::*;
     use crate::fused::testing::*;
-    use crate::ops::causal_mask;
+    use crate::ops::causal_mask_window;
     use candle_core::{Device, Var};
 
     /// Fused vs reference output and dq, dk, dv for one configuration.
     #[allow(clippy::too_many_arguments)]
     fn compare(b: usize, tq: usize, offset: usize, heads: usize, kv_heads: usize, d: usize, pad: &[usize], seed: u64) {
+        compare_with(b, tq, offset, heads, kv_heads, d, pad, seed, AttentionOpts::default());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn compare_with(
+        b: usize,
+        tq: usize,
+        offset: usize,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        pad: &[usize],
+        seed: u64,
+        opts: AttentionOpts,
+    ) {
         let tk = offset + tq;
         // The fused op takes (B·T, heads·d); the reference (B, heads, T, d).
         let q = rand_var(&[b * tq, heads * d], seed, 2.0);
@@ -427,17 +498,19 @@ mod tests {
             let g = (o * &c).unwrap().sum_all().unwrap().backward().unwrap();
             vars.map(|x| flat(g.get(x.as_tensor()).unwrap()))
         };
-        let of = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, kv_heads, offset, pad).unwrap();
+        let of = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, kv_heads, offset, pad, opts).unwrap();
         let gf = grads(&of, [&q, &k, &v]);
-        let mask = causal_mask(tq, tk, offset, pad, &Device::Cpu).unwrap();
+        let mask = causal_mask_window(tq, tk, offset, pad, opts.window, &Device::Cpu).unwrap();
         let t = |x: &Var, t: usize, h: usize| x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-        let or = crate::ops::attention(&t(&q, tq, heads), &t(&k, tk, kv_heads), &t(&v, tk, kv_heads), &mask).unwrap();
+        let scale = opts.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
+        let cap = opts.softcap.map(|c| c as f64);
+        let or = crate::ops::attention_with(&t(&q, tq, heads), &t(&k, tk, kv_heads), &t(&v, tk, kv_heads), &mask, scale, cap).unwrap();
         let or = or.transpose(1, 2).unwrap().reshape((b * tq, heads * d)).unwrap();
         let gr = grads(&or, [&q, &k, &v]);
         // Sums of ≤ 40 products (d = 7, ≤ 40 keys) of values ≤ 2 in f32 in another order, and a softmax whose
         // exp is ours: ≲ 40·6e-8 relative to the largest value; 2e-5 of it fails on any wrong mask entry,
         // scale or head mapping by orders of magnitude.
-        let what = format!("b {b} tq {tq} offset {offset} heads {heads}/{kv_heads} pad {pad:?}");
+        let what = format!("b {b} tq {tq} offset {offset} heads {heads}/{kv_heads} pad {pad:?} {opts:?}");
         assert_close(&flat(&of), &flat(&or), 2e-5, &format!("o, {what}"));
         for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
             assert_close(&gf[i], &gr[i], 2e-5, &format!("{name}, {what}"));
@@ -461,13 +534,27 @@ mod tests {
     }
 
     #[test]
+    fn fused_attention_with_a_window_soft_capping_and_a_scale_matches_the_reference() {
+        // Window 5 over 70 queries (blocks start past keys they cannot see), rows padded 0, 2 and 9 (padding
+        // longer than the window); a cap of 3 on scores of size ~6 (tanh far from linear) and another scale.
+        let opts = AttentionOpts { scale: Some(0.29), window: Some(5), softcap: Some(3.0) };
+        compare_with(3, 70, 0, 6, 2, 7, &[0, 2, 9], 50, opts);
+        // With a cache offset, and each alone.
+        compare_with(2, 5, 11, 4, 2, 9, &[0, 4], 60, AttentionOpts { window: Some(3), ..AttentionOpts::default() });
+        compare_with(2, 1, 23, 3, 1, 5, &[3, 0], 70, AttentionOpts { softcap: Some(2.0), ..AttentionOpts::default() });
+    }
+
+    #[test]
     fn mismatched_shapes_are_refused_by_name() {
         let q = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((4, 24), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = attention(&q, &k, &k, 4, 3, 0, &[0]).unwrap_err().to_string();
+        let e = attention(&q, &k, &k, 4, 3, 0, &[0], AttentionOpts::default()).unwrap_err().to_string();
         assert!(e.contains("4 query heads cannot share 3 K/V heads"), "{e}");
         let k = Tensor::zeros((4, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(attention(&q, &k, &k, 4, 2, 1, &[0]).unwrap_err().to_string().contains("only 4 keys"));
-        assert!(attention(&q, &k, &k, 4, 2, 0, &[0, 0, 0]).is_err(), "4 rows are not 3 batch rows of equal length");
+        assert!(attention(&q, &k, &k, 4, 2, 1, &[0], AttentionOpts::default()).unwrap_err().to_string().contains("only 4 keys"));
+        assert!(
+            attention(&q, &k, &k, 4, 2, 0, &[0, 0, 0], AttentionOpts::default()).is_err(),
+            "4 rows are not 3 batch rows of equal length"
+        );
     }
 }

@@ -19,12 +19,12 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use attention::{attention, AttentionShape};
+pub use attention::{attention, AttentionOpts, AttentionShape};
 /// The one cross-entropy of lora-rs (`lora_optim`), re-exported where the decoder's fused ops are.
 pub use lora_optim::cross_entropy;
 pub use rms_norm::rms_norm;
 pub use rope::{RopeOp, RopeTables};
-pub use swiglu::swiglu;
+pub use swiglu::{gated, swiglu};
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
