@@ -72,7 +72,7 @@ impl std::fmt::Display for Library {
     }
 }
 
-/// The file names tried for a library (cudarc's list, without repeats).
+/// The file names tried for a library (cudarc's list, without repeats, Linux's first).
 pub fn looked_for(library: Library) -> Vec<String> {
     let mut names = Vec::new();
     for n in cudarc::get_lib_name_candidates(library.stem()) {
@@ -80,6 +80,9 @@ pub fn looked_for(library: Library) -> Vec<String> {
             names.push(n);
         }
     }
+    // Linux's names (libX.so, libX.so.N) first: they are the ones a reader here looks for.
+    let linux = format!("lib{}.so", library.stem());
+    names.sort_by_key(|n| !n.starts_with(&linux));
     names
 }
 
