@@ -138,6 +138,7 @@ impl LtGemm {
     }
 
     /// C (f32) = α·op(A)·op(B) + β·C, A and B bf16.
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_f32(
         &self,
         gpu: &Gpu,
@@ -152,6 +153,7 @@ impl LtGemm {
     }
 
     /// C (bf16) = α·op(A)·op(B) + β·C, A and B bf16, accumulated in f32 and rounded once.
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16(
         &self,
         gpu: &Gpu,

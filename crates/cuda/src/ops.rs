@@ -222,7 +222,7 @@ pub fn rope<B: Backend>(
     dir: RopeDirection,
 ) -> Result<()> {
     const OP: &str = "rope";
-    if head_dim % 2 != 0 || head_dim == 0 {
+    if !head_dim.is_multiple_of(2) || head_dim == 0 {
         return Err(CudaError::shape(OP, format!("head_dim {head_dim} must be even and positive")));
     }
     let rows = pos.len();
@@ -296,7 +296,7 @@ pub struct AttnShape {
 impl AttnShape {
     fn validate(&self, op: &'static str) -> Result<()> {
         let s = self;
-        if s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
             return Err(CudaError::shape(op, format!("{} heads are not a multiple of {} key/value heads", s.heads, s.kv_heads)));
         }
         if s.tk < s.tq {

@@ -1,7 +1,8 @@
 //! Every kernel file compiled by NVRTC for the H200's architecture (compute_90), as `lora gpu info` does on
 //! the GPU: a kernel that does not compile fails here, with NVRTC's log naming the file and line. Needs
 //! NVRTC only (no GPU, no driver): .ci/run installs NVRTC 13.0 from PyPI and puts it on LD_LIBRARY_PATH;
-//! without it these tests say by name that they skipped.
+//! without it these tests say by name that they skipped — unless LORA_CUDA_REQUIRE_NVRTC is set (.ci/run's
+//! NVRTC step sets it), where a missing NVRTC fails them.
 
 use lora_cuda::compile::{compile, compile_all, has_entry, nvrtc_version, Arch};
 use lora_cuda::sources::{KernelFile, FILES};
@@ -13,6 +14,7 @@ fn nvrtc_here(test: &str) -> bool {
             eprintln!("{test}: NVRTC {v}");
             true
         }
+        Err(e) if std::env::var_os("LORA_CUDA_REQUIRE_NVRTC").is_some() => panic!("{test}: LORA_CUDA_REQUIRE_NVRTC is set but {e}"),
         Err(e) => {
             eprintln!("skipped {test}: {e}");
             false

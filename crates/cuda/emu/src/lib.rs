@@ -9,7 +9,9 @@
 //! Built only for the host's own target (see build.rs); elsewhere [`AVAILABLE`] is false and [`launch`] says so.
 #![deny(missing_docs)]
 
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ffi::c_void;
+#[cfg(lora_cuda_emu)]
+use std::ffi::{c_char, c_int, c_uint, CStr, CString};
 
 /// Whether the emulation was compiled into this build.
 pub const AVAILABLE: bool = cfg!(lora_cuda_emu);
@@ -91,7 +93,7 @@ pub unsafe fn launch(name: &str, grid: [u32; 3], block: [u32; 3], params: &mut [
     }
     #[cfg(not(lora_cuda_emu))]
     {
-        let _ = CString::new(name);
+        let _ = name;
         Err(EmuError::Unavailable)
     }
 }
