@@ -49,6 +49,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Drive a `lora serve` on this machine with N clients for S seconds and report throughput and latency.
     Loadtest(LoadtestArgs),
+    /// NVIDIA GPUs: what the device and its CUDA libraries are (info), and every CUDA kernel checked
+    /// against its CPU reference, with the bf16 matrix rate of the card (check).
+    Gpu(crate::cmd::gpu::GpuArgs),
 }
 
 /// `lora serve`.

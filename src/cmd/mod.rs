@@ -5,6 +5,7 @@ mod bench_adapters;
 mod demo;
 mod eval;
 mod finetune;
+pub mod gpu;
 mod graph;
 mod inspect;
 mod lm;
@@ -33,6 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Lm(a) => lm::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Loadtest(a) => loadtest::run(a),
+        Command::Gpu(a) => gpu::run(a),
     }
 }
 
