@@ -53,21 +53,31 @@ impl Default for AdamConfig {
     }
 }
 
-/// The constants of step t (1-based), cast to f32 as candle casts them.
+/// The constants of step t (1-based), cast to f32 as candle casts them. Public so that every device's Adam
+/// (the CPU kernel here, the CUDA kernel in `lora-cuda`) takes the same numbers; build them with
+/// [`AdamStep::new`] and its `with_…` methods.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamStep {
-    b1: f32,
-    one_minus_b1: f32,
-    b2: f32,
-    one_minus_b2: f32,
-    scale_m: f32,
-    scale_v: f32,
-    eps: f32,
-    lr: f32,
+    /// β1.
+    pub b1: f32,
+    /// 1 − β1.
+    pub one_minus_b1: f32,
+    /// β2.
+    pub b2: f32,
+    /// 1 − β2.
+    pub one_minus_b2: f32,
+    /// 1 / (1 − β1ᵗ).
+    pub scale_m: f32,
+    /// 1 / (1 − β2ᵗ).
+    pub scale_v: f32,
+    /// ε.
+    pub eps: f32,
+    /// The learning rate.
+    pub lr: f32,
     /// 1 − lr·λ (1.0 without decay).
-    decay: f32,
+    pub decay: f32,
     /// The clipping factor c applied to g (1.0 without clipping).
-    grad_scale: f32,
+    pub grad_scale: f32,
 }
 
 impl AdamStep {
