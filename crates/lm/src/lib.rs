@@ -22,6 +22,7 @@ pub mod eval;
 pub mod fused;
 pub mod generate;
 pub mod hf;
+pub mod instruct;
 pub mod jobs;
 pub mod mixed;
 mod model;
