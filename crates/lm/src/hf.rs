@@ -2,6 +2,10 @@
 //! shards listed by `model.safetensors.index.json` (`{"weight_map": {tensor: shard file}}`). F32, F16
 //! and BF16 weights load (converted to F32 exactly); lora-rs writes F32 (or BF16, rounded to nearest even, as
 //! `model.to(torch.bfloat16).save_pretrained()` does) and transformers' tensor names.
+//!
+//! Chat: `tokenizer_config.json` (special tokens, `chat_template`), `chat_template.jinja` (where newer
+//! transformers saves the template) and `generation_config.json` (`eos_token_id`, one or a list: where
+//! generation stops, with `config.json`'s).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,6 +14,7 @@ use candle_core::Device;
 use lora::io::TensorFile;
 use serde_json::Value;
 
+use crate::chat::{ChatTemplate, SpecialTokens};
 use crate::config::{LlamaConfig, TokenizerKind};
 use crate::error::{LmError, Result};
 use crate::model::Llama;
@@ -23,6 +28,12 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The tokenizer of models that are not byte-level.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The tokenizer's settings: special tokens and the chat template.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// The chat template where transformers ≥ 4.43 saves it.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+/// Generation settings: `eos_token_id`.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 /// Safetensors metadata key holding the model's base fingerprint (written by lora-rs).
 pub const META_FINGERPRINT: &str = "lora_rs.base_sha256";
 
@@ -120,6 +131,103 @@ pub fn load_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
         TokenizerKind::Bytes => Ok(Tokenizer::bytes()),
         TokenizerKind::File => Tokenizer::from_file(&dir.join(TOKENIZER_FILE), config),
     }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| LmError::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| LmError::file(path, format!("not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(LmError::file(path, "must hold a JSON object"));
+    }
+    Ok(Some(v))
+}
+
+/// The special tokens of `DIR/tokenizer_config.json` (none when the file is absent).
+pub fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
+    let path = dir.join(TOKENIZER_CONFIG_FILE);
+    match read_json(&path)? {
+        Some(v) => SpecialTokens::from_config(&v, &path.display().to_string()),
+        None => Ok(SpecialTokens::default()),
+    }
+}
+
+/// A model's chat template, from the first of: `template_file` (a Jinja file given for it), `chat_template` in
+/// `DIR/tokenizer_config.json` (a string, or a list of `{"name", "template"}`, the one named `default`),
+/// `DIR/chat_template.jinja`; a byte-level model without one gets lora-rs' default ([`ChatTemplate::chatml`]).
+/// Rendered with the special tokens of `tokenizer_config.json`. A model with a tokenizer but no template is an
+/// error that says how to give one.
+pub fn load_chat_template(dir: &Path, config: &LlamaConfig, template_file: Option<&Path>) -> Result<ChatTemplate> {
+    let special = read_special_tokens(dir)?;
+    if let Some(f) = template_file {
+        let source = std::fs::read_to_string(f).map_err(|e| LmError::io(f, e))?;
+        return ChatTemplate::from_source(&source, special, &f.display().to_string());
+    }
+    let tc = dir.join(TOKENIZER_CONFIG_FILE);
+    if let Some(v) = read_json(&tc)? {
+        let source = match v.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => {
+                let named = list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
+                match named.and_then(|t| t.get("template")).and_then(Value::as_str) {
+                    Some(s) => Some(s.to_string()),
+                    None => {
+                        return Err(LmError::file(
+                            &tc,
+                            "chat_template is a list without a {\"name\": \"default\", \"template\": string} entry",
+                        ))
+                    }
+                }
+            }
+            Some(other) => return Err(LmError::file(&tc, format!("chat_template = {:.40}: must be a string", other.to_string()))),
+        };
+        if let Some(source) = source {
+            return ChatTemplate::from_source(&source, special, &tc.display().to_string());
+        }
+    }
+    let jinja = dir.join(CHAT_TEMPLATE_FILE);
+    if jinja.exists() {
+        let source = std::fs::read_to_string(&jinja).map_err(|e| LmError::io(&jinja, e))?;
+        return ChatTemplate::from_source(&source, special, &jinja.display().to_string());
+    }
+    match config.tokenizer {
+        TokenizerKind::Bytes => Ok(ChatTemplate::chatml()),
+        TokenizerKind::File => Err(LmError::file(
+            dir,
+            format!(
+                "has no chat template ({TOKENIZER_CONFIG_FILE} has no chat_template and there is no {CHAT_TEMPLATE_FILE}): \
+                 give one with --chat-template FILE (a Jinja file, e.g. tests/fixtures/chat/templates/chatml.jinja)"
+            ),
+        )),
+    }
+}
+
+/// Where generation stops: `config.json`'s end tokens, then `DIR/generation_config.json`'s `eos_token_id` (a
+/// number or a list), each once.
+pub fn end_token_ids(dir: &Path, config: &LlamaConfig) -> Result<Vec<u32>> {
+    let mut ids = config.eos_token_ids.clone();
+    let path = dir.join(GENERATION_CONFIG_FILE);
+    if let Some(v) = read_json(&path)? {
+        let one = |x: &Value| -> Result<u32> {
+            x.as_u64().filter(|&i| (i as usize) < config.vocab_size).map(|i| i as u32).ok_or_else(|| {
+                LmError::file(&path, format!("eos_token_id = {x}: must be a token id below vocab_size = {}", config.vocab_size))
+            })
+        };
+        let listed = match v.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.iter().map(one).collect::<Result<_>>()?,
+            Some(x) => vec![one(x)?],
+        };
+        for id in listed {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// The dtype a model's weights are written in.

@@ -423,6 +423,8 @@ fn assistant_turns(messages: &[Message], ids: &[u32], tok: &Tokenizer, chat: &Ch
 /// length (a prompt that fills it, a conversation without an assistant message).
 #[derive(Debug, Clone)]
 pub struct Examples {
+    /// The file.
+    pub path: PathBuf,
     /// The file's short name.
     pub name: String,
     /// Examples that train at least one token.
@@ -458,7 +460,7 @@ impl Examples {
         if !skipped.is_empty() {
             tracing::warn!(file = %path.display(), rows = skipped.len(), lines = %lines_list(&skipped), "rows with nothing to train within the sequence length left out");
         }
-        Ok(Examples { name: name.to_string(), examples, skipped })
+        Ok(Examples { path: path.to_path_buf(), name: name.to_string(), examples, skipped })
     }
 
     /// Tokens in all examples.
@@ -679,6 +681,7 @@ mod tests {
     #[test]
     fn drawn_rows_pad_examples_and_packed_windows_always_hold_a_target() {
         let ex = Examples {
+            path: PathBuf::from("x.jsonl"),
             name: "x".into(),
             examples: vec![
                 Example { ids: vec![1, 2, 3], trained: vec![false, true, true], line: 1 },
