@@ -160,10 +160,23 @@ pub fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
 /// Rendered with the special tokens of `tokenizer_config.json`. A model with a tokenizer but no template is an
 /// error that says how to give one.
 pub fn load_chat_template(dir: &Path, config: &LlamaConfig, template_file: Option<&Path>) -> Result<ChatTemplate> {
+    find_chat_template(dir, config, template_file)?.ok_or_else(|| {
+        LmError::file(
+            dir,
+            format!(
+                "has no chat template ({TOKENIZER_CONFIG_FILE} has no chat_template and there is no {CHAT_TEMPLATE_FILE}): \
+                 give one with --chat-template FILE (a Jinja file, e.g. tests/fixtures/chat/templates/chatml.jinja)"
+            ),
+        )
+    })
+}
+
+/// [`load_chat_template`], `None` where a model with a tokenizer has no template.
+pub fn find_chat_template(dir: &Path, config: &LlamaConfig, template_file: Option<&Path>) -> Result<Option<ChatTemplate>> {
     let special = read_special_tokens(dir)?;
     if let Some(f) = template_file {
         let source = std::fs::read_to_string(f).map_err(|e| LmError::io(f, e))?;
-        return ChatTemplate::from_source(&source, special, &f.display().to_string());
+        return ChatTemplate::from_source(&source, special, &f.display().to_string()).map(Some);
     }
     let tc = dir.join(TOKENIZER_CONFIG_FILE);
     if let Some(v) = read_json(&tc)? {
@@ -185,24 +198,18 @@ pub fn load_chat_template(dir: &Path, config: &LlamaConfig, template_file: Optio
             Some(other) => return Err(LmError::file(&tc, format!("chat_template = {:.40}: must be a string", other.to_string()))),
         };
         if let Some(source) = source {
-            return ChatTemplate::from_source(&source, special, &tc.display().to_string());
+            return ChatTemplate::from_source(&source, special, &tc.display().to_string()).map(Some);
         }
     }
     let jinja = dir.join(CHAT_TEMPLATE_FILE);
     if jinja.exists() {
         let source = std::fs::read_to_string(&jinja).map_err(|e| LmError::io(&jinja, e))?;
-        return ChatTemplate::from_source(&source, special, &jinja.display().to_string());
+        return ChatTemplate::from_source(&source, special, &jinja.display().to_string()).map(Some);
     }
-    match config.tokenizer {
-        TokenizerKind::Bytes => Ok(ChatTemplate::chatml()),
-        TokenizerKind::File => Err(LmError::file(
-            dir,
-            format!(
-                "has no chat template ({TOKENIZER_CONFIG_FILE} has no chat_template and there is no {CHAT_TEMPLATE_FILE}): \
-                 give one with --chat-template FILE (a Jinja file, e.g. tests/fixtures/chat/templates/chatml.jinja)"
-            ),
-        )),
-    }
+    Ok(match config.tokenizer {
+        TokenizerKind::Bytes => Some(ChatTemplate::chatml()),
+        TokenizerKind::File => None,
+    })
 }
 
 /// Where generation stops: `config.json`'s end tokens, then `DIR/generation_config.json`'s `eos_token_id` (a

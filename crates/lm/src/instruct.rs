@@ -473,6 +473,22 @@ impl Examples {
     }
 }
 
+impl Examples {
+    /// Each example as a window to score (cut to `len` tokens, keeping its start), scoring its trained tokens; a
+    /// token's bytes are those of its text (special tokens: none).
+    pub fn windows(&self, tok: &Tokenizer, len: usize) -> Result<Vec<crate::data::Window>> {
+        self.examples
+            .iter()
+            .filter(|e| e.trained_within(len) > 0)
+            .map(|e| {
+                let n = e.ids.len().min(len);
+                let bytes = e.ids[..n].iter().map(|&id| Ok(tok.decode(&[id])?.len() as u32)).collect::<Result<Vec<u32>>>()?;
+                Ok(crate::data::Window { ids: e.ids[..n].to_vec(), bytes, scored: Some(e.trained[..n].to_vec()) })
+            })
+            .collect()
+    }
+}
+
 /// The first lines of a list, for messages: `3, 7, 12 and 4 more`.
 pub fn lines_list(lines: &[usize]) -> String {
     let shown: Vec<String> = lines.iter().take(5).map(usize::to_string).collect();

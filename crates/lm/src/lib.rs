@@ -36,4 +36,4 @@ pub mod train;
 pub use config::{LlamaConfig, TokenizerKind};
 pub use error::{LmError, Result};
 pub use model::{expected_shapes, module_name, KvCache, Llama, EMBED, LM_HEAD, PROJECTIONS};
-pub use tokenizer::{StreamDecoder, Tokenizer};
+pub use tokenizer::{Span, StreamDecoder, Tokenizer};

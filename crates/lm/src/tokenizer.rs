@@ -9,6 +9,9 @@ use std::path::Path;
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 
+/// The byte range (start, end) of text a token covers.
+pub type Span = (usize, usize);
+
 /// A tokenizer.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
@@ -78,7 +81,7 @@ impl Tokenizer {
     /// Token ids of `text` without the special tokens the tokenizer adds around a text (a BOS), as transformers
     /// tokenises a rendered chat (`add_special_tokens=False`: the template writes them), and each token's byte
     /// span in `text`. Special tokens spelled out in the text (`<|im_end|>`) are matched as such.
-    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
         match self {
             Tokenizer::Bytes => Ok((text.bytes().map(u32::from).collect(), (0..text.len()).map(|i| (i, i + 1)).collect())),
             Tokenizer::Hf(t) => {

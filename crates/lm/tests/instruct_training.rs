@@ -144,3 +144,20 @@ fn the_loss_on_completions_teaches_the_completions_and_not_the_prompts() {
     assert!(q_all < 0.5 * q0, "the Q's loss trained on everything: {q0} → {q_all}");
     assert!(q_c > q_all + 2.0 && q_c > 0.5 * q0, "the Q's loss: {q0} → {q_c} (completions) vs {q_all} (all)");
 }
+
+#[test]
+fn scoring_instruction_examples_counts_their_trained_tokens_only() {
+    let d = tempfile::tempdir().unwrap();
+    let data = read_instructions(&write(d.path(), "qa.jsonl", 3)).unwrap();
+    let (tok, chat) = (Tokenizer::bytes(), ChatTemplate::chatml());
+    let enc = Encoder { tokenizer: &tok, chat: &chat, loss: LossOn::Completions };
+    let ex = Examples::build(&data.path, "qa", &data.validation, &enc, 32, Packing::Off).unwrap();
+    let model = Llama::random(&tiny(), 2).unwrap();
+    let windows = ex.windows(&tok, 32).unwrap();
+    let (s, per) = lora_lm::eval::score(&model, &windows, 2, true).unwrap();
+    // " yes" after each prompt: 4 scored tokens of 1 byte each per row.
+    assert_eq!((s.tokens, s.bytes), (12, 12));
+    assert_eq!(per.unwrap().iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 4]);
+    let want = loss_on(&model, &ex, |ids, i| i >= ids.len() - 4);
+    assert!((s.loss - want).abs() < 1e-5 * want, "{} vs {want}", s.loss);
+}

@@ -24,7 +24,7 @@ use crate::train::StepReport;
 
 pub use lora_optim::checkpoint::{default_path as default_checkpoint, Checkpointing};
 
-pub use evaluate::{evaluate, EvalJob, EvalTable};
+pub use evaluate::{evaluate, evaluate_on, EvalData, EvalJob, EvalTable};
 pub use finetune::{finetune, finetune_on, FinetuneJob, FinetuneSummary, Finetuned, TrainData};
 pub use pretrain::{pretrain, PretrainJob, PretrainSummary, Pretrained};
 
