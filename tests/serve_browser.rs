@@ -5,7 +5,7 @@
 //! unloads; server errors appear in the page; a blank pad predicts nothing; every model starts ticked; it
 //! fits a phone's width with every Unload button on the screen (and one clicked there), and works from the
 //! keyboard; a server with an API key and without adapter updates gets the key from the page and offers no
-//! loading.
+//! loading; the chat mode streams each reply as `/v1/chat/completions` gives it, with the conversation so far.
 //!
 //! Screenshots of both panels go to `target/screenshots/`, and to `docs/` with `LORA_UPDATE_SCREENSHOTS=1`.
 //! With `LORA_SCREENSHOT_LM=DIR` the page serves DIR/base with DIR/adapters (`lora lm demo`'s
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use serve_support::{fixture, mnist_fixture, s, Served};
+use serve_support::{fixture, fixture_context, mnist_fixture, s, Served};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
@@ -309,6 +309,76 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
         assert!(shown.as_str().unwrap().contains("outside the adapters folder"), "{shown}");
     }
     fits_a_phone(&mut b);
+}
+
+#[test]
+fn the_chat_mode_streams_each_reply_as_the_chat_route_gives_it_and_keeps_the_conversation() {
+    let d = tempfile::tempdir().unwrap();
+    fixture_context(d.path(), 256);
+    let (base, adapters, model, question, max) = match std::env::var("LORA_SCREENSHOT_LM") {
+        Ok(dir) => (
+            PathBuf::from(&dir).join("base"),
+            PathBuf::from(&dir).join("adapters"),
+            "chat",
+            "Return the number of items in the queue.",
+            "96",
+        ),
+        Err(_) => (d.path().join("base"), d.path().join("adapters"), "js", "SELECT", "20"),
+    };
+    let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters)]);
+    let mut b = Browser::launch();
+    b.open(&server.url);
+    assert_eq!(
+        b.eval("[document.querySelector('#generate-view').hidden, document.querySelector('#chat-view').hidden]"),
+        json!([false, true])
+    );
+    b.click("#tab-chat");
+    assert_eq!(
+        b.eval("[document.querySelector('#generate-view').hidden, document.querySelector('#chat-view').hidden]"),
+        json!([true, false])
+    );
+    assert_eq!(b.eval("document.querySelector('#tab-chat').getAttribute('aria-selected')"), "true");
+    let hint = b.eval("document.querySelector('#chat-template').textContent");
+    assert!(hint.as_str().unwrap().contains("ChatML"), "{hint}");
+    // An adapter is chosen first; pick the one to talk to.
+    assert_eq!(b.eval("document.querySelector('#chat-model').value"), model_ids(&server)[1].as_str());
+    b.eval(&format!(
+        "(() => {{ const s = document.querySelector('#chat-model'); s.value = {model:?}; s.dispatchEvent(new Event('change')); }})()"
+    ));
+    b.type_into("#max-tokens", max);
+    b.type_into("#chat-system", "Be brief.");
+    b.type_into("#chat-input", question);
+    b.key("Enter", "Enter", 13, Some("\r"));
+    b.wait_for("document.querySelectorAll('.turn.assistant[data-done=true]').length === 1", "the first reply");
+    let reply = |b: &mut Browser, i: usize| b.eval(&format!("document.querySelectorAll('.turn.assistant')[{i}].dataset.text"));
+    let first = reply(&mut b, 0);
+    let mut messages = vec![json!({"role": "system", "content": "Be brief."}), json!({"role": "user", "content": question})];
+    let ask = |messages: &Vec<Value>| {
+        post(
+            &format!("{}/v1/chat/completions", server.url),
+            &json!({"model": model, "messages": messages, "max_tokens": max.parse::<u32>().unwrap(), "temperature": 0, "top_p": 1, "seed": 0}),
+        )
+    };
+    assert_eq!(first, ask(&messages)["choices"][0]["message"]["content"], "the page's first reply differs from /v1/chat/completions");
+    // A second message: the conversation so far goes with it.
+    b.type_into("#chat-input", "And then?");
+    b.click("#chat-send");
+    b.wait_for("document.querySelectorAll('.turn.assistant[data-done=true]').length === 2", "the second reply");
+    messages.push(json!({"role": "assistant", "content": first}));
+    messages.push(json!({"role": "user", "content": "And then?"}));
+    assert_eq!(reply(&mut b, 1), ask(&messages)["choices"][0]["message"]["content"], "the second reply differs");
+    let meta = b.eval("document.querySelector('#chat-meta').textContent");
+    assert!(meta.as_str().unwrap().contains("tokens/s"), "{meta}");
+    assert_eq!(
+        b.eval("[...document.querySelectorAll('.turn')].map(t => t.dataset.role)"),
+        json!(["user", "assistant", "user", "assistant"])
+    );
+    b.assert_no_errors("after chatting");
+    b.screenshot("serve-chat.png");
+    fits_a_phone(&mut b);
+    b.call("Emulation.clearDeviceMetricsOverride", json!({}));
+    b.click("#chat-new");
+    assert_eq!(b.eval("document.querySelectorAll('.turn').length"), 0);
 }
 
 #[test]
