@@ -276,4 +276,17 @@ fn finetune_and_eval_take_chat_data_with_the_loss_on_the_answers() {
         assert!(e["chat.jsonl"][col]["loss"].as_f64().unwrap().is_finite());
     }
     assert!(e["t.txt"]["chat"]["tokens"].as_u64().unwrap() > 100, "{e}");
+    // A merged model keeps the base's chat files (here a template of its own and its end tokens).
+    let talk = [
+        ("tokenizer_config.json", r#"{"chat_template": "{{ messages[0].content }}"}"#),
+        ("generation_config.json", r#"{"eos_token_id": 10}"#),
+    ];
+    for (name, text) in talk {
+        std::fs::write(d.join("base").join(name), text).unwrap();
+    }
+    let out = lora(d, &["merge", "--model", "base", "--adapter", "chat", "--out", "merged"]);
+    assert!(out.contains("with the base's tokenizer_config.json, generation_config.json"), "{out}");
+    for (name, text) in talk {
+        assert_eq!(std::fs::read_to_string(d.join("merged").join(name)).unwrap(), text, "{name}");
+    }
 }

@@ -264,9 +264,37 @@ pub fn save_model(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>) -
     save_model_as(model, dir, extra, WeightDtype::F32)
 }
 
+/// The files beside a model's weights that say how to talk to it: the tokenizer, its config (special tokens,
+/// chat template), `chat_template.jinja`, `generation_config.json` (end tokens), `special_tokens_map.json`.
+pub const TALK_FILES: [&str; 5] =
+    [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, "special_tokens_map.json"];
+
+/// The [`TALK_FILES`] that `dir` holds, read (to write them beside a model made from it, e.g. a merged one).
+pub fn talk_files(dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for name in TALK_FILES {
+        let p = dir.join(name);
+        if p.is_file() {
+            out.push((name, std::fs::read(&p).map_err(|e| LmError::io(&p, e))?));
+        }
+    }
+    Ok(out)
+}
+
 /// [`save_model`] with the weights in `dtype`; the fingerprint is that of the weights as written (the model
 /// [`load_model`] reads back).
 pub fn save_model_as(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>, dtype: WeightDtype) -> Result<()> {
+    save_model_with(model, dir, extra, dtype, &[])
+}
+
+/// [`save_model_as`], with more files (name, bytes) written into the same folder, all of it appearing at once.
+pub fn save_model_with(
+    model: &Llama,
+    dir: &Path,
+    extra: &BTreeMap<String, String>,
+    dtype: WeightDtype,
+    files: &[(&str, Vec<u8>)],
+) -> Result<()> {
     let mut state = model.base_state()?;
     if dtype == WeightDtype::Bf16 {
         for (_, t) in &mut state {
@@ -280,8 +308,12 @@ pub fn save_model_as(model: &Llama, dir: &Path, extra: &BTreeMap<String, String>
     let mut config = model.config().to_json();
     config["torch_dtype"] = dtype.torch_name().into();
     let text = serde_json::to_string_pretty(&config).map_err(|e| LmError::file(&dir.join(CONFIG_FILE), e.to_string()))?;
-    // Both files or neither: the model folder appears whole (config.json, which makes it a model, last).
-    lora::io::write_dir_atomic(dir, &[(WEIGHTS_FILE, &weights), (CONFIG_FILE, format!("{text}\n").as_bytes())])?;
+    // Every file or none: the model folder appears whole (config.json, which makes it a model, last).
+    let config = format!("{text}\n");
+    let mut all: Vec<(&str, &[u8])> = vec![(WEIGHTS_FILE, &weights)];
+    all.extend(files.iter().filter(|(n, _)| *n != WEIGHTS_FILE && *n != CONFIG_FILE).map(|(n, b)| (*n, b.as_slice())));
+    all.push((CONFIG_FILE, config.as_bytes()));
+    lora::io::write_dir_atomic(dir, &all)?;
     Ok(())
 }
 
