@@ -61,11 +61,12 @@ pub fn instruction_examples(
     let rows = if validation { &data.validation } else { &data.train };
     let ex = Examples::build(&data.path, &data.short_name(), rows, &enc, len, packing)?;
     println!(
-        "Instruction data {} ({} rows{}): {} examples, {} tokens, {} trained ({}), chat template {}",
+        "Instruction data {} ({} rows{}): {} example{}, {} tokens, {} trained ({}), chat template {}",
         data.path.display(),
         data.format.as_str(),
         if validation { ", validation split" } else { "" },
         ex.examples.len(),
+        if ex.examples.len() == 1 { "" } else { "s" },
         ex.tokens(),
         ex.trained_tokens(),
         if loss == LossOn::All { "the loss on every token" } else { "the loss on completions and assistant turns" },
