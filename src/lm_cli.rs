@@ -340,9 +340,10 @@ pub struct LmDemoArgs {
     /// Directory holding sql.jsonl.gz, js.jsonl.gz and python.jsonl.gz.
     #[arg(long, default_value = "data/code", value_name = "DIR")]
     pub data: PathBuf,
-    /// Instruction data for the chat adapter (conversations in TRL's messages format).
-    #[arg(long, default_value = "data/chat/python-docstrings.jsonl.gz", value_name = "FILE")]
-    pub chat_data: PathBuf,
+    /// Instruction data for the chat adapter (conversations in TRL's messages format) [default:
+    /// chat/python-docstrings.jsonl.gz beside the --data directory, i.e. data/chat/…].
+    #[arg(long, value_name = "FILE")]
+    pub chat_data: Option<PathBuf>,
     /// Seed for everything.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -181,7 +181,7 @@ fn a_base_pretrained_with_dtype_bf16_is_written_in_bf16_and_adapts_and_generates
 }
 
 #[test]
-fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
+fn the_demo_writes_a_base_three_peft_adapters_and_the_promised_report() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/code");
@@ -212,12 +212,22 @@ fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
     assert_eq!(r["pretrain"]["steps"], 2);
     assert_eq!(r["pretrain"]["tokens"], 2 * 16 * 256);
     assert!(r["pretrain"]["seconds"].as_f64().unwrap() > 0.0 && r["pretrain"]["final_loss"].as_f64().unwrap().is_finite());
-    for corpus in ["sql", "js", "python"] {
-        for col in ["base", "sql", "js"] {
+    for corpus in ["sql", "js", "python", "chat"] {
+        for col in ["base", "sql", "js", "chat"] {
             assert!(r["eval"][corpus][col].as_f64().unwrap() > 0.0, "eval.{corpus}.{col}");
         }
     }
-    for f in ["base/config.json", "base/model.safetensors", "adapters/sql/adapter_config.json", "adapters/js/adapter_model.safetensors"] {
+    // The chat adapter trained on the shipped conversations, and a conversation with and without it.
+    assert_eq!(r["finetune"]["chat"]["steps"], 1);
+    assert_eq!(r["chat"].as_array().unwrap().iter().map(|c| c["adapter"].as_str().unwrap()).collect::<Vec<_>>(), ["base", "chat"]);
+    assert!(out.contains("=== chat with the chat adapter (greedy) ==="), "{out}");
+    for f in [
+        "base/config.json",
+        "base/model.safetensors",
+        "adapters/sql/adapter_config.json",
+        "adapters/js/adapter_model.safetensors",
+        "adapters/chat/adapter_model.safetensors",
+    ] {
         assert!(d.join("run").join(f).exists(), "{f}");
     }
     for f in ["report.html", "loss.png", "scores.png", "scores.svg", "metrics-pre-training.csv"] {

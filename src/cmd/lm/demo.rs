@@ -33,7 +33,12 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             anyhow::bail!("{}: missing (--data names the directory holding sql.jsonl.gz, js.jsonl.gz and python.jsonl.gz)", p.display());
         }
     }
-    let chat_data = read_instructions(&a.chat_data).with_context(|| format!("reading --chat-data {}", a.chat_data.display()))?;
+    let chat_path = a
+        .chat_data
+        .clone()
+        .unwrap_or_else(|| a.data.parent().unwrap_or(std::path::Path::new(".")).join("chat").join("python-docstrings.jsonl.gz"));
+    let chat_data =
+        read_instructions(&chat_path).with_context(|| format!("reading the chat data {} (--chat-data)", chat_path.display()))?;
     check_outputs(&[
         ("--out", Some(&a.out), Out::Dir),
         ("--json", a.json.as_deref(), Out::File),
