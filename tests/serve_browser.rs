@@ -315,15 +315,17 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
 fn the_chat_mode_streams_each_reply_as_the_chat_route_gives_it_and_keeps_the_conversation() {
     let d = tempfile::tempdir().unwrap();
     fixture_context(d.path(), 256);
-    let (base, adapters, model, question, max) = match std::env::var("LORA_SCREENSHOT_LM") {
+    // The demo's byte-level model has 256 positions: its picture is one question, answered in full.
+    let (base, adapters, model, system, turns, max) = match std::env::var("LORA_SCREENSHOT_LM") {
         Ok(dir) => (
             PathBuf::from(&dir).join("base"),
             PathBuf::from(&dir).join("adapters"),
             "chat",
-            "Return the number of items in the queue.",
-            "96",
+            "",
+            vec!["Return the number of items in the queue."],
+            "128",
         ),
-        Err(_) => (d.path().join("base"), d.path().join("adapters"), "js", "SELECT", "20"),
+        Err(_) => (d.path().join("base"), d.path().join("adapters"), "js", "Be brief.", vec!["SELECT", "And then?"], "20"),
     };
     let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters)]);
     let mut b = Browser::launch();
@@ -346,33 +348,32 @@ fn the_chat_mode_streams_each_reply_as_the_chat_route_gives_it_and_keeps_the_con
         "(() => {{ const s = document.querySelector('#chat-model'); s.value = {model:?}; s.dispatchEvent(new Event('change')); }})()"
     ));
     b.type_into("#max-tokens", max);
-    b.type_into("#chat-system", "Be brief.");
-    b.type_into("#chat-input", question);
-    b.key("Enter", "Enter", 13, Some("\r"));
-    b.wait_for("document.querySelectorAll('.turn.assistant[data-done=true]').length === 1", "the first reply");
-    let reply = |b: &mut Browser, i: usize| b.eval(&format!("document.querySelectorAll('.turn.assistant')[{i}].dataset.text"));
-    let first = reply(&mut b, 0);
-    let mut messages = vec![json!({"role": "system", "content": "Be brief."}), json!({"role": "user", "content": question})];
+    b.type_into("#chat-system", system);
+    let mut messages: Vec<Value> = if system.is_empty() { vec![] } else { vec![json!({"role": "system", "content": system})] };
     let ask = |messages: &Vec<Value>| {
         post(
             &format!("{}/v1/chat/completions", server.url),
             &json!({"model": model, "messages": messages, "max_tokens": max.parse::<u32>().unwrap(), "temperature": 0, "top_p": 1, "seed": 0}),
         )
     };
-    assert_eq!(first, ask(&messages)["choices"][0]["message"]["content"], "the page's first reply differs from /v1/chat/completions");
-    // A second message: the conversation so far goes with it.
-    b.type_into("#chat-input", "And then?");
-    b.click("#chat-send");
-    b.wait_for("document.querySelectorAll('.turn.assistant[data-done=true]').length === 2", "the second reply");
-    messages.push(json!({"role": "assistant", "content": first}));
-    messages.push(json!({"role": "user", "content": "And then?"}));
-    assert_eq!(reply(&mut b, 1), ask(&messages)["choices"][0]["message"]["content"], "the second reply differs");
+    for (i, text) in turns.iter().enumerate() {
+        b.type_into("#chat-input", text);
+        // The first with Enter, the next with the button; each sends the conversation so far.
+        if i == 0 {
+            b.key("Enter", "Enter", 13, Some("\r"));
+        } else {
+            b.click("#chat-send");
+        }
+        b.wait_for(&format!("document.querySelectorAll('.turn.assistant[data-done=true]').length === {}", i + 1), "the reply");
+        messages.push(json!({"role": "user", "content": text}));
+        let got = b.eval(&format!("document.querySelectorAll('.turn.assistant')[{i}].dataset.text"));
+        assert_eq!(got, ask(&messages)["choices"][0]["message"]["content"], "reply {i} differs from /v1/chat/completions");
+        messages.push(json!({"role": "assistant", "content": got}));
+    }
     let meta = b.eval("document.querySelector('#chat-meta').textContent");
     assert!(meta.as_str().unwrap().contains("tokens/s"), "{meta}");
-    assert_eq!(
-        b.eval("[...document.querySelectorAll('.turn')].map(t => t.dataset.role)"),
-        json!(["user", "assistant", "user", "assistant"])
-    );
+    let roles: Vec<&str> = turns.iter().flat_map(|_| ["user", "assistant"]).collect();
+    assert_eq!(b.eval("[...document.querySelectorAll('.turn')].map(t => t.dataset.role)"), json!(roles));
     b.assert_no_errors("after chatting");
     b.screenshot("serve-chat.png");
     fits_a_phone(&mut b);
