@@ -34,7 +34,8 @@ fn a_file_size_limit_hit_while_writing_leaves_the_old_file_or_none_and_no_tempor
     // An MNIST base of 210 KB replaced (by the same weights) under a 20-40 KB limit: the write fails, the
     // old file stays byte for byte.
     let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist");
-    let pre = ["pretrain", "--data", mnist, "--hidden1", "64", "--hidden2", "32", "--batch-size", "600", "--seed", "4", "--out", "m.safetensors"];
+    let pre =
+        ["pretrain", "--data", mnist, "--hidden1", "64", "--hidden2", "32", "--batch-size", "600", "--seed", "4", "--out", "m.safetensors"];
     ok(d, &pre);
     let before = std::fs::read(d.join("m.safetensors")).unwrap();
     let o = limited(d, 40, &pre);
