@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// The base's name in requests' "model" (default: the model path's file name).
     #[arg(long)]
     pub name: Option<String>,
+    /// A chat template (Jinja file) for /v1/chat/completions, in place of the model's own (tokenizer_config.json's
+    /// chat_template or chat_template.jinja; byte-level models without one use ChatML with plain-text markers).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Most adapters held in memory; the least recently used beyond it go back to disk (read again on use).

@@ -16,7 +16,8 @@ pub struct LmArgs {
 #[derive(Debug, Subcommand)]
 pub enum LmCommand {
     /// The whole story on code: pre-train a small byte-level base (mostly Python), fine-tune a SQL and a
-    /// JavaScript adapter on it, compare validation losses on one loaded base, and sample from each.
+    /// JavaScript adapter and a chat adapter (docstring → function conversations) on it, compare validation
+    /// losses on one loaded base, and sample from each.
     Demo(LmDemoArgs),
     /// Pre-train a byte-level Llama from scratch and save it as a Hugging Face model directory.
     Pretrain(LmPretrainArgs),
@@ -157,14 +158,53 @@ pub struct LmLoraArgs {
     pub variant: crate::cli::VariantArgs,
 }
 
+/// How instruction data (JSONL rows with "messages", or "prompt" and "completion") is read.
+#[derive(Debug, Clone, Args)]
+pub struct ChatDataArgs {
+    /// The chat template (a Jinja file) that renders conversations (default: the model's own, from
+    /// tokenizer_config.json or chat_template.jinja; byte-level models: ChatML with plain-text markers).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Where the loss is taken on instruction data: completions (prompt/completion rows' completions,
+    /// conversations' assistant turns) or all (every token) [default: completions].
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub loss_on: Option<LossOnArg>,
+}
+
+/// Where the loss is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossOnArg {
+    /// Completions and assistant turns.
+    Completions,
+    /// Every token.
+    All,
+}
+
+impl From<LossOnArg> for lora_lm::instruct::LossOn {
+    fn from(l: LossOnArg) -> Self {
+        match l {
+            LossOnArg::Completions => lora_lm::instruct::LossOn::Completions,
+            LossOnArg::All => lora_lm::instruct::LossOn::All,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct LmFinetuneArgs {
     /// The base model directory (never modified).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// The corpus to adapt to: JSONL(.gz) with a "text" field, or plain text.
+    /// What to adapt to: a corpus (JSONL(.gz) with a "text" field, or plain text: windows of its rows joined), or
+    /// instruction data in TRL's formats (JSONL rows with "messages", or "prompt" and "completion", as strings or
+    /// as lists of messages: one example per row, the loss on completions and assistant turns).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
+    #[command(flatten)]
+    pub chat: ChatDataArgs,
+    /// Pack instruction examples into one stream and train on windows of it (which may span two examples),
+    /// instead of one example per row.
+    #[arg(long)]
+    pub packing: bool,
     /// The adapter directory to write (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -199,9 +239,12 @@ pub struct LmEvalArgs {
     #[arg(long, value_name = "NAME=DIR", value_parser = crate::cli::parse_named_adapter)]
     pub adapter: Vec<(String, PathBuf)>,
     /// Files to score (repeatable): JSONL(.gz) — its "validation" rows (all rows if none has a split) —
-    /// or plain text.
+    /// or plain text. Instruction data (rows with "messages", or "prompt" and "completion") is scored on its
+    /// completions and assistant turns, each row one window.
     #[arg(long, value_name = "FILE", required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    #[command(flatten)]
+    pub chat: ChatDataArgs,
     /// Window length in tokens (default: the model's context).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
     pub context: Option<u32>,
@@ -293,7 +336,7 @@ pub enum BenchShape {
 
 #[derive(Debug, Args)]
 pub struct LmDemoArgs {
-    /// Output directory: base/, adapters/sql/, adapters/js/ and report.json.
+    /// Output directory: base/, adapters/sql/, adapters/js/, adapters/chat/ and report.json.
     #[arg(long, default_value = "runs/lm-demo", value_name = "DIR")]
     pub out: PathBuf,
     /// Where to write the JSON report (default: OUT/report.json).
@@ -314,6 +357,10 @@ pub struct LmDemoArgs {
     /// Directory holding sql.jsonl.gz, js.jsonl.gz and python.jsonl.gz.
     #[arg(long, default_value = "data/code", value_name = "DIR")]
     pub data: PathBuf,
+    /// Instruction data for the chat adapter (conversations in TRL's messages format) [default:
+    /// chat/python-docstrings.jsonl.gz beside the --data directory, i.e. data/chat/…].
+    #[arg(long, value_name = "FILE")]
+    pub chat_data: Option<PathBuf>,
     /// Seed for everything.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -65,6 +65,25 @@ fn build(d: &Path) -> Vec<Case> {
     std::fs::write(d.join("no_text.jsonl"), "{\"text\":\"a b c\"}\n{\"body\":\"x\"}\n").unwrap();
     std::fs::write(d.join("binary.txt"), [0xffu8, 0xfe, 0x00, 0x41]).unwrap();
     std::fs::write(d.join("a_file"), "x").unwrap();
+    // Instruction data in TRL's formats, each file wrong in one way.
+    let user = r#"{"role":"user","content":"hi"}"#;
+    let system = r#"{"role":"system","content":"be brief"}"#;
+    let answer = r#"{"role":"assistant","content":"yo"}"#;
+    std::fs::write(d.join("chat_mixed.jsonl"), format!("{{\"messages\":[{user},{answer}]}}\n{{\"prompt\":\"a\",\"completion\":\"b\"}}\n"))
+        .unwrap();
+    std::fs::write(
+        d.join("chat_no_content.jsonl"),
+        format!("{{\"messages\":[{user},{answer}]}}\n{{\"messages\":[{{\"role\":\"user\"}}]}}\n"),
+    )
+    .unwrap();
+    std::fs::write(d.join("chat_no_answers.jsonl"), format!("{{\"messages\":[{user}]}}\n{{\"messages\":[{system},{user}]}}\n")).unwrap();
+    std::fs::write(
+        d.join("chat_system.jsonl"),
+        format!("{{\"messages\":[{user},{answer}]}}\n{{\"messages\":[{system},{user},{answer}]}}\n"),
+    )
+    .unwrap();
+    std::fs::write(d.join("no_system.jinja"), "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    std::fs::write(d.join("broken.jinja"), "{% for m in messages %}").unwrap();
 
     let variant = |name: &str, f: &dyn Fn(&Path)| {
         let p = d.join(name);
@@ -283,6 +302,63 @@ fn build(d: &Path) -> Vec<Case> {
         ),
         case("pretrain_data_weight", "lm pretrain --out out_g --data t.txt:-1 --steps 1", "weight -1", Some("out_g")),
     ];
+    let ft = "lm finetune --model m --steps 1 --seq-len 16";
+    cases.extend([
+        case(
+            "instruct_formats_mixed",
+            &format!("{ft} --data chat_mixed.jsonl --out out_j"),
+            "chat_mixed.jsonl: line 2: a prompt/completion row, but line 1 is a messages row",
+            Some("out_j"),
+        ),
+        case(
+            "instruct_message_without_content",
+            &format!("{ft} --data chat_no_content.jsonl --out out_k"),
+            "chat_no_content.jsonl: line 2: messages[0]: missing key content",
+            Some("out_k"),
+        ),
+        case(
+            "instruct_nothing_to_train",
+            &format!("{ft} --data chat_no_answers.jsonl --out out_l"),
+            "chat_no_answers.jsonl: no row trains any token (lines 1, 2)",
+            Some("out_l"),
+        ),
+        case(
+            "instruct_template_refuses_a_row",
+            &format!("{ft} --data chat_system.jsonl --chat-template no_system.jinja --out out_m"),
+            "chat_system.jsonl: line 2: chat template (no_system.jinja) = refused the conversation: System role not supported",
+            Some("out_m"),
+        ),
+        case(
+            "instruct_template_does_not_compile",
+            &format!("{ft} --data chat_system.jsonl --chat-template broken.jinja --out out_n"),
+            "chat template (broken.jinja) = does not compile",
+            Some("out_n"),
+        ),
+        case(
+            "instruct_template_missing",
+            &format!("{ft} --data chat_system.jsonl --chat-template nowhere.jinja --out out_o"),
+            "nowhere.jinja",
+            Some("out_o"),
+        ),
+        case(
+            "instruct_packing_on_a_corpus",
+            &format!("{ft} --data t.txt --packing --out out_p"),
+            "--packing, --chat-template and --loss-on apply to instruction data",
+            Some("out_p"),
+        ),
+        case(
+            "instruct_loss_on_bad_value",
+            &format!("{ft} --data chat_system.jsonl --loss-on answers --out out_q"),
+            "invalid value 'answers' for '--loss-on <WHERE>'",
+            Some("out_q"),
+        ),
+        case(
+            "instruct_eval_chat_template_without_chat_data",
+            "lm eval --model m --data t.txt --chat-template no_system.jinja",
+            "apply to instruction data",
+            None,
+        ),
+    ]);
     cases.push(case(
         "resume_missing",
         "lm finetune --model m --data t.txt --out out_h --steps 1 --resume nope.safetensors",

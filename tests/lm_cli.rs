@@ -181,7 +181,7 @@ fn a_base_pretrained_with_dtype_bf16_is_written_in_bf16_and_adapts_and_generates
 }
 
 #[test]
-fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
+fn the_demo_writes_a_base_three_peft_adapters_and_the_promised_report() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/code");
@@ -212,15 +212,91 @@ fn the_demo_writes_a_base_two_peft_adapters_and_the_promised_report() {
     assert_eq!(r["pretrain"]["steps"], 2);
     assert_eq!(r["pretrain"]["tokens"], 2 * 16 * 256);
     assert!(r["pretrain"]["seconds"].as_f64().unwrap() > 0.0 && r["pretrain"]["final_loss"].as_f64().unwrap().is_finite());
-    for corpus in ["sql", "js", "python"] {
-        for col in ["base", "sql", "js"] {
+    for corpus in ["sql", "js", "python", "chat"] {
+        for col in ["base", "sql", "js", "chat"] {
             assert!(r["eval"][corpus][col].as_f64().unwrap() > 0.0, "eval.{corpus}.{col}");
         }
     }
-    for f in ["base/config.json", "base/model.safetensors", "adapters/sql/adapter_config.json", "adapters/js/adapter_model.safetensors"] {
+    // The chat adapter trained on the shipped conversations, and a conversation with and without it.
+    assert_eq!(r["finetune"]["chat"]["steps"], 1);
+    assert_eq!(r["chat"].as_array().unwrap().iter().map(|c| c["adapter"].as_str().unwrap()).collect::<Vec<_>>(), ["base", "chat"]);
+    assert!(out.contains("=== chat with the chat adapter (greedy) ==="), "{out}");
+    for f in [
+        "base/config.json",
+        "base/model.safetensors",
+        "adapters/sql/adapter_config.json",
+        "adapters/js/adapter_model.safetensors",
+        "adapters/chat/adapter_model.safetensors",
+    ] {
         assert!(d.join("run").join(f).exists(), "{f}");
     }
     for f in ["report.html", "loss.png", "scores.png", "scores.svg", "metrics-pre-training.csv"] {
         assert!(d.join("rep").join(f).exists(), "report file {f}");
+    }
+}
+
+#[test]
+fn finetune_and_eval_take_chat_data_with_the_loss_on_the_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("t.txt"), "def f(x): return x\n".repeat(40)).unwrap();
+    let shape = ["--hidden", "16", "--intermediate", "24", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--context", "96"];
+    let mut args = vec!["lm", "pretrain", "--out", "base", "--data", "t.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "32"];
+    args.extend(shape);
+    lora(d, &args);
+    let rows = [
+        ("Add one.", "def f(x): return x + 1", "train"),
+        ("Double it.", "def g(x): return 2 * x", "train"),
+        ("Negate.", "def h(x): return -x", "validation"),
+    ];
+    let body: String = rows
+        .iter()
+        .map(|(q, a, split)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "split": split})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(d.join("chat.jsonl"), body).unwrap();
+    let train = ["--steps", "3", "--batch-size", "2", "--seq-len", "96", "--rank", "2", "--alpha", "4"];
+    let mut args = vec!["lm", "finetune", "--model", "base", "--data", "chat.jsonl", "--out", "chat", "--json", "ft.json"];
+    args.extend(train);
+    let out = lora(d, &args);
+    // Two train rows; each trains its answer and the end marker after it: "def f(x): return x + 1<|im_end|>\n".
+    let trained: usize = rows[..2].iter().map(|(_, a, _)| a.len() + "<|im_end|>\n".len()).sum();
+    assert!(out.contains("Instruction data chat.jsonl (messages rows): 2 examples"), "{out}");
+    assert!(
+        out.contains(&format!("{trained} trained (the loss on completions and assistant turns), chat template lora-rs' default ChatML")),
+        "{out}"
+    );
+    assert_eq!(json(&d.join("ft.json"))["steps"], 3);
+    assert!(d.join("chat/adapter_model.safetensors").exists());
+    // Packed, and with the loss on every token: the same command takes both.
+    let mut args = vec!["lm", "finetune", "--model", "base", "--data", "chat.jsonl", "--out", "packed", "--packing", "--loss-on", "all"];
+    args.extend(train);
+    let out = lora(d, &args);
+    assert!(out.contains("(the loss on every token)"), "{out}");
+    // Evaluation scores the held-out answer only.
+    let out = lora(d, &["lm", "eval", "--model", "base", "--adapter", "chat=chat", "--data", "chat.jsonl", "t.txt", "--json", "e.json"]);
+    assert!(out.contains("validation split"), "{out}");
+    let e = json(&d.join("e.json"));
+    let want = rows[2].1.len() + "<|im_end|>\n".len();
+    for col in ["base", "chat"] {
+        assert_eq!(e["chat.jsonl"][col]["tokens"], want, "{col}: {e}");
+        assert!(e["chat.jsonl"][col]["loss"].as_f64().unwrap().is_finite());
+    }
+    assert!(e["t.txt"]["chat"]["tokens"].as_u64().unwrap() > 100, "{e}");
+    // A merged model keeps the base's chat files (here a template of its own and its end tokens).
+    let talk = [
+        ("tokenizer_config.json", r#"{"chat_template": "{{ messages[0].content }}"}"#),
+        ("generation_config.json", r#"{"eos_token_id": 10}"#),
+    ];
+    for (name, text) in talk {
+        std::fs::write(d.join("base").join(name), text).unwrap();
+    }
+    let out = lora(d, &["merge", "--model", "base", "--adapter", "chat", "--out", "merged"]);
+    assert!(out.contains("with the base's tokenizer_config.json, generation_config.json"), "{out}");
+    for (name, text) in talk {
+        assert_eq!(std::fs::read_to_string(d.join("merged").join(name)).unwrap(), text, "{name}");
     }
 }

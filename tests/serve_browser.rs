@@ -5,7 +5,7 @@
 //! unloads; server errors appear in the page; a blank pad predicts nothing; every model starts ticked; it
 //! fits a phone's width with every Unload button on the screen (and one clicked there), and works from the
 //! keyboard; a server with an API key and without adapter updates gets the key from the page and offers no
-//! loading.
+//! loading; the chat mode streams each reply as `/v1/chat/completions` gives it, with the conversation so far.
 //!
 //! Screenshots of both panels go to `target/screenshots/`, and to `docs/` with `LORA_UPDATE_SCREENSHOTS=1`.
 //! With `LORA_SCREENSHOT_LM=DIR` the page serves DIR/base with DIR/adapters (`lora lm demo`'s
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use serve_support::{fixture, mnist_fixture, s, Served};
+use serve_support::{fixture, fixture_context, mnist_fixture, s, Served};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
@@ -309,6 +309,77 @@ fn the_language_model_page_streams_each_ticked_model_and_manages_adapters() {
         assert!(shown.as_str().unwrap().contains("outside the adapters folder"), "{shown}");
     }
     fits_a_phone(&mut b);
+}
+
+#[test]
+fn the_chat_mode_streams_each_reply_as_the_chat_route_gives_it_and_keeps_the_conversation() {
+    let d = tempfile::tempdir().unwrap();
+    fixture_context(d.path(), 256);
+    // The demo's byte-level model has 256 positions: its picture is one question, answered in full.
+    let (base, adapters, model, system, turns, max) = match std::env::var("LORA_SCREENSHOT_LM") {
+        Ok(dir) => (
+            PathBuf::from(&dir).join("base"),
+            PathBuf::from(&dir).join("adapters"),
+            "chat",
+            "",
+            vec!["Return the number of items in the queue."],
+            "128",
+        ),
+        Err(_) => (d.path().join("base"), d.path().join("adapters"), "js", "Be brief.", vec!["SELECT", "And then?"], "20"),
+    };
+    let server = Served::start(&["--model", s(&base), "--adapters", s(&adapters)]);
+    let mut b = Browser::launch();
+    b.open(&server.url);
+    assert_eq!(
+        b.eval("[document.querySelector('#generate-view').hidden, document.querySelector('#chat-view').hidden]"),
+        json!([false, true])
+    );
+    b.click("#tab-chat");
+    assert_eq!(
+        b.eval("[document.querySelector('#generate-view').hidden, document.querySelector('#chat-view').hidden]"),
+        json!([true, false])
+    );
+    assert_eq!(b.eval("document.querySelector('#tab-chat').getAttribute('aria-selected')"), "true");
+    let hint = b.eval("document.querySelector('#chat-template').textContent");
+    assert!(hint.as_str().unwrap().contains("ChatML"), "{hint}");
+    // An adapter is chosen first; pick the one to talk to.
+    assert_eq!(b.eval("document.querySelector('#chat-model').value"), model_ids(&server)[1].as_str());
+    b.eval(&format!(
+        "(() => {{ const s = document.querySelector('#chat-model'); s.value = {model:?}; s.dispatchEvent(new Event('change')); }})()"
+    ));
+    b.type_into("#max-tokens", max);
+    b.type_into("#chat-system", system);
+    let mut messages: Vec<Value> = if system.is_empty() { vec![] } else { vec![json!({"role": "system", "content": system})] };
+    let ask = |messages: &Vec<Value>| {
+        post(
+            &format!("{}/v1/chat/completions", server.url),
+            &json!({"model": model, "messages": messages, "max_tokens": max.parse::<u32>().unwrap(), "temperature": 0, "top_p": 1, "seed": 0}),
+        )
+    };
+    for (i, text) in turns.iter().enumerate() {
+        b.type_into("#chat-input", text);
+        // The first with Enter, the next with the button; each sends the conversation so far.
+        if i == 0 {
+            b.key("Enter", "Enter", 13, Some("\r"));
+        } else {
+            b.click("#chat-send");
+        }
+        b.wait_for(&format!("document.querySelectorAll('.turn.assistant[data-done=true]').length === {}", i + 1), "the reply");
+        messages.push(json!({"role": "user", "content": text}));
+        let got = b.eval(&format!("document.querySelectorAll('.turn.assistant')[{i}].dataset.text"));
+        assert_eq!(got, ask(&messages)["choices"][0]["message"]["content"], "reply {i} differs from /v1/chat/completions");
+        messages.push(json!({"role": "assistant", "content": got}));
+    }
+    let meta = b.eval("document.querySelector('#chat-meta').textContent");
+    assert!(meta.as_str().unwrap().contains("tokens/s"), "{meta}");
+    let roles: Vec<&str> = turns.iter().flat_map(|_| ["user", "assistant"]).collect();
+    assert_eq!(b.eval("[...document.querySelectorAll('.turn')].map(t => t.dataset.role)"), json!(roles));
+    b.assert_no_errors("after chatting");
+    b.screenshot("serve-chat.png");
+    fits_a_phone(&mut b);
+    b.call("Emulation.clearDeviceMetricsOverride", json!({}));
+    b.click("#chat-new");
+    assert_eq!(b.eval("document.querySelectorAll('.turn').length"), 0);
 }
 
 #[test]

@@ -69,10 +69,17 @@ fn merge_lm(a: &MergeArgs) -> Result<()> {
     let after = model.base_state()?;
     let list: Vec<String> = a.adapter.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect();
     let meta = std::collections::BTreeMap::from([("lora_rs.merged".to_string(), list.join(","))]);
-    lora_lm::hf::save_model(&model, &a.out, &meta)?;
+    // The merged model talks as the base did: its tokenizer, chat template and end tokens go with it.
+    let talk = lora_lm::hf::talk_files(&a.model)?;
+    lora_lm::hf::save_model_with(&model, &a.out, &meta, lora_lm::hf::WeightDtype::F32, &talk)?;
     println!("Merged {} adapter(s) into {} (weights that changed):", a.adapter.len(), a.model.display());
     print_deltas(&before, &after)?;
-    println!("Wrote the model directory {}", a.out.display());
+    let copied: Vec<&str> = talk.iter().map(|(n, _)| *n).collect();
+    if copied.is_empty() {
+        println!("Wrote the model directory {}", a.out.display());
+    } else {
+        println!("Wrote the model directory {} (with the base's {})", a.out.display(), copied.join(", "));
+    }
     Ok(())
 }
 

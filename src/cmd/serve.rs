@@ -61,6 +61,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             api_key: a.api_key.clone().or_else(|| std::env::var("LORA_API_KEY").ok().filter(|k| !k.is_empty())),
             allow_adapter_updates: a.allow_adapter_updates,
         },
+        chat_template: a.chat_template.clone(),
     };
     let server = Server::open(&opts).with_context(|| format!("starting the server for {}", a.model.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(threads.clamp(1, 4)).build()?;

@@ -255,13 +255,18 @@ fn write_adapter_with(m: &mut Llama, name: &str, seed: u64, dir: &Path, dora: bo
 /// (loadable at run time; `foreign` was trained on another base; `dora` is a DoRA adapter, which mixed
 /// batches do not serve yet).
 pub fn fixture(root: &Path) {
-    let mut m = Llama::random(&config(), 1).unwrap();
+    fixture_context(root, 64)
+}
+
+/// [`fixture`] with a base of `context` positions (long enough for chats rendered with a template).
+pub fn fixture_context(root: &Path, context: usize) {
+    let mut m = Llama::random(&config_with_context(context), 1).unwrap();
     save_model(&m, &root.join("base"), &BTreeMap::new()).unwrap();
     write_adapter(&mut m, "sql", 1, &root.join("adapters/sql"));
     write_adapter(&mut m, "js", 2, &root.join("adapters/js"));
     write_adapter(&mut m, "sql_v2", 3, &root.join("adapters/spare/sql_v2"));
     write_adapter_with(&mut m, "dora", 5, &root.join("adapters/spare/dora"), true);
-    let mut other = Llama::random(&config(), 99).unwrap();
+    let mut other = Llama::random(&config_with_context(context), 99).unwrap();
     write_adapter(&mut other, "foreign", 4, &root.join("adapters/spare/foreign"));
 }
 

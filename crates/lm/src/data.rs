@@ -152,6 +152,8 @@ pub struct Window {
     pub ids: Vec<u32>,
     /// Bytes per token.
     pub bytes: Vec<u32>,
+    /// Which tokens are scored (`None`: every token after the first; instruction examples: their completions).
+    pub scored: Option<Vec<bool>>,
 }
 
 /// The validation windows of `corpus`: each document cut into consecutive windows of `len` tokens (the
@@ -171,7 +173,7 @@ pub fn eval_windows(corpus: &Corpus, tok: &Tokenizer, len: usize, max_tokens: Op
                 e = e.min(s + m.saturating_sub(total));
             }
             if e - s >= 2 {
-                out.push(Window { ids: ids[s..e].to_vec(), bytes: bytes[s..e].to_vec() });
+                out.push(Window { ids: ids[s..e].to_vec(), bytes: bytes[s..e].to_vec(), scored: None });
                 total += e - s;
             }
             if max_tokens.is_some_and(|m| total >= m) {

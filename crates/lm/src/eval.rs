@@ -4,7 +4,8 @@
 //! loss = Σ nll / N_predicted,     bits_per_byte = Σ nll / ln 2 / Σ bytes(predicted tokens)
 //! ```
 //!
-//! over the windows of [`crate::data::eval_windows`] (each window predicts every token after its first).
+//! over the windows of [`crate::data::eval_windows`] (each window predicts every token after its first), or
+//! over the tokens a window marks as scored (instruction examples: their completions and assistant turns).
 //! Windows of equal length run as one batch.
 
 use candle_core::{Device, Tensor};
@@ -50,10 +51,16 @@ pub fn score(model: &Llama, windows: &[Window], batch: usize, per_token: bool) -
         let logits = model.forward(&t, None, false)?; // (rows, len, V)
         for (r, w) in group.iter().enumerate() {
             let l = logits.get(r)?.narrow(0, 0, len - 1)?;
-            let nll = token_nll(&l, &w.ids[1..])?;
+            let mut nll = token_nll(&l, &w.ids[1..])?;
+            let mut wbytes: Vec<u32> = w.bytes[1..].to_vec();
+            if let Some(scored) = &w.scored {
+                let keep = |i: &usize| scored[i + 1];
+                nll = (0..nll.len()).filter(keep).map(|i| nll[i]).collect();
+                wbytes = (0..wbytes.len()).filter(keep).map(|i| wbytes[i]).collect();
+            }
             nats += nll.iter().sum::<f64>();
             tokens += nll.len();
-            bytes += w.bytes[1..].iter().map(|&b| b as u64).sum::<u64>();
+            bytes += wbytes.iter().map(|&b| b as u64).sum::<u64>();
             if let Some(all) = all.as_mut() {
                 all.push(nll);
             }

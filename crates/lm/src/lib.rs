@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod chat;
 mod config;
 pub mod data;
 mod error;
@@ -22,6 +23,7 @@ pub mod family;
 pub mod fused;
 pub mod generate;
 pub mod hf;
+pub mod instruct;
 pub mod jobs;
 pub mod mixed;
 mod model;
@@ -38,4 +40,4 @@ pub use error::{LmError, Result};
 pub use family::{Activation, Family, LayerType, FAMILIES};
 pub use model::{expected_shapes, module_name, KvCache, Llama, EMBED, LM_HEAD, PROJECTIONS};
 pub use rope_scaling::RopeScaling;
-pub use tokenizer::{StreamDecoder, Tokenizer};
+pub use tokenizer::{Span, StreamDecoder, Tokenizer};

@@ -9,6 +9,9 @@ use std::path::Path;
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 
+/// The byte range (start, end) of text a token covers.
+pub type Span = (usize, usize);
+
 /// A tokenizer.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
@@ -72,6 +75,30 @@ impl Tokenizer {
                     .collect();
                 Ok((enc.get_ids().to_vec(), bytes))
             }
+        }
+    }
+
+    /// Token ids of `text` without the special tokens the tokenizer adds around a text (a BOS), as transformers
+    /// tokenises a rendered chat (`add_special_tokens=False`: the template writes them), and each token's byte
+    /// span in `text`. Special tokens spelled out in the text (`<|im_end|>`) are matched as such.
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        match self {
+            Tokenizer::Bytes => Ok((text.bytes().map(u32::from).collect(), (0..text.len()).map(|i| (i, i + 1)).collect())),
+            Tokenizer::Hf(t) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| LmError::invalid("text", format!("{:.40?}", text), format!("tokenizer failed: {e}")))?;
+                Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+            }
+        }
+    }
+
+    /// The id of the token spelled `token` (a special token such as `<|im_end|>`), if the vocabulary has one;
+    /// none for the byte-level tokenizer, which has no special tokens.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => t.token_to_id(token),
         }
     }
 

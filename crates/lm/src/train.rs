@@ -6,6 +6,10 @@
 //! `batch_size·(seq_len − 1)` predictions (position i predicts token i + 1), as transformers computes
 //! `model(ids, labels=ids).loss`. The draws of step t come from a generator seeded by (seed, t) alone,
 //! so a run is deterministic for a seed and thread count and a resumed run needs no generator state.
+//!
+//! A source may also be instruction examples ([`crate::instruct::ExampleSource`]): a row is then one example (or a
+//! window of them packed) whose targets outside completions are [`lora_optim::IGNORE`], and the loss is the mean
+//! over the targets that count ([`batch_loss_targets`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::TokenStream;
 use crate::error::{LmError, Result};
+use crate::instruct::ExampleSource;
 use crate::model::Llama;
 use crate::ops::cross_entropy;
 use lora_optim::checkpoint;
@@ -87,7 +92,35 @@ impl TrainSettings {
 /// Weighted token sources to draw training windows from.
 #[derive(Debug, Clone, Default)]
 pub struct Mixture {
-    sources: Vec<(String, TokenStream, f64)>,
+    sources: Vec<(String, Source, f64)>,
+}
+
+/// What a mixture draws rows from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Windows at random offsets; every next token is a target.
+    Stream(TokenStream),
+    /// Instruction examples: targets only where they train.
+    Examples(ExampleSource),
+}
+
+impl Source {
+    fn len(&self) -> usize {
+        match self {
+            Source::Stream(s) => s.len(),
+            Source::Examples(e) => e.len(),
+        }
+    }
+}
+
+/// The token ids of a training step (rows · len) and each position's next-token target ([`lora_optim::IGNORE`]
+/// where nothing is predicted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Token ids, row-major.
+    pub ids: Vec<u32>,
+    /// Targets, row-major.
+    pub targets: Vec<u32>,
 }
 
 impl Mixture {
@@ -103,7 +136,18 @@ impl Mixture {
         if stream.len() < 2 {
             return Err(LmError::invalid(format!("data {name}"), format!("{} tokens", stream.len()), "too short to train on"));
         }
-        self.sources.push((name.to_string(), stream, weight));
+        self.sources.push((name.to_string(), Source::Stream(stream), weight));
+        Ok(())
+    }
+    /// Adds instruction examples with a positive weight.
+    pub fn add_examples(&mut self, name: &str, examples: ExampleSource, weight: f64) -> Result<()> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(LmError::invalid(format!("weight of {name}"), weight, "must be a positive number"));
+        }
+        if examples.is_empty() {
+            return Err(LmError::invalid(format!("data {name}"), "no examples", "nothing to train on"));
+        }
+        self.sources.push((name.to_string(), Source::Examples(examples), weight));
         Ok(())
     }
     /// (name, tokens, weight) of each source.
@@ -111,9 +155,15 @@ impl Mixture {
         self.sources.iter().map(|(n, s, w)| (n.as_str(), s.len(), *w))
     }
 
-    /// The token ids (rows · len) of training step `step`, drawn from (seed, step) alone; rows shorter than
-    /// `len` (a tiny source) are repeated to fill.
+    /// The token ids (rows · len) of training step `step` (see [`Mixture::draw`]).
     pub fn batch(&self, seed: u64, step: usize, rows: usize, len: usize) -> Result<Vec<u32>> {
+        Ok(self.draw(seed, step, rows, len)?.ids)
+    }
+
+    /// The ids and targets (rows · len) of training step `step`, drawn from (seed, step) alone: each row a source
+    /// chosen by weight, then a window of a stream (rows shorter than `len`, from a tiny source, are repeated to
+    /// fill; every next token is a target) or an example ([`ExampleSource::draw`]).
+    pub fn draw(&self, seed: u64, step: usize, rows: usize, len: usize) -> Result<Batch> {
         if self.sources.is_empty() {
             return Err(LmError::invalid("data", "none", "no training data given"));
         }
@@ -122,6 +172,7 @@ impl Mixture {
         );
         let total: f64 = self.sources.iter().map(|s| s.2).sum();
         let mut out = Vec::with_capacity(rows * len);
+        let mut targets = Vec::with_capacity(rows * len);
         for _ in 0..rows {
             let mut x = rng.random::<f64>() * total;
             let mut pick = &self.sources[self.sources.len() - 1].1;
@@ -132,10 +183,17 @@ impl Mixture {
                 }
                 x -= w;
             }
-            let w = pick.window(&mut rng, len);
-            out.extend(w.iter().cycle().take(len));
+            match pick {
+                Source::Stream(s) => {
+                    let w = s.window(&mut rng, len);
+                    let row = out.len();
+                    out.extend(w.iter().cycle().take(len));
+                    targets.extend(out[row + 1..].iter().copied().chain([lora_optim::IGNORE]));
+                }
+                Source::Examples(e) => e.draw(&mut rng, len, &mut out, &mut targets),
+            }
         }
-        Ok(out)
+        Ok(Batch { ids: out, targets })
     }
 }
 
@@ -174,21 +232,39 @@ pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bo
     if ids.len() != rows * len || len < 2 {
         return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} rows of {len} ≥ 2 tokens")));
     }
+    // Every position predicts the next token; the last of each row predicts nothing.
+    let ignore = lora_optim::IGNORE;
+    let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
+    batch_loss_targets(model, ids, &targets, rows, len, train)
+}
+
+/// The loss of one batch of token ids (rows, len) against `targets` (rows · len; position i's next token, or
+/// [`lora_optim::IGNORE`]): the mean cross-entropy over the targets that count.
+pub fn batch_loss_targets(model: &Llama, ids: &[u32], targets: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
+    if ids.len() != rows * len || targets.len() != ids.len() || len < 2 {
+        return Err(LmError::invalid(
+            "batch",
+            format!("{} ids, {} targets", ids.len(), targets.len()),
+            format!("expected {rows} rows of {len} ≥ 2 tokens and a target each"),
+        ));
+    }
     let t = Tensor::from_vec(ids.to_vec(), (rows, len), &Device::Cpu)?;
     if model.is_fused() {
         let logits = model.logits_rows(&t, None, train)?; // (rows·len, V)
         if crate::fused::supports(&logits) {
-            // Every position predicts the next token; the last of each row predicts nothing.
-            let ignore = lora_optim::IGNORE;
-            let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
-            return Ok(crate::fused::cross_entropy(&logits, &targets)?);
+            return Ok(crate::fused::cross_entropy(&logits, targets)?);
         }
     }
     let logits = model.forward(&t, None, train)?; // (rows, len, V)
     let v = logits.dim(2)?;
-    let pred = logits.narrow(1, 0, len - 1)?.reshape((rows * (len - 1), v))?;
-    let target = t.narrow(1, 1, len - 1)?.flatten_all()?;
-    cross_entropy(&pred, &target)
+    let kept: Vec<u32> = (0..targets.len() as u32).filter(|&i| targets[i as usize] != lora_optim::IGNORE).collect();
+    if kept.is_empty() {
+        return Err(LmError::invalid("batch", "no targets", "every target of the batch is ignored"));
+    }
+    let n = kept.len();
+    let want: Vec<u32> = kept.iter().map(|&i| targets[i as usize]).collect();
+    let pred = logits.reshape((rows * len, v))?.index_select(&Tensor::from_vec(kept, n, &Device::Cpu)?, 0)?; // (n, V)
+    cross_entropy(&pred, &Tensor::from_vec(want, n, &Device::Cpu)?)
 }
 
 impl Trainer {
@@ -241,11 +317,11 @@ impl Trainer {
         let start = Instant::now();
         let mut tokens = 0;
         while self.step < until.min(s.steps) {
-            let ids = data.batch(s.seed, self.step, s.batch_size, s.seq_len)?;
+            let Batch { ids, targets } = data.draw(s.seed, self.step, s.batch_size, s.seq_len)?;
             for (_, layer) in model.lora().layers() {
                 layer.seed_dropout(s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
             }
-            let loss = batch_loss(model, &ids, s.batch_size, s.seq_len, true)?;
+            let loss = batch_loss_targets(model, &ids, &targets, s.batch_size, s.seq_len, true)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(LmError::invalid(

@@ -109,6 +109,8 @@ pub struct Job {
     pub sampling: Sampling,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Tokens that end the completion (the model's end tokens; for a chat, also its template's end token).
+    pub stop_ids: Arc<[u32]>,
     /// The adapter, held for the whole completion (`None`: the base).
     pub adapter: Option<Arc<ServedAdapter>>,
     /// The model name (for metrics).
@@ -317,12 +319,12 @@ impl Worker {
                 return;
             }
         };
-        let eos = &self.model.config().eos_token_ids;
         let ctx = self.model.config().max_position_embeddings;
         let mut done = vec![false; running.len()];
         for (i, r) in running.iter_mut().enumerate() {
             let id = r.job.sampling.pick(&logits[i * vocab..(i + 1) * vocab], &mut r.rng);
-            let finish = if eos.contains(&id) {
+            let eos = r.job.stop_ids.contains(&id);
+            let finish = if eos {
                 Some(FinishReason::Stop)
             } else {
                 r.tokens.push(id);
@@ -340,7 +342,7 @@ impl Worker {
             };
             match finish {
                 Some(f) => {
-                    if f == FinishReason::Length || eos.contains(&id) {
+                    if f == FinishReason::Length || eos {
                         self.flush(r);
                     }
                     let _ = r.job.events.send(Event::Done(r.job.index, f, r.tokens.len()));

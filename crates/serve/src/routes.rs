@@ -2,10 +2,11 @@
 //!
 //! | route | does |
 //! |---|---|
-//! | `GET /health` | `{"status": "ok", "kind", "model", "adapters_loaded", "worker", …}`; 503 with `unhealthy` or `draining` |
+//! | `GET /health` | `{"status": "ok", "kind", "model", "chat", "adapters_loaded", "worker", …}`; 503 with `unhealthy` or `draining` |
 //! | `GET /metrics` | Prometheus metrics |
 //! | `GET /v1/models` | the base and each adapter (`parent` = the base; `lora` = rank, alpha, targets, size, fingerprint) |
 //! | `POST /v1/completions` | OpenAI completions (LM), streamed as server-sent events with `"stream": true` |
+//! | `POST /v1/chat/completions` | OpenAI chat completions (LM): the messages rendered with the model's chat template, the reply ended at its end tokens; streamed as `delta`s |
 //! | `POST /v1/predict` | `{"model", "images": [[pixels 0-255]]}` → predictions and probabilities (classifier) |
 //! | `GET /v1/mnist/sample` | a random sample image and its label (classifier) |
 //! | `POST /v1/load_lora_adapter` | `{"lora_name", "lora_path", "load_inplace"?}` (with `--allow-adapter-updates`) |
@@ -45,12 +46,13 @@ use crate::registry::{Lookup, ServedAdapter};
 use crate::server::{key_digest, ModelKind, State};
 use crate::worker::WorkerState;
 
-type S = AxState<Arc<State>>;
+pub(crate) type S = AxState<Arc<State>>;
 
 pub(crate) fn router(state: Arc<State>) -> Router {
     let limit = state.limits.max_body_bytes;
     let work = Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(crate::chat::chat_completions))
         .route("/v1/predict", post(predict))
         .route_layer(from_fn_with_state(state.clone(), admit));
     let v1 = Router::new()
@@ -139,10 +141,10 @@ fn record(state: &State, route: &str, model: &str, started: Instant, status: Sta
 
 /// The model label of a request's metrics, set once the request names a known model.
 #[derive(Clone, Default)]
-struct ModelSlot(Arc<std::sync::Mutex<Option<String>>>);
+pub(crate) struct ModelSlot(Arc<std::sync::Mutex<Option<String>>>);
 
 impl ModelSlot {
-    fn set(&self, name: String) {
+    pub(crate) fn set(&self, name: String) {
         if let Ok(mut m) = self.0.lock() {
             *m = Some(name);
         }
@@ -153,7 +155,7 @@ impl ModelSlot {
 }
 
 /// Runs a handler body and records its outcome.
-async fn observed<F, Fut>(state: Arc<State>, route: &'static str, f: F) -> Response
+pub(crate) async fn observed<F, Fut>(state: Arc<State>, route: &'static str, f: F) -> Response
 where
     F: FnOnce(Arc<State>, ModelSlot) -> Fut,
     Fut: std::future::Future<Output = Result<Response, ApiError>>,
@@ -171,7 +173,7 @@ where
 }
 
 /// The body as JSON, or a JSON error naming what is wrong with it (413 when over the size limit).
-fn body(b: Result<Json<Value>, JsonRejection>, limit: usize) -> Result<Value, ApiError> {
+pub(crate) fn body(b: Result<Json<Value>, JsonRejection>, limit: usize) -> Result<Value, ApiError> {
     match b {
         Ok(Json(v)) => Ok(v),
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -185,7 +187,7 @@ fn body(b: Result<Json<Value>, JsonRejection>, limit: usize) -> Result<Value, Ap
 }
 
 /// The request as `T`; an error names the field (`images: invalid type: integer `3`, expected a sequence`).
-fn parse<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, ApiError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -198,7 +200,7 @@ fn parse<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, ApiError> {
 }
 
 /// The adapter `model` names (`None` for the base), or a 404 in OpenAI's words.
-async fn resolve(state: &Arc<State>, model: &str) -> Result<Option<Arc<ServedAdapter>>, ApiError> {
+pub(crate) async fn resolve(state: &Arc<State>, model: &str) -> Result<Option<Arc<ServedAdapter>>, ApiError> {
     if model == state.registry.base_name() {
         return Ok(None);
     }
@@ -218,7 +220,7 @@ async fn resolve(state: &Arc<State>, model: &str) -> Result<Option<Arc<ServedAda
     })
 }
 
-fn wrong_kind(state: &State, route: &str) -> ApiError {
+pub(crate) fn wrong_kind(state: &State, route: &str) -> ApiError {
     let other = match state.kind {
         ModelKind::Lm => "/v1/completions",
         ModelKind::Classifier => "/v1/predict",
@@ -246,7 +248,16 @@ async fn health(AxState(state): S) -> Response {
     } else {
         ("ok", StatusCode::OK)
     };
-    let body = json!({"status": status, "kind": state.kind.as_str(), "model": state.registry.base_name(),
+    // The chat template /v1/chat/completions renders with: its origin, whether it is lora-rs' default; null when
+    // chats are refused (a classifier, or a model without a template).
+    let chat = state.lm.as_ref().and_then(|lm| lm.chat.as_ref().ok()).map(|c| {
+        let origin = match c.template.origin() {
+            lora_lm::chat::TemplateSource::Default => "ChatML (lora-rs' default for byte-level models)".to_string(),
+            lora_lm::chat::TemplateSource::Given(s) => s.clone(),
+        };
+        json!({"template": origin, "default": c.template.is_default()})
+    });
+    let body = json!({"status": status, "kind": state.kind.as_str(), "model": state.registry.base_name(), "chat": chat,
         "adapters_loaded": state.registry.held(), "adapter_updates": state.allow_adapter_updates,
         "worker": {"state": worker.state(), "panics": worker.panics(), "last_panic": worker.last_panic(),
             "step_seconds": worker.step_age().map(|d| d.as_secs_f64())},
@@ -295,7 +306,7 @@ fn updates_allowed(state: &State, route: &str) -> Result<(), ApiError> {
     ))
 }
 
-fn joined(e: tokio::task::JoinError) -> ApiError {
+pub(crate) fn joined(e: tokio::task::JoinError) -> ApiError {
     ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, format!("a blocking task failed: {e}"))
 }
 
@@ -350,9 +361,9 @@ struct CompletionRequest {
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
+pub(crate) struct StreamOptions {
     #[serde(default)]
-    include_usage: bool,
+    pub include_usage: bool,
 }
 
 fn strings(v: &Value, field: &str, what: &str) -> Result<Vec<String>, ApiError> {
@@ -396,6 +407,112 @@ fn refuse_unsupported(r: &CompletionRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The sampling settings of a request: temperature in [0, 2] (default 1), `top_p`, `top_k` (−1 or 0: all), `seed`
+/// (default: random).
+pub(crate) fn sampling_of(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+) -> Result<Sampling, ApiError> {
+    let temperature = temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature", format!("temperature = {temperature}: must be in [0, 2]")));
+    }
+    let top_k = match top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(k) => return Err(ApiError::invalid("top_k", format!("top_k = {k}: must be ≥ 1 (or -1 for all)"))),
+    };
+    let sampling = Sampling { temperature, top_k, top_p: top_p.filter(|&p| p != 1.0), seed: seed.unwrap_or_else(rand::random) };
+    sampling.validate().map_err(|e| ApiError::invalid("top_p", e.to_string()))?;
+    Ok(sampling)
+}
+
+/// `max_tokens` (default `default`), 1 to the server's `--max-tokens`; `field` names it in errors.
+pub(crate) fn max_tokens_of(v: Option<u64>, default: usize, limits: &crate::Limits, field: &str) -> Result<usize, ApiError> {
+    let max_tokens = v.map_or(default, |m| m as usize);
+    if max_tokens == 0 || max_tokens > limits.max_tokens {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} = {max_tokens}: must be 1 to {} (the server's --max-tokens)", limits.max_tokens),
+        ));
+    }
+    Ok(max_tokens)
+}
+
+/// The request's stop strings: up to 4, none empty.
+pub(crate) fn stops_of(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
+    let stop = match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => strings(v, "stop", "stop sequences")?,
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop: up to 4 non-empty strings"));
+    }
+    Ok(stop)
+}
+
+/// A prompt that fits the context with `max_tokens` more (`which` names it in the error).
+pub(crate) fn check_fits(ids: &[u32], max_tokens: usize, context: usize, which: &str) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", format!("{which} is empty (no tokens)")));
+    }
+    if ids.len() + max_tokens > context {
+        return Err(ApiError::invalid(
+            if which.starts_with("messages") { "messages" } else { "prompt" },
+            format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in {which}, {max_tokens} for the completion).",
+                ids.len() + max_tokens,
+                ids.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a request asks the worker for, besides its prompts.
+pub(crate) struct Ask {
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    pub stop_ids: Arc<[u32]>,
+    pub adapter: Option<Arc<ServedAdapter>>,
+    pub model: String,
+}
+
+/// Queues one job per prompt; the events of all of them arrive on the returned channel.
+pub(crate) fn submit(
+    lm: &crate::server::LmState,
+    prompts: Vec<Vec<u32>>,
+    ask: &Ask,
+    deadline: Instant,
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let job = Job {
+            index,
+            prompt,
+            max_tokens: ask.max_tokens,
+            sampling: ask.sampling,
+            stop: ask.stop.clone(),
+            stop_ids: ask.stop_ids.clone(),
+            adapter: ask.adapter.clone(),
+            model: ask.model.clone(),
+            events: tx.clone(),
+            deadline,
+        };
+        if !lm.engine.submit(job) {
+            return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the model worker has stopped; this server cannot complete"));
+        }
+    }
+    Ok(rx)
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 async fn completions(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -> Response {
     observed(state, "/v1/completions", |state, model| async move {
         let deadline = Instant::now() + state.timeouts.request;
@@ -412,85 +529,85 @@ async fn completions(AxState(state): S, b: Result<Json<Value>, JsonRejection>) -
                 format!("{} prompts: give 1 to {} (the server's --max-prompts)", prompts.len(), limits.max_prompts),
             ));
         }
-        let max_tokens = r.max_tokens.unwrap_or(16) as usize;
-        if max_tokens == 0 || max_tokens > limits.max_tokens {
-            return Err(ApiError::invalid("max_tokens", format!("max_tokens = {max_tokens}: must be 1 to {} (the server's --max-tokens)", limits.max_tokens)));
-        }
-        let temperature = r.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid("temperature", format!("temperature = {temperature}: must be in [0, 2]")));
-        }
-        let top_k = match r.top_k {
-            None | Some(-1) | Some(0) => None,
-            Some(k) if k > 0 => Some(k as usize),
-            Some(k) => return Err(ApiError::invalid("top_k", format!("top_k = {k}: must be ≥ 1 (or -1 for all)"))),
-        };
-        let sampling = Sampling { temperature, top_k, top_p: r.top_p.filter(|&p| p != 1.0), seed: r.seed.unwrap_or_else(rand::random) };
-        sampling.validate().map_err(|e| ApiError::invalid("top_p", e.to_string()))?;
-        let stop = match &r.stop {
-            None | Some(Value::Null) => Vec::new(),
-            Some(v) => strings(v, "stop", "stop sequences")?,
-        };
-        if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "stop: up to 4 non-empty strings"));
-        }
+        let max_tokens = max_tokens_of(r.max_tokens, 16, &limits, "max_tokens")?;
+        let sampling = sampling_of(r.temperature, r.top_p, r.top_k, r.seed)?;
+        let stop = stops_of(&r.stop)?;
         // Tokenising a long prompt costs CPU in proportion to its length: on the blocking pool.
         let (tokenizer, n) = (lm.tokenizer.clone(), prompts.len());
-        let ids = tokio::task::spawn_blocking(move || prompts.iter().map(|p| tokenizer.encode(p)).collect::<Vec<_>>()).await.map_err(joined)?;
+        let ids =
+            tokio::task::spawn_blocking(move || prompts.iter().map(|p| tokenizer.encode(p)).collect::<Vec<_>>()).await.map_err(joined)?;
         let mut encoded = Vec::with_capacity(n);
         for (i, ids) in ids.into_iter().enumerate() {
             let ids = ids.map_err(|e| ApiError::invalid("prompt", format!("prompt {i}: {e}")))?;
-            if ids.is_empty() {
-                return Err(ApiError::invalid("prompt", format!("prompt {i} is empty (no tokens)")));
-            }
-            if ids.len() + max_tokens > lm.context {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    format!(
-                        "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in prompt {i}, {max_tokens} for the completion).",
-                        lm.context,
-                        ids.len() + max_tokens,
-                        ids.len()
-                    ),
-                ));
-            }
+            check_fits(&ids, max_tokens, lm.context, &format!("prompt {i}"))?;
             encoded.push(ids);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let prompt_tokens: usize = encoded.iter().map(Vec::len).sum();
-        for (index, prompt) in encoded.into_iter().enumerate() {
-            let job = Job {
-                index,
-                prompt,
-                max_tokens,
-                sampling,
-                stop: stop.clone(),
-                adapter: adapter.clone(),
-                model: r.model.clone(),
-                events: tx.clone(),
-                deadline,
-            };
-            if !lm.engine.submit(job) {
-                return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the model worker has stopped; this server cannot complete"));
-            }
-        }
-        drop(tx);
+        let ask = Ask { max_tokens, sampling, stop, stop_ids: lm.end_ids.clone(), adapter, model: r.model.clone() };
+        let rx = submit(lm, encoded, &ask, deadline)?;
         let id = format!("cmpl-{:x}", state.next_id.fetch_add(1, Ordering::Relaxed));
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let reply = Reply { shape: Shape::Text, id, created: unix_now(), model: r.model, prompt_tokens, deadline };
         if r.stream {
-            let usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage).then_some(prompt_tokens);
-            Ok(stream_completion(rx, id, created, r.model, usage, deadline).keep_alive(KeepAlive::new().interval(state.timeouts.keep_alive)).into_response())
+            let usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
+            Ok(stream_completion(rx, reply, usage).keep_alive(KeepAlive::new().interval(state.timeouts.keep_alive)).into_response())
         } else {
-            collect_completion(rx, n, id, created, r.model, prompt_tokens, deadline).await
+            collect_completion(rx, n, reply).await
         }
     })
     .await
 }
 
-fn chunk(id: &str, created: u64, model: &str, index: usize, text: &str, finish: Option<FinishReason>) -> String {
-    json!({"id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish.map(FinishReason::as_str)}]})
-    .to_string()
+/// The OpenAI shape of a reply: a text completion or a chat completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    Text,
+    Chat,
+}
+
+/// What every chunk or body of one reply repeats.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub shape: Shape,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub prompt_tokens: usize,
+    pub deadline: Instant,
+}
+
+impl Reply {
+    /// A streamed chunk: a piece of text (`delta.content` for a chat), or the end with its finish reason.
+    fn chunk(&self, index: usize, text: &str, finish: Option<FinishReason>) -> String {
+        let finish = finish.map(FinishReason::as_str);
+        match self.shape {
+            Shape::Text => json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish}]}),
+            Shape::Chat => {
+                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "system_fingerprint": null, "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+            }
+        }
+        .to_string()
+    }
+    /// A chat stream's first chunk: the assistant's role, no content yet.
+    fn role_chunk(&self) -> Option<String> {
+        (self.shape == Shape::Chat).then(|| {
+            json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": null, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})
+            .to_string()
+        })
+    }
+    fn usage(&self, completion_tokens: usize) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": self.prompt_tokens + completion_tokens})
+    }
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.shape, chunk) {
+            (Shape::Text, _) => "text_completion",
+            (Shape::Chat, true) => "chat.completion.chunk",
+            (Shape::Chat, false) => "chat.completion",
+        }
+    }
 }
 
 /// The HTTP error of a worker's failure.
@@ -512,20 +629,19 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<Event>, deadline: Instant) 
     }
 }
 
-/// Server-sent events: a chunk per piece of text, one with each prompt's finish reason, then (with
-/// `stream_options.include_usage`, given the prompt tokens) a chunk with the usage, then `[DONE]`. A
-/// failure is an error event, and the stream ends after it.
-fn stream_completion(
+/// Server-sent events: for a chat, first a chunk with the assistant's role; a chunk per piece of text, one with
+/// each prompt's finish reason, then (with `stream_options.include_usage`) a chunk with the usage, then
+/// `[DONE]`. A failure is an error event, and the stream ends after it.
+pub(crate) fn stream_completion(
     rx: mpsc::UnboundedReceiver<Event>,
-    id: String,
-    created: u64,
-    model: String,
-    usage: Option<usize>,
-    deadline: Instant,
+    reply: Reply,
+    usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let generated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = generated.clone();
-    let (id2, model2) = (id.clone(), model.clone());
+    let (head, tail_reply, r) = (reply.role_chunk(), reply.clone(), reply);
+    let deadline = r.deadline;
+    let head = stream::iter(head.map(|h| Ok(SseEvent::default().data(h))));
     let events = stream::unfold(Some(rx), move |rx| async move {
         let mut rx = rx?;
         let e = next_event(&mut rx, deadline).await?;
@@ -534,41 +650,33 @@ fn stream_completion(
     })
     .map(move |e| {
         let data = match e {
-            Event::Text(i, text) => chunk(&id, created, &model, i, &text, None),
+            Event::Text(i, text) => r.chunk(i, &text, None),
             Event::Done(i, f, tokens) => {
                 counted.fetch_add(tokens, Ordering::Relaxed);
-                chunk(&id, created, &model, i, "", Some(f))
+                r.chunk(i, "", Some(f))
             }
             Event::Failed(_, f) => failure(f).body().to_string(),
         };
         Ok(SseEvent::default().data(data))
     });
     let tail = stream::once(async move {
-        usage.map(|prompt_tokens| {
-            let completion_tokens = generated.load(Ordering::Relaxed);
-            let v = json!({"id": id2, "object": "text_completion", "created": created, "model": model2, "choices": [],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}});
+        usage.then(|| {
+            let t = &tail_reply;
+            let v = json!({"id": t.id, "object": t.object(true), "created": t.created, "model": t.model, "choices": [],
+                "usage": t.usage(generated.load(Ordering::Relaxed))});
             Ok(SseEvent::default().data(v.to_string()))
         })
     })
     .filter_map(|x| async move { x });
     let done = stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
-    Sse::new(events.chain(tail).chain(done))
+    Sse::new(head.chain(events).chain(tail).chain(done))
 }
 
-async fn collect_completion(
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    n: usize,
-    id: String,
-    created: u64,
-    model: String,
-    prompt_tokens: usize,
-    deadline: Instant,
-) -> Result<Response, ApiError> {
+pub(crate) async fn collect_completion(mut rx: mpsc::UnboundedReceiver<Event>, n: usize, reply: Reply) -> Result<Response, ApiError> {
     let mut text = vec![String::new(); n];
     let mut finish: Vec<Option<FinishReason>> = vec![None; n];
     let mut completion_tokens = 0;
-    while let Some(e) = next_event(&mut rx, deadline).await {
+    while let Some(e) = next_event(&mut rx, reply.deadline).await {
         match e {
             Event::Text(i, t) => text[i].push_str(&t),
             Event::Done(i, f, tokens) => {
@@ -585,11 +693,20 @@ async fn collect_completion(
         .into_iter()
         .zip(finish)
         .enumerate()
-        .map(|(i, (t, f))| json!({"index": i, "text": t, "logprobs": null, "finish_reason": f.map(FinishReason::as_str)}))
+        .map(|(i, (t, f))| {
+            let f = f.map(FinishReason::as_str);
+            match reply.shape {
+                Shape::Text => json!({"index": i, "text": t, "logprobs": null, "finish_reason": f}),
+                Shape::Chat => json!({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": null, "finish_reason": f}),
+            }
+        })
         .collect();
-    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}))
-    .into_response())
+    let mut body = json!({"id": reply.id, "object": reply.object(false), "created": reply.created, "model": reply.model,
+        "choices": choices, "usage": reply.usage(completion_tokens)});
+    if reply.shape == Shape::Chat {
+        body["system_fingerprint"] = Value::Null;
+    }
+    Ok(Json(body).into_response())
 }
 
 #[derive(Deserialize)]

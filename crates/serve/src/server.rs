@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lora_lm::chat::ChatTemplate;
 use lora_lm::Tokenizer;
 use lora_train::ExpensiveNet;
 use sha2::{Digest, Sha256};
@@ -144,12 +145,54 @@ pub struct ServeOptions {
     pub timeouts: Timeouts,
     /// Access rules.
     pub access: Access,
+    /// A chat template (Jinja file) for `/v1/chat/completions` in place of the model's own (an LM only).
+    pub chat_template: Option<PathBuf>,
 }
 
 pub(crate) struct LmState {
     pub engine: LmEngine,
     pub tokenizer: Arc<Tokenizer>,
     pub context: usize,
+    /// The model's end tokens (`config.json` and `generation_config.json`): where completions stop.
+    pub end_ids: Arc<[u32]>,
+    /// The chat template, or why there is none (chat requests get a 400 saying so).
+    pub chat: std::result::Result<Chat, String>,
+}
+
+/// What `/v1/chat/completions` renders and stops with.
+pub(crate) struct Chat {
+    pub template: Arc<ChatTemplate>,
+    /// The model's end tokens and the template's end token.
+    pub end_ids: Arc<[u32]>,
+    /// Text that ends a reply where the tokenizer spells it out (the byte-level default's `<|im_end|>`).
+    pub stops: Vec<String>,
+}
+
+/// The chat settings of an LM: its template (or `--chat-template`), the end tokens a reply stops at.
+fn chat_of(
+    o: &ServeOptions,
+    config: &lora_lm::LlamaConfig,
+    tokenizer: &Tokenizer,
+    end_ids: &[u32],
+) -> Result<std::result::Result<Chat, String>> {
+    // A broken template fails the start; a model without one serves completions, and chats get a 400 saying why.
+    let Some(template) = lora_lm::hf::find_chat_template(&o.model, config, o.chat_template.as_deref())? else {
+        let why = format!(
+            "this model has no chat template ({} has no chat_template and there is no {}): start the server with --chat-template FILE",
+            lora_lm::hf::TOKENIZER_CONFIG_FILE,
+            lora_lm::hf::CHAT_TEMPLATE_FILE
+        );
+        tracing::warn!(model = %o.model.display(), "no chat template: /v1/chat/completions is refused");
+        return Ok(Err(why));
+    };
+    let mut ids = end_ids.to_vec();
+    if let Some(id) = template.special().eos.as_deref().and_then(|t| tokenizer.token_id(t)) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let stops = if tokenizer.is_bytes() { template.end_text().map(String::from).into_iter().collect() } else { Vec::new() };
+    Ok(Ok(Chat { template: Arc::new(template), end_ids: ids.into(), stops }))
 }
 
 pub(crate) struct ClassifierState {
@@ -274,6 +317,8 @@ impl Server {
             model.freeze_base();
             let tokenizer = Arc::new(lora_lm::hf::load_tokenizer(&o.model, model.config())?);
             let context = model.config().max_position_embeddings;
+            let end_ids: Arc<[u32]> = lora_lm::hf::end_token_ids(&o.model, model.config())?.into();
+            let chat = chat_of(o, model.config(), &tokenizer, &end_ids)?;
             let model = Arc::new(model);
             let m = model.clone();
             let packer: Packer = Arc::new(move |files| m.pack_adapter(files).map_err(|e| e.to_string()));
@@ -285,8 +330,11 @@ impl Server {
             tracing::info!(layers = base.bf16_layers(), bytes = base.bytes(), "base weights held in bf16 for serving");
             metrics.base_bf16_bytes.set(base.bytes() as i64);
             let engine = LmEngine::start(model, base, tokenizer.clone(), settings, metrics.clone(), o.timeouts.request)?;
-            (ModelKind::Lm, registry, Some(LmState { engine, tokenizer, context }), None)
+            (ModelKind::Lm, registry, Some(LmState { engine, tokenizer, context, end_ids, chat }), None)
         } else if o.model.is_file() {
+            if let Some(t) = &o.chat_template {
+                return Err(ServeError::path(t, "--chat-template is for a language model; this server runs a classifier"));
+            }
             let mut net = ExpensiveNet::load(&o.model)?;
             net.model.freeze_base(lora::Bias::None);
             let inputs = o.classifier.clone().ok_or_else(|| {

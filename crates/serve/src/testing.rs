@@ -71,6 +71,7 @@ pub fn options(root: &Path) -> ServeOptions {
         limits: Limits::default(),
         timeouts: Timeouts { shutdown: Duration::from_secs(5), ..Timeouts::default() },
         access: Access { api_key: None, allow_adapter_updates: true },
+        chat_template: None,
     }
 }
 

@@ -5,9 +5,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use lora_lm::data::Corpus;
 use lora_lm::hf::{load_adapter, load_model, load_tokenizer};
-use lora_lm::jobs::{evaluate, EvalJob, EvalTable};
+use lora_lm::instruct::{is_instruction_file, read_instructions, Examples, Packing};
+use lora_lm::jobs::{evaluate_on, EvalData, EvalJob, EvalTable};
 
 use super::corpus;
+use super::finetune::{instruction_examples, Split};
 use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::LmEvalArgs;
 
@@ -52,11 +54,30 @@ pub fn run(a: LmEvalArgs) -> Result<()> {
         load_adapter(&mut model, name, dir, a.force).with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
         names.push(name.clone());
     }
-    let corpora: Vec<Corpus> = a.data.iter().map(|p| corpus(p)).collect::<Result<_>>()?;
     let ctx = a.context.map_or(model.config().max_position_embeddings, |c| c as usize);
     if ctx > model.config().max_position_embeddings {
         anyhow::bail!("--context {ctx} is longer than the model's context ({})", model.config().max_position_embeddings);
     }
+    // Each file is a corpus or instruction data (scored on its completions and assistant turns).
+    let mut corpora: Vec<Corpus> = Vec::new();
+    let mut examples: Vec<Examples> = Vec::new();
+    let mut order = Vec::new();
+    for p in &a.data {
+        if is_instruction_file(p).with_context(|| format!("reading data {}", p.display()))? {
+            let data = read_instructions(p)?;
+            let split = Split { validation: true, len: ctx, packing: Packing::Off };
+            examples.push(instruction_examples(&a.model, &model, &tok, &data, &a.chat, split)?);
+            order.push((true, examples.len() - 1));
+        } else {
+            corpora.push(corpus(p)?);
+            order.push((false, corpora.len() - 1));
+        }
+    }
+    if examples.is_empty() && (a.chat.chat_template.is_some() || a.chat.loss_on.is_some()) {
+        anyhow::bail!("--chat-template and --loss-on apply to instruction data (JSONL rows with \"messages\", or \"prompt\" and \"completion\"); no --data file holds it");
+    }
+    let data: Vec<EvalData<'_>> =
+        order.iter().map(|&(ex, i)| if ex { EvalData::Examples(&examples[i]) } else { EvalData::Corpus(&corpora[i]) }).collect();
     let job = EvalJob {
         adapters: names,
         context: ctx,
@@ -64,7 +85,7 @@ pub fn run(a: LmEvalArgs) -> Result<()> {
         batch: a.batch_size as usize,
         per_token: a.token_losses.is_some(),
     };
-    let table = evaluate(&mut model, &tok, &corpora, &job, &mut |_| {}).context("scoring")?;
+    let table = evaluate_on(&mut model, &tok, &data, &job, &mut |_| {}).context("scoring")?;
     print_table(&table);
     let seconds = t0.elapsed().as_secs_f64();
     println!("({seconds:.1} s)");

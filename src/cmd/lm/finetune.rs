@@ -1,16 +1,18 @@
 //! `lora lm finetune`: flags → [`lora_lm::jobs::FinetuneJob`] → [`lora_lm::jobs::finetune`], with bars.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use lora::{Exclude, Init, LoraConfig, Scaling, Targets};
-use lora_lm::data::Corpus;
-use lora_lm::hf::{load_model, load_tokenizer};
-use lora_lm::jobs::{finetune, Event, FinetuneJob, Finetuned};
+use lora_lm::hf::{load_chat_template, load_model, load_tokenizer};
+use lora_lm::instruct::{is_instruction_file, lines_list, read_instructions, Encoder, Examples, Instructions, LossOn, Packing};
+use lora_lm::jobs::{finetune_on, Event, FinetuneJob, Finetuned, TrainData};
 use lora_lm::{Llama, Tokenizer};
 
 use super::pretrain::settings;
 use super::{check_out_dir, Bars};
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::{LmFinetuneArgs, LmLoraArgs};
+use crate::lm_cli::{ChatDataArgs, LmFinetuneArgs, LmLoraArgs};
 
 /// The adapter config of the LoRA flags.
 pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
@@ -33,17 +35,71 @@ pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
     Ok(c)
 }
 
+/// Instruction data read and tokenised for a model: `split` rows (train or validation) through the model's chat
+/// template (or `--chat-template`), with the loss where `--loss-on` says; prints what it read.
+/// Which rows of instruction data become examples, and how.
+pub struct Split {
+    /// The validation rows (else the train rows).
+    pub validation: bool,
+    /// Tokens per example (or per window when packed).
+    pub len: usize,
+    /// Packed or one example per row.
+    pub packing: Packing,
+}
+
+pub fn instruction_examples(
+    model_dir: &Path,
+    model: &Llama,
+    tok: &Tokenizer,
+    data: &Instructions,
+    chat: &ChatDataArgs,
+    Split { validation, len, packing }: Split,
+) -> Result<Examples> {
+    let template = load_chat_template(model_dir, model.config(), chat.chat_template.as_deref())?;
+    let loss: LossOn = chat.loss_on.map_or(LossOn::Completions, Into::into);
+    let enc = Encoder { tokenizer: tok, chat: &template, loss };
+    let rows = if validation { &data.validation } else { &data.train };
+    let ex = Examples::build(&data.path, &data.short_name(), rows, &enc, len, packing)?;
+    println!(
+        "Instruction data {} ({} rows{}): {} example{}, {} tokens, {} trained ({}), chat template {}",
+        data.path.display(),
+        data.format.as_str(),
+        if validation { ", validation split" } else { "" },
+        ex.examples.len(),
+        if ex.examples.len() == 1 { "" } else { "s" },
+        ex.tokens(),
+        ex.trained_tokens(),
+        if loss == LossOn::All { "the loss on every token" } else { "the loss on completions and assistant turns" },
+        match template.origin() {
+            lora_lm::chat::TemplateSource::Default => "lora-rs' default ChatML (this model has none)".to_string(),
+            lora_lm::chat::TemplateSource::Given(s) => s.clone(),
+        }
+    );
+    if !ex.skipped.is_empty() {
+        println!(
+            "  note: {} rows train nothing within {len} tokens and are left out (lines {})",
+            ex.skipped.len(),
+            lines_list(&ex.skipped)
+        );
+    }
+    Ok(ex)
+}
+
 /// Runs a fine-tuning job with a bar and the line `lora lm finetune` prints before it.
-pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: &Corpus, job: &FinetuneJob) -> Result<Finetuned> {
+pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: TrainData<'_>, job: &FinetuneJob) -> Result<Finetuned> {
     let mut bars = Bars::default();
     let (name, c, steps) = (&job.name, &job.lora, job.settings.steps);
-    let done = finetune(model, tok, data, job, &mut |e| {
+    let path = match data {
+        TrainData::Corpus(c) => c.path.clone(),
+        TrainData::Examples(e, _) => e.path.clone(),
+    };
+    let done = finetune_on(model, tok, data, job, &mut |e| {
         if let Event::Start { params, trainable, .. } = &e {
             println!(
                 "Fine-tuning adapter {name:?} (rank {}, alpha {}) on {}: {trainable} trainable parameters ({:.2}% of {params}), {steps} steps",
                 c.r,
                 c.alpha,
-                data.path.display(),
+                path.display(),
                 100.0 * *trainable as f64 / *params as f64,
             );
         }
@@ -67,7 +123,22 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     let tok = load_tokenizer(&a.model, model.config())?;
     // Fail before the work: the data must read and the targets must exist.
-    let data = super::corpus(&a.data)?;
+    let instructions = is_instruction_file(&a.data).with_context(|| format!("reading data {}", a.data.display()))?;
+    if !instructions && (a.packing || a.chat.chat_template.is_some() || a.chat.loss_on.is_some()) {
+        anyhow::bail!(
+            "--packing, --chat-template and --loss-on apply to instruction data (JSONL rows with \"messages\", or \"prompt\" and \"completion\"); {} is a text corpus",
+            a.data.display()
+        );
+    }
+    let corpus = if instructions { None } else { Some(super::corpus(&a.data)?) };
+    let packing = if a.packing { Packing::Wrapped } else { Packing::Off };
+    let examples = if instructions {
+        let data = read_instructions(&a.data)?;
+        let split = Split { validation: false, len: a.train.seq_len as usize, packing };
+        Some(instruction_examples(&a.model, &model, &tok, &data, &a.chat, split)?)
+    } else {
+        None
+    };
     model.lora().targeted(&config).context("--target-modules / --target-regex / --exclude-modules / --layers-to-transform")?;
     let job = FinetuneJob {
         name: "adapter".into(),
@@ -78,7 +149,12 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
         convert_to_lora: a.lora.variant.convert_to_lora,
         checkpoint: a.checkpoint.policy(&a.out),
     };
-    let f = run_job(&mut model, &tok, &data, &job)?;
+    let data = match (&corpus, &examples) {
+        (Some(c), _) => TrainData::Corpus(c),
+        (None, Some(e)) => TrainData::Examples(e, packing),
+        (None, None) => unreachable!("the data is a corpus or instruction examples"),
+    };
+    let f = run_job(&mut model, &tok, data, &job)?;
     println!(
         "Final loss {:.4} after {} steps ({:.1} s); wrote {}",
         f.summary.final_loss,

@@ -21,7 +21,8 @@ pub fn run(a: LmGenerateArgs) -> Result<()> {
         model.lora_mut().set_active(&["adapter"])?;
     }
     let prompts: Vec<Vec<u32>> = a.prompt.iter().map(|p| tok.encode(p)).collect::<lora_lm::Result<_>>()?;
-    let stop = model.config().eos_token_ids.clone();
+    // The model's end tokens: config.json's and generation_config.json's.
+    let stop = lora_lm::hf::end_token_ids(&a.model, model.config())?;
     let stream = prompts.len() == 1;
     let mut decoder = StreamDecoder::after(&prompts[0]);
     if stream {

@@ -1,6 +1,7 @@
 //! [`evaluate`]: the validation loss of a base and of each of its adapters on one loaded model, a column
 //! each: rows are corpora, columns are `base` (adapters off) then each adapter active alone. Switching
-//! columns touches only the active list, never a weight.
+//! columns touches only the active list, never a weight. [`evaluate_on`] also scores instruction examples
+//! ([`EvalData::Examples`]: the loss on their completions and assistant turns, each example one window).
 
 use serde_json::{json, Map, Value};
 
@@ -8,6 +9,7 @@ use super::{Event, Progress};
 use crate::data::{eval_windows, Corpus};
 use crate::error::{LmError, Result};
 use crate::eval::{score, Score};
+use crate::instruct::Examples;
 use crate::{Llama, Tokenizer};
 
 /// How the windows are cut and scored.
@@ -38,9 +40,45 @@ pub struct EvalTable {
     pub token_losses: Vec<Vec<Vec<Vec<f64>>>>,
 }
 
+/// What one row of the table scores.
+#[derive(Debug, Clone, Copy)]
+pub enum EvalData<'a> {
+    /// A corpus' validation split, cut into windows.
+    Corpus(&'a Corpus),
+    /// Instruction examples (a validation split, tokenised): their trained tokens.
+    Examples(&'a Examples),
+}
+
+impl EvalData<'_> {
+    fn name(&self) -> String {
+        match self {
+            EvalData::Corpus(c) => c.name(),
+            EvalData::Examples(e) => e.path.file_name().map_or_else(|| e.name.clone(), |n| n.to_string_lossy().into_owned()),
+        }
+    }
+    fn path(&self) -> &std::path::Path {
+        match self {
+            EvalData::Corpus(c) => &c.path,
+            EvalData::Examples(e) => &e.path,
+        }
+    }
+    fn windows(&self, tok: &Tokenizer, job: &EvalJob) -> Result<Vec<crate::data::Window>> {
+        match self {
+            EvalData::Corpus(c) => eval_windows(c, tok, job.context, job.max_tokens),
+            EvalData::Examples(e) => e.windows(tok, job.context),
+        }
+    }
+}
+
 /// Scores `corpora` with the base (adapters off) and with each of `job.adapters` active alone; the model
 /// is left with no adapter active.
 pub fn evaluate(model: &mut Llama, tok: &Tokenizer, corpora: &[Corpus], job: &EvalJob, progress: Progress<'_>) -> Result<EvalTable> {
+    let data: Vec<EvalData<'_>> = corpora.iter().map(EvalData::Corpus).collect();
+    evaluate_on(model, tok, &data, job, progress)
+}
+
+/// [`evaluate`] over corpora and instruction examples.
+pub fn evaluate_on(model: &mut Llama, tok: &Tokenizer, data: &[EvalData<'_>], job: &EvalJob, progress: Progress<'_>) -> Result<EvalTable> {
     let ctx_max = model.config().max_position_embeddings;
     if job.context < 2 || job.context > ctx_max {
         return Err(LmError::invalid("context", job.context, format!("must be between 2 and the model's context ({ctx_max})")));
@@ -61,16 +99,15 @@ pub fn evaluate(model: &mut Llama, tok: &Tokenizer, corpora: &[Corpus], job: &Ev
     let mut scores = Vec::new();
     let mut token_losses = Vec::new();
     let result = (|| {
-        for c in corpora {
-            let windows = eval_windows(c, tok, job.context, job.max_tokens)
-                .map_err(|e| LmError::file(&c.path, format!("cutting into windows: {e}")))?;
+        for c in data {
+            let windows = c.windows(tok, job).map_err(|e| LmError::file(c.path(), format!("cutting into windows: {e}")))?;
             let mut row = Vec::new();
             let mut row_tokens = Vec::new();
             for col in &columns {
                 let active: Vec<&str> = if col == "base" { vec![] } else { vec![col.as_str()] };
                 model.lora_mut().set_active(&active)?;
                 let (s, per) = score(model, &windows, job.batch, job.per_token)
-                    .map_err(|e| LmError::file(&c.path, format!("scoring with {col}: {e}")))?;
+                    .map_err(|e| LmError::file(c.path(), format!("scoring with {col}: {e}")))?;
                 progress(Event::Scored { corpus: &c.name(), column: col, score: &s });
                 row.push(s);
                 row_tokens.push(per.unwrap_or_default());
@@ -82,7 +119,7 @@ pub fn evaluate(model: &mut Llama, tok: &Tokenizer, corpora: &[Corpus], job: &Ev
     })();
     model.lora_mut().set_active(&[])?;
     result?;
-    Ok(EvalTable { corpora: corpora.iter().map(Corpus::name).collect(), columns, scores, token_losses })
+    Ok(EvalTable { corpora: data.iter().map(EvalData::name).collect(), columns, scores, token_losses })
 }
 
 impl EvalTable {

@@ -1,5 +1,6 @@
 //! [`finetune`]: a LoRA adapter trained on one corpus over a frozen base, written as a PEFT adapter
-//! directory; the base is checked bit for bit unchanged before anything is written.
+//! directory; the base is checked bit for bit unchanged before anything is written. [`finetune_on`] trains on
+//! instruction examples too ([`TrainData`]: the loss on their completions and assistant turns).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,11 +11,12 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::pretrain::mixture;
-use super::{millis, train_run, Checkpointing, Progress};
+use super::{millis, train_run, Checkpointing, Event, Progress};
 use crate::data::Corpus;
 use crate::error::{LmError, Result};
 use crate::hf::save_adapter;
-use crate::train::{TrainSettings, Trainer};
+use crate::instruct::{ExampleSource, Examples, Packing};
+use crate::train::{Mixture, TrainSettings, Trainer};
 use crate::{Llama, Tokenizer};
 
 /// A fine-tuning run.
@@ -74,9 +76,51 @@ pub struct Finetuned {
     pub summary: FinetuneSummary,
 }
 
+/// What a fine-tune trains on.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainData<'a> {
+    /// Windows of a corpus' train split; every token is a target.
+    Corpus(&'a Corpus),
+    /// Instruction examples ([`crate::instruct`]), one per row or packed; targets only where they train.
+    Examples(&'a Examples, Packing),
+}
+
+impl TrainData<'_> {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            TrainData::Corpus(c) => &c.path,
+            TrainData::Examples(e, _) => &e.path,
+        }
+    }
+
+    fn mixture(&self, tokenizer: &Tokenizer, progress: Progress<'_>) -> Result<Mixture> {
+        match self {
+            TrainData::Corpus(c) => mixture(&[(c, 1.0)], tokenizer, progress),
+            TrainData::Examples(e, packing) => {
+                let source = ExampleSource::new(e, *packing);
+                progress(Event::Source { name: &e.name, tokens: source.len(), weight: 1.0 });
+                let mut m = Mixture::new();
+                m.add_examples(&e.name, source, 1.0)?;
+                Ok(m)
+            }
+        }
+    }
+}
+
 /// Adds adapter `job.name` to the (frozen) base, trains it on `data`, checks the base unchanged and writes
 /// the adapter to `job.out`. The adapter stays loaded (inactive) on the model.
 pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &FinetuneJob, progress: Progress<'_>) -> Result<Finetuned> {
+    finetune_on(model, tokenizer, TrainData::Corpus(data), job, progress)
+}
+
+/// [`finetune`] on a corpus or on instruction examples.
+pub fn finetune_on(
+    model: &mut Llama,
+    tokenizer: &Tokenizer,
+    data: TrainData<'_>,
+    job: &FinetuneJob,
+    progress: Progress<'_>,
+) -> Result<Finetuned> {
     let s = &job.settings;
     job.lora.validate()?;
     model.lora().targeted(&job.lora)?;
@@ -86,7 +130,7 @@ pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &F
     let trained = (|| {
         model.lora_mut().set_active(&[name])?;
         model.freeze_base();
-        let mix = mixture(&[(data, 1.0)], tokenizer, progress)?;
+        let mix = data.mixture(tokenizer, progress)?;
         train_run(&format!("Fine-tuning {name}"), model, &mix, s, &job.checkpoint, progress)
     })();
     let trainer = match trained {
@@ -107,7 +151,7 @@ pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &F
         return Err(LmError::invalid("base", "changed", "the base weights changed during fine-tuning (a bug: the base must stay frozen)"));
     }
     let meta = BTreeMap::from([
-        ("lora_rs.data".to_string(), data.path.display().to_string()),
+        ("lora_rs.data".to_string(), data.path().display().to_string()),
         ("lora_rs.steps".to_string(), trainer.step().to_string()),
     ]);
     save_adapter(model, name, &job.out, job.base_model.clone(), meta, job.convert_to_lora)?;
@@ -115,7 +159,7 @@ pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &F
     model.lora_mut().set_active(&[])?;
     let summary = FinetuneSummary {
         adapter: name.to_string(),
-        data: data.path.display().to_string(),
+        data: data.path().display().to_string(),
         rank: job.lora.r,
         alpha: job.lora.alpha,
         trainable_params: trainer.num_trainable(),

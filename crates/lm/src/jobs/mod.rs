@@ -6,6 +6,7 @@
 //! ```text
 //! PretrainJob + weighted corpora ──► pretrain() ──► Pretrained { model, trainer, summary }   (model dir written)
 //! FinetuneJob + base + corpus    ──► finetune() ──► Finetuned { trainer, summary }           (PEFT dir written)
+//!   (or instruction examples: finetune_on(TrainData::Examples), the loss on completions / assistant turns)
 //! EvalJob + base + adapters      ──► evaluate() ──► EvalTable (rows: corpora, columns: base, adapters)
 //! ```
 //!
@@ -23,8 +24,8 @@ use crate::train::StepReport;
 
 pub use lora_optim::checkpoint::{default_path as default_checkpoint, Checkpointing};
 
-pub use evaluate::{evaluate, EvalJob, EvalTable};
-pub use finetune::{finetune, FinetuneJob, FinetuneSummary, Finetuned};
+pub use evaluate::{evaluate, evaluate_on, EvalData, EvalJob, EvalTable};
+pub use finetune::{finetune, finetune_on, FinetuneJob, FinetuneSummary, Finetuned, TrainData};
 pub use pretrain::{pretrain, PretrainJob, PretrainSummary, Pretrained};
 
 /// What a job reports while it runs, in order: the data, the start of each training run, each step, each
