@@ -43,7 +43,11 @@ impl std::fmt::Debug for World {
 impl World {
     /// Joins the launcher's run when there is one (see the module docs), else one process alone.
     pub fn init() -> Result<World> {
-        let env = |k: &str| std::env::var(k).ok();
+        Self::join(|k: &str| std::env::var(k).ok())
+    }
+
+    /// [`World::init`] with the environment read through `env`.
+    fn join(env: impl Fn(&str) -> Option<String>) -> Result<World> {
         match launched(env) {
             #[cfg(feature = "mpi")]
             Some(_) => {
@@ -95,5 +99,16 @@ mod tests {
         assert_eq!(launched(vars(&[("PMI_SIZE", "2"), ("PMI_RANK", "1")])), Some((1, 2, "PMI_SIZE")));
         assert_eq!(launched(vars(&[("HOME", "/root")])), None);
         assert_eq!(launched(vars(&[("PMI_SIZE", "many")])), None, "a value that is no number is no launcher");
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn without_the_mpi_feature_one_of_several_ranks_refuses_to_run_and_a_single_rank_runs_alone() {
+        let env = |size: &'static str| move |k: &str| (k == "OMPI_COMM_WORLD_SIZE").then(|| size.to_string());
+        let e = World::join(env("2")).unwrap_err().to_string();
+        assert!(e.contains("rank 0 of 2") && e.contains("--features mpi"), "{e}");
+        let w = World::join(env("1")).unwrap();
+        assert_eq!((w.group().rank(), w.group().size()), (0, 1));
+        assert_eq!(World::join(|_: &str| None).unwrap().group().size(), 1);
     }
 }

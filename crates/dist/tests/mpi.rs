@@ -1,9 +1,10 @@
 //! The MPI communicator under a real `mpirun`: this test binary launches itself as the ranks.
 //!
-//! Run by `.ci/run` as `LORA_MPIRUN="mpirun --allow-run-as-root --oversubscribe -np 2 --mca btl self,vader"
-//! cargo test --release -p lora-dist --features mpi --test mpi`. Without the `mpi` feature, or without
-//! `LORA_MPIRUN`, it says by name that it skipped. Under the launcher (a rank) it runs the checks; a
-//! failed check panics, the rank exits non-zero and `mpirun` fails the run.
+//! Run by `.ci/run` as `LORA_MPIRUN="mpirun --allow-run-as-root --oversubscribe --mca btl self,vader --mca
+//! oob_tcp_if_include lo" cargo test --release -p lora-dist --features mpi --test mpi` (the launcher without
+//! `-np`: the test adds it). Without the `mpi` feature, or without `LORA_MPIRUN`, it says by name that it
+//! skipped. Under the launcher (a rank) it runs the checks; a failed check panics, the rank exits non-zero
+//! and `mpirun` fails the run.
 
 use std::io::Write;
 use std::process::Command;
@@ -15,12 +16,12 @@ fn launcher() -> Result<Vec<String>, &'static str> {
     }
     match std::env::var("LORA_MPIRUN") {
         Ok(s) if !s.trim().is_empty() => Ok(s.split_whitespace().map(String::from).collect()),
-        _ => Err("LORA_MPIRUN is not set (e.g. \"mpirun -np 2\")"),
+        _ => Err("LORA_MPIRUN is not set (the launcher without -np, e.g. \"mpirun --oversubscribe\")"),
     }
 }
 
-/// Runs `name` (this file's test) as the ranks of `LORA_MPIRUN` and checks that they all succeed; a rank
-/// runs `check` instead.
+/// Runs `name` (this file's test) as 2 and as 3 ranks of `LORA_MPIRUN` and checks that they all succeed;
+/// a rank runs `check` instead.
 fn as_ranks(name: &str, check: impl FnOnce()) {
     if lora_dist::launched(|k| std::env::var(k).ok()).is_some() {
         check();
@@ -35,16 +36,20 @@ fn as_ranks(name: &str, check: impl FnOnce()) {
         }
     };
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new(&mpirun[0])
-        .args(&mpirun[1..])
-        .arg(exe)
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-        .output()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", mpirun[0]));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{name} under {mpirun:?} failed:\n{text}");
-    assert!(text.matches("checks passed").count() >= 2, "every rank must have run the check:\n{text}");
-    let _ = writeln!(std::io::stderr(), "{name}: {}", text.lines().filter(|l| l.contains("checks passed")).collect::<Vec<_>>().join("; "));
+    for np in ["2", "3"] {
+        let out = Command::new(&mpirun[0])
+            .args(&mpirun[1..])
+            .args(["-np", np])
+            .arg(&exe)
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .output()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", mpirun[0]));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{name} under {mpirun:?} -np {np} failed:\n{text}");
+        let passed: Vec<&str> = text.lines().filter(|l| l.contains("checks passed")).collect();
+        assert_eq!(passed.len().to_string(), np, "every rank must have run the check:\n{text}");
+        let _ = writeln!(std::io::stderr(), "{name}: {}", passed.join("; "));
+    }
 }
 
 #[cfg(feature = "mpi")]
@@ -86,7 +91,7 @@ fn mpi_ranks_sum_in_rank_order_and_agree_bit_for_bit() {
             let e = g.agree("the data", if r == 1 { b"mine" } else { b"ours" }).unwrap_err().to_string();
             assert!(e.contains("the data on rank 1 differs from rank 0's"), "{e}");
             g.barrier().unwrap();
-            println!("rank {r} of {n}: checks passed");
+            println!("\nrank {r} of {n}: checks passed");
         }
     });
 }

@@ -6,6 +6,13 @@
 //! `batch_size·(seq_len − 1)` predictions (position i predicts token i + 1), as transformers computes
 //! `model(ids, labels=ids).loss`. The draws of step t come from a generator seeded by (seed, t) alone,
 //! so a run is deterministic for a seed and thread count and a resumed run needs no generator state.
+//!
+//! Data-parallel ([`Trainer::in_group`]), every rank draws the same global batch and takes its rows
+//! (`lora_dist::shard`: consecutive blocks in rank order); its loss is its rows' predictions summed and
+//! divided by the global `batch_size·(seq_len − 1)`, so the ranks' gradients and losses add up to the
+//! global batch's. They are summed in one all-reduce before the optimizer step ([`AdamW::reduce`]), which
+//! clips by the global norm; every rank applies the same update. Adapter dropout draws each row's mask as
+//! the one process does (the generator skips the other ranks' rows).
 
 use std::path::Path;
 use std::time::Instant;
@@ -19,6 +26,7 @@ use crate::data::TokenStream;
 use crate::error::{LmError, Result};
 use crate::model::Llama;
 use crate::ops::cross_entropy;
+use lora_dist::Group;
 use lora_optim::checkpoint;
 use lora_optim::{AdamW, Schedule};
 
@@ -167,12 +175,20 @@ pub struct Trainer {
     /// (step, loss, seconds) of every step done, across resumes.
     pub losses: Vec<(usize, f64, f64)>,
     seconds_before: f64,
+    group: Group,
 }
 
 /// The loss of one batch of token ids (rows, len): mean cross-entropy of next-token predictions.
 pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
-    if ids.len() != rows * len || len < 2 {
-        return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} rows of {len} ≥ 2 tokens")));
+    shard_loss(model, ids, rows, len, train, rows * len.saturating_sub(1))
+}
+
+/// These rows' share of the mean loss of a global batch of `total` predictions that other ranks hold the
+/// rest of: their next-token cross-entropies summed and divided by `total` ([`batch_loss`] when `total`
+/// is these rows' `rows·(len − 1)`).
+pub fn shard_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool, total: usize) -> Result<Tensor> {
+    if ids.len() != rows * len || len < 2 || rows == 0 {
+        return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} ≥ 1 rows of {len} ≥ 2 tokens")));
     }
     let t = Tensor::from_vec(ids.to_vec(), (rows, len), &Device::Cpu)?;
     if model.is_fused() {
@@ -181,14 +197,16 @@ pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bo
             // Every position predicts the next token; the last of each row predicts nothing.
             let ignore = lora_optim::IGNORE;
             let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
-            return Ok(crate::fused::cross_entropy(&logits, &targets)?);
+            return Ok(lora_optim::cross_entropy_over(&logits, &targets, total)?);
         }
     }
     let logits = model.forward(&t, None, train)?; // (rows, len, V)
     let v = logits.dim(2)?;
     let pred = logits.narrow(1, 0, len - 1)?.reshape((rows * (len - 1), v))?;
     let target = t.narrow(1, 1, len - 1)?.flatten_all()?;
-    cross_entropy(&pred, &target)
+    let mean = cross_entropy(&pred, &target)?;
+    let own = rows * (len - 1);
+    Ok(if own == total { mean } else { (mean * (own as f64 / total as f64))? })
 }
 
 impl Trainer {
@@ -203,7 +221,38 @@ impl Trainer {
         if let Some(ratio) = settings.loraplus_lr_ratio {
             opt = opt.with_loraplus(ratio);
         }
-        Ok(Trainer { opt, settings, step: 0, losses: Vec::new(), seconds_before: 0.0 })
+        Ok(Trainer { opt, settings, step: 0, losses: Vec::new(), seconds_before: 0.0, group: Group::single() })
+    }
+
+    /// The run trains data-parallel over `group`: each step this rank takes its rows of the global batch
+    /// and the gradients are summed over the ranks before the update (see the module docs).
+    pub fn in_group(mut self, group: Group) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The ranks the run trains on.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// Fails on every rank, naming the ranks that differ, unless every rank of the group starts this run
+    /// from the same settings, step, trainable tensors, base and data (sources, sizes, weights): otherwise
+    /// their batches or weights would silently part. Nothing is sent with one process.
+    pub fn check_ranks_agree(&self, model: &Llama, data: &Mixture) -> Result<()> {
+        let g = &self.group;
+        if !g.is_distributed() {
+            return Ok(());
+        }
+        let settings = serde_json::to_string(&self.settings).map_err(|e| LmError::invalid("settings", "json", e.to_string()))?;
+        let dist = |e: lora_dist::DistError| LmError::invalid("ranks", g.size(), e.to_string());
+        g.agree("the training settings", settings.as_bytes()).map_err(dist)?;
+        let trained: Vec<(String, Tensor)> = self.opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let model_id = format!("step {} | base {} | trained {}", self.step, model.fingerprint()?, lora::io::fingerprint(&trained)?);
+        g.agree("the model (base, trained tensors, step)", model_id.as_bytes()).map_err(dist)?;
+        let sources: Vec<String> = data.sources().map(|(n, t, w)| format!("{n}:{t}:{w}")).collect();
+        g.agree("the training data", sources.join("|").as_bytes()).map_err(dist)?;
+        Ok(())
     }
 
     /// The settings.
@@ -240,13 +289,26 @@ impl Trainer {
         let schedule = s.schedule();
         let start = Instant::now();
         let mut tokens = 0;
+        let group = self.group.clone();
+        let rows = group.shard(s.batch_size);
+        let total = s.batch_size * (s.seq_len - 1);
         while self.step < until.min(s.steps) {
             let ids = data.batch(s.seed, self.step, s.batch_size, s.seq_len)?;
             for (_, layer) in model.lora().layers() {
-                layer.seed_dropout(s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                let seed = s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                layer.seed_dropout_rows(seed, rows.start * s.seq_len, s.batch_size * s.seq_len);
             }
-            let loss = batch_loss(model, &ids, s.batch_size, s.seq_len, true)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            // This rank's rows (all of them with one process); a rank past the rows of a small batch has none.
+            let (grads, share) = if rows.is_empty() {
+                (None, 0.0)
+            } else {
+                let local = &ids[rows.start * s.seq_len..rows.end * s.seq_len];
+                let loss = shard_loss(model, local, rows.len(), s.seq_len, true, total)?;
+                let share = loss.to_scalar::<f32>()?;
+                (Some(loss.backward()?), share)
+            };
+            let reduced = self.opt.reduce(grads.as_ref(), share, &group)?;
+            let value = reduced.loss() as f64;
             if !value.is_finite() {
                 return Err(LmError::invalid(
                     "loss",
@@ -254,9 +316,8 @@ impl Trainer {
                     format!("became non-finite at step {}: lower the learning rate", self.step + 1),
                 ));
             }
-            let grads = loss.backward()?;
             let lr = schedule.at(self.step);
-            let grad_norm = self.opt.step(&grads, lr, s.clip)?;
+            let grad_norm = self.opt.apply(&reduced, lr, s.clip)?;
             self.step += 1;
             tokens += ids.len();
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();

@@ -51,6 +51,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         out: base_dir.clone(),
         dtype: Default::default(),
         checkpoint: Checkpointing::beside(&base_dir),
+        group: Default::default(),
     };
     let lora_lm::jobs::Pretrained { mut model, trainer: pre, summary: pre_summary } = super::pretrain::run_job(&job, &mix)?;
     println!(
@@ -92,6 +93,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             convert_to_lora: false,
             checkpoint: Checkpointing::beside(&out),
             out,
+            group: Default::default(),
         };
         let f = super::finetune::run_job(&mut model, &tok, data, &job)?;
         println!();

@@ -37,7 +37,11 @@ pub fn lora_config(l: &LmLoraArgs) -> Result<LoraConfig> {
 pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: &Corpus, job: &FinetuneJob) -> Result<Finetuned> {
     let mut bars = Bars::default();
     let (name, c, steps) = (&job.name, &job.lora, job.settings.steps);
+    let root = job.group.is_root();
     let done = finetune(model, tok, data, job, &mut |e| {
+        if !root {
+            return; // rank 0 prints for every rank
+        }
         if let Event::Start { params, trainable, .. } = &e {
             println!(
                 "Fine-tuning adapter {name:?} (rank {}, alpha {}) on {}: {trainable} trainable parameters ({:.2}% of {params}), {steps} steps",
@@ -50,6 +54,9 @@ pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: &Corpus, job: &Finetune
         bars.event(&e);
     });
     let f = done.with_context(|| format!("fine-tuning adapter {name} into {}", job.out.display()))?;
+    if !root {
+        return Ok(f);
+    }
     println!(
         "  base weights bit-for-bit unchanged: {} (SHA-256 {} before and after)",
         f.summary.base_unchanged,
@@ -59,10 +66,13 @@ pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: &Corpus, job: &Finetune
 }
 
 pub fn run(a: LmFinetuneArgs) -> Result<()> {
-    if a.checkpoint.resume.is_none() {
-        check_out_dir(&a.out, &[lora::adapter::CONFIG_FILE, lora::adapter::WEIGHTS_FILE])?;
+    let group = crate::dist::group();
+    if group.is_root() {
+        if a.checkpoint.resume.is_none() {
+            check_out_dir(&a.out, &[lora::adapter::CONFIG_FILE, lora::adapter::WEIGHTS_FILE])?;
+        }
+        check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     }
-    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = lora_config(&a.lora)?;
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     let tok = load_tokenizer(&a.model, model.config())?;
@@ -77,8 +87,12 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
         base_model: Some(a.model.display().to_string()),
         convert_to_lora: a.lora.variant.convert_to_lora,
         checkpoint: a.checkpoint.policy(&a.out),
+        group,
     };
     let f = run_job(&mut model, &tok, &data, &job)?;
+    if !job.group.is_root() {
+        return Ok(()); // rank 0 prints and writes
+    }
     println!(
         "Final loss {:.4} after {} steps ({:.1} s); wrote {}",
         f.summary.final_loss,
