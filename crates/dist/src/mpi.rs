@@ -34,8 +34,9 @@ use crate::error::{DistError, Result};
 pub struct Mpi {
     rank: usize,
     size: usize,
-    /// Serialises the calls (MPI_THREAD_SERIALIZED).
-    lock: Mutex<()>,
+    /// Serialises the calls (MPI_THREAD_SERIALIZED) and holds the all-reduce's receive buffer, reused
+    /// from call to call (a fresh one would be faulted in page by page every step).
+    lock: Mutex<Vec<f32>>,
 }
 
 impl Mpi {
@@ -50,10 +51,10 @@ impl Mpi {
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok((Mpi { rank, size, lock: Mutex::new(()) }, universe))
+        Ok((Mpi { rank, size, lock: Mutex::new(Vec::new()) }, universe))
     }
 
-    fn world(&self) -> (std::sync::MutexGuard<'_, ()>, SimpleCommunicator) {
+    fn world(&self) -> (std::sync::MutexGuard<'_, Vec<f32>>, SimpleCommunicator) {
         (self.lock.lock().unwrap_or_else(|e| e.into_inner()), SimpleCommunicator::world())
     }
 }
@@ -79,10 +80,10 @@ impl Communicator for Mpi {
         let counts = chunks.iter().map(|c| count(c.len())).collect::<Result<Vec<_>>>()?;
         let displs = chunks.iter().map(|c| count(c.start)).collect::<Result<Vec<_>>>()?;
         let m = chunks[self.rank].len();
-        let mut recv = vec![0f32; m * size];
         let (recv_counts, recv_displs): (Vec<Count>, Vec<Count>) =
             (vec![count(m)?; size], (0..size).map(|i| count(i * m)).collect::<Result<_>>()?);
-        let (_held, world) = self.world();
+        let (mut recv, world) = self.world();
+        recv.resize(m * size, 0.0);
         {
             let send = Partition::new(&buf[..], &counts[..], &displs[..]);
             let mut into = PartitionMut::new(&mut recv[..], &recv_counts[..], &recv_displs[..]);

@@ -16,6 +16,9 @@ use lora_lm::jobs::{finetune, pretrain, Checkpointing, FinetuneJob, PretrainJob}
 use lora_lm::train::{Mixture, TrainSettings, Trainer};
 use lora_lm::{Llama, LlamaConfig, Tokenizer};
 
+/// Named tensors' values.
+type Tensors = Vec<(String, Vec<f32>)>;
+
 fn tiny() -> LlamaConfig {
     LlamaConfig {
         hidden_size: 24,
@@ -61,7 +64,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// The adapter `name`'s tensors, layer by layer (A, B).
-fn adapter(model: &Llama, name: &str) -> Vec<(String, Vec<f32>)> {
+fn adapter(model: &Llama, name: &str) -> Tensors {
     model
         .lora()
         .layers()
@@ -102,7 +105,7 @@ fn losses(t: &Trainer) -> Vec<f64> {
 
 /// Fine-tunes a rank-4 adapter for `steps` steps on `group`; returns the losses and the adapter, and whether
 /// the adapter directory was written.
-fn finetune_on(group: Group, dir: &Path, batch: usize, dropout: f64) -> (Vec<f64>, Vec<(String, Vec<f32>)>, bool) {
+fn finetune_on(group: Group, dir: &Path, batch: usize, dropout: f64) -> (Vec<f64>, Tensors, bool) {
     let sql = read_corpus(&dir.join("sql.txt")).unwrap();
     let mut model = Llama::random(&tiny(), 3).unwrap();
     let out = dir.join(format!("adapter-{}-of-{}", group.rank(), group.size()));
@@ -167,7 +170,7 @@ fn three_ranks_pre_train_the_base_one_process_does_and_only_rank_0_writes_it() {
             group,
         };
         let p = pretrain(&job, &[(&py, 0.5), (&sql, 0.5)], &mut |_| {}).unwrap();
-        let state: Vec<(String, Vec<f32>)> = p.model.base_state().unwrap().iter().map(|(n, t)| (n.clone(), flat(t))).collect();
+        let state: Tensors = p.model.base_state().unwrap().iter().map(|(n, t)| (n.clone(), flat(t))).collect();
         (losses(&p.trainer), state, out.join("model.safetensors").is_file())
     };
     let one = run(Group::single());

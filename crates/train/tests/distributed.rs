@@ -17,6 +17,9 @@ use lora_train::{
     finetune, pretrain, train_with, Checkpoint, Checkpointing, Dataset, ExpensiveNet, FinetuneJob, PretrainJob, SaveEvery, TrainConfig,
 };
 
+/// Named tensors' values.
+type Tensors = Vec<(String, Vec<f32>)>;
+
 /// The first `n` training images, normalised as the binary does; and the first `n` sevens.
 fn data(n: usize) -> (Dataset, Dataset) {
     let m =
@@ -42,7 +45,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// the gradient's scale); Adam divides by √v̂, so an element's relative gradient difference becomes its
 /// update's, and a few dozen steps compound it (measured ≲ 4e-6 here). A wrong reduction (a rank's own
 /// gradient, its own mean, a missed example) moves weights by ≈ lr = 1e-3 per step: far past the bound.
-fn close(what: &str, got: &(Vec<f32>, Vec<(String, Vec<f32>)>), want: &(Vec<f32>, Vec<(String, Vec<f32>)>), tol: f32) {
+fn close(what: &str, got: &(Vec<f32>, Tensors), want: &(Vec<f32>, Tensors), tol: f32) {
     assert_eq!(got.0.len(), want.0.len(), "{what}: steps");
     for (i, (a, b)) in got.0.iter().zip(&want.0).enumerate() {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "{what}: loss of step {}: {a} vs {b}", i + 1);
@@ -61,7 +64,7 @@ fn close(what: &str, got: &(Vec<f32>, Vec<(String, Vec<f32>)>), want: &(Vec<f32>
 }
 
 /// Every rank holds rank 0's losses and tensors, bit for bit.
-fn identical(ranks: &[(Vec<f32>, Vec<(String, Vec<f32>)>)]) {
+fn identical(ranks: &[(Vec<f32>, Tensors)]) {
     for (r, t) in ranks.iter().enumerate().skip(1) {
         assert_eq!(bits(&t.0), bits(&ranks[0].0), "rank {r}'s losses");
         for ((n, a), (_, b)) in t.1.iter().zip(&ranks[0].1) {
@@ -70,11 +73,11 @@ fn identical(ranks: &[(Vec<f32>, Vec<(String, Vec<f32>)>)]) {
     }
 }
 
-fn state(net: &ExpensiveNet) -> Vec<(String, Vec<f32>)> {
+fn state(net: &ExpensiveNet) -> Tensors {
     net.model.base_state().unwrap().iter().map(|(n, t)| (n.clone(), flat(t))).collect()
 }
 
-fn pretrain_on(group: Group, data: &Dataset, dir: &Path, batch: usize) -> (Vec<f32>, Vec<(String, Vec<f32>)>, bool) {
+fn pretrain_on(group: Group, data: &Dataset, dir: &Path, batch: usize) -> (Vec<f32>, Tensors, bool) {
     let out = dir.join(format!("base-{batch}-{}-of-{}.safetensors", group.rank(), group.size()));
     let job = PretrainJob {
         hidden: (48, 24),
@@ -126,7 +129,7 @@ fn two_ranks_fine_tune_a_lora_adapter_with_dropout_as_one_process_does() {
             group,
         };
         let f = finetune(&mut net, &seven, &job, |_| {}).unwrap();
-        let adapter: Vec<(String, Vec<f32>)> = net
+        let adapter: Tensors = net
             .model
             .layers()
             .flat_map(|(m, l)| l.adapter_vars("seven").into_iter().map(move |(w, v)| (format!("{m}.{w}"), flat(v.as_tensor()))))
