@@ -217,7 +217,7 @@ fn mpi_a_rank_that_fails_ends_every_rank_naming_it_and_nothing_is_written() {
     let o = run(d, &mpirun[0], &per_rank(&mpirun, &[args("sql.txt"), args("other.txt")]));
     let (out, err) = text(&o);
     assert!(!o.status.success(), "{out}\n{err}");
-    assert!(err.contains("the training data on rank 1 differs from rank 0's (2 ranks)"), "{err}");
+    assert!(err.contains("ranks disagree on the training data: rank 1 differs from rank 0 (2 ranks)"), "{err}");
     assert!(!d.join("base").exists(), "nothing written");
     // Commands that do not train refuse to run on several ranks.
     let mut a: Vec<String> = mpirun[1..].to_vec();

@@ -15,11 +15,7 @@ pub enum DistError {
         size: usize,
     },
     /// Ranks disagree on something that must be the same on every rank (their data, model or settings).
-    #[error(
-        "{what} on rank{} {} differs from rank 0's ({size} ranks): every rank must start from the same files and settings",
-        plural(ranks),
-        list(ranks)
-    )]
+    #[error("ranks disagree on {what}: rank{} {} differ{} from rank 0 ({size} ranks)", plural(ranks), list(ranks), verb(ranks))]
     Disagree {
         /// What differs.
         what: String,
@@ -46,6 +42,14 @@ fn plural(r: &[usize]) -> &'static str {
         "s"
     } else {
         ""
+    }
+}
+
+fn verb(r: &[usize]) -> &'static str {
+    if r.len() > 1 {
+        ""
+    } else {
+        "s"
     }
 }
 

@@ -142,7 +142,7 @@ mod tests {
         });
         for e in &errs {
             let e = e.as_ref().unwrap_err();
-            assert!(e.contains("the base model on ranks 1, 3 differs from rank 0's (4 ranks)"), "{e}");
+            assert!(e.contains("ranks disagree on the base model: ranks 1, 3 differ from rank 0 (4 ranks)"), "{e}");
         }
         let ok = Threads::run(3, |g| g.agree("data", b"same").is_ok());
         assert!(ok.iter().all(|&o| o));

@@ -89,7 +89,7 @@ fn mpi_ranks_sum_in_rank_order_and_agree_bit_for_bit() {
             assert_eq!(b, vec![(n - 1) as u8; 5]);
             g.agree("the settings", b"same everywhere").unwrap();
             let e = g.agree("the data", if r == 1 { b"mine" } else { b"ours" }).unwrap_err().to_string();
-            assert!(e.contains("the data on rank 1 differs from rank 0's"), "{e}");
+            assert!(e.contains("ranks disagree on the data: rank 1 differs from rank 0"), "{e}");
             g.barrier().unwrap();
             println!("\nrank {r} of {n}: checks passed");
         }

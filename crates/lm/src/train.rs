@@ -255,6 +255,19 @@ impl Trainer {
         Ok(())
     }
 
+    /// Fails on every rank unless every rank of the group holds the same trained tensors, bit for bit (a
+    /// SHA-256 of them): the promise of data-parallel training, checked before rank 0 writes anything.
+    pub fn check_weights_agree(&self) -> Result<()> {
+        let g = &self.group;
+        if !g.is_distributed() {
+            return Ok(());
+        }
+        let trained: Vec<(String, Tensor)> = self.opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let fp = lora::io::fingerprint(&trained)?;
+        g.agree(&format!("the trained tensors after step {}", self.step), fp.as_bytes())
+            .map_err(|e| LmError::invalid("ranks", g.size(), e.to_string()))
+    }
+
     /// The settings.
     pub fn settings(&self) -> &TrainSettings {
         &self.settings

@@ -249,7 +249,30 @@ fn ranks_that_start_from_different_bases_fail_together_naming_the_rank() {
         (e, out.exists())
     });
     for (e, written) in errs {
-        assert!(e.contains("the model (base, trained tensors, step) on rank 1 differs from rank 0's (2 ranks)"), "{e}");
+        assert!(e.contains("ranks disagree on the model (base, trained tensors, step): rank 1 differs from rank 0 (2 ranks)"), "{e}");
         assert!(!written);
+    }
+}
+
+#[test]
+fn ranks_whose_weights_parted_are_named_before_anything_is_written() {
+    // A rank whose weights differ after training (here: changed by hand; in life, a fault) fails every rank.
+    let dir = tempfile::tempdir().unwrap();
+    let sql = corpus(dir.path(), "sql.txt", SQL);
+    let mut data = Mixture::new();
+    data.add("sql", lora_lm::data::TokenStream::from_corpus(&sql, &Tokenizer::bytes()).unwrap(), 1.0).unwrap();
+    let errs = Threads::run(3, |g| {
+        let m = Llama::random(&tiny(), 3).unwrap();
+        let mut t = Trainer::new(&m, settings(2, 3)).unwrap().in_group(g.clone());
+        t.run(&m, &data, 2, |_, _| Ok(true)).unwrap();
+        t.check_weights_agree().unwrap();
+        if g.rank() == 2 {
+            let (_, v) = &m.trainable_vars()[0];
+            v.set(&(v.as_tensor() + 1e-6).unwrap()).unwrap();
+        }
+        t.check_weights_agree().unwrap_err().to_string()
+    });
+    for e in errs {
+        assert!(e.contains("ranks disagree on the trained tensors after step 2: rank 2 differs from rank 0 (3 ranks)"), "{e}");
     }
 }

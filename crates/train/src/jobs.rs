@@ -262,7 +262,8 @@ struct Run<'a> {
 }
 
 /// Trains with checkpoints as `ck` says (each holds the net, the adapter's tensors and Adam's state; rank 0
-/// writes them), after checking that every rank starts from the same settings, model and data.
+/// writes them), after checking that every rank starts from the same settings, model and data, and before
+/// returning that every rank ends with the same weights.
 fn run(
     net: &ExpensiveNet,
     data: &Dataset,
@@ -289,5 +290,18 @@ fn run(
     }
     let mut save = |c: &Checkpoint| checkpoint::save(&r.ck.path, r.phase, net, r.adapter, r.settings, c);
     let every = r.ck.every.filter(|_| r.group.is_root()).map(|n| crate::train::SaveEvery { every: n, save: &mut save });
-    train_with(net, data, cfg, resume, every, r.group, on_step)
+    let stats = train_with(net, data, cfg, resume, every, r.group, on_step)?;
+    if r.group.is_distributed() {
+        // Every rank must hold the same weights, bit for bit, before rank 0 writes them.
+        let mut trained = Vec::new();
+        for (module, layer) in net.model.layers() {
+            for (i, v) in layer.trainable_vars().into_iter().enumerate() {
+                trained.push((format!("{module}.{i}"), v.as_tensor().clone()));
+            }
+        }
+        let fp = lora::io::fingerprint(&trained).map_err(lora::LoraError::from)?;
+        let what = format!("the trained tensors after step {}", stats.steps);
+        r.group.agree(&what, fp.as_bytes()).map_err(|e| TrainError::setting("ranks", r.group.size(), &e.to_string()))?;
+    }
+    Ok(stats)
 }

@@ -125,6 +125,7 @@ fn train_run(
         }
         Ok(true)
     })?;
+    trainer.check_weights_agree()?;
     progress(Event::Finish { label });
     Ok(trainer)
 }
