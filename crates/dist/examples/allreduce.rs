@@ -26,11 +26,11 @@ fn run() {
         let mut buf = vec![1.0f32 + g.rank() as f32; n];
         let mut times = Vec::new();
         for i in 0..55 {
-            g.barrier().unwrap();
-            let t = std::time::Instant::now();
+            // The group's figures tell the sum proper from the wait for the other ranks (a barrier first).
+            let before = g.stats().seconds;
             g.all_reduce_sum(&mut buf).unwrap();
             if i >= 5 {
-                times.push(t.elapsed().as_secs_f64());
+                times.push(g.stats().seconds - before);
             }
         }
         times.sort_by(f64::total_cmp);

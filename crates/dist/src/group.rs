@@ -23,8 +23,10 @@ pub struct Stats {
     pub calls: usize,
     /// f32 values summed, over all calls (each call counts its buffer's length once).
     pub values: usize,
-    /// Seconds spent inside them (waiting for slower ranks included).
+    /// Seconds spent in the all-reduces proper (every rank already there).
     pub seconds: f64,
+    /// Seconds spent before them waiting for the slowest rank to arrive (a barrier: its own latency included).
+    pub wait_seconds: f64,
 }
 
 impl Default for Group {
@@ -75,14 +77,21 @@ impl Group {
         shard(n, self.rank(), self.size())
     }
 
-    /// [`Communicator::all_reduce_sum`], timed into [`Group::stats`].
+    /// [`Communicator::all_reduce_sum`], timed into [`Group::stats`]. With several ranks a barrier comes
+    /// first, so that the time waiting for the slowest rank (a straggler, an unequal share) is told apart
+    /// from the time the sum itself takes; it costs one barrier's latency per call.
     pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         let t = Instant::now();
+        if self.is_distributed() {
+            self.comm.barrier()?;
+        }
+        let arrived = t.elapsed().as_secs_f64();
         let r = self.comm.all_reduce_sum(buf);
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.calls += 1;
         s.values += buf.len();
-        s.seconds += t.elapsed().as_secs_f64();
+        s.wait_seconds += arrived;
+        s.seconds += t.elapsed().as_secs_f64() - arrived;
         r
     }
     /// [`Communicator::broadcast`].
@@ -158,7 +167,7 @@ mod tests {
         });
         for s in stats {
             assert_eq!((s.calls, s.values), (2, 15));
-            assert!(s.seconds >= 0.0);
+            assert!(s.seconds >= 0.0 && s.wait_seconds >= 0.0);
         }
         assert_eq!(format!("{:?}", Group::single()), "Group(rank 0 of 1, single)");
     }

@@ -1,5 +1,5 @@
-//! [`World`]: how a process learns whether it is one rank of many. Started by an MPI launcher (`mpirun`,
-//! `mpiexec`, `srun` with PMI), with the `mpi` feature, it joins MPI's world; otherwise it is one process
+//! [`World`]: how a process learns whether it is one rank of many. Started by an MPI launcher (`mpirun` or
+//! `mpiexec` of Open MPI, MPICH or Intel MPI; `srun --mpi=pmi2`), with the `mpi` feature, it joins MPI's world; otherwise it is one process
 //! alone, exactly as a run without any of this. A process that a launcher started as one of several ranks
 //! but that was built without the feature refuses to run (every rank would train alone and write the same
 //! files), naming the feature.
@@ -10,10 +10,9 @@ use crate::error::Result;
 use crate::group::Group;
 
 /// The environment variables launchers set: (variable holding the rank count, variable holding the rank).
-const LAUNCHERS: [(&str, &str); 3] = [
+const LAUNCHERS: [(&str, &str); 2] = [
     ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), // Open MPI's mpirun
     ("PMI_SIZE", "PMI_RANK"),                         // MPICH's Hydra, Intel MPI, srun --mpi=pmi2
-    ("PMIX_SIZE", "PMIX_RANK"),                       // PMIx launchers that export the size
 ];
 
 /// Where a launcher put this process: (rank, ranks, the variable that said so), or `None` when no launcher

@@ -1,7 +1,7 @@
 //! The MPI communicator under a real `mpirun`: this test binary launches itself as the ranks.
 //!
 //! Run by `.ci/run` as `LORA_MPIRUN="mpirun --allow-run-as-root --oversubscribe --mca btl self,vader --mca
-//! oob_tcp_if_include lo" cargo test --release -p lora-dist --features mpi --test mpi` (the launcher without
+//! oob_tcp_if_include lo" cargo test --release --features mpi --test mpi` (the launcher without
 //! `-np`: the test adds it). Without the `mpi` feature, or without `LORA_MPIRUN`, it says by name that it
 //! skipped. Under the launcher (a rank) it runs the checks; a failed check panics, the rank exits non-zero
 //! and `mpirun` fails the run.
