@@ -4,6 +4,7 @@
 mod cli;
 mod cmd;
 mod common;
+mod dist;
 mod json_report;
 mod lm_cli;
 mod outputs;
@@ -38,12 +39,26 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = cmd::run(cli) {
+    // Under mpirun: this process's rank (one process alone otherwise). Kept to the end: dropping it
+    // finalises MPI.
+    let world = match dist::init() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let group = world.group().clone();
+    if let Err(e) = dist::check_command(&cli.command).and_then(|()| cmd::run(cli)) {
         let removed = outputs::discard();
-        if outputs::is_broken_pipe(&e) {
+        if outputs::is_broken_pipe(&e) && !group.is_distributed() {
             std::process::exit(0); // stdout closed (`| head`): end quietly, as ripgrep does
         }
-        eprintln!("error: {e:#}");
+        if group.is_distributed() {
+            eprintln!("error: rank {} of {}: {e:#}", group.rank(), group.size());
+        } else {
+            eprintln!("error: {e:#}");
+        }
         for p in removed {
             eprintln!("note: removed the unfinished output {}", p.display());
         }
@@ -55,6 +70,11 @@ fn main() {
         if base_mismatch {
             eprintln!("hint: pass --force to load it anyway");
         }
-        std::process::exit(1);
+        // Every rank of the run ends with this one: MPI_Abort (the others would wait for it forever).
+        group.abort(1);
     }
+    if let Some(line) = dist::summary() {
+        eprintln!("{line}");
+    }
+    drop(world);
 }

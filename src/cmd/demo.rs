@@ -94,6 +94,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         base_model: Some(base_path.display().to_string()),
         convert_to_lora: false,
         checkpoint: Checkpointing { every: a.checkpoint.checkpoint_every.map(|n| n as usize), path: ft_ckpt, resume: ft_resume },
+        group: Default::default(),
     };
     let ft = crate::cmd::finetune::run_job(&mut net, &data, &job)?;
     anyhow::ensure!(net.model.num_base_params() == params.base, "non-LoRA parameter count changed");
@@ -239,6 +240,7 @@ fn pretrain_phase(a: &DemoArgs, data: &Data, cfg: &TrainConfig, base_path: &Path
             path: ck_root.join(PRETRAIN_CKPT),
             resume: None,
         },
+        group: Default::default(),
     };
     let settings = job.settings(&data.train);
     const DONE: &str = "pretrain-done.json";

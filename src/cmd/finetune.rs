@@ -17,12 +17,14 @@ const NAME: &str = "default";
 /// prints when training starts.
 pub(crate) fn run_job(net: &mut ExpensiveNet, data: &Data, job: &FinetuneJob) -> Result<Finetuned> {
     let digit = data.train_digit(job.class)?;
-    if let Some(p) = &job.checkpoint.resume {
+    let root = job.group.is_root();
+    if let Some(p) = job.checkpoint.resume.as_ref().filter(|_| root) {
         println!("Resuming fine-tuning from {}", p.display());
     }
     let mut bars = EpochBars::new("Training", 1);
     let (c, class) = (&job.lora, job.class);
     let done = lora_train::finetune(net, &digit, job, |e| match e {
+        _ if !root => {}
         Event::Start { examples, trainable, epochs, .. } => {
             println!(
                 "\nFine-tuning LoRA (rank {}, alpha {}) on digit {class}: {examples} training images, {trainable} trainable parameters",
@@ -37,12 +39,15 @@ pub(crate) fn run_job(net: &mut ExpensiveNet, data: &Data, job: &FinetuneJob) ->
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    check_outputs(&[
-        ("--out", Some(&a.out), Out::Dir),
-        ("--json", a.json.as_deref(), Out::File),
-        ("--report", a.report.report.as_deref(), Out::Dir),
-        ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
-    ])?;
+    let group = crate::dist::group();
+    if group.is_root() {
+        check_outputs(&[
+            ("--out", Some(&a.out), Out::Dir),
+            ("--json", a.json.as_deref(), Out::File),
+            ("--report", a.report.report.as_deref(), Out::Dir),
+            ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
+        ])?;
+    }
     let lcfg = LoraConfig {
         r: a.lora.rank as usize,
         alpha: a.lora.alpha,
@@ -76,8 +81,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         base_model: Some(a.model.display().to_string()),
         convert_to_lora: a.variant.convert_to_lora,
         checkpoint: a.checkpoint.policy(&a.out),
+        group,
     };
     let ft = run_job(&mut net, &data, &job)?;
+    if !job.group.is_root() {
+        return Ok(()); // rank 0 evaluates, prints and writes
+    }
     let after = evaluate(&net, &data.test, 1000)?;
     println!("\nWrong answers per digit (test set):");
     print_wrong_table(&[("base", &before), ("adapter", &after)]);

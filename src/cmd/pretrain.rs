@@ -8,15 +8,19 @@ use crate::cli::PretrainArgs;
 use crate::common::{check_outputs, print_eval, write_json, Data, Out};
 use crate::progress::EpochBars;
 
-/// Runs a pre-training job with a progress bar per epoch.
+/// Runs a pre-training job with a progress bar per epoch (rank 0's; the other ranks of a data-parallel
+/// run print nothing).
 pub(crate) fn run_job(data: &Data, job: &PretrainJob) -> Result<(ExpensiveNet, TrainStats)> {
-    if let Some(p) = &job.checkpoint.resume {
+    let root = job.group.is_root();
+    if let Some(p) = job.checkpoint.resume.as_ref().filter(|_| root) {
         println!("Resuming pre-training from {}", p.display());
     }
     let mut bars = EpochBars::new("Training", job.train.epochs);
     let done = lora_train::pretrain(&data.train, job, |e| {
         if let Event::Step(s) = e {
-            bars.step(s)
+            if root {
+                bars.step(s)
+            }
         }
     });
     bars.finish();
@@ -24,12 +28,15 @@ pub(crate) fn run_job(data: &Data, job: &PretrainJob) -> Result<(ExpensiveNet, T
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    check_outputs(&[
-        ("--out", Some(&a.out), Out::File),
-        ("--json", a.json.as_deref(), Out::File),
-        ("--report", a.report.report.as_deref(), Out::Dir),
-        ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
-    ])?;
+    let group = crate::dist::group();
+    if group.is_root() {
+        check_outputs(&[
+            ("--out", Some(&a.out), Out::File),
+            ("--json", a.json.as_deref(), Out::File),
+            ("--report", a.report.report.as_deref(), Out::Dir),
+            ("--checkpoint", a.checkpoint.checkpoint.as_deref(), Out::File),
+        ])?;
+    }
     let train = TrainConfig {
         epochs: a.epochs as usize,
         batch_size: a.batch_size as usize,
@@ -46,8 +53,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         train,
         out: a.out.clone(),
         checkpoint: a.checkpoint.policy(&a.out),
+        group,
     };
     let (net, stats) = run_job(&data, &job)?;
+    if !job.group.is_root() {
+        return Ok(()); // rank 0 evaluates, prints and writes
+    }
     let bytes = std::fs::metadata(&a.out).with_context(|| format!("reading back {}", a.out.display()))?.len();
     let e = evaluate(&net, &data.test, 1000)?;
     print_eval("Pre-trained network on the test set:", &e);

@@ -10,6 +10,13 @@
 //! A source may also be instruction examples ([`crate::instruct::ExampleSource`]): a row is then one example (or a
 //! window of them packed) whose targets outside completions are [`lora_optim::IGNORE`], and the loss is the mean
 //! over the targets that count ([`batch_loss_targets`]).
+//!
+//! Data-parallel ([`Trainer::in_group`]), every rank draws the same global batch and takes its rows
+//! (`lora_dist::shard`: consecutive blocks in rank order); its loss is its rows' kept targets' cross-entropies
+//! summed and divided by the global batch's count of kept targets, so the ranks' gradients and losses add up to the
+//! global batch's. They are summed in one all-reduce before the optimizer step ([`AdamW::reduce`]), which
+//! clips by the global norm; every rank applies the same update. Adapter dropout draws each row's mask as
+//! the one process does (the generator skips the other ranks' rows).
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,6 +31,7 @@ use crate::error::{LmError, Result};
 use crate::instruct::ExampleSource;
 use crate::model::Llama;
 use crate::ops::cross_entropy;
+use lora_dist::Group;
 use lora_optim::checkpoint;
 use lora_optim::{AdamW, Schedule};
 
@@ -225,46 +233,74 @@ pub struct Trainer {
     /// (step, loss, seconds) of every step done, across resumes.
     pub losses: Vec<(usize, f64, f64)>,
     seconds_before: f64,
+    group: Group,
 }
 
 /// The loss of one batch of token ids (rows, len): mean cross-entropy of next-token predictions.
 pub fn batch_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
-    if ids.len() != rows * len || len < 2 {
-        return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} rows of {len} ≥ 2 tokens")));
+    shard_loss(model, ids, rows, len, train, rows * len.saturating_sub(1))
+}
+
+/// These rows' share of the mean loss of a global batch of `total` predictions that other ranks hold the
+/// rest of: their next-token cross-entropies summed and divided by `total` ([`batch_loss`] when `total`
+/// is these rows' `rows·(len − 1)`).
+pub fn shard_loss(model: &Llama, ids: &[u32], rows: usize, len: usize, train: bool, total: usize) -> Result<Tensor> {
+    if ids.len() != rows * len || len < 2 || rows == 0 {
+        return Err(LmError::invalid("batch", format!("{} ids", ids.len()), format!("expected {rows} ≥ 1 rows of {len} ≥ 2 tokens")));
     }
     // Every position predicts the next token; the last of each row predicts nothing.
     let ignore = lora_optim::IGNORE;
     let targets: Vec<u32> = ids.chunks_exact(len).flat_map(|r| r[1..].iter().copied().chain([ignore])).collect();
-    batch_loss_targets(model, ids, &targets, rows, len, train)
+    shard_loss_targets(model, ids, &targets, rows, len, train, total)
 }
 
 /// The loss of one batch of token ids (rows, len) against `targets` (rows · len; position i's next token, or
 /// [`lora_optim::IGNORE`]): the mean cross-entropy over the targets that count.
 pub fn batch_loss_targets(model: &Llama, ids: &[u32], targets: &[u32], rows: usize, len: usize, train: bool) -> Result<Tensor> {
-    if ids.len() != rows * len || targets.len() != ids.len() || len < 2 {
+    let kept = targets.iter().filter(|&&t| t != lora_optim::IGNORE).count();
+    if kept == 0 {
+        return Err(LmError::invalid("batch", "no targets", "every target of the batch is ignored"));
+    }
+    shard_loss_targets(model, ids, targets, rows, len, train, kept)
+}
+
+/// These rows' share of the mean loss of a global batch with `total` kept targets that other ranks hold
+/// the rest of: the cross-entropies of their kept targets summed and divided by `total`
+/// ([`batch_loss_targets`] when `total` is these rows' kept count).
+pub fn shard_loss_targets(
+    model: &Llama,
+    ids: &[u32],
+    targets: &[u32],
+    rows: usize,
+    len: usize,
+    train: bool,
+    total: usize,
+) -> Result<Tensor> {
+    if ids.len() != rows * len || targets.len() != ids.len() || len < 2 || rows == 0 {
         return Err(LmError::invalid(
             "batch",
             format!("{} ids, {} targets", ids.len(), targets.len()),
-            format!("expected {rows} rows of {len} ≥ 2 tokens and a target each"),
+            format!("expected {rows} ≥ 1 rows of {len} ≥ 2 tokens and a target each"),
         ));
     }
     let t = Tensor::from_vec(ids.to_vec(), (rows, len), &Device::Cpu)?;
     if model.is_fused() {
         let logits = model.logits_rows(&t, None, train)?; // (rows·len, V)
         if crate::fused::supports(&logits) {
-            return Ok(crate::fused::cross_entropy(&logits, targets)?);
+            return Ok(lora_optim::cross_entropy_over(&logits, targets, total)?);
         }
     }
     let logits = model.forward(&t, None, train)?; // (rows, len, V)
     let v = logits.dim(2)?;
     let kept: Vec<u32> = (0..targets.len() as u32).filter(|&i| targets[i as usize] != lora_optim::IGNORE).collect();
-    if kept.is_empty() {
-        return Err(LmError::invalid("batch", "no targets", "every target of the batch is ignored"));
-    }
     let n = kept.len();
+    if n == 0 || total < n {
+        return Err(LmError::invalid("batch", format!("{n} kept targets"), format!("a mean over {total} targets cannot hold them")));
+    }
     let want: Vec<u32> = kept.iter().map(|&i| targets[i as usize]).collect();
     let pred = logits.reshape((rows * len, v))?.index_select(&Tensor::from_vec(kept, n, &Device::Cpu)?, 0)?; // (n, V)
-    cross_entropy(&pred, &Tensor::from_vec(want, n, &Device::Cpu)?)
+    let mean = cross_entropy(&pred, &Tensor::from_vec(want, n, &Device::Cpu)?)?;
+    Ok(if n == total { mean } else { (mean * (n as f64 / total as f64))? })
 }
 
 impl Trainer {
@@ -279,7 +315,51 @@ impl Trainer {
         if let Some(ratio) = settings.loraplus_lr_ratio {
             opt = opt.with_loraplus(ratio);
         }
-        Ok(Trainer { opt, settings, step: 0, losses: Vec::new(), seconds_before: 0.0 })
+        Ok(Trainer { opt, settings, step: 0, losses: Vec::new(), seconds_before: 0.0, group: Group::single() })
+    }
+
+    /// The run trains data-parallel over `group`: each step this rank takes its rows of the global batch
+    /// and the gradients are summed over the ranks before the update (see the module docs).
+    pub fn in_group(mut self, group: Group) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The ranks the run trains on.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// Fails on every rank, naming the ranks that differ, unless every rank of the group starts this run
+    /// from the same settings, step, trainable tensors, base and data (sources, sizes, weights): otherwise
+    /// their batches or weights would silently part. Nothing is sent with one process.
+    pub fn check_ranks_agree(&self, model: &Llama, data: &Mixture) -> Result<()> {
+        let g = &self.group;
+        if !g.is_distributed() {
+            return Ok(());
+        }
+        let settings = serde_json::to_string(&self.settings).map_err(|e| LmError::invalid("settings", "json", e.to_string()))?;
+        let dist = |e: lora_dist::DistError| LmError::invalid("ranks", g.size(), e.to_string());
+        g.agree("the training settings", settings.as_bytes()).map_err(dist)?;
+        let trained: Vec<(String, Tensor)> = self.opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let model_id = format!("step {} | base {} | trained {}", self.step, model.fingerprint()?, lora::io::fingerprint(&trained)?);
+        g.agree("the model (base, trained tensors, step)", model_id.as_bytes()).map_err(dist)?;
+        let sources: Vec<String> = data.sources().map(|(n, t, w)| format!("{n}:{t}:{w}")).collect();
+        g.agree("the training data", sources.join("|").as_bytes()).map_err(dist)?;
+        Ok(())
+    }
+
+    /// Fails on every rank unless every rank of the group holds the same trained tensors, bit for bit (a
+    /// SHA-256 of them): the promise of data-parallel training, checked before rank 0 writes anything.
+    pub fn check_weights_agree(&self) -> Result<()> {
+        let g = &self.group;
+        if !g.is_distributed() {
+            return Ok(());
+        }
+        let trained: Vec<(String, Tensor)> = self.opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let fp = lora::io::fingerprint(&trained)?;
+        g.agree(&format!("the trained tensors after step {}", self.step), fp.as_bytes())
+            .map_err(|e| LmError::invalid("ranks", g.size(), e.to_string()))
     }
 
     /// The settings.
@@ -316,13 +396,31 @@ impl Trainer {
         let schedule = s.schedule();
         let start = Instant::now();
         let mut tokens = 0;
+        let group = self.group.clone();
+        let rows = group.shard(s.batch_size);
         while self.step < until.min(s.steps) {
             let Batch { ids, targets } = data.draw(s.seed, self.step, s.batch_size, s.seq_len)?;
             for (_, layer) in model.lora().layers() {
-                layer.seed_dropout(s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                let seed = s.seed ^ (self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                layer.seed_dropout_rows(seed, rows.start * s.seq_len, s.batch_size * s.seq_len);
             }
-            let loss = batch_loss_targets(model, &ids, &targets, s.batch_size, s.seq_len, true)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            // The mean is over the kept targets of the whole global batch; this rank holds its rows' share.
+            let total = targets.iter().filter(|&&t| t != lora_optim::IGNORE).count();
+            if total == 0 {
+                return Err(LmError::invalid("batch", format!("step {}", self.step + 1), "every target of the batch is ignored"));
+            }
+            // This rank's rows (all of them with one process); a rank past the rows of a small batch has none.
+            let local = rows.start * s.seq_len..rows.end * s.seq_len;
+            let kept = targets[local.clone()].iter().filter(|&&t| t != lora_optim::IGNORE).count();
+            let (grads, share) = if rows.is_empty() || kept == 0 {
+                (None, 0.0)
+            } else {
+                let loss = shard_loss_targets(model, &ids[local.clone()], &targets[local], rows.len(), s.seq_len, true, total)?;
+                let share = loss.to_scalar::<f32>()?;
+                (Some(loss.backward()?), share)
+            };
+            let reduced = self.opt.reduce(grads.as_ref(), share, &group)?;
+            let value = reduced.loss() as f64;
             if !value.is_finite() {
                 return Err(LmError::invalid(
                     "loss",
@@ -330,9 +428,8 @@ impl Trainer {
                     format!("became non-finite at step {}: lower the learning rate", self.step + 1),
                 ));
             }
-            let grads = loss.backward()?;
             let lr = schedule.at(self.step);
-            let grad_norm = self.opt.step(&grads, lr, s.clip)?;
+            let grad_norm = self.opt.apply(&reduced, lr, s.clip)?;
             self.step += 1;
             tokens += ids.len();
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();

@@ -127,6 +127,7 @@ fn the_loss_on_completions_teaches_the_completions_and_not_the_prompts() {
             base_model: None,
             convert_to_lora: false,
             checkpoint: Checkpointing::beside(&d.path().join(format!("{loss:?}"))),
+            group: Default::default(),
         };
         let f = finetune_on(&mut model, &tok, TrainData::Examples(&ex, Packing::Off), &job, &mut |_| {}).unwrap();
         assert!(f.summary.base_unchanged && d.path().join(format!("{loss:?}/adapter_model.safetensors")).exists());

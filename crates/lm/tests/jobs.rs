@@ -66,8 +66,14 @@ fn a_base_pretrained_fine_tuned_and_evaluated_through_the_library_reports_each_s
     let base_dir = dir.path().join("base");
     let mut ck = Checkpointing::beside(&base_dir);
     ck.every = Some(2);
-    let job =
-        PretrainJob { config: tiny(), settings: settings(3), out: base_dir.clone(), dtype: Default::default(), checkpoint: ck.clone() };
+    let job = PretrainJob {
+        config: tiny(),
+        settings: settings(3),
+        out: base_dir.clone(),
+        dtype: Default::default(),
+        checkpoint: ck.clone(),
+        group: Default::default(),
+    };
     let mut events = Vec::new();
     let p = pretrain(&job, &[(&py, 0.5), (&sql, 0.5)], &mut log(&mut events)).unwrap();
     assert_eq!(
@@ -91,6 +97,7 @@ fn a_base_pretrained_fine_tuned_and_evaluated_through_the_library_reports_each_s
         base_model: Some(base_dir.display().to_string()),
         convert_to_lora: false,
         checkpoint: Checkpointing::beside(&out),
+        group: Default::default(),
     };
     let mut events = Vec::new();
     let f = finetune(&mut model, &Tokenizer::bytes(), &sql, &ft, &mut log(&mut events)).unwrap();
@@ -131,6 +138,7 @@ fn a_fine_tune_that_fails_leaves_the_model_as_it_came_and_writes_nothing() {
         base_model: None,
         convert_to_lora: false,
         checkpoint: Checkpointing::beside(&out),
+        group: Default::default(),
     };
     let e = finetune(&mut model, &Tokenizer::bytes(), &sql, &job, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("lr = NaN"), "{e}");

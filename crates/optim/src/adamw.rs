@@ -8,12 +8,19 @@
 //!
 //! The moments live in plain vectors keyed by parameter name, so a checkpoint can save and restore them;
 //! each parameter is updated in place in its own storage.
+//!
+//! Data-parallel, a step is [`AdamW::reduce`] (this rank's gradients and loss summed over the ranks in one
+//! all-reduce: a [`Reduced`]) then [`AdamW::apply`]: the norm, the clipping and the update all read the
+//! summed gradients, so every rank clips by the global norm and applies the same update. One process is
+//! the same two calls over [`Group::single`], which sums nothing ([`AdamW::step`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
 use candle_core::Var;
+
+use lora_dist::{Bundle, Group};
 
 use crate::adam::{AdamConfig, AdamOp, AdamStep, Moments};
 use crate::error::{OptimError, Result};
@@ -63,13 +70,43 @@ impl AdamW {
     /// gradient norm before clipping. A parameter without a gradient is an error naming it (it would
     /// otherwise silently never train).
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: Option<f64>) -> Result<f64> {
+        let reduced = self.reduce(Some(grads), 0.0, &Group::single())?;
+        self.apply(&reduced, lr, clip)
+    }
+
+    /// This rank's gradients (`None`: its share of the batch was empty) and its share of the loss, summed
+    /// over `group` in one all-reduce. A parameter the backward did not reach is an error naming it.
+    pub fn reduce(&self, grads: Option<&GradStore>, loss: f32, group: &Group) -> Result<Reduced> {
+        let mut bundle = Bundle::new();
+        for (name, var) in &self.params {
+            let g = match grads {
+                Some(grads) => Some(
+                    grads
+                        .get(var.as_tensor())
+                        .ok_or_else(|| OptimError::invalid("gradient", name, "no gradient reached this trainable tensor"))?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                ),
+                None => None,
+            };
+            bundle.push_grad(g.as_deref(), var.elem_count()).map_err(|e| OptimError::invalid("gradient", name, e.to_string()))?;
+        }
+        bundle.push_scalar(loss);
+        bundle.all_reduce(group).map_err(|e| OptimError::invalid("all-reduce", group.size(), e.to_string()))?;
+        Ok(Reduced { bundle })
+    }
+
+    /// One step at learning rate `lr` from summed gradients, clipped to global norm `clip` when given.
+    /// Returns the gradient norm before clipping.
+    pub fn apply(&mut self, reduced: &Reduced, lr: f64, clip: Option<f64>) -> Result<f64> {
+        let b = &reduced.bundle;
+        if b.grads() != self.params.len() {
+            return Err(OptimError::invalid("gradients", b.grads(), format!("expected {} parameters", self.params.len())));
+        }
         let mut gs = Vec::with_capacity(self.params.len());
         let mut sq = 0f64;
-        for (name, var) in &self.params {
-            let g = grads
-                .get(var.as_tensor())
-                .ok_or_else(|| OptimError::invalid("gradient", name, "no gradient reached this trainable tensor"))?;
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            let g = b.grad(i).ok_or_else(|| OptimError::invalid("gradient", name, "no gradient reached this trainable tensor"))?;
             sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
             gs.push(g);
         }
@@ -88,10 +125,27 @@ impl AdamW {
             if mo.m.len() != g.len() {
                 return Err(OptimError::invalid("parameter", name, "changed size since the optimizer was made"));
             }
-            let op = AdamOp { grad: &g, moments: Mutex::new((&mut mo.m, &mut mo.v)), step };
+            let op = AdamOp { grad: g, moments: Mutex::new((&mut mo.m, &mut mo.v)), step };
             var.as_tensor().inplace_op1(&op)?;
         }
         Ok(norm)
+    }
+}
+
+/// One step's gradients and loss summed over the ranks ([`AdamW::reduce`]), for [`AdamW::apply`].
+#[derive(Debug, Clone)]
+pub struct Reduced {
+    bundle: Bundle,
+}
+
+impl Reduced {
+    /// The summed loss shares: the global batch's mean loss.
+    pub fn loss(&self) -> f32 {
+        self.bundle.scalar(0)
+    }
+    /// f32 values summed across ranks (one all-reduce of this many).
+    pub fn values(&self) -> usize {
+        self.bundle.len()
     }
 }
 
@@ -150,6 +204,34 @@ mod tests {
         for (g, want) in got.iter().zip(p) {
             // f32 arithmetic over 3 steps of values ≤ 2: rounding ≲ 1e-6 relative.
             assert!((*g as f64 - want).abs() < 1e-5, "{g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn two_ranks_clip_by_the_global_norm_and_step_as_one_process_on_the_summed_gradient() {
+        // Rank r's loss is c_r·Σθ² (g_r = 2c_r·θ); one process's is (c_0 + c_1)·Σθ². Clipping at 1 binds for
+        // the sum (‖g‖ ≈ 6.9) and would bind differently per rank, so only a reduced norm gives the same step.
+        // 2c_0·θ + 2c_1·θ and 2(c_0 + c_1)·θ are each exact here (powers of two times θ), so the bits agree.
+        let start = [[0.5f32, -1.0], [2.0, 0.25]];
+        let run = |group: lora_dist::Group, c: f64| {
+            let w = Var::from_tensor(&Tensor::new(&start, &Device::Cpu).unwrap()).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), w.clone())], 0.1);
+            let mut norms = Vec::new();
+            for _ in 0..3 {
+                let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * c).unwrap();
+                let r = opt.reduce(Some(&loss.backward().unwrap()), loss.to_scalar::<f32>().unwrap(), &group).unwrap();
+                norms.push((opt.apply(&r, 0.01, Some(1.0)).unwrap(), r.loss()));
+            }
+            (w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), norms)
+        };
+        let ranks = lora_dist::Threads::run(2, |g| {
+            let c = [1.0, 2.0][g.rank()];
+            run(g, c)
+        });
+        let one = run(lora_dist::Group::single(), 3.0);
+        for (w, norms) in &ranks {
+            assert_eq!(w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(norms, &one.1);
         }
     }
 

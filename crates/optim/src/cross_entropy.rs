@@ -7,7 +7,11 @@
 //! ```
 //!
 //! Nothing is stored for the backward: each row's softmax is recomputed from z. The per-row losses are
-//! summed in f64. The one cross-entropy of lora-rs: the language models' next-token loss (rows = tokens,
+//! summed in f64.
+//!
+//! In data-parallel training each rank holds some rows of a global batch of K kept rows; it divides by the
+//! global K, not its own count ([`cross_entropy_over`]), so its gradient is its rows' share of the global
+//! mean's, the ranks' gradients add up to it, and each row's dz has the bits one process gives it. The one cross-entropy of lora-rs: the language models' next-token loss (rows = tokens,
 //! V = the vocabulary) and the MNIST network's (rows = images, V = 10 classes) both run it.
 
 use std::sync::Arc;
@@ -29,6 +33,17 @@ const BLOCK: usize = 64;
 /// The mean cross-entropy (a scalar tensor) of `logits` (N, V) against `targets` (N values, each < V or
 /// [`IGNORE`]): the op's candle entry point (differentiable in the logits).
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> {
+    let kept = targets.iter().filter(|&&t| t != IGNORE).count();
+    if kept == 0 {
+        candle_core::bail!("cross_entropy: every row is ignored, the mean is undefined")
+    }
+    cross_entropy_over(logits, targets, kept)
+}
+
+/// These rows' share of the mean cross-entropy over `total` kept rows of a global batch that other ranks
+/// hold the rest of: `(1/total)·Σ_kept (log Σ_j e^(z_ij) − z_i,t_i)` (a scalar tensor), with the gradient
+/// `(softmax − onehot)/total` per kept row. With `total` = these rows' kept count it is [`cross_entropy`].
+pub fn cross_entropy_over(logits: &Tensor, targets: &[u32], total: usize) -> CResult<Tensor> {
     let (n, v) = logits.dims2()?;
     if targets.len() != n {
         candle_core::bail!("cross_entropy: {} targets for {n} rows of logits", targets.len())
@@ -37,10 +52,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> {
         candle_core::bail!("cross_entropy: target {t} is outside the vocabulary ({v})")
     }
     let kept = targets.iter().filter(|&&t| t != IGNORE).count();
-    if kept == 0 {
-        candle_core::bail!("cross_entropy: every row is ignored, the mean is undefined")
+    if total == 0 || total < kept {
+        candle_core::bail!("cross_entropy: a mean over {total} rows cannot hold these {kept} kept rows")
     }
-    let op = CrossEntropy { targets: Arc::new(targets.to_vec()), kept };
+    let op = CrossEntropy { targets: Arc::new(targets.to_vec()), kept: total };
     let logits = logits.contiguous()?;
     if logits.track_op() {
         logits.apply_op1(op)
@@ -188,6 +203,32 @@ mod tests {
         for (x, y) in ga.iter().zip(&gb) {
             assert!((x - y).abs() < 1e-7, "{x} vs {y}"); // entries ≤ 1/64; a few ulp
         }
+    }
+
+    #[test]
+    fn shares_over_the_global_count_add_up_to_the_whole_batch_and_each_row_keeps_its_bits() {
+        // 90 rows split 40 / 50 (as two ranks hold them), every seventh ignored: each share divides by the
+        // global kept count, so the rows' gradients are bit for bit the whole batch's, and the two losses add
+        // to the whole's up to the f32 rounding of each share (a few ulp of a loss ≈ 3).
+        let (n, v) = (90, 23);
+        let z = rand_var(n, v, 12, 4.0);
+        let targets: Vec<u32> = (0..n as u32).map(|i| if i % 7 == 6 { IGNORE } else { (i * 5 + 1) % v as u32 }).collect();
+        let kept = targets.iter().filter(|&&t| t != IGNORE).count();
+        let whole = cross_entropy(z.as_tensor(), &targets).unwrap();
+        let gw = flat(whole.backward().unwrap().get(z.as_tensor()).unwrap());
+        let mut sum = 0f32;
+        for (rows, off) in [(40, 0), (50, 40)] {
+            let part = Var::from_tensor(&z.as_tensor().narrow(0, off, rows).unwrap()).unwrap();
+            let l = cross_entropy_over(part.as_tensor(), &targets[off..off + rows], kept).unwrap();
+            sum += l.to_scalar::<f32>().unwrap();
+            let g = flat(l.backward().unwrap().get(part.as_tensor()).unwrap());
+            let want = &gw[off * v..(off + rows) * v];
+            assert!(g.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "rows {off}..{}: gradients differ", off + rows);
+        }
+        let w = whole.to_scalar::<f32>().unwrap();
+        assert!((sum - w).abs() <= 4.0 * f32::EPSILON * w.abs(), "{sum} vs {w}");
+        let e = cross_entropy_over(z.as_tensor(), &targets, 3).unwrap_err().to_string();
+        assert!(e.contains("a mean over 3 rows cannot hold these"), "{e}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod error;
 mod schedule;
 
 pub use adam::{adam_update, adam_update_serial, AdamConfig, AdamOp, AdamStep, Moments};
-pub use adamw::AdamW;
-pub use cross_entropy::{cross_entropy, IGNORE};
+pub use adamw::{AdamW, Reduced};
+pub use cross_entropy::{cross_entropy, cross_entropy_over, IGNORE};
 pub use error::{OptimError, Result};
 pub use schedule::Schedule;

@@ -11,12 +11,17 @@
 //! Checkpoints follow [`Checkpointing`] (lora-rs' one checkpoint file, `lora_optim::checkpoint`); the
 //! settings a resume must match are the job's own fields. Outputs are written after training, each
 //! atomically, and the checkpoint is removed only once they are.
+//!
+//! A job's `group` makes it data-parallel (`lora_dist`): every rank runs the job on its share of each
+//! batch and keeps the same weights; rank 0 alone writes checkpoints and outputs. A checkpoint holds no
+//! rank count, so a run resumes on any number of ranks.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::Device;
 use lora::{LoraConfig, SaveOptions};
+use lora_dist::Group;
 use lora_optim::checkpoint::Checkpointing;
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -58,6 +63,8 @@ pub struct PretrainJob {
     pub out: PathBuf,
     /// Periodic checkpoints and resuming.
     pub checkpoint: Checkpointing,
+    /// The ranks that train together (one process by default; rank 0 writes).
+    pub group: Group,
 }
 
 impl PretrainJob {
@@ -69,7 +76,7 @@ impl PretrainJob {
     }
 }
 
-/// Pre-trains a network on `data` as `job` says and writes it to `job.out`.
+/// Pre-trains a network on `data` as `job` says and writes it to `job.out` (rank 0 of a group).
 pub fn pretrain(data: &Dataset, job: &PretrainJob, mut progress: impl FnMut(Event<'_>)) -> Result<(ExpensiveNet, TrainStats)> {
     job.train.validate()?;
     job.checkpoint.validate()?;
@@ -87,7 +94,11 @@ pub fn pretrain(data: &Dataset, job: &PretrainJob, mut progress: impl FnMut(Even
     };
     let trainable = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
     start(&mut progress, data, &job.train, trainable);
-    let stats = run(&net, data, &job.train, resume.as_ref(), &job.checkpoint, "pretrain", None, &settings, |s| progress(Event::Step(s)))?;
+    let ctx = Run { ck: &job.checkpoint, phase: "pretrain", adapter: None, settings: &settings, group: &job.group };
+    let stats = run(&net, data, &job.train, resume.as_ref(), ctx, |s| progress(Event::Step(s)))?;
+    if !job.group.is_root() {
+        return Ok((net, stats));
+    }
     if job.out.exists() {
         // A base is never replaced by different weights: adapters trained on it record its fingerprint and
         // would no longer load. The same weights (a re-run with the same settings) replace it.
@@ -128,6 +139,8 @@ pub struct FinetuneJob {
     pub convert_to_lora: bool,
     /// Periodic checkpoints and resuming.
     pub checkpoint: Checkpointing,
+    /// The ranks that train together (one process by default; rank 0 writes).
+    pub group: Group,
 }
 
 /// What [`finetune`] made.
@@ -158,8 +171,8 @@ impl FinetuneJob {
 }
 
 /// Adds adapter `job.name` to every targeted layer, freezes the base, trains only the adapter on `data`
-/// (one class's examples), checks the base unchanged and writes the adapter to `job.out`. A failed run
-/// leaves no adapter on the network and writes nothing.
+/// (one class's examples), checks the base unchanged and writes the adapter to `job.out` (rank 0 of a
+/// group). A failed run leaves no adapter on the network and writes nothing.
 pub fn finetune(net: &mut ExpensiveNet, data: &Dataset, job: &FinetuneJob, mut progress: impl FnMut(Event<'_>)) -> Result<Finetuned> {
     job.train.validate()?;
     job.lora.validate()?;
@@ -198,7 +211,8 @@ pub fn finetune(net: &mut ExpensiveNet, data: &Dataset, job: &FinetuneJob, mut p
         let trainable: usize = net.model.trainable_vars().iter().map(|v| v.elem_count()).sum();
         start(&mut progress, data, &job.train, trainable);
         let resume = resume.as_ref().map(|l| &l.checkpoint);
-        let stats = run(net, data, &job.train, resume, &job.checkpoint, "finetune", Some(name), &settings, |s| progress(Event::Step(s)))?;
+        let ctx = Run { ck: &job.checkpoint, phase: "finetune", adapter: Some(name), settings: &settings, group: &job.group };
+        let stats = run(net, data, &job.train, resume, ctx, |s| progress(Event::Step(s)))?;
         Ok((trainable, stats))
     })();
     let (trainable, stats) = match trained {
@@ -224,8 +238,10 @@ pub fn finetune(net: &mut ExpensiveNet, data: &Dataset, job: &FinetuneJob, mut p
         task_type: None,
         convert_to_lora: job.convert_to_lora,
     };
-    net.model.save_adapter(name, &job.out, &save)?;
-    job.checkpoint.remove()?;
+    if job.group.is_root() {
+        net.model.save_adapter(name, &job.out, &save)?;
+        job.checkpoint.remove()?;
+    }
     Ok(Finetuned { examples: data.len(), trainable, stats, steps_per_epoch: job.train.steps_per_epoch(data.len()), base_sha256: fp })
 }
 
@@ -235,20 +251,57 @@ fn start(progress: &mut impl FnMut(Event<'_>), data: &Dataset, cfg: &TrainConfig
     progress(Event::Start { examples: data.len(), trainable, steps, epochs: steps.div_ceil(per_epoch) });
 }
 
-/// Trains with checkpoints as `ck` says (each holds the net, the adapter's tensors and Adam's state).
-#[allow(clippy::too_many_arguments)]
+/// What [`run`] needs besides the data: the checkpoint policy, the phase and adapter its checkpoints are
+/// of, the settings they record, and the ranks.
+struct Run<'a> {
+    ck: &'a Checkpointing,
+    phase: &'a str,
+    adapter: Option<&'a str>,
+    settings: &'a Value,
+    group: &'a Group,
+}
+
+/// Trains with checkpoints as `ck` says (each holds the net, the adapter's tensors and Adam's state; rank 0
+/// writes them), after checking that every rank starts from the same settings, model and data, and before
+/// returning that every rank ends with the same weights.
 fn run(
     net: &ExpensiveNet,
     data: &Dataset,
     cfg: &TrainConfig,
     resume: Option<&Checkpoint>,
-    ck: &Checkpointing,
-    phase: &str,
-    adapter: Option<&str>,
-    settings: &Value,
+    r: Run<'_>,
     on_step: impl FnMut(&StepInfo),
 ) -> Result<TrainStats> {
-    let mut save = |c: &Checkpoint| checkpoint::save(&ck.path, phase, net, adapter, settings, c);
-    let every = ck.every.map(|n| crate::train::SaveEvery { every: n, save: &mut save });
-    train_with(net, data, cfg, resume, every, on_step)
+    if r.group.is_distributed() {
+        let dist = |e: lora_dist::DistError| TrainError::setting("ranks", r.group.size(), &e.to_string());
+        r.group.agree("the training settings", r.settings.to_string().as_bytes()).map_err(dist)?;
+        let mut state = net.model.base_state()?;
+        for (module, layer) in net.model.layers() {
+            for (which, var) in r.adapter.map(|a| layer.adapter_vars(a)).unwrap_or_default() {
+                state.push((format!("{module}.{which}"), var.as_tensor().clone()));
+            }
+        }
+        let step = resume.map_or(0, |c| c.global_step);
+        let model = format!("step {step} | {}", lora::io::fingerprint(&state).map_err(lora::LoraError::from)?);
+        r.group.agree("the model (base, adapter, step)", model.as_bytes()).map_err(dist)?;
+        let labels = [("labels".to_string(), data.labels.clone())];
+        let data_id = format!("{} examples | labels {}", data.len(), lora::io::fingerprint(&labels).map_err(lora::LoraError::from)?);
+        r.group.agree("the training data (examples and labels)", data_id.as_bytes()).map_err(dist)?;
+    }
+    let mut save = |c: &Checkpoint| checkpoint::save(&r.ck.path, r.phase, net, r.adapter, r.settings, c);
+    let every = r.ck.every.filter(|_| r.group.is_root()).map(|n| crate::train::SaveEvery { every: n, save: &mut save });
+    let stats = train_with(net, data, cfg, resume, every, r.group, on_step)?;
+    if r.group.is_distributed() {
+        // Every rank must hold the same weights, bit for bit, before rank 0 writes them.
+        let mut trained = Vec::new();
+        for (module, layer) in net.model.layers() {
+            for (i, v) in layer.trainable_vars().into_iter().enumerate() {
+                trained.push((format!("{module}.{i}"), v.as_tensor().clone()));
+            }
+        }
+        let fp = lora::io::fingerprint(&trained).map_err(lora::LoraError::from)?;
+        let what = format!("the trained tensors after step {}", stats.steps);
+        r.group.agree(&what, fp.as_bytes()).map_err(|e| TrainError::setting("ranks", r.group.size(), &e.to_string()))?;
+    }
+    Ok(stats)
 }

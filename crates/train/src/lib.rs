@@ -21,6 +21,7 @@ pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
 pub use fused::{OptimState, Trainer};
 pub use jobs::{finetune, pretrain, Event, FinetuneJob, Finetuned, PretrainJob};
+pub use lora_dist::Group;
 pub use lora_optim::checkpoint::Checkpointing;
 pub use net::ExpensiveNet;
 pub use train::{train, train_with, Checkpoint, SaveEvery, StepInfo, TrainConfig, TrainStats};

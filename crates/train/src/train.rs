@@ -10,6 +10,7 @@ use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::fused::Trainer;
 use crate::net::ExpensiveNet;
+use lora_dist::Group;
 
 /// Settings of one training run.
 #[derive(Debug, Clone)]
@@ -121,17 +122,23 @@ pub struct SaveEvery<'a> {
 /// `on_step` is called after every step (progress bars, logs). A NaN/Inf loss stops with
 /// [`TrainError::Diverged`] before the optimizer applies that step.
 pub fn train(net: &ExpensiveNet, data: &Dataset, cfg: &TrainConfig, on_step: impl FnMut(&StepInfo)) -> Result<TrainStats> {
-    train_with(net, data, cfg, None, None, on_step)
+    train_with(net, data, cfg, None, None, &Group::single(), on_step)
 }
 
 /// [`train`], optionally continuing from `resume` (whose model tensors the caller has already restored)
 /// and saving checkpoints. A resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+///
+/// Data-parallel over `group`: every rank shuffles the same order and takes its examples of each batch
+/// (`lora_dist::shard`; a short last batch may leave a rank none); the step divides by the batch's size
+/// and sums the ranks' gradients before Adam ([`Trainer::step_shard`]). Every rank calls `on_step` and
+/// `checkpoints` (give them to rank 0 only).
 pub fn train_with(
     net: &ExpensiveNet,
     data: &Dataset,
     cfg: &TrainConfig,
     resume: Option<&Checkpoint>,
     mut checkpoints: Option<SaveEvery<'_>>,
+    group: &Group,
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<TrainStats> {
     cfg.validate()?;
@@ -141,7 +148,8 @@ pub fn train_with(
     if checkpoints.as_ref().is_some_and(|c| c.every == 0) {
         return Err(TrainError::setting("checkpoint_every", 0, "must be at least 1"));
     }
-    let mut trainer = Trainer::with_loraplus(net, cfg.lr, cfg.loraplus_lr_ratio)?; // Adam; fused or reference as the net's backend says
+    // Adam; fused or reference as the net's backend says.
+    let mut trainer = Trainer::with_loraplus(net, cfg.lr, cfg.loraplus_lr_ratio)?.in_group(group.clone())?;
     let mut losses = Vec::new();
     let mut step_seconds = Vec::new();
     if let Some(c) = resume {
@@ -167,12 +175,18 @@ pub fn train_with(
         let skip = done.saturating_sub(first);
         let mut sum: f64 = losses[first.min(losses.len())..].iter().map(|&l| l as f64).sum();
         for (i, idx) in order.chunks(cfg.batch_size).take(steps_in_epoch).enumerate().skip(skip) {
-            let (x, y) = data.batch(idx)?; // (B, features), (B)
             let global = losses.len() + 1;
+            let rows = group.shard(idx.len()); // all of them with one process
             for (k, (_, l)) in net.model.layers().enumerate() {
-                l.seed_dropout(cfg.seed ^ (global as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64) << 56);
+                let seed = cfg.seed ^ (global as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64) << 56;
+                l.seed_dropout_rows(seed, rows.start, idx.len());
             }
-            let l = trainer.step(net, &x, &y, global)?;
+            let l = if rows.is_empty() {
+                trainer.step_shard(net, None, idx.len(), global)?
+            } else {
+                let (x, y) = data.batch(&idx[rows])?; // (b, features), (b): this rank's examples
+                trainer.step_shard(net, Some((&x, &y)), idx.len(), global)?
+            };
             losses.push(l);
             let seconds = offset + start.elapsed().as_secs_f64();
             step_seconds.push(seconds);

@@ -60,6 +60,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         out: base_dir.clone(),
         dtype: Default::default(),
         checkpoint: Checkpointing::beside(&base_dir),
+        group: Default::default(),
     };
     let lora_lm::jobs::Pretrained { mut model, trainer: pre, summary: pre_summary } = super::pretrain::run_job(&job, &mix)?;
     println!(
@@ -101,6 +102,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
             convert_to_lora: false,
             checkpoint: Checkpointing::beside(&out),
             out,
+            group: Default::default(),
         };
         let f = super::finetune::run_job(&mut model, &tok, lora_lm::jobs::TrainData::Corpus(data), &job)?;
         println!();
@@ -130,6 +132,7 @@ pub fn run(a: LmDemoArgs) -> Result<()> {
         convert_to_lora: false,
         checkpoint: Checkpointing::beside(&out),
         out,
+        group: Default::default(),
     };
     let f = super::finetune::run_job(&mut model, &tok, TrainData::Examples(&chat_train, Packing::Off), &job)?;
     println!();

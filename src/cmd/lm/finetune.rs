@@ -93,7 +93,11 @@ pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: TrainData<'_>, job: &Fi
         TrainData::Corpus(c) => c.path.clone(),
         TrainData::Examples(e, _) => e.path.clone(),
     };
+    let root = job.group.is_root();
     let done = finetune_on(model, tok, data, job, &mut |e| {
+        if !root {
+            return; // rank 0 prints for every rank
+        }
         if let Event::Start { params, trainable, .. } = &e {
             println!(
                 "Fine-tuning adapter {name:?} (rank {}, alpha {}) on {}: {trainable} trainable parameters ({:.2}% of {params}), {steps} steps",
@@ -106,6 +110,9 @@ pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: TrainData<'_>, job: &Fi
         bars.event(&e);
     });
     let f = done.with_context(|| format!("fine-tuning adapter {name} into {}", job.out.display()))?;
+    if !root {
+        return Ok(f);
+    }
     println!(
         "  base weights bit-for-bit unchanged: {} (SHA-256 {} before and after)",
         f.summary.base_unchanged,
@@ -115,10 +122,13 @@ pub fn run_job(model: &mut Llama, tok: &Tokenizer, data: TrainData<'_>, job: &Fi
 }
 
 pub fn run(a: LmFinetuneArgs) -> Result<()> {
-    if a.checkpoint.resume.is_none() {
-        check_out_dir(&a.out, &[lora::adapter::CONFIG_FILE, lora::adapter::WEIGHTS_FILE])?;
+    let group = crate::dist::group();
+    if group.is_root() {
+        if a.checkpoint.resume.is_none() {
+            check_out_dir(&a.out, &[lora::adapter::CONFIG_FILE, lora::adapter::WEIGHTS_FILE])?;
+        }
+        check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     }
-    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = lora_config(&a.lora)?;
     let (mut model, _) = load_model(&a.model).with_context(|| format!("loading the model {}", a.model.display()))?;
     let tok = load_tokenizer(&a.model, model.config())?;
@@ -148,13 +158,17 @@ pub fn run(a: LmFinetuneArgs) -> Result<()> {
         base_model: Some(a.model.display().to_string()),
         convert_to_lora: a.lora.variant.convert_to_lora,
         checkpoint: a.checkpoint.policy(&a.out),
+        group,
     };
     let data = match (&corpus, &examples) {
         (Some(c), _) => TrainData::Corpus(c),
         (None, Some(e)) => TrainData::Examples(e, packing),
-        (None, None) => unreachable!("the data is a corpus or instruction examples"),
+        (None, None) => anyhow::bail!("{}: neither a text corpus nor instruction examples", a.data.display()),
     };
     let f = run_job(&mut model, &tok, data, &job)?;
+    if !job.group.is_root() {
+        return Ok(()); // rank 0 prints and writes
+    }
     println!(
         "Final loss {:.4} after {} steps ({:.1} s); wrote {}",
         f.summary.final_loss,

@@ -62,7 +62,11 @@ pub fn settings(t: &LmTrainArgs, steps: u32, lr: f64, weight_decay: f64) -> Trai
 pub fn run_job(job: &PretrainJob, corpora: &[(&Corpus, f64)]) -> Result<Pretrained> {
     let mut bars = Bars::default();
     let s = &job.settings;
+    let root = job.group.is_root();
     let done = pretrain(job, corpora, &mut |e| {
+        if !root {
+            return; // rank 0 prints for every rank
+        }
         match &e {
             Event::Source { name, tokens, weight } => println!("  {name:<8} {tokens:>10} train bytes, weight {weight}"),
             Event::Start { params, .. } => {
@@ -76,10 +80,13 @@ pub fn run_job(job: &PretrainJob, corpora: &[(&Corpus, f64)]) -> Result<Pretrain
 }
 
 pub fn run(a: LmPretrainArgs) -> Result<()> {
-    if a.checkpoint.resume.is_none() {
-        check_out_dir(&a.out, &[CONFIG_FILE, WEIGHTS_FILE])?;
+    let group = crate::dist::group();
+    if group.is_root() {
+        if a.checkpoint.resume.is_none() {
+            check_out_dir(&a.out, &[CONFIG_FILE, WEIGHTS_FILE])?;
+        }
+        check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     }
-    check_outputs(&[("--json", a.json.as_deref(), Out::File), ("--report", a.report.report.as_deref(), Out::Dir)])?;
     let config = shape_config(&a.shape)?;
     let files = if a.data.is_empty() { default_mix(Path::new("data/code")) } else { a.data.clone() };
     let corpora = read_weighted(&files)?;
@@ -90,8 +97,12 @@ pub fn run(a: LmPretrainArgs) -> Result<()> {
         out: a.out.clone(),
         dtype: a.dtype.into(),
         checkpoint: a.checkpoint.policy(&a.out),
+        group,
     };
     let p = run_job(&job, &weighted)?;
+    if !job.group.is_root() {
+        return Ok(()); // rank 0 prints and writes
+    }
     println!(
         "Final loss {:.4} nats/byte after {} steps ({:.1} s); wrote {}",
         p.summary.final_loss,

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::pretrain::mixture;
-use super::{millis, train_run, Checkpointing, Event, Progress};
+use super::{millis, train_run, Checkpointing, Event, Group, Progress};
 use crate::data::Corpus;
 use crate::error::{LmError, Result};
 use crate::hf::save_adapter;
@@ -36,6 +36,8 @@ pub struct FinetuneJob {
     pub convert_to_lora: bool,
     /// Periodic checkpoints and resuming.
     pub checkpoint: Checkpointing,
+    /// The ranks that train together (one process by default; rank 0 writes).
+    pub group: Group,
 }
 
 /// What [`finetune`] reports (the `--json` of `lora lm finetune`).
@@ -108,7 +110,7 @@ impl TrainData<'_> {
 }
 
 /// Adds adapter `job.name` to the (frozen) base, trains it on `data`, checks the base unchanged and writes
-/// the adapter to `job.out`. The adapter stays loaded (inactive) on the model.
+/// the adapter to `job.out` (rank 0 of a group). The adapter stays loaded (inactive) on the model.
 pub fn finetune(model: &mut Llama, tokenizer: &Tokenizer, data: &Corpus, job: &FinetuneJob, progress: Progress<'_>) -> Result<Finetuned> {
     finetune_on(model, tokenizer, TrainData::Corpus(data), job, progress)
 }
@@ -131,7 +133,7 @@ pub fn finetune_on(
         model.lora_mut().set_active(&[name])?;
         model.freeze_base();
         let mix = data.mixture(tokenizer, progress)?;
-        train_run(&format!("Fine-tuning {name}"), model, &mix, s, &job.checkpoint, progress)
+        train_run(&format!("Fine-tuning {name}"), model, &mix, s, &job.checkpoint, &job.group, progress)
     })();
     let trainer = match trained {
         Ok(t) => t,
@@ -154,8 +156,10 @@ pub fn finetune_on(
         ("lora_rs.data".to_string(), data.path().display().to_string()),
         ("lora_rs.steps".to_string(), trainer.step().to_string()),
     ]);
-    save_adapter(model, name, &job.out, job.base_model.clone(), meta, job.convert_to_lora)?;
-    job.checkpoint.remove()?;
+    if job.group.is_root() {
+        save_adapter(model, name, &job.out, job.base_model.clone(), meta, job.convert_to_lora)?;
+        job.checkpoint.remove()?;
+    }
     model.lora_mut().set_active(&[])?;
     let summary = FinetuneSummary {
         adapter: name.to_string(),

@@ -12,6 +12,10 @@
 //!
 //! A job either writes all its files or none: outputs are written after training, each atomically, and
 //! the periodic checkpoint is removed only once they are.
+//!
+//! A job's `group` makes it data-parallel (`lora_dist`): every rank runs the same job on its share of each
+//! batch and keeps the same weights; rank 0 alone reports progress worth printing, writes checkpoints and
+//! writes the outputs (the others return what they trained and write nothing). One process is the default.
 
 mod evaluate;
 mod finetune;
@@ -22,6 +26,7 @@ use std::path::Path;
 use crate::eval::Score;
 use crate::train::StepReport;
 
+pub use lora_dist::Group;
 pub use lora_optim::checkpoint::{default_path as default_checkpoint, Checkpointing};
 
 pub use evaluate::{evaluate, evaluate_on, EvalData, EvalJob, EvalTable};
@@ -87,22 +92,25 @@ fn millis(s: f64) -> f64 {
     (s * 1000.0).round() / 1000.0
 }
 
-/// Runs (or resumes) a training run over the model's trainable tensors, checkpointing as `ck` says and
-/// reporting every step.
+/// Runs (or resumes) a training run over the model's trainable tensors on the ranks of `group`,
+/// checkpointing as `ck` says (rank 0 writes) and reporting every step.
 fn train_run(
     label: &str,
     model: &crate::Llama,
     data: &crate::train::Mixture,
     settings: &crate::train::TrainSettings,
     ck: &Checkpointing,
+    group: &Group,
     progress: Progress<'_>,
 ) -> crate::Result<crate::train::Trainer> {
     use crate::train::Trainer;
     ck.validate()?;
-    let mut trainer = match &ck.resume {
+    let trainer = match &ck.resume {
         Some(p) => Trainer::resume(model, settings.clone(), p)?,
         None => Trainer::new(model, settings.clone())?,
     };
+    let mut trainer = trainer.in_group(group.clone());
+    trainer.check_ranks_agree(model, data)?;
     progress(Event::Start {
         label,
         steps: settings.steps,
@@ -112,12 +120,13 @@ fn train_run(
     });
     trainer.run(model, data, settings.steps, |t, r| {
         progress(Event::Step(r));
-        if ck.due(r.step, r.steps) {
+        if ck.due(r.step, r.steps) && group.is_root() {
             t.save_checkpoint(&ck.path)?;
             progress(Event::Checkpoint { step: r.step, path: &ck.path });
         }
         Ok(true)
     })?;
+    trainer.check_weights_agree()?;
     progress(Event::Finish { label });
     Ok(trainer)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{millis, train_run, Checkpointing, Event, Progress};
+use super::{millis, train_run, Checkpointing, Event, Group, Progress};
 use crate::data::{Corpus, TokenStream};
 use crate::error::Result;
 use crate::hf::{load_model, save_model_as, WeightDtype};
@@ -26,6 +26,8 @@ pub struct PretrainJob {
     pub dtype: WeightDtype,
     /// Periodic checkpoints and resuming.
     pub checkpoint: Checkpointing,
+    /// The ranks that train together (one process by default; rank 0 writes).
+    pub group: Group,
 }
 
 /// What [`pretrain`] reports (the `--json` of `lora lm pretrain`).
@@ -99,17 +101,26 @@ fn refuse_to_orphan(model: &Llama, job: &PretrainJob) -> Result<()> {
     }
 }
 
-/// Pre-trains a byte-level model of `job.config` on `corpora` (weighted) and writes it to `job.out`.
+/// Pre-trains a byte-level model of `job.config` on `corpora` (weighted) and writes it to `job.out` (rank 0
+/// of a group; the other ranks return the same model, unwritten and not rounded to bf16).
 pub fn pretrain(job: &PretrainJob, corpora: &[(&Corpus, f64)], progress: Progress<'_>) -> Result<Pretrained> {
     job.config.validate()?;
     let model = Llama::random(&job.config, job.settings.seed)?;
     let data = mixture(corpora, &Tokenizer::bytes(), progress)?;
-    let trainer = train_run("Pre-training", &model, &data, &job.settings, &job.checkpoint, progress)?;
+    let trainer = train_run("Pre-training", &model, &data, &job.settings, &job.checkpoint, &job.group, progress)?;
     let meta = BTreeMap::from([("lora_rs.pretrain_steps".to_string(), trainer.step().to_string())]);
-    refuse_to_orphan(&model, job)?;
-    save_model_as(&model, &job.out, &meta, job.dtype)?;
-    let model = if job.dtype == WeightDtype::F32 { model } else { load_model(&job.out)?.0 };
-    job.checkpoint.remove()?;
+    let model = if job.group.is_root() {
+        refuse_to_orphan(&model, job)?;
+        save_model_as(&model, &job.out, &meta, job.dtype)?;
+        job.checkpoint.remove()?;
+        if job.dtype == WeightDtype::F32 {
+            model
+        } else {
+            load_model(&job.out)?.0
+        }
+    } else {
+        model
+    };
     let s = &job.settings;
     let summary = PretrainSummary {
         params: model.num_params(),

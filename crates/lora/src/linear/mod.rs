@@ -46,8 +46,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 use crate::error::{LoraError, Result};
 
@@ -79,7 +77,7 @@ pub struct LoraLinear {
     merged: Vec<String>,
     dora_norms: BTreeMap<String, Tensor>, // merged DoRA adapter → the row norms its merge used
     disabled: bool,
-    rng: Mutex<StdRng>,
+    rng: Mutex<reference::DropoutRng>,
     displaced: Option<Displaced>, // the base tensors a merged adapter's copies took the place of
     backend: Backend,
     embedding: bool, // the weight is an embedding table (in, out), read by token id
@@ -108,7 +106,7 @@ impl LoraLinear {
             merged: Vec::new(),
             dora_norms: BTreeMap::new(),
             disabled: false,
-            rng: Mutex::new(StdRng::seed_from_u64(0)),
+            rng: Mutex::new(reference::DropoutRng::new(0)),
             backend: Backend::default(),
             embedding: false,
         })

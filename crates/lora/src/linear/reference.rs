@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Dropout keeps each input of an adapter with probability 1 − p and scales it by 1/(1 − p) while
-//! training; its generator is the layer's, reseeded with [`LoraLinear::seed_dropout`].
+//! training; its generator is the layer's, reseeded with [`LoraLinear::seed_dropout`]. A data-parallel rank
+//! holding rows `first..first + n` of a global batch of `total` rows reseeds with
+//! [`LoraLinear::seed_dropout_rows`]: each mask skips the other rows' draws, so its rows get the values the
+//! one process's mask gives them.
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -21,11 +24,35 @@ use rand::{Rng, SeedableRng};
 use super::LoraLinear;
 use crate::error::{LoraError, Result};
 
+/// The layer's dropout generator, and the rows of the global batch its masks are for.
+#[derive(Debug)]
+pub(super) struct DropoutRng {
+    rng: StdRng,
+    /// (first row, rows of the global batch) of a rank's share; `None`: the whole batch.
+    rows: Option<(usize, usize)>,
+}
+
+impl DropoutRng {
+    pub(super) fn new(seed: u64) -> Self {
+        DropoutRng { rng: StdRng::seed_from_u64(seed), rows: None }
+    }
+}
+
 impl LoraLinear {
     /// Seeds the generator used for adapter dropout.
     pub fn seed_dropout(&self, seed: u64) {
         if let Ok(mut g) = self.rng.lock() {
-            *g = StdRng::seed_from_u64(seed);
+            *g = DropoutRng::new(seed);
+        }
+    }
+
+    /// Seeds the generator for a forward over input rows `first..` of a global batch of `total` rows, of
+    /// which other ranks hold the rest: each mask draws (and drops) the values of the rows before `first`
+    /// and after this input's, so these rows get the mask values of [`LoraLinear::seed_dropout`] over the
+    /// whole batch. With `first = 0` and `total` = the input's rows it is [`LoraLinear::seed_dropout`].
+    pub fn seed_dropout_rows(&self, seed: u64, first: usize, total: usize) {
+        if let Ok(mut g) = self.rng.lock() {
+            *g = DropoutRng { rng: StdRng::seed_from_u64(seed), rows: Some((first, total)) };
         }
     }
 
@@ -85,7 +112,20 @@ impl LoraLinear {
         let keep = 1.0 / (1.0 - p) as f32;
         let mask: Vec<f32> = {
             let mut g = self.rng.lock().map_err(|_| LoraError::State("dropout generator poisoned".into()))?;
-            (0..n).map(|_| if g.random::<f64>() < p { 0.0 } else { keep }).collect()
+            // x is (rows, in): the rows before this rank's and after them are drawn and dropped.
+            let width = x.dims().last().copied().unwrap_or(1).max(1);
+            let (before, after) = match g.rows {
+                Some((first, total)) => (first * width, total.saturating_sub(first + n / width) * width),
+                None => (0, 0),
+            };
+            for _ in 0..before {
+                g.rng.random::<f64>();
+            }
+            let mask = (0..n).map(|_| if g.rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+            for _ in 0..after {
+                g.rng.random::<f64>();
+            }
+            mask
         };
         Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
     }
@@ -96,6 +136,32 @@ mod tests {
     use super::*;
     use crate::linear::testing::{dora_layer, rand_vec, t2 as t};
     use candle_core::{DType, Device};
+
+    #[test]
+    fn ranks_draw_the_dropout_mask_values_one_process_draws_for_their_rows() {
+        // A mask is the dropout of ones: two masks in a row (two adapters, or two steps without reseeding),
+        // over 6 rows of 5 as one process draws them, and as ranks holding rows 0..2 and 2..6 draw theirs.
+        let l = LoraLinear::new(Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap(), None).unwrap();
+        let ones = |rows: usize| Tensor::ones((rows, 5), DType::F32, &Device::Cpu).unwrap();
+        let masks = |rows: usize| -> Vec<Vec<f32>> {
+            (0..2).map(|_| l.dropout(&ones(rows), 0.5).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        l.seed_dropout(7);
+        let whole = masks(6);
+        assert!(whole[0].contains(&0.0) && whole[0].contains(&2.0), "{:?}", whole[0]);
+        for (first, rows) in [(0, 2), (2, 4)] {
+            l.seed_dropout_rows(7, first, 6);
+            let part = masks(rows);
+            for k in 0..2 {
+                assert_eq!(part[k], whole[k][first * 5..(first + rows) * 5], "mask {k}, rows {first}..{}", first + rows);
+            }
+            // Reseeding as one process would give the rank other values (this is what the skipping fixes).
+            l.seed_dropout(7);
+            if first > 0 {
+                assert_ne!(masks(rows)[0], whole[0][first * 5..(first + rows) * 5]);
+            }
+        }
+    }
 
     #[test]
     fn dora_forward_matches_an_f64_reference_of_the_rescaled_weight() {

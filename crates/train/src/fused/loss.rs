@@ -13,6 +13,13 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(lora_optim::cross_entropy(logits, &labels)?)
 }
 
+/// These examples' share of the mean cross-entropy of a global batch of `total` examples that other ranks
+/// hold the rest of (their losses summed, divided by `total`).
+pub fn cross_entropy_over(logits: &Tensor, labels: &Tensor, total: usize) -> Result<Tensor> {
+    let labels: Vec<u32> = labels.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    Ok(lora_optim::cross_entropy_over(logits, &labels, total)?)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;

@@ -7,6 +7,7 @@ use candle_core::{Tensor, Var};
 use lora::Held;
 
 use crate::error::{Result, TrainError};
+use lora_dist::{Bundle, Group};
 use lora_optim::{AdamConfig, AdamOp, AdamStep, Moments};
 
 /// A persistent gradient buffer that a fused layer's backward writes into and the optimizer reads.
@@ -268,6 +269,68 @@ impl ParamStore {
                     theta.inplace_op1(&op)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl ParamStore {
+    /// This rank's gradients (each fresh buffer, each parameter in `grads`; `None` for a rank whose share
+    /// of the batch was empty) and its share of the loss, summed over `group` in one all-reduce, in the
+    /// store's order (scalar 0 of the bundle is the loss). Not for armed steps: an update applied during the
+    /// backward pass would read a gradient not yet summed.
+    pub fn reduce(&self, grads: Option<&GradStore>, loss: f32, group: &Group) -> Result<Bundle> {
+        let dist = |e: lora_dist::DistError| TrainError::setting("ranks", group.size(), &e.to_string());
+        let mut bundle = Bundle::new();
+        for p in &self.params {
+            let n = p.var.elem_count();
+            match &p.grad {
+                GradSource::Buffer(buf) => {
+                    let g = buf.lock()?;
+                    if g.in_backward.as_ref().is_some_and(|ib| ib.armed.is_some() || ib.applied) {
+                        return Err(TrainError::setting(
+                            "parameter",
+                            &p.name,
+                            "armed: a data-parallel step must not update during the backward",
+                        ));
+                    }
+                    bundle.push_grad(g.fresh.then_some(&g.values[..]), n).map_err(dist)?;
+                }
+                GradSource::Autograd => match grads.and_then(|gs| gs.get(p.var.as_tensor())) {
+                    Some(g) => {
+                        let g: Tensor = g.contiguous()?;
+                        let held = Held::new(&g);
+                        bundle.push_grad(Some(held.slice()?), n).map_err(dist)?;
+                    }
+                    None => {
+                        bundle.push_grad(None, n).map_err(dist)?;
+                    }
+                },
+            }
+        }
+        bundle.push_scalar(loss);
+        bundle.all_reduce(group).map_err(dist)?;
+        Ok(bundle)
+    }
+
+    /// One Adam step from gradients summed by [`ParamStore::reduce`]: each parameter some rank had a
+    /// gradient for is updated in place, the others are left alone (as [`ParamStore::step`] leaves them).
+    pub fn apply(&mut self, summed: &Bundle) -> Result<()> {
+        if summed.grads() != self.params.len() {
+            return Err(TrainError::setting("gradients", summed.grads(), &format!("expected {} parameters", self.params.len())));
+        }
+        self.t += 1;
+        let base = AdamStep::new(&self.cfg, self.t);
+        for (i, p) in self.params.iter().enumerate() {
+            if let GradSource::Buffer(buf) = &p.grad {
+                buf.lock()?.fresh = false;
+            }
+            let Some(g) = summed.grad(i) else { continue };
+            let step = base.with_lr_scale(p.lr_scale as f64, &self.cfg);
+            let mut mv = p.moments()?;
+            let Moments { m, v } = &mut *mv;
+            let op = AdamOp { grad: g, moments: Mutex::new((m, v)), step };
+            p.var.as_tensor().inplace_op1(&op)?;
         }
         Ok(())
     }

@@ -7,10 +7,11 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use lora::{Activation, Backend};
 
 use super::linear::BufferedLinear;
-use super::loss::cross_entropy;
+use super::loss::{cross_entropy, cross_entropy_over};
 use super::store::{GradBuffer, ParamStore};
 use crate::error::{Result, TrainError};
 use crate::net::{ExpensiveNet, LAYERS};
+use lora_dist::Group;
 use lora_optim::AdamConfig;
 
 /// Takes training steps (forward, cross-entropy, backward, Adam) on a network's trainable tensors.
@@ -18,6 +19,7 @@ use lora_optim::AdamConfig;
 /// one after changing it. The implementation follows the network's [`Backend`].
 pub struct Trainer {
     kind: Kind,
+    group: Group,
 }
 
 enum Kind {
@@ -105,7 +107,54 @@ impl Trainer {
                 Kind::Fused(FusedTrainer { store, buffers })
             }
         };
-        Ok(Trainer { kind })
+        Ok(Trainer { kind, group: Group::single() })
+    }
+
+    /// Steps data-parallel over `group` ([`Trainer::step_shard`]); fused backend only.
+    pub fn in_group(mut self, group: Group) -> Result<Self> {
+        if group.is_distributed() && matches!(self.kind, Kind::Reference(_)) {
+            return Err(TrainError::setting("backend", "reference", "data-parallel training runs on the fused backend"));
+        }
+        self.group = group;
+        Ok(self)
+    }
+
+    /// The ranks it steps with.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// One step of a data-parallel run: `batch` is this rank's examples of a global batch of `total` (`None`
+    /// when its share is empty). Its loss is divided by `total`, the gradients and losses of every rank are
+    /// summed in one all-reduce, and every rank applies the same Adam step (after the backward pass, never
+    /// during it: the update needs the summed gradient). Returns the global batch's mean loss; a NaN/Inf one
+    /// stops with [`TrainError::Diverged`] before any update, on every rank. With one process it is
+    /// [`Trainer::step`].
+    pub fn step_shard(&mut self, net: &ExpensiveNet, batch: Option<(&Tensor, &Tensor)>, total: usize, global_step: usize) -> Result<f32> {
+        if !self.group.is_distributed() {
+            return match batch {
+                Some((x, y)) if x.dim(0)? == total => self.step(net, x, y, global_step),
+                _ => Err(TrainError::setting("batch", total, "one process takes the whole batch")),
+            };
+        }
+        // Not moved onto a rayon worker as `step` is: a rank waits in the all-reduce, and a worker that waits
+        // may be handed (stolen) another rank's step of the same pool (`Threads`), which would wait for it.
+        let Kind::Fused(t) = &mut self.kind else {
+            return Err(TrainError::setting("backend", "reference", "data-parallel training runs on the fused backend"));
+        };
+        let (grads, share) = match batch {
+            Some((x, y)) => {
+                let logits = t.forward(net, x)?;
+                let loss = cross_entropy_over(&logits, y, total)?;
+                let share = loss.to_scalar::<f32>()?;
+                (Some(loss.backward()?), share)
+            }
+            None => (None, 0.0),
+        };
+        let summed = t.store.reduce(grads.as_ref(), share, &self.group)?;
+        let l = finite(summed.scalar(0), global_step)?;
+        t.store.apply(&summed)?;
+        Ok(l)
     }
 
     /// The optimizer state, for checkpoints (fused backend only: candle's AdamW keeps its moments private).
