@@ -7,7 +7,7 @@
 # itself), package installs (`apt-get`), downloads from the Hugging Face hub and what works on what they
 # download (no network here), runs across several machines (`--hostfile`), the PyTorch peers when
 # /tmp/torch-venv is missing or REPLAY_SKIP_PEERS is set, `cargo bench` unless REPLAY_BENCH=1, and a command
-# run already (the same text again; `cargo run --release -- X` is `lora X`). Exits 1 if any command fails.
+# run already but `lora serve` (the same text again; `cargo run --release -- X` is `lora X`). Exits 1 if any command fails.
 #
 #   scripts/replay-docs.sh [WORK_DIR]      (default: a new temporary folder; the build reuses ./target)
 #   REPLAY_DRY=1 lists the commands (and the skips) without running them.
@@ -40,7 +40,8 @@ run() {
       [ -x /tmp/torch-venv/bin/python ] || { skip "no /tmp/torch-venv"; return; }
       [ -n "${REPLAY_SKIP_PEERS:-}" ] && { skip "REPLAY_SKIP_PEERS set"; return; } ;;
   esac
-  if grep -qxF -- "$key" <<<"$seen"; then echo "skip  (ran above) $key"; skipped=$((skipped + 1)); return; fi
+  # A server is started again where a document starts it (another may have run in between).
+  if [[ "$key" != "lora serve "* ]] && grep -qxF -- "$key" <<<"$seen"; then echo "skip  (ran above) $key"; skipped=$((skipped + 1)); return; fi
   seen+="$key"$'\n'
   [ -n "${REPLAY_DRY:-}" ] && { echo "would $key"; return; }
   if [[ "$key" == "lora serve "* ]]; then
