@@ -10,16 +10,21 @@
 # run already but `lora serve` (the same text again; `cargo run --release -- X` is `lora X`). Exits 1 if any command fails.
 #
 #   scripts/replay-docs.sh [WORK_DIR]      (default: a new temporary folder; the build reuses ./target)
-#   REPLAY_DRY=1 lists the commands (and the skips) without running them.
+#   REPLAY_DRY=1 lists the commands (and the skips) without running them; REPLAY_ONLY="docs/x.md …" replays
+#   only those documents (in a WORK_DIR replayed before, whose outputs they may need).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d)}
-git clone -q "$repo" "$work/lora-rs" || exit 1
+if [ -d "$work/lora-rs" ]; then # a folder replayed before: its outputs stay, the code is this repo's HEAD
+  git -C "$work/lora-rs" fetch -q "$repo" HEAD && git -C "$work/lora-rs" reset -q --hard FETCH_HEAD || exit 1
+else
+  git clone -q "$repo" "$work/lora-rs" || exit 1
+fi
 cd "$work/lora-rs"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 cargo build --release -q || exit 1
 export PATH="$CARGO_TARGET_DIR/release:$PATH"
-ln -s "$CARGO_TARGET_DIR" target # the docs' ./target/release/lora
+[ -e target ] || ln -s "$CARGO_TARGET_DIR" target # the docs' ./target/release/lora
 # mpirun refuses root unless told (a container's usual user).
 [ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 server=""
@@ -46,7 +51,7 @@ run() {
   [ -n "${REPLAY_DRY:-}" ] && { echo "would $key"; return; }
   if [[ "$key" == "lora serve "* ]]; then
     stop_server
-    bash -c "$cmd" >"$work/serve.log" 2>&1 &
+    bash -c "$cmd" </dev/null >"$work/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 600); do curl -sf localhost:8080/health >/dev/null && break; sleep 0.5; done
     if curl -sf localhost:8080/health >/dev/null; then echo "ok    (serving) $key"; ran=$((ran + 1)); else
@@ -54,14 +59,16 @@ run() {
     return
   fi
   local t0=$SECONDS out
-  if out=$(bash -c "set -o pipefail; $cmd" 2>&1); then
+  # stdin is not the documents' (mpirun, for one, would read the commands after it); curl -s exits 0 on an HTTP
+  # error, so an answer holding an OpenAI-shaped "error" fails it.
+  if out=$(bash -c "set -o pipefail; $cmd" </dev/null 2>&1) && ! { [[ "$key" == curl* ]] && grep -q '"error"' <<<"$out"; }; then
     echo "ok    ($((SECONDS - t0)) s) $key"; ran=$((ran + 1))
   else
     echo "FAIL  ($((SECONDS - t0)) s) $key"; tail -15 <<<"$out"; failed=$((failed + 1))
   fi
 }
 here_re="<<-?'?([A-Za-z_]+)'?[[:space:]]*$"
-for doc in README.md docs/serving.md docs/reliability.md docs/chat.md docs/distributed.md docs/benchmarks.md; do
+for doc in ${REPLAY_ONLY:-README.md docs/serving.md docs/reliability.md docs/chat.md docs/distributed.md docs/benchmarks.md}; do
   [ -f "$doc" ] || continue
   echo "== $doc"
   cmd=""; heredoc=""
