@@ -16,23 +16,13 @@ use lora_lm::data::{read_corpus, Corpus};
 use lora_lm::instruct::{read_instructions, Encoder, Examples, LossOn, Packing};
 use lora_lm::jobs::{finetune, finetune_on as finetune_data, pretrain, Checkpointing, FinetuneJob, PretrainJob, TrainData};
 use lora_lm::train::{Mixture, TrainSettings, Trainer};
-use lora_lm::{Llama, LlamaConfig, Tokenizer};
+use lora_lm::{Llama, Tokenizer};
+
+mod support;
+use support::tiny;
 
 /// Named tensors' values.
 type Tensors = Vec<(String, Vec<f32>)>;
-
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 24,
-        intermediate_size: 40,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 6,
-        max_position_embeddings: 32,
-        ..LlamaConfig::byte_default()
-    }
-}
 
 fn settings(steps: usize, batch_size: usize) -> TrainSettings {
     TrainSettings {

@@ -13,18 +13,11 @@ use lora_lm::ops::token_nll;
 use lora_lm::train::{batch_loss_targets, TrainSettings};
 use lora_lm::{Llama, LlamaConfig, Tokenizer};
 
+mod support;
+
+/// The shared tiny model with larger initial weights (logits far from uniform).
 fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 24,
-        intermediate_size: 40,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 6,
-        max_position_embeddings: 32,
-        initializer_range: 0.2,
-        ..LlamaConfig::byte_default()
-    }
+    LlamaConfig { initializer_range: 0.2, ..support::tiny() }
 }
 
 /// The mean of the per-token losses (f64, from the model's logits) at the positions whose target counts.

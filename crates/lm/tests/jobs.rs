@@ -8,20 +8,10 @@ use lora_lm::data::{read_corpus, Corpus};
 use lora_lm::hf::{load_adapter, load_model};
 use lora_lm::jobs::{evaluate, finetune, pretrain, Checkpointing, EvalJob, Event, FinetuneJob, PretrainJob};
 use lora_lm::train::TrainSettings;
-use lora_lm::{LlamaConfig, Tokenizer};
+use lora_lm::Tokenizer;
 
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 24,
-        intermediate_size: 40,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 6,
-        max_position_embeddings: 32,
-        ..LlamaConfig::byte_default()
-    }
-}
+mod support;
+use support::tiny;
 
 fn settings(steps: usize) -> TrainSettings {
     TrainSettings {

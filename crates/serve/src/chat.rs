@@ -22,8 +22,8 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::routes::{
-    body, check_fits, collect_completion, joined, max_tokens_of, observed, parse, resolve, sampling_of, stops_of, stream_completion,
-    submit, unix_now, wrong_kind, Ask, Reply, Shape, StreamOptions, S,
+    body, check_fits, collect_completion, joined, max_tokens_of, observed, parse, refuse_penalties, resolve, sampling_of, stops_of,
+    stream_completion, submit, unix_now, wrong_kind, Ask, Reply, Shape, StreamOptions, S,
 };
 
 #[derive(Deserialize)]
@@ -60,12 +60,7 @@ fn refuse_unsupported_chat(r: &ChatRequest) -> Result<(), ApiError> {
     if r.logprobs == Some(true) || r.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
         return no("logprobs", "log-probabilities are not served");
     }
-    if r.presence_penalty.is_some_and(|p| p != 0.0) || r.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return no("presence_penalty", "presence and frequency penalties are not served (leave them 0)");
-    }
-    if r.logit_bias.as_ref().is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
-        return no("logit_bias", "logit_bias is not served");
-    }
+    refuse_penalties(r.presence_penalty, r.frequency_penalty, r.logit_bias.as_ref())?;
     if r.tools.as_ref().is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
         return no("tools", "tool calls are not served");
     }

@@ -398,10 +398,17 @@ fn refuse_unsupported(r: &CompletionRequest) -> Result<(), ApiError> {
     if r.suffix.as_ref().is_some_and(|v| !v.is_null()) {
         return no("suffix", "suffix (insertion) is not served");
     }
-    if r.presence_penalty.is_some_and(|p| p != 0.0) || r.frequency_penalty.is_some_and(|p| p != 0.0) {
+    refuse_penalties(r.presence_penalty, r.frequency_penalty, r.logit_bias.as_ref())
+}
+
+/// Refuses, by name, the penalties and logit bias both completion routes accept but do not honour: non-zero
+/// presence or frequency penalties, a non-empty `logit_bias`.
+pub(crate) fn refuse_penalties(presence: Option<f64>, frequency: Option<f64>, logit_bias: Option<&Value>) -> Result<(), ApiError> {
+    let no = |field: &str, why: &str| Err(ApiError::invalid(field, format!("{field}: {why}")));
+    if presence.is_some_and(|p| p != 0.0) || frequency.is_some_and(|p| p != 0.0) {
         return no("presence_penalty", "presence and frequency penalties are not served (leave them 0)");
     }
-    if r.logit_bias.as_ref().is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
+    if logit_bias.is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
         return no("logit_bias", "logit_bias is not served");
     }
     Ok(())
