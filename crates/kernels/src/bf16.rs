@@ -43,6 +43,49 @@ impl Bf16Matrix {
         Some(Bf16Matrix { words, rows, cols, stride })
     }
 
+    /// A rows × cols matrix of zeros, to be filled by [`Bf16Matrix::write_rows`] (a file read in pieces, so
+    /// that no f32 or whole bf16 copy of the weight is ever held beside it).
+    pub fn zeros(rows: usize, cols: usize) -> Option<Bf16Matrix> {
+        let stride = cols.div_ceil(32) * 16;
+        let len = rows.checked_mul(stride)?;
+        // Fails in a clear way rather than aborting on a size that cannot be held.
+        let mut words = Vec::new();
+        words.try_reserve_exact(len).ok()?;
+        words.resize(len, 0u32);
+        Some(Bf16Matrix { words, rows, cols, stride })
+    }
+
+    /// `w`'s bf16 bit patterns (rows × cols, row-major, as a safetensors file stores BF16) packed, or `None`
+    /// when the shape does not match the values.
+    pub fn from_bits(bits: &[u16], rows: usize, cols: usize) -> Option<Bf16Matrix> {
+        if rows.checked_mul(cols) != Some(bits.len()) {
+            return None;
+        }
+        let mut m = Bf16Matrix::zeros(rows, cols)?;
+        m.write_rows(0, bits).then_some(m)
+    }
+
+    /// Overwrites rows `r0..` with `bits` (whole rows of bf16 bit patterns, row-major); `false` (and nothing
+    /// written) when they are not whole rows or run past the last row.
+    pub fn write_rows(&mut self, r0: usize, bits: &[u16]) -> bool {
+        let cols = self.cols;
+        if cols == 0 {
+            return bits.is_empty() && r0 <= self.rows;
+        }
+        if bits.len() % cols != 0 || r0.checked_add(bits.len() / cols).is_none_or(|end| end > self.rows) {
+            return false;
+        }
+        for (i, row) in bits.chunks_exact(cols).enumerate() {
+            let out = &mut self.words[(r0 + i) * self.stride..(r0 + i + 1) * self.stride];
+            out.fill(0);
+            for (k, &half) in row.iter().enumerate() {
+                let (block, i) = (k / 32, k % 32);
+                out[block * 16 + i % 16] |= if i < 16 { half as u32 } else { (half as u32) << 16 };
+            }
+        }
+        true
+    }
+
     /// Rows (a linear layer's outputs).
     pub fn rows(&self) -> usize {
         self.rows
@@ -58,23 +101,48 @@ impl Bf16Matrix {
         self.words.len() * 4
     }
 
-    /// Row `j`'s values in f32 (exact), into `out` (`cols` values).
-    fn row_into(&self, j: usize, out: &mut [f32]) {
+    /// Row `j`'s values in f32 (exact), into `out` (`cols` values; an embedding's lookup of token j).
+    ///
+    /// # Panics
+    /// When `j ≥ rows` or `out` does not hold `cols` values.
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.rows && out.len() == self.cols, "Bf16Matrix::row_into: row {j} of {}, {} values for {}", self.rows, out.len(), self.cols);
+        self.cols_into(j, 0, out);
+    }
+
+    /// Values `c0..c0 + out.len()` of row j in f32 (in bounds: checked by the callers).
+    fn cols_into(&self, j: usize, c0: usize, out: &mut [f32]) {
         let row = &self.words[j * self.stride..(j + 1) * self.stride];
-        for (k, o) in out.iter_mut().enumerate() {
+        for (k, o) in (c0..).zip(out.iter_mut()) {
             let w = row[(k / 32) * 16 + k % 16];
             *o = f32::from_bits(if k % 32 < 16 { w << 16 } else { w & 0xFFFF_0000 });
+        }
+    }
+
+    /// Rows `r0..r1` in f32, row-major ((r1 − r0) × cols values) into `out`.
+    pub(crate) fn rows_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        debug_assert!(r0 <= r1 && r1 <= self.rows && out.len() == (r1 - r0) * self.cols);
+        if self.cols > 0 {
+            for (j, row) in (r0..r1).zip(out.chunks_exact_mut(self.cols)) {
+                self.cols_into(j, 0, row);
+            }
+        }
+    }
+
+    /// Columns `c0..c1` of every row in f32, row-major (rows × (c1 − c0) values) into `out`.
+    pub(crate) fn cols_block_into(&self, c0: usize, c1: usize, out: &mut [f32]) {
+        debug_assert!(c0 <= c1 && c1 <= self.cols && out.len() == self.rows * (c1 - c0));
+        if c1 > c0 {
+            for (j, row) in out.chunks_exact_mut(c1 - c0).enumerate() {
+                self.cols_into(j, c0, row);
+            }
         }
     }
 
     /// The f32 values (exact), row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if self.cols > 0 {
-            for (j, row) in out.chunks_exact_mut(self.cols).enumerate() {
-                self.row_into(j, row);
-            }
-        }
+        self.rows_into(0, self.rows, &mut out);
         out
     }
 

@@ -36,6 +36,6 @@ pub use bf16::Bf16Matrix;
 pub use delta::{add_delta, DeltaRef};
 pub use error::{Result, ShapeError};
 pub use level::{simd, Simd};
-pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef};
+pub use linear::{linear_backward, linear_forward, output_grad, Activation, AdapterRef, LinearGrads, LinearRef, WeightRef};
 pub use mat::MatRef;
-pub use matmul::{matmul_bf16_into, matmul_into, serial, threads};
+pub use matmul::{matmul_bf16_into, matmul_bf16_plain_into, matmul_into, serial, threads};

@@ -11,9 +11,10 @@
 //! dA = s·(g·B)ᵀ·x      dB = s·gᵀ·(x·Aᵀ)      dx = g·W + s·(g·B)·A      dW = gᵀ·x      db = Σ_rows g
 //! ```
 
+use crate::bf16::Bf16Matrix;
 use crate::error::{bail, elems, Result};
 use crate::mat::MatRef;
-use crate::matmul::matmul_into;
+use crate::matmul::{matmul_bf16_into, matmul_bf16_plain_into, matmul_into};
 
 /// The activation applied after the linear map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +36,52 @@ pub struct AdapterRef<'a> {
     pub scale: f32,
 }
 
+/// A layer's weight W (out, in) as held: f32 (any strides), or bf16 (a frozen base: the products read
+/// it with the bits of its f32 values, and it has no gradient).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// f32 values.
+    F32(MatRef<'a>),
+    /// bf16 values, frozen.
+    Bf16(&'a Bf16Matrix),
+}
+
+impl WeightRef<'_> {
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        match self {
+            WeightRef::F32(m) => m.rows,
+            WeightRef::Bf16(m) => m.rows(),
+        }
+    }
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        match self {
+            WeightRef::F32(m) => m.cols,
+            WeightRef::Bf16(m) => m.cols(),
+        }
+    }
+    /// `dst = [dst +] beta·x·Wᵀ`.
+    fn times_t(&self, dst: &mut [f32], x: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
+        match self {
+            WeightRef::F32(w) => matmul_into(dst, x, w.t(), beta, accumulate),
+            WeightRef::Bf16(w) => matmul_bf16_into(dst, x, w, None, beta, accumulate),
+        }
+    }
+    /// `dst = [dst +] beta·g·W`.
+    fn times(&self, dst: &mut [f32], g: MatRef<'_>, beta: f32, accumulate: bool) -> Result<()> {
+        match self {
+            WeightRef::F32(w) => matmul_into(dst, g, *w, beta, accumulate),
+            WeightRef::Bf16(w) => matmul_bf16_plain_into(dst, g, w, beta, accumulate),
+        }
+    }
+}
+
 /// A linear layer's tensors as a kernel reads them.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearRef<'a> {
     /// W, (out, in).
-    pub weight: MatRef<'a>,
+    pub weight: WeightRef<'a>,
     /// b, (out), contiguous.
     pub bias: Option<&'a [f32]>,
     /// The active adapter, if any.
@@ -48,9 +90,9 @@ pub struct LinearRef<'a> {
 
 impl LinearRef<'_> {
     fn check(&self, x: &MatRef<'_>) -> Result<(usize, usize, usize)> {
-        let (n, inp, out) = (x.rows, x.cols, self.weight.rows);
-        if self.weight.cols != inp || self.bias.is_some_and(|b| b.len() != out) {
-            bail!("fused linear: input ({n}, {inp}) does not fit weight ({out}, {})", self.weight.cols)
+        let (n, inp, out) = (x.rows, x.cols, self.weight.rows());
+        if self.weight.cols() != inp || self.bias.is_some_and(|b| b.len() != out) {
+            bail!("fused linear: input ({n}, {inp}) does not fit weight ({out}, {})", self.weight.cols())
         }
         if let Some(ad) = &self.adapter {
             if ad.a.cols != inp || ad.b.rows != out || ad.b.cols != ad.a.rows {
@@ -64,7 +106,7 @@ impl LinearRef<'_> {
 /// `y = act(x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ)`, y (n, out) row-major, fully overwritten.
 pub fn linear_forward(x: MatRef<'_>, p: &LinearRef<'_>, act: Activation, y: &mut [f32]) -> Result<()> {
     let (n, _, out) = p.check(&x)?;
-    matmul_into(y, x, p.weight.t(), 1.0, false)?;
+    p.weight.times_t(y, x, 1.0, false)?;
     if let Some(b) = p.bias {
         for row in y.chunks_exact_mut(out.max(1)) {
             // (out = 0: y is empty; a chunk size of 0 would panic)
@@ -192,6 +234,9 @@ pub fn linear_backward(
             // s·(out, n)·(n, r)
         }
     }
+    if dw.is_some() && matches!(p.weight, WeightRef::Bf16(_)) {
+        bail!("fused linear backward: a weight held in bf16 is frozen (it has no gradient)")
+    }
     let weight_grads = || -> Result<()> {
         if let Some(dw) = dw {
             matmul_into(dw, gm.t(), x, 1.0, acc)?; // (out, n)·(n, in)
@@ -210,7 +255,7 @@ pub fn linear_backward(
     };
     let input_grad = || -> Result<()> {
         if let Some(dx) = dx {
-            matmul_into(dx, gm, p.weight, 1.0, acc)?; // (n, out)·(out, in)
+            p.weight.times(dx, gm, 1.0, acc)?; // (n, out)·(out, in)
             if let Some(ad) = &p.adapter {
                 matmul_into(dx, MatRef::row_major(&gb, n, ad.a.rows)?, ad.a, ad.scale, true)?;
                 // + s·(n, r)·(r, in)
@@ -237,7 +282,7 @@ mod tests {
         let w = MatRef::row_major(&v, 4, 4).unwrap();
         let a = MatRef::row_major(&v[..8], 2, 4).unwrap();
         let b = MatRef::row_major(&v[..8], 4, 2).unwrap();
-        let p = LinearRef { weight: w, bias: None, adapter: Some(AdapterRef { a, b, scale: 1.0 }) };
+        let p = LinearRef { weight: WeightRef::F32(w), bias: None, adapter: Some(AdapterRef { a, b, scale: 1.0 }) };
         let e = linear_forward(tall, &p, Activation::Identity, &mut []).unwrap_err();
         assert!(e.to_string().contains("matmul_into"), "{e}");
         let g = MatRef::new(&v, 1 << 62, 4, 0, 1).unwrap();
@@ -252,12 +297,46 @@ mod tests {
     #[test]
     fn a_layer_with_no_outputs_gives_an_empty_output_and_gradients() {
         let x = [1f32; 6];
-        let p = LinearRef { weight: MatRef::row_major(&[], 0, 3).unwrap(), bias: Some(&[]), adapter: None };
+        let p = LinearRef { weight: WeightRef::F32(MatRef::row_major(&[], 0, 3).unwrap()), bias: Some(&[]), adapter: None };
         let xm = MatRef::row_major(&x, 2, 3).unwrap();
         linear_forward(xm, &p, Activation::Relu, &mut []).unwrap();
         let (mut dx, mut db) = ([7f32; 6], [0f32; 0]);
         let grads = LinearGrads { dx: Some(&mut dx), db: Some(&mut db), ..LinearGrads::default() };
         linear_backward(xm, &p, Activation::Relu, Some(&[]), MatRef::row_major(&[], 2, 0).unwrap(), grads).unwrap();
         assert_eq!(dx, [0.0; 6], "dx = g·W with no outputs is zero");
+    }
+
+    #[test]
+    fn a_frozen_bf16_weight_gives_the_bits_of_its_f32_values_forward_and_backward() {
+        use rand::{Rng, SeedableRng};
+        let mut g = rand::rngs::StdRng::seed_from_u64(5);
+        let mut v = |n: usize, bf16: bool| -> Vec<f32> {
+            (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).map(|x| if bf16 { f32::from_bits(x.to_bits() & 0xFFFF_0000) } else { x }).collect()
+        };
+        // A batch of tokens (the tiles, cut into blocks: out above the block width for in = 600), and a
+        // decode step (the dot products).
+        for (n, inp, out, r) in [(40, 600, 1800, 4), (2, 96, 80, 3)] {
+            let (x, w, bias, a, b, gy) = (v(n * inp, false), v(out * inp, true), v(out, false), v(r * inp, false), v(out * r, false), v(n * out, false));
+            let packed = crate::Bf16Matrix::pack(&w, out, inp).unwrap();
+            let xm = MatRef::row_major(&x, n, inp).unwrap();
+            let adapter = Some(AdapterRef { a: MatRef::row_major(&a, r, inp).unwrap(), b: MatRef::row_major(&b, out, r).unwrap(), scale: 0.7 });
+            let run = |weight: WeightRef<'_>| {
+                let p = LinearRef { weight, bias: Some(&bias), adapter };
+                let mut y = vec![0f32; n * out];
+                linear_forward(xm, &p, Activation::Relu, &mut y).unwrap();
+                let (mut dx, mut da, mut db) = (vec![0f32; n * inp], vec![0f32; r * inp], vec![0f32; out * r]);
+                let grads = LinearGrads { dx: Some(&mut dx), da: Some(&mut da), dlora_b: Some(&mut db), ..LinearGrads::default() };
+                linear_backward(xm, &p, Activation::Relu, Some(&y), MatRef::row_major(&gy, n, out).unwrap(), grads).unwrap();
+                [y, dx, da, db].map(|t| t.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+            };
+            let f32_run = run(WeightRef::F32(MatRef::row_major(&w, out, inp).unwrap()));
+            assert!(f32_run == run(WeightRef::Bf16(&packed)), "({n}, {inp}, {out}): y, dx, dA, dB must keep their bits");
+            // No gradient is ever formed for a bf16 weight.
+            let p = LinearRef { weight: WeightRef::Bf16(&packed), bias: None, adapter: None };
+            let mut dw = vec![0f32; out * inp];
+            let grads = LinearGrads { dw: Some(&mut dw), ..LinearGrads::default() };
+            let e = linear_backward(xm, &p, Activation::Identity, None, MatRef::row_major(&gy, n, out).unwrap(), grads).unwrap_err();
+            assert!(e.to_string().contains("bf16") && e.to_string().contains("frozen"), "{e}");
+        }
     }
 }

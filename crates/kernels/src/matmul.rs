@@ -41,9 +41,10 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, beta: f32,
 
 /// `dst (m×n, row-major) = [dst +] beta·lhs·Wᵀ` for a bf16 weight W (n × k): the same bits as
 /// [`matmul_into`] with the f32 values of W (`lhs·Wᵀ` read through a transposed view), from half the weight
-/// bytes where our dot-product kernel takes the product (a few rows: a decode step). Other shapes (many rows:
-/// a long prompt) make that very call on `wide`, W's f32 values (n × k) where the caller holds them, else on
-/// W widened to f32 for the call.
+/// bytes. Few rows (a decode step) run on our dot-product kernel reading the bf16 words; more rows make
+/// [`matmul_into`]'s own call on `wide`, W's f32 values (n × k) where the caller holds them, else on blocks
+/// of W's rows widened to f32 one at a time ([`BLOCK_VALUES`] values), each block's outputs computed by the
+/// very chains the whole product uses (see [`blocks`]): a 128k-row output embedding is never widened whole.
 pub fn matmul_bf16_into(
     dst: &mut [f32],
     lhs: MatRef<'_>,
@@ -63,15 +64,100 @@ pub fn matmul_bf16_into(
     let threads = if SERIAL.get() { 1 } else { threads() };
     // W's f32 values read as Wᵀ: a (k × n) view with unit row stride.
     let wt = sgemm::Layout { rows: k, cols: n, rs: 1, cs: k };
-    if let (true, Some(isa), Some(sgemm::Plan::Dots)) = (m > 0 && n > 0 && k > 0, crate::isa::Isa::current(), sgemm::plan_for(&lhs, wt)) {
+    let plan = sgemm::plan_for(&lhs, wt);
+    if let (true, Some(isa), Some(sgemm::Plan::Dots)) = (m > 0 && n > 0 && k > 0, crate::isa::Isa::current(), plan) {
         sgemm::dots_bf16(isa, dst, lhs, w, beta, accumulate, threads);
         return Ok(());
     }
     if let Some(v) = wide {
         return matmul_into(dst, lhs, v.t(), beta, accumulate);
     }
-    let widened = w.to_f32();
-    matmul_into(dst, lhs, MatRef::row_major(&widened, n, k)?.t(), beta, accumulate)
+    // The tiles (Transposed plan, or k = 1) keep their chains per output column: cut W into row blocks.
+    // The gemm crate (the remaining small shapes) blocks by its own rules, so it gets W whole.
+    let cut = m > 0 && k > 0 && plan.is_some();
+    blocks(dst, m, n, k, cut, beta, accumulate, |j0, j1, buf| w.rows_into(j0, j1, buf), |d, block, beta, acc| {
+        matmul_into(d, lhs, MatRef::row_major(block, block.len() / k.max(1), k)?.t(), beta, acc)
+    })
+}
+
+/// `dst (m×n, row-major) = [dst +] beta·lhs·W` for a bf16 weight W (k × n): the same bits as [`matmul_into`]
+/// with W's f32 values read row-major (the input gradient `g·W` of a linear layer whose frozen weight is
+/// held in bf16), on blocks of W's columns widened to f32 one at a time, each computed by the chains of the
+/// whole product ([`blocks`]).
+pub fn matmul_bf16_plain_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, beta: f32, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, w.cols());
+    if w.rows() != k || m.checked_mul(n) != Some(dst.len()) {
+        bail!("matmul_bf16_plain_into: ({m}x{k})·({}x{n}) into {} values", w.rows(), dst.len())
+    }
+    let plan = sgemm::plan_for(&lhs, sgemm::Layout { rows: k, cols: n, rs: n, cs: 1 });
+    let cut = m > 0 && k > 0 && plan.is_some();
+    blocks(dst, m, n, k, cut, beta, accumulate, |c0, c1, buf| w.cols_block_into(c0, c1, buf), |d, block, beta, acc| {
+        matmul_into(d, lhs, MatRef::row_major(block, k, block.len() / k.max(1))?, beta, acc)
+    })
+}
+
+/// Values of W widened at a time by the bf16 products (2 MiB of f32: a few blocks stay in L2 and L3).
+const BLOCK_VALUES: usize = 1 << 19;
+
+/// Runs `C (m×n) = [C +] β·lhs·B` one block of C's columns at a time: `widen(j0, j1, buf)` writes the f32
+/// values of B's columns j0..j1 (in the layout `product` reads), `product(d, buf, β, acc)` computes that
+/// block into `d` (m × (j1 − j0), row-major), which is `dst` itself when one block covers it.
+///
+/// Why each block gives the bits of the whole product (for `cut` = the product runs on our tiles): every
+/// output element of the tiles is one chain of fused multiply-adds over k that no column count changes,
+/// except through three shape rules — the plan (the Transposed tiles need ≥ 64 columns, the sparse loop ≥ 64,
+/// the Direct tiles ≥ 16), the split of k into blocks of 512 (taken when k > 512 and k · columns > 2¹⁶, with
+/// columns = n, or m where Aᵀ is packed) and whether Aᵀ is packed (m ≤ columns). Blocks are at least 128
+/// columns wide (the last one takes the remainder), so a block takes the plan of the whole, and wherever k
+/// exceeds 512 both the whole and every block split k (k · 128 > 2¹⁶), whichever operand each packs.
+#[allow(clippy::too_many_arguments)]
+fn blocks(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    cut: bool,
+    beta: f32,
+    accumulate: bool,
+    widen: impl Fn(usize, usize, &mut [f32]),
+    product: impl Fn(&mut [f32], &[f32], f32, bool) -> Result<()>,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let width = if cut { (BLOCK_VALUES / k / 64 * 64).max(128) } else { n };
+    // Whole blocks of `width` columns, the last one taking the remainder (so no block is narrower).
+    let count = n / width;
+    if count <= 1 {
+        let mut buf = vec![0f32; k * n];
+        widen(0, n, &mut buf);
+        return product(dst, &buf, beta, accumulate);
+    }
+    let widest = n - (count - 1) * width;
+    let mut buf = vec![0f32; k * widest];
+    let mut out = vec![0f32; m * widest];
+    for b in 0..count {
+        let (j0, j1) = (b * width, if b + 1 == count { n } else { (b + 1) * width });
+        let w = j1 - j0;
+        let (buf, out) = (&mut buf[..k * w], &mut out[..m * w]);
+        widen(j0, j1, buf);
+        if accumulate {
+            for (o, row) in out.chunks_exact_mut(w).zip(dst.chunks_exact(n)) {
+                o.copy_from_slice(&row[j0..j1]);
+            }
+        }
+        product(out, buf, beta, accumulate)?;
+        for (o, row) in out.chunks_exact(w).zip(dst.chunks_exact_mut(n)) {
+            row[j0..j1].copy_from_slice(o);
+        }
+    }
+    Ok(())
 }
 
 /// Which code computes a product.
@@ -243,4 +329,66 @@ mod tests {
         let e = matmul_bf16_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 6], 2, 3).unwrap(), &packed, Some(other), 1.0, false).unwrap_err();
         assert!(e.to_string().contains("f32 weight is 3x2"), "{e}");
     }
+    /// Values rounded to bf16 numbers (their low 16 bits cleared), some of them exact zeros.
+    fn bf16_vec(n: usize, zeros: f64, seed: u64) -> Vec<f32> {
+        let mut g = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| if g.random::<f64>() < zeros { 0.0 } else { f32::from_bits((g.random::<f32>() * 2.0 - 1.0).to_bits() & 0xFFFF_0000) })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_weights_widened_in_blocks_give_the_bits_of_the_whole_f32_product() {
+        // (m, k, n, zeros of lhs): products wide enough to be cut into blocks (n above the block width for
+        // that k, k on both sides of 512, where the tiles split k), with m below and above the block width
+        // (Aᵀ packed, or B copied row-major), a mostly-zero lhs (the sparse loop, as a ReLU's gradient), and
+        // small shapes left whole (the tiles, or the gemm crate).
+        let cases =
+            [(20, 600, 1800, 0.0), (1000, 520, 2000, 0.0), (2100, 600, 1900, 0.0), (40, 300, 4000, 0.0), (70, 530, 1750, 0.8), (5, 40, 30, 0.0), (3, 10, 7, 0.0), (17, 1, 300, 0.0)];
+        for (i, (m, k, n, zeros)) in cases.into_iter().enumerate() {
+            let x = bf16_vec(m * k, zeros, 200 + i as u64);
+            for (beta, accumulate) in [(1.0, false), (0.5, true)] {
+                let init = rand_vec(m * n, 230 + i as u64);
+                // lhs·Wᵀ, W (n × k).
+                let w = bf16_vec(n * k, 0.0, 210 + i as u64);
+                let packed = Bf16Matrix::pack(&w, n, k).unwrap();
+                let xv = MatRef::row_major(&x, m, k).unwrap();
+                let (mut want, mut got) = (init.clone(), init.clone());
+                matmul_into(&mut want, xv, MatRef::row_major(&w, n, k).unwrap().t(), beta, accumulate).unwrap();
+                matmul_bf16_into(&mut got, xv, &packed, None, beta, accumulate).unwrap();
+                let same = want.iter().zip(&got).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert_eq!(same, want.len(), "x·Wᵀ ({m}, {k}, {n}) accumulate {accumulate}: {} of {} differ", want.len() - same, want.len());
+                // lhs·W, W (k × n).
+                let w = bf16_vec(k * n, 0.0, 220 + i as u64);
+                let packed = Bf16Matrix::pack(&w, k, n).unwrap();
+                let (mut want, mut got) = (init.clone(), init.clone());
+                matmul_into(&mut want, xv, MatRef::row_major(&w, k, n).unwrap(), beta, accumulate).unwrap();
+                matmul_bf16_plain_into(&mut got, xv, &packed, beta, accumulate).unwrap();
+                let same = want.iter().zip(&got).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert_eq!(same, want.len(), "x·W ({m}, {k}, {n}) accumulate {accumulate}: {} of {} differ", want.len() - same, want.len());
+            }
+        }
+        let packed = Bf16Matrix::pack(&[0.0; 6], 2, 3).unwrap();
+        let e = matmul_bf16_plain_into(&mut [0.0; 4], MatRef::row_major(&[0.0; 8], 2, 4).unwrap(), &packed, 1.0, false).unwrap_err();
+        assert!(e.to_string().contains("(2x4)·(2x3)"), "{e}");
+    }
+
+    #[test]
+    fn bf16_matrices_read_from_bit_patterns_equal_those_packed_from_values() {
+        let (rows, cols) = (5, 37);
+        let w = bf16_vec(rows * cols, 0.1, 240);
+        let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let packed = Bf16Matrix::pack(&w, rows, cols).unwrap();
+        assert_eq!(Bf16Matrix::from_bits(&bits, rows, cols).as_ref(), Some(&packed));
+        let mut piecewise = Bf16Matrix::zeros(rows, cols).unwrap();
+        assert!(piecewise.write_rows(3, &bits[3 * cols..]) && piecewise.write_rows(0, &bits[..3 * cols]));
+        assert_eq!(piecewise, packed);
+        assert!(!piecewise.write_rows(4, &bits[..2 * cols]), "rows past the end");
+        assert!(!piecewise.write_rows(0, &bits[..cols + 1]), "not whole rows");
+        assert!(Bf16Matrix::from_bits(&bits[1..], rows, cols).is_none());
+        let mut row = vec![0f32; cols];
+        packed.row_into(2, &mut row);
+        assert_eq!(row, w[2 * cols..3 * cols]);
+    }
+
 }
