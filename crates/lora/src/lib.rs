@@ -53,5 +53,5 @@ pub use lora_kernels::{simd, Activation, Simd};
 pub use model::LoraModel;
 pub use peft::matching::{Exclude, Pattern, Targets};
 pub use peft::{adapter_from_bytes, read_adapter, AdapterFiles, LoadOptions, SaveOptions};
-pub use serving::{PackedAdapter, PackedBase, RowGroup};
+pub use serving::{PackedAdapter, RowGroup};
 pub use snapshot::BaseSnapshot;

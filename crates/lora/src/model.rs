@@ -5,13 +5,15 @@
 //! layers are wired (the network owning it does); it knows names, adapters and parameters.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
+use lora_kernels::Bf16Matrix;
 use rand::Rng;
 
 use crate::config::{Bias, LoraConfig};
 use crate::error::{LoraError, Result};
-use crate::linear::LoraLinear;
+use crate::linear::{Base, LoraLinear, WeightKey};
 
 /// Named [`LoraLinear`] layers, in order, with model-wide adapter operations.
 #[derive(Debug, Default)]
@@ -160,7 +162,7 @@ impl LoraModel {
             let bias =
                 l.bias().is_some() && (full || config.bias == Bias::All || (config.bias == Bias::LoraOnly && targets.contains(module)));
             if full || bias {
-                let w = full.then(|| l.weight().as_tensor().clone());
+                let w = if full { Some(l.weight()?) } else { None };
                 let b = if bias { l.bias().map(|b| b.as_tensor().clone()) } else { None };
                 l.insert_override(name, w.as_ref(), b.as_ref())?;
             }
@@ -259,15 +261,77 @@ impl LoraModel {
                 Bias::All => true,
                 Bias::LoraOnly => lora,
             };
-            l.set_base_trainable(false, train_bias);
+            l.freeze_base();
+            l.set_bias_trainable(train_bias);
         }
     }
 
-    /// Makes every base weight and bias trainable (pre-training / full fine-tuning).
-    pub fn unfreeze_base(&mut self) {
+    /// Makes every base weight and bias trainable (pre-training / full fine-tuning); weights held in bf16
+    /// are widened to f32 first ([`LoraModel::widen_base`]).
+    pub fn unfreeze_base(&mut self) -> Result<()> {
+        self.widen_base()?;
         for (_, l) in &mut self.layers {
-            l.set_base_trainable(true, true);
+            l.set_base_trainable(true, true)?;
         }
+        Ok(())
+    }
+
+    /// Holds every frozen f32 base weight whose values are all bf16 numbers in bf16 instead (half the bytes;
+    /// every product gives the same bits): a checkpoint stored in bf16 and read into f32, or a model whose
+    /// weights were rounded to bf16. Layers that share a weight keep sharing it. Weights that train, hold
+    /// merged adapters or have other values stay f32. Returns how many weights it packed.
+    pub fn hold_base_in_bf16(&mut self) -> Result<usize> {
+        let mut done: HashMap<WeightKey, Option<Arc<Bf16Matrix>>> = HashMap::new();
+        let mut packed = 0;
+        for (_, l) in &mut self.layers {
+            let Some(var) = l.weight_var() else { continue };
+            if l.base_trainable().0 || !l.merged().is_empty() {
+                continue;
+            }
+            let key = l.weight_key();
+            if !done.contains_key(&key) {
+                let [rows, cols] = l.weight_dims();
+                let m = Bf16Matrix::pack(&crate::bridge::values(var.as_tensor())?, rows, cols).map(Arc::new);
+                packed += usize::from(m.is_some());
+                done.insert(key, m);
+            }
+            if let Some(Some(m)) = done.get(&key) {
+                l.replace_weight(Base::Bf16(m.clone()));
+            }
+        }
+        // Layers that share one weight (a tied output embedding) widen it together, never alone.
+        let mut holders: HashMap<WeightKey, usize> = HashMap::new();
+        for (_, l) in &self.layers {
+            *holders.entry(l.weight_key()).or_default() += 1;
+        }
+        for (_, l) in &mut self.layers {
+            if holders[&l.weight_key()] > 1 {
+                l.mark_tied();
+            }
+        }
+        Ok(packed)
+    }
+
+    /// Widens every base weight held in bf16 to an f32 variable (exact), once per shared weight: layers that
+    /// shared a bf16 weight share the f32 variable.
+    pub fn widen_base(&mut self) -> Result<()> {
+        let mut done: HashMap<WeightKey, Var> = HashMap::new();
+        for (_, l) in &mut self.layers {
+            if l.weight_bf16().is_none() {
+                continue;
+            }
+            let key = l.weight_key();
+            let var = match done.get(&key) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = Var::from_tensor(&l.weight()?)?;
+                    done.insert(key, v.clone());
+                    v
+                }
+            };
+            l.replace_weight(Base::F32(var));
+        }
+        Ok(())
     }
 
     /// Every trainable tensor, layer by layer.
@@ -280,7 +344,7 @@ impl LoraModel {
     pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut v = Vec::new();
         for (n, l) in &self.layers {
-            v.push((format!("{n}.weight"), l.weight().as_tensor().copy()?));
+            v.push((format!("{n}.weight"), l.weight()?.copy()?));
             if let Some(b) = l.bias() {
                 v.push((format!("{n}.bias"), b.as_tensor().copy()?));
             }

@@ -6,15 +6,25 @@
 //! model.restore_base(&snap)          W_l ← snap, b_l ← snap, every merge forgotten, adapters kept whole
 //! ```
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
+use lora_kernels::Bf16Matrix;
 
 use crate::error::Result;
 use crate::model::LoraModel;
 
+/// A weight as saved: an f32 copy, or a bf16 weight itself (never written in place, so sharing it is a copy).
+#[derive(Debug, Clone)]
+enum Saved {
+    F32(Tensor),
+    Bf16(Arc<Bf16Matrix>),
+}
+
 /// Exact copies of every base weight and bias, for a bit-exact restore after merges.
 #[derive(Debug, Clone)]
 pub struct BaseSnapshot {
-    tensors: Vec<(String, Tensor, Option<Tensor>)>,
+    tensors: Vec<(String, Saved, Option<Tensor>)>,
 }
 
 impl LoraModel {
@@ -22,7 +32,11 @@ impl LoraModel {
     pub fn snapshot_base(&self) -> Result<BaseSnapshot> {
         let mut tensors = Vec::new();
         for (n, l) in self.layers() {
-            tensors.push((n.to_string(), l.weight().as_tensor().copy()?, l.bias().map(|b| b.as_tensor().copy()).transpose()?));
+            let w = match l.weight_bf16() {
+                Some(m) => Saved::Bf16(m.clone()),
+                None => Saved::F32(l.weight()?.copy()?),
+            };
+            tensors.push((n.to_string(), w, l.bias().map(|b| b.as_tensor().copy()).transpose()?));
         }
         Ok(BaseSnapshot { tensors })
     }
@@ -30,7 +44,11 @@ impl LoraModel {
     /// Writes a snapshot back (bit-exact) and forgets every merge.
     pub fn restore_base(&mut self, snap: &BaseSnapshot) -> Result<()> {
         for (n, w, b) in &snap.tensors {
-            self.layer_mut(n)?.restore_base(w, b.as_ref())?;
+            let layer = self.layer_mut(n)?;
+            match w {
+                Saved::F32(w) => layer.restore_base(w, b.as_ref())?,
+                Saved::Bf16(m) => layer.restore_base_bf16(m, b.as_ref())?,
+            }
         }
         Ok(())
     }

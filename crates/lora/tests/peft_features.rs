@@ -168,14 +168,14 @@ fn pissa_and_olora_start_from_pefts_factors_and_residual_and_convert_to_pefts_pl
             // the products may not. |entries| < 1; f32 SVD error ~1e-6.
             let d = max_diff_t(&ba_peft, &ba_ours);
             assert!(d < TOL, "{case} {l}: starting update differs from PEFT's by {d}");
-            let residual = (layer.weight().as_tensor() - ba_ours).unwrap();
+            let residual = (layer.weight().unwrap() - ba_ours).unwrap();
             let d = max_diff_t(&residual, &tensor(&init["residual_weight"]));
             assert!(d < TOL, "{case} {l}: residual base differs from PEFT's by {d}");
         }
         // The base itself is untouched: lora-rs keeps the residual inside the adapter.
         let pristine = base();
         for l in LAYERS {
-            assert_eq!(max_diff_t(m.layer(l).unwrap().weight().as_tensor(), pristine.layer(l).unwrap().weight().as_tensor()), 0.0);
+            assert_eq!(max_diff_t(&m.layer(l).unwrap().weight().unwrap(), &pristine.layer(l).unwrap().weight().unwrap()), 0.0);
         }
         // 2. PEFT's trained adapter: PEFT's logits (its base rewritten, ours recomputing the factors).
         let m = check_case(case);
@@ -285,7 +285,7 @@ fn trained_biases_and_modules_to_save_written_by_peft_give_pefts_logits_and_are_
         let pristine = base();
         for l in LAYERS {
             let (a, b) = (m.layer(l).unwrap(), pristine.layer(l).unwrap());
-            assert_eq!(max_diff_t(a.weight().as_tensor(), b.weight().as_tensor()), 0.0, "{case} {l}: weight");
+            assert_eq!(max_diff_t(&a.weight().unwrap(), &b.weight().unwrap()), 0.0, "{case} {l}: weight");
             assert_eq!(max_diff_t(a.bias().unwrap().as_tensor(), b.bias().unwrap().as_tensor()), 0.0, "{case} {l}: bias");
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -326,7 +326,7 @@ fn training_with_biases_or_modules_to_save_trains_the_adapters_copies_and_never_
         }
         for l in LAYERS {
             let (a, b) = (m.layer(l).unwrap(), before.layer(l).unwrap());
-            assert_eq!(max_diff_t(a.weight().as_tensor(), b.weight().as_tensor()), 0.0);
+            assert_eq!(max_diff_t(&a.weight().unwrap(), &b.weight().unwrap()), 0.0);
             assert_eq!(max_diff_t(a.bias().unwrap().as_tensor(), b.bias().unwrap().as_tensor()), 0.0);
         }
         // Merge swaps the copies in and adds the updates; unmerge gives the base back bit for bit.
@@ -335,7 +335,7 @@ fn training_with_biases_or_modules_to_save_trains_the_adapters_copies_and_never_
         assert!(max_diff_t(&y, &logits(&m)) < 1e-5);
         m.unmerge("t").unwrap();
         let l3 = m.layer("linear3").unwrap();
-        assert_eq!(max_diff_t(l3.weight().as_tensor(), before.layer("linear3").unwrap().weight().as_tensor()), 0.0);
+        assert_eq!(max_diff_t(&l3.weight().unwrap(), &before.layer("linear3").unwrap().weight().unwrap()), 0.0);
         assert_eq!(max_diff_t(l3.bias().unwrap().as_tensor(), before.layer("linear3").unwrap().bias().unwrap().as_tensor()), 0.0);
     }
 }

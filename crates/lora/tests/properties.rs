@@ -75,7 +75,7 @@ proptest! {
             prop_assert!((m - u).abs() <= 2e-4, "merged {} vs unmerged {}", m, u);
         }
         l.unmerge("a").unwrap();
-        let w = l.weight().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // One add and one subtract per element: |error| ≤ ulp(|W0| + |s·B·A|) (the documented bound).
         for ((got, want), d) in w.iter().zip(&w0).zip(&delta) {
             let bound = 2.0 * f32::EPSILON * (want.abs() + d.abs()).max(f32::MIN_POSITIVE);

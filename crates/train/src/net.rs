@@ -142,7 +142,7 @@ mod tests {
     fn init_is_uniform_within_one_over_sqrt_fan_in_and_seeded() {
         let a = ExpensiveNet::new(50, 20, 10, 3, 7, &Device::Cpu).unwrap();
         let b = ExpensiveNet::new(50, 20, 10, 3, 7, &Device::Cpu).unwrap();
-        let w = |n: &ExpensiveNet| n.model.layer("linear1").unwrap().weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = |n: &ExpensiveNet| n.model.layer("linear1").unwrap().weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(w(&a), w(&b));
         let k = 1.0 / 50f32.sqrt();
         let v = w(&a);

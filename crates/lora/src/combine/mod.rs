@@ -202,7 +202,7 @@ impl LoraModel {
                             *v = v.clamp(-hi, hi);
                         }
                     }
-                    let dev = layer.weight().device();
+                    let dev = &candle_core::Device::Cpu;
                     (Tensor::from_vec(av, (k, inp), dev)?, Tensor::from_vec(bv, (out, k), dev)?)
                 }
                 Some(kind) => {
@@ -221,7 +221,7 @@ impl LoraModel {
                     let tb: Vec<Vec<f32>> = present.iter().map(|(ad, _)| flat(ad.b().as_tensor())).collect::<Result<_>>()?;
                     let a = merge_tasks(kind, &ta, &wa, opts.density, opts.majority_sign, &mut rng);
                     let b = merge_tasks(kind, &tb, &wb, opts.density, opts.majority_sign, &mut rng);
-                    let dev = layer.weight().device();
+                    let dev = &candle_core::Device::Cpu;
                     (Tensor::from_vec(a, (r, layer.in_features()), dev)?, Tensor::from_vec(b, (layer.out_features(), r), dev)?)
                 }
             };

@@ -55,7 +55,7 @@ impl LoraLinear {
         if bias.is_some() && self.bias.is_none() {
             return Err(LoraError::State(format!("adapter {name:?} brings a bias for a layer without one")));
         }
-        let weight = weight.map(|w| copy(w, "weight", self.weight.dims())).transpose()?;
+        let weight = weight.map(|w| copy(w, "weight", &self.weight_dims())).transpose()?;
         let bias = bias.map(|b| copy(b, "bias", &[self.out_features()])).transpose()?;
         self.overrides.insert(name.to_string(), Override { weight, bias });
         Ok(())
@@ -77,12 +77,14 @@ impl LoraLinear {
     /// for [`LoraLinear::put_back_displaced`]. The adapter's copies are not changed.
     pub(super) fn swap_in_copies(&mut self, name: &str) -> Result<()> {
         let ov = self.overrides.get(name).ok_or_else(|| self.unknown(name))?;
+        let (w, b) = (ov.weight.as_ref().map(|w| w.as_tensor().copy()).transpose()?, ov.bias.clone());
         let mut displaced = Displaced { weight: None, bias: None };
-        if let Some(w) = &ov.weight {
-            displaced.weight = Some(self.weight.as_tensor().copy()?);
-            self.weight.set(&w.as_tensor().copy()?)?;
+        if let Some(w) = w {
+            let own = self.writable_weight("merging an adapter's copy of the layer")?;
+            displaced.weight = Some(own.as_tensor().copy()?);
+            own.set(&w)?;
         }
-        if let (Some(b), Some(own)) = (&ov.bias, &self.bias) {
+        if let (Some(b), Some(own)) = (&b, &self.bias) {
             displaced.bias = Some(own.as_tensor().copy()?);
             own.set(&b.as_tensor().copy()?)?;
         }
@@ -94,7 +96,7 @@ impl LoraLinear {
     pub(super) fn put_back_displaced(&mut self) -> Result<()> {
         if let Some(d) = self.displaced.take() {
             if let Some(w) = d.weight {
-                self.weight.set(&w)?;
+                self.writable_weight("restoring the base")?.set(&w)?;
             }
             if let (Some(b), Some(own)) = (d.bias, &self.bias) {
                 own.set(&b)?;

@@ -5,9 +5,12 @@
 //! row(id) = E[id] + Σ_k s_k·(A_kᵀ[id])·B_kᵀ        A (r, V), B (H, r)   (no dropout, as PEFT)
 //! ```
 
-use candle_core::Tensor;
+use std::sync::Arc;
 
-use super::LoraLinear;
+use candle_core::{DType, Tensor};
+use lora_kernels::Bf16Matrix;
+
+use super::{Base, LoraLinear};
 use crate::error::{LoraError, Result};
 
 impl LoraLinear {
@@ -16,6 +19,14 @@ impl LoraLinear {
     pub fn embedding(table: Tensor) -> Result<Self> {
         table.dims2()?;
         let mut l = Self::new(table, None)?;
+        l.embedding = true;
+        Ok(l)
+    }
+
+    /// Wraps an embedding table (V, H) held in bf16 (frozen, as [`LoraLinear::from_bf16`]): a token's row
+    /// is widened when it is read.
+    pub fn embedding_bf16(table: Arc<Bf16Matrix>) -> Result<Self> {
+        let mut l = Self::from_bf16(table, None)?;
         l.embedding = true;
         Ok(l)
     }
@@ -32,11 +43,22 @@ impl LoraLinear {
         }
         let ids = ids.flatten_all()?;
         let (ow, _) = self.active_override().unwrap_or((None, None));
-        let table = match ow {
-            Some(w) => w.as_tensor().clone(),
-            None => Self::param(&self.weight, self.weight_trainable),
-        };
-        let mut y = table.index_select(&ids, 0)?; // (n, H)
+        let mut y = match (ow, &self.weight) {
+            (Some(w), _) => w.as_tensor().index_select(&ids, 0)?,
+            (None, Base::F32(w)) => Self::param(w, self.weight_trainable).index_select(&ids, 0)?,
+            (None, Base::Bf16(table)) => {
+                let (v, h) = (table.rows(), table.cols());
+                let ids_v = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let mut rows = vec![0f32; ids_v.len() * h];
+                for (&id, row) in ids_v.iter().zip(rows.chunks_exact_mut(h.max(1))) {
+                    if id as usize >= v {
+                        return Err(LoraError::State(format!("token id {id} is outside the embedding table ({v} rows)")));
+                    }
+                    table.row_into(id as usize, row);
+                }
+                Tensor::from_vec(rows, (ids_v.len(), h), ids.device())?
+            }
+        }; // (n, H)
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 let Some(ad) = self.adapters.get(name) else { continue };

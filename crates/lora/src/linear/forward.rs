@@ -145,7 +145,7 @@ mod tests {
         };
         let y = l.forward(&x).unwrap();
         let grads = ((y.sqr().unwrap() * &c).unwrap().sum_all().unwrap() / 2.0).unwrap().backward().unwrap();
-        assert!(grads.get(l.weight().as_tensor()).is_none(), "frozen W0 got a gradient");
+        assert!(grads.get(l.weight_var().unwrap().as_tensor()).is_none(), "frozen W0 got a gradient");
         let ad = l.adapter("x").unwrap();
         for var in [ad.a().clone(), ad.b().clone()] {
             let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

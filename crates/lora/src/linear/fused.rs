@@ -28,9 +28,11 @@
 //! embedding) takes the reference path.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use lora_kernels::{linear_backward, linear_forward, Activation, AdapterRef, LinearGrads, LinearRef, MatRef};
+use std::sync::Arc;
 
-use super::{Adapter, Backend, LoraLinear};
+use lora_kernels::{linear_backward, linear_forward, Activation, AdapterRef, Bf16Matrix, LinearGrads, LinearRef, MatRef, WeightRef};
+
+use super::{Adapter, Backend, Base, LoraLinear};
 use crate::bridge::{cpu_mat, cpu_slice, Held};
 use crate::error::Result;
 
@@ -48,21 +50,44 @@ fn out_tensor(v: Vec<f32>, shape: (usize, usize)) -> CResult<Tensor> {
 /// The op of a layer whose base is frozen: W0 and bias are constants held by the op; the arguments are
 /// x alone (no adapter, [`CustomOp1`]) or (x, A, B) ([`CustomOp3`]).
 struct FrozenBaseOp {
-    weight: Tensor,
+    weight: Frozen,
     bias: Option<Tensor>,
     scale: f32,
     act: Activation,
 }
 
+/// A frozen base weight as the op reads it: an f32 tensor, or the layer's bf16 weight.
+enum Frozen {
+    F32(Tensor),
+    Bf16(Arc<Bf16Matrix>),
+}
+
+impl Frozen {
+    fn of(layer: &LoraLinear) -> Frozen {
+        match &layer.weight {
+            Base::F32(v) => Frozen::F32(v.as_detached_tensor()),
+            Base::Bf16(m) => Frozen::Bf16(m.clone()),
+        }
+    }
+}
+
 impl FrozenBaseOp {
     fn run<R>(&self, a: Option<MatRef<'_>>, b: Option<MatRef<'_>>, f: impl FnOnce(&LinearRef<'_>) -> CResult<R>) -> CResult<R> {
-        let w = Held::new(&self.weight);
+        let w = match &self.weight {
+            Frozen::F32(t) => Some(Held::new(t)),
+            Frozen::Bf16(_) => None,
+        };
+        let weight = match (&self.weight, &w) {
+            (Frozen::Bf16(m), _) => WeightRef::Bf16(m),
+            (_, Some(h)) => WeightRef::F32(h.mat()?),
+            (Frozen::F32(_), None) => unreachable!("held above"),
+        };
         let bias = self.bias.as_ref().map(Held::new);
         let adapter = match (a, b) {
             (Some(a), Some(b)) => Some(AdapterRef { a, b, scale: self.scale }),
             _ => None,
         };
-        let p = LinearRef { weight: w.mat()?, bias: bias.as_ref().map(|h| h.slice()).transpose()?, adapter };
+        let p = LinearRef { weight, bias: bias.as_ref().map(|h| h.slice()).transpose()?, adapter };
         f(&p)
     }
 
@@ -151,7 +176,7 @@ struct TrainableBaseOp {
 
 impl TrainableBaseOp {
     fn forward(&self, x: MatRef<'_>, w: MatRef<'_>, bias: Option<&[f32]>) -> CResult<(CpuStorage, Shape)> {
-        let p = LinearRef { weight: w, bias, adapter: None };
+        let p = LinearRef { weight: WeightRef::F32(w), bias, adapter: None };
         let mut y = vec![0f32; x.rows() * w.rows()];
         k(linear_forward(x, &p, self.act, &mut y))?;
         Ok((CpuStorage::F32(y), Shape::from((x.rows(), w.rows()))))
@@ -160,7 +185,7 @@ impl TrainableBaseOp {
     fn backward(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, res: &Tensor, grad: &Tensor) -> CResult<[Option<Tensor>; 3]> {
         let (hx, hw, hy, hg) = (Held::new(x), Held::new(w), Held::new(res), Held::new(grad));
         let hb = bias.map(Held::new);
-        let p = LinearRef { weight: hw.mat()?, bias: hb.as_ref().map(|h| h.slice()).transpose()?, adapter: None };
+        let p = LinearRef { weight: WeightRef::F32(hw.mat()?), bias: hb.as_ref().map(|h| h.slice()).transpose()?, adapter: None };
         let xm = hx.mat()?;
         let (n, inp, out) = (xm.rows(), xm.cols(), p.weight.rows());
         let mut dx = x.track_op().then(|| vec![0f32; n * inp]);
@@ -234,14 +259,14 @@ pub(super) enum Plan<'a> {
 }
 
 /// Which fused op serves `layer` on x, or `None` (the reference path then runs). An op serves a layer whose
-/// backend is [`Backend::Fused`], on a 2-D f32 CPU input, with an f32 weight, no active adapter's copies of
+/// backend is [`Backend::Fused`], on a 2-D f32 CPU input, with an f32 or bf16 weight, no active adapter's copies of
 /// the layer, no embedding table, at most one active unmerged adapter without dropout (while training), LoRA
 /// bias or PiSSA/OLoRA starting point, and a base that is either frozen or trains with no adapter.
 pub(super) fn plan<'a>(layer: &'a LoraLinear, x: &Tensor, train: bool) -> Result<Option<Plan<'a>>> {
     if layer.backend() != Backend::Fused || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 2 {
         return Ok(None);
     }
-    if layer.weight().dtype() != DType::F32 || layer.active_override().is_some() || layer.is_embedding() {
+    if layer.active_override().is_some() || layer.is_embedding() {
         return Ok(None);
     }
     let mut adapters = Vec::new();
@@ -268,9 +293,9 @@ pub(super) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
     let Some(plan) = plan(layer, x, train)? else { return Ok(None) };
     let y = match plan {
         Plan::Dora(ad) => {
-            let f = ad.dora_factor(layer.weight().as_tensor())?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
+            let f = ad.dora_factor(&layer.weight()?)?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
             let op = FrozenBaseOp {
-                weight: layer.weight().as_detached_tensor(),
+                weight: Frozen::of(layer),
                 bias: None,
                 scale: ad.scale() as f32,
                 act: Activation::Identity,
@@ -288,7 +313,7 @@ pub(super) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
         }
         Plan::Frozen(adapter) => {
             let op = FrozenBaseOp {
-                weight: layer.weight().as_detached_tensor(),
+                weight: Frozen::of(layer),
                 bias: layer.bias().map(|b| b.as_detached_tensor()),
                 scale: adapter.map_or(0.0, |ad| ad.scale() as f32),
                 act,
@@ -301,9 +326,11 @@ pub(super) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
         }
         Plan::TrainableBase => {
             let op = TrainableBaseOp { act };
+            // A weight that trains is held in f32 (set_base_trainable widens a bf16 one).
+            let w = layer.weight()?;
             match layer.bias() {
-                Some(b) => x.apply_op3(layer.weight().as_tensor(), b.as_tensor(), op)?,
-                None => x.apply_op2(layer.weight().as_tensor(), op)?,
+                Some(b) => x.apply_op3(&w, b.as_tensor(), op)?,
+                None => x.apply_op2(&w, op)?,
             }
         }
     };
@@ -381,7 +408,7 @@ mod tests {
             for act in [Activation::Identity, Activation::Relu] {
                 let g = loss(&l.forward_act_t(xv.as_tensor(), true, act).unwrap(), &c).backward().unwrap();
                 assert!(
-                    g.get(l.weight().as_tensor()).is_none() && g.get(l.bias().unwrap().as_tensor()).is_none(),
+                    g.get(l.weight_var().unwrap().as_tensor()).is_none() && g.get(l.bias().unwrap().as_tensor()).is_none(),
                     "frozen base got a gradient"
                 );
                 let ad = l.adapter("a").unwrap();
@@ -446,7 +473,7 @@ mod tests {
             assert_eq!(matches!(plan(&l, xv.as_tensor(), true).unwrap(), Some(Plan::TrainableBase)), backend == Backend::Fused);
             let g = loss(&l.forward_act_t(xv.as_tensor(), true, Activation::Relu).unwrap(), &c).backward().unwrap();
             let grad = |t: &Tensor| flat(g.get(t).expect("missing gradient"));
-            results.push([grad(xv.as_tensor()), grad(l.weight().as_tensor()), grad(l.bias().unwrap().as_tensor())]);
+            results.push([grad(xv.as_tensor()), grad(l.weight_var().unwrap().as_tensor()), grad(l.bias().unwrap().as_tensor())]);
         }
         // As above: reordered f32 sums of ≤ 29 terms; 1e-5 relative to the largest value.
         for (i, what) in ["dx", "dW", "db"].iter().enumerate() {
@@ -461,7 +488,7 @@ mod tests {
         let y = l.forward(&x).unwrap();
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
-        assert!(g.get(l.weight().as_tensor()).is_none());
+        assert!(g.get(l.weight_var().unwrap().as_tensor()).is_none());
         assert!(g.get(l.adapter("a").unwrap().a().as_tensor()).is_some());
     }
 

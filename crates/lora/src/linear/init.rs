@@ -29,7 +29,7 @@ impl LoraLinear {
             return Err(LoraError::config("r", rank, "rank must be at least 1"));
         }
         let (out, inp) = (self.out_features(), self.in_features());
-        let dev = self.weight.device().clone();
+        let dev = candle_core::Device::Cpu;
         let uniform = |n: usize, bound: f64, rng: &mut R| -> Vec<f32> {
             (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
         };
@@ -80,7 +80,7 @@ impl LoraLinear {
                     self.merged
                 )));
             }
-            let norm = ad.dora_norm(self.weight.as_tensor())?;
+            let norm = ad.dora_norm(&self.weight()?)?;
             ad = ad.with_magnitude(&norm)?;
         }
         self.insert_adapter(name, ad)
@@ -89,7 +89,7 @@ impl LoraLinear {
     /// PiSSA's or OLoRA's starting factors (A0 (r, in), B0 (out, r)) for `spec` from the weight as stored now.
     pub fn initial_factors(&self, spec: AdapterSpec) -> Result<(Tensor, Tensor)> {
         let (a, b) = self.factor_init(spec)?;
-        let dev = self.weight.device();
+        let dev = &candle_core::Device::Cpu;
         Ok((Tensor::from_vec(a, (spec.rank, self.in_features()), dev)?, Tensor::from_vec(b, (self.out_features(), spec.rank), dev)?))
     }
 
@@ -98,7 +98,7 @@ impl LoraLinear {
         if r > out.min(inp) {
             return Err(LoraError::config("r", r, format!("{:?} needs r ≤ min(out, in) = {}", spec.init, out.min(inp))));
         }
-        let w = Dense::from_f32(&self.weight.as_tensor().flatten_all()?.to_vec1::<f32>()?, out, inp);
+        let w = Dense::from_f32(&self.weight()?.flatten_all()?.to_vec1::<f32>()?, out, inp);
         let mut a = Vec::with_capacity(r * inp);
         let mut b = vec![0f32; out * r];
         match spec.init {

@@ -22,12 +22,13 @@ impl LoraLinear {
     pub fn effective_weight(&self) -> Result<Tensor> {
         let mut w = match self.active_override() {
             Some((Some(w), _)) => w.as_tensor().copy()?,
-            _ => self.weight.as_tensor().copy()?,
+            _ => self.weight()?.copy()?,
         };
+        let base = self.weight()?;
         if !self.disabled {
             for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
                 let ad = self.adapter(name)?;
-                let f = ad.dora_factor(self.weight.as_tensor())?;
+                let f = ad.dora_factor(&base)?;
                 w = (w + self.stored(ad.delta_weight()?)?)?;
                 if let Some(f) = f {
                     w = w.broadcast_mul(&f.unsqueeze(1)?)?;
@@ -76,8 +77,9 @@ impl LoraLinear {
     }
 
     fn merge_pair(&mut self, name: &str, safe: bool) -> Result<()> {
+        let w = self.writable_weight("merging an adapter")?.as_tensor().clone();
         let ad = self.adapter(name)?;
-        let mut new = (self.weight.as_tensor() + self.stored(ad.delta_weight()?)?)?;
+        let mut new = (&w + self.stored(ad.delta_weight()?)?)?;
         let mut norm = None;
         if ad.magnitude.is_some() {
             if self.merged.iter().any(|m| m != name) {
@@ -86,7 +88,7 @@ impl LoraLinear {
                     self.merged
                 )));
             }
-            let n = ad.dora_norm(self.weight.as_tensor())?;
+            let n = ad.dora_norm(&w)?;
             let f =
                 ad.magnitude.as_ref().map(|m| m.as_tensor() / &n).transpose()?.ok_or_else(|| LoraError::State("no magnitude".into()))?;
             new = new.broadcast_mul(&f.unsqueeze(1)?)?;
@@ -104,7 +106,7 @@ impl LoraLinear {
         if safe && (!all_finite(&new)? || !new_bias.as_ref().map_or(Ok(true), all_finite)?) {
             return Err(LoraError::NonFinite { tensor: format!("weight merged with {name}") });
         }
-        self.weight.set(&new)?;
+        self.writable_weight("merging an adapter")?.set(&new)?;
         if let (Some(nb), Some(b)) = (new_bias, &self.bias) {
             b.set(&nb)?;
         }
@@ -124,8 +126,8 @@ impl LoraLinear {
             self.merged.remove(pos);
             return Ok(());
         }
+        let mut w = self.writable_weight("unmerging an adapter")?.as_tensor().clone();
         let ad = self.adapter(name)?;
-        let mut w = self.weight.as_tensor().clone();
         if let (Some(m), Some(n)) = (&ad.magnitude, self.dora_norms.get(name)) {
             w = w.broadcast_div(&(m.as_tensor() / n)?.unsqueeze(1)?)?;
         }
@@ -134,7 +136,7 @@ impl LoraLinear {
             (Some(lb), Some(b)) => Some((b.as_tensor() - (lb.as_tensor() * ad.scale)?)?),
             _ => None,
         };
-        self.weight.set(&new)?;
+        self.writable_weight("unmerging an adapter")?.set(&new)?;
         if let (Some(nb), Some(b)) = (new_bias, &self.bias) {
             b.set(&nb)?;
         }
@@ -145,12 +147,41 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// Writes `w` (out, in) as the stored weight: into the f32 variable, or — for a weight held in bf16 — nothing
+    /// when `w` holds exactly its values, else the weight is widened to f32 and written.
+    fn set_base_weight(&mut self, w: &Tensor) -> Result<()> {
+        if let Some(m) = self.weight_bf16() {
+            let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if lora_kernels::Bf16Matrix::pack(&values, m.rows(), m.cols()).as_ref() == Some(&**m) {
+                return Ok(());
+            }
+        }
+        self.writable_weight("restoring the base")?.set(w)?;
+        Ok(())
+    }
+
+    /// [`LoraLinear::restore_base`] with a bf16 weight: the layer holds `weight` itself again.
+    pub(crate) fn restore_base_bf16(&mut self, weight: &std::sync::Arc<lora_kernels::Bf16Matrix>, bias: Option<&Tensor>) -> Result<()> {
+        let dims = [weight.rows(), weight.cols()];
+        if dims != self.weight_dims() {
+            return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight_dims().to_vec(), found: dims.to_vec() });
+        }
+        self.put_back_displaced()?;
+        self.replace_weight(super::Base::Bf16(weight.clone()));
+        if let (Some(b), Some(src)) = (&self.bias, bias) {
+            b.set(src)?;
+        }
+        self.merged.clear();
+        self.dora_norms.clear();
+        Ok(())
+    }
+
     /// Replaces the stored weight (and bias) with exact copies, forgetting merges: the exact-restore path.
     /// Adapters keep everything they hold, their own copies of this layer's tensors (trained biases,
     /// `modules_to_save`) included.
     pub fn restore_base(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
-        if weight.dims() != self.weight.dims() {
-            return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight.dims().to_vec(), found: weight.dims().to_vec() });
+        if weight.dims() != self.weight_dims() {
+            return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight_dims().to_vec(), found: weight.dims().to_vec() });
         }
         if let (Some(b), Some(own)) = (bias, &self.bias) {
             if b.dims() != own.dims() {
@@ -160,7 +191,7 @@ impl LoraLinear {
         // A merged adapter's copies sit in the slots and the base aside: the base back first (so that a bias
         // not given here is the base's too), then the given tensors.
         self.put_back_displaced()?;
-        self.weight.set(weight)?;
+        self.set_base_weight(weight)?;
         if let (Some(b), Some(src)) = (&self.bias, bias) {
             b.set(src)?;
         }
@@ -199,14 +230,14 @@ mod tests {
         l.insert_override("x", None, Some(&trained)).unwrap();
         let (wcopy, bcopy) = (t(rand_vec(out * inp, 43), (out, inp)), Tensor::from_vec(rand_vec(out, 44), out, &Device::Cpu).unwrap());
         l.insert_override("full", Some(&wcopy), Some(&bcopy)).unwrap();
-        let (w0, b0) = (l.weight().as_tensor().copy().unwrap(), l.bias().unwrap().as_tensor().copy().unwrap());
+        let (w0, b0) = (l.weight().unwrap().copy().unwrap(), l.bias().unwrap().as_tensor().copy().unwrap());
         for (name, want_w, want_b) in [("x", None, &trained), ("full", Some(&wcopy), &bcopy)] {
             l.set_active(&[name]).unwrap();
             let before = bits(&l.forward(&x).unwrap());
             l.merge(name, true).unwrap();
             assert_ne!(bits(l.bias().unwrap().as_tensor()), bits(&b0), "{name}: merging put the adapter's bias in the layer");
             l.restore_base(&w0, Some(&b0)).unwrap();
-            assert_eq!((bits(l.weight().as_tensor()), bits(l.bias().unwrap().as_tensor())), (bits(&w0), bits(&b0)), "{name}: base");
+            assert_eq!((bits(&l.weight().unwrap()), bits(l.bias().unwrap().as_tensor())), (bits(&w0), bits(&b0)), "{name}: base");
             let (w, b) = l.override_of(name).unwrap();
             assert_eq!(bits(b.unwrap().as_tensor()), bits(want_b), "{name}: the adapter's own bias");
             assert_eq!(w.map(|w| bits(w.as_tensor())), want_w.map(bits), "{name}: the adapter's own weight");
@@ -222,12 +253,12 @@ mod tests {
         let (mut l, _) = layer_with_adapter(inp, out, 3, 5.0, 51);
         let (wcopy, bcopy) = (t(rand_vec(out * inp, 52), (out, inp)), Tensor::from_vec(rand_vec(out, 53), out, &Device::Cpu).unwrap());
         l.insert_override("x", Some(&wcopy), Some(&bcopy)).unwrap();
-        let (w0, b0) = (bits(l.weight().as_tensor()), bits(l.bias().unwrap().as_tensor()));
+        let (w0, b0) = (bits(&l.weight().unwrap()), bits(l.bias().unwrap().as_tensor()));
         l.merge("x", true).unwrap();
         l.unmerge("x").unwrap();
         let (w, b) = l.override_of("x").unwrap();
         assert_eq!((bits(w.unwrap().as_tensor()), bits(b.unwrap().as_tensor())), (bits(&wcopy), bits(&bcopy)), "the copies");
-        assert_eq!((bits(l.weight().as_tensor()), bits(l.bias().unwrap().as_tensor())), (w0, b0), "the base");
+        assert_eq!((bits(&l.weight().unwrap()), bits(l.bias().unwrap().as_tensor())), (w0, b0), "the base");
     }
 
     #[test]
@@ -235,13 +266,13 @@ mod tests {
         let mut l = dora_layer(30, 20, 4, 71);
         let x = t(rand_vec(6 * 30, 72), (6, 30));
         let y0 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let w0 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w0 = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         l.merge("x", true).unwrap();
         let y1 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Sums of 30 terms in another association, one extra rounding of f: 1e-4 as the plain test.
         assert!(y0.iter().zip(&y1).all(|(a, b)| (a - b).abs() < 1e-4));
         l.unmerge("x").unwrap();
-        let w2 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w2 = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // W·f/f − ΔW + ΔW: four roundings of values ≲ 10.
         assert!(w0.iter().zip(&w2).all(|(a, b)| (a - b).abs() < 1e-5), "unmerge did not restore W");
     }
@@ -264,7 +295,7 @@ mod tests {
         let (mut l, _) = layer_with_adapter(30, 20, 4, 8.0, 31);
         let x = t(rand_vec(6 * 30, 32), (6, 30));
         let y0 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let w0 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w0 = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         l.merge("x", true).unwrap();
         let y1 = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Same sums in a different association: |y| ≲ 30 terms of size ≤ 8, f32 eps 1.2e-7 → 1e-4 is generous.
@@ -273,7 +304,7 @@ mod tests {
         }
         assert!(l.set_disabled(true).is_err());
         l.unmerge("x").unwrap();
-        let w2 = l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w2 = l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // One add and one subtract of the same delta: error ≤ 2 ulp of the larger magnitude (|W0|+|ΔW| ≤ 1 + 8).
         for (a, b) in w0.iter().zip(&w2) {
             assert!((a - b).abs() <= 2.0 * f32::EPSILON * 9.0);
@@ -288,7 +319,7 @@ mod tests {
         l.insert_adapter("bad", ad).unwrap();
         let e = l.merge("bad", true).unwrap_err().to_string();
         assert!(e.contains("non-finite") && e.contains("bad"), "{e}");
-        assert_eq!(l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        assert_eq!(l.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 4]);
         assert!(l.merged().is_empty());
     }
 }

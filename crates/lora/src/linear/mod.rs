@@ -43,9 +43,10 @@
 //! the embedding table read by token id in `embedding.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use lora_kernels::Bf16Matrix;
 
 use crate::error::{LoraError, Result};
 
@@ -61,13 +62,31 @@ mod reference;
 pub(crate) mod testing;
 
 pub use adapter::{Adapter, AdapterSpec};
+
 use copies::{Displaced, Override};
 pub use forward::Backend;
+
+/// A layer's base weight as held.
+#[derive(Debug, Clone)]
+pub(crate) enum Base {
+    /// f32: a variable (it can train, and merges write it).
+    F32(Var),
+    /// bf16 and frozen (a checkpoint's bf16 weights: half the bytes of f32, and the products read it with
+    /// the bits of its f32 values). Widened to an f32 variable, exactly, when something must write it.
+    Bf16(Arc<Bf16Matrix>),
+}
+
+/// Which weight a layer holds: equal for layers that share one (a variable's id, a bf16 matrix's address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum WeightKey {
+    F32(candle_core::TensorId),
+    Bf16(usize),
+}
 
 /// A linear layer `y = x·Wᵀ + b` with named LoRA adapters, an active set, a merged set and an off switch.
 #[derive(Debug)]
 pub struct LoraLinear {
-    weight: Var,       // (out, in)
+    weight: Base,      // (out, in)
     bias: Option<Var>, // (out)
     weight_trainable: bool,
     bias_trainable: bool,
@@ -81,6 +100,7 @@ pub struct LoraLinear {
     displaced: Option<Displaced>, // the base tensors a merged adapter's copies took the place of
     backend: Backend,
     embedding: bool, // the weight is an embedding table (in, out), read by token id
+    tied: bool,      // the weight is shared with another layer (a tied output embedding)
 }
 
 impl LoraLinear {
@@ -94,9 +114,30 @@ impl LoraLinear {
             }
         }
         let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?) };
+        Self::with_base(Base::F32(var(weight)?), bias.map(var).transpose()?)
+    }
+
+    /// Wraps a base weight (out, in) held in bf16 (a checkpoint's bf16 tensor, read without an f32 copy) and
+    /// an optional bias (out). The base is frozen: every product reads the bf16 values with the bits their
+    /// f32 widening would give; what must write the weight (training it, merging into it, an adapter's copy
+    /// of it) first widens it to f32, exactly.
+    pub fn from_bf16(weight: Arc<Bf16Matrix>, bias: Option<Tensor>) -> Result<Self> {
+        let out = weight.rows();
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                return Err(LoraError::Shape { tensor: "bias".into(), expected: vec![out], found: b.dims().to_vec() });
+            }
+        }
+        let bias = bias.map(|t| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?) }).transpose()?;
+        let mut l = Self::with_base(Base::Bf16(weight), bias)?;
+        l.freeze_base();
+        Ok(l)
+    }
+
+    fn with_base(weight: Base, bias: Option<Var>) -> Result<Self> {
         Ok(LoraLinear {
-            weight: var(weight)?,
-            bias: bias.map(var).transpose()?,
+            weight,
+            bias,
             weight_trainable: true,
             bias_trainable: true,
             adapters: BTreeMap::new(),
@@ -109,39 +150,129 @@ impl LoraLinear {
             rng: Mutex::new(reference::DropoutRng::new(0)),
             backend: Backend::default(),
             embedding: false,
+            tied: false,
         })
     }
 
     /// Input features (the vocabulary size of an embedding).
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[if self.embedding { 0 } else { 1 }]
+        self.weight_dims()[if self.embedding { 0 } else { 1 }]
     }
     /// Output features (the width of an embedding).
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[if self.embedding { 1 } else { 0 }]
+        self.weight_dims()[if self.embedding { 1 } else { 0 }]
+    }
+    /// The stored weight's shape: (out, in), or (V, H) for an embedding.
+    pub fn weight_dims(&self) -> [usize; 2] {
+        match &self.weight {
+            Base::F32(v) => [v.dims()[0], v.dims()[1]],
+            Base::Bf16(m) => [m.rows(), m.cols()],
+        }
     }
 
     /// An update (out, in) in the layout of the stored weight (transposed for an embedding).
     fn stored(&self, delta: Tensor) -> Result<Tensor> {
         Ok(if self.embedding { delta.t()?.contiguous()? } else { delta })
     }
-    /// The weight as stored now (W0, or W0 plus merged adapters), shape (out, in).
-    pub fn weight(&self) -> &Var {
-        &self.weight
+    /// The weight as stored now (W0, or W0 plus merged adapters), shape (out, in), in f32: the variable's
+    /// tensor itself (gradients reach it when it trains), or the bf16 weight widened (a copy, exact).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Base::F32(v) => Ok(v.as_tensor().clone()),
+            Base::Bf16(m) => Ok(Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu)?),
+        }
+    }
+    /// The weight's variable, when it is held in f32.
+    pub fn weight_var(&self) -> Option<&Var> {
+        match &self.weight {
+            Base::F32(v) => Some(v),
+            Base::Bf16(_) => None,
+        }
+    }
+    /// The weight held in bf16, when it is.
+    pub fn weight_bf16(&self) -> Option<&Arc<Bf16Matrix>> {
+        match &self.weight {
+            Base::F32(_) => None,
+            Base::Bf16(m) => Some(m),
+        }
+    }
+    /// Makes this layer hold `other`'s weight itself (a tied output embedding: one tensor, two uses), in
+    /// whichever form it is held; the shapes must match. Both layers then refuse to widen a bf16 weight
+    /// alone ([`crate::LoraModel::widen_base`] widens it once for both).
+    pub fn share_weight_of(&mut self, other: &mut LoraLinear) -> Result<()> {
+        if self.weight_dims() != other.weight_dims() {
+            return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight_dims().to_vec(), found: other.weight_dims().to_vec() });
+        }
+        self.weight = other.weight.clone();
+        (self.tied, other.tied) = (true, true);
+        Ok(())
+    }
+    /// Whether the weight is shared with another layer ([`LoraLinear::share_weight_of`]).
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+    /// A key equal for layers that hold one weight.
+    pub(crate) fn weight_key(&self) -> WeightKey {
+        match &self.weight {
+            Base::F32(v) => WeightKey::F32(v.as_tensor().id()),
+            Base::Bf16(m) => WeightKey::Bf16(Arc::as_ptr(m) as usize),
+        }
+    }
+    /// Marks the weight as shared with another layer.
+    pub(crate) fn mark_tied(&mut self) {
+        self.tied = true;
+    }
+    /// Holds `base` as the weight (the caller has checked that it has this layer's values).
+    pub(crate) fn replace_weight(&mut self, base: Base) {
+        self.weight = base;
+    }
+    /// The weight's variable, widening a bf16 weight to f32 first (exactly) for what must write it. Refused
+    /// when the bf16 weight is shared with another layer (tied embeddings: widening one would untie them).
+    pub(crate) fn writable_weight(&mut self, why: &str) -> Result<&Var> {
+        if let Base::Bf16(_) = &self.weight {
+            if self.tied {
+                return Err(LoraError::State(format!(
+                    "{why} writes the base weight, which is held in bf16 and shared with another layer (tied embeddings): \
+                     widen it for both first (LoraModel::widen_base)"
+                )));
+            }
+            let v = Var::from_tensor(&self.weight()?)?;
+            self.weight = Base::F32(v);
+        }
+        match &self.weight {
+            Base::F32(v) => Ok(v),
+            Base::Bf16(_) => unreachable!("widened above"),
+        }
+    }
+    /// The weight as the forward reads it: tracked when it trains, detached otherwise.
+    pub(crate) fn weight_param(&self) -> Result<Tensor> {
+        match &self.weight {
+            Base::F32(v) => Ok(Self::param(v, self.weight_trainable)),
+            Base::Bf16(_) => self.weight(),
+        }
     }
     /// The bias (out), if any.
     pub fn bias(&self) -> Option<&Var> {
         self.bias.as_ref()
+    }
+    /// Sets whether the bias trains (the weight's setting unchanged).
+    pub fn set_bias_trainable(&mut self, bias: bool) {
+        self.bias_trainable = bias;
     }
     /// Stops gradients for weight and bias (they become constants in the graph).
     pub fn freeze_base(&mut self) {
         self.weight_trainable = false;
         self.bias_trainable = false;
     }
-    /// Sets which base tensors train.
-    pub fn set_base_trainable(&mut self, weight: bool, bias: bool) {
+    /// Sets which base tensors train. A weight held in bf16 that is to train is widened to f32 first
+    /// (exactly; refused when it is shared with another layer, see [`LoraLinear::share_weight_of`]).
+    pub fn set_base_trainable(&mut self, weight: bool, bias: bool) -> Result<()> {
+        if weight {
+            self.writable_weight("training")?;
+        }
         self.weight_trainable = weight;
         self.bias_trainable = bias;
+        Ok(())
     }
     /// Whether (weight, bias) train.
     pub fn base_trainable(&self) -> (bool, bool) {
@@ -248,8 +379,8 @@ impl LoraLinear {
     /// The trainable tensors: unfrozen base weight/bias and A, B of each active, unmerged adapter.
     pub fn trainable_vars(&self) -> Vec<Var> {
         let mut v = Vec::new();
-        if self.weight_trainable {
-            v.push(self.weight.clone());
+        if let (true, Some(w)) = (self.weight_trainable, self.weight_var()) {
+            v.push(w.clone());
         }
         if let (true, Some(b)) = (self.bias_trainable, &self.bias) {
             v.push(b.clone());
@@ -299,7 +430,7 @@ impl LoraLinear {
 
     /// Base parameter count (weight + bias).
     pub fn num_base_params(&self) -> usize {
-        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+        self.weight_dims().iter().product::<usize>() + self.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 }
 
@@ -330,5 +461,75 @@ mod tests {
         assert_ne!(yx, yy);
         assert_eq!(yx, yx2);
         assert!(l.set_active(&["nope"]).unwrap_err().to_string().contains("nope"));
+    }
+
+    /// A layer with one adapter and a frozen base whose values are bf16 numbers, held in f32 and in bf16.
+    fn f32_and_bf16(inp: usize, out: usize, r: usize) -> (LoraLinear, LoraLinear) {
+        let (mut a, _) = layer_with_adapter(inp, out, r, 4.0, 70);
+        let w: Vec<f32> = rand_vec(out * inp, 71).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
+        a.restore_base(&t(w.clone(), (out, inp)), None).unwrap();
+        a.freeze_base();
+        let mut b = LoraLinear::from_bf16(Arc::new(Bf16Matrix::pack(&w, out, inp).unwrap()), Some(a.bias().unwrap().as_tensor().copy().unwrap())).unwrap();
+        let ad = a.adapter("x").unwrap();
+        let copy = Adapter::from_tensors(&ad.a().as_tensor().copy().unwrap(), &ad.b().as_tensor().copy().unwrap(), ad.alpha(), ad.scale(), 0.0).unwrap();
+        b.insert_adapter("x", copy).unwrap();
+        b.set_active(&["x"]).unwrap();
+        (a, b)
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    #[test]
+    fn a_base_held_in_bf16_gives_the_bits_of_its_f32_values_on_both_paths_forward_and_backward() {
+        // A batch (the tiles) and a decode step (the dot products), each on the fused op and the reference ops.
+        for (rows, backend) in [(40, Backend::Fused), (2, Backend::Fused), (40, Backend::Reference), (2, Backend::Reference)] {
+            let (mut a, mut b) = f32_and_bf16(96, 80, 4);
+            a.set_backend(backend);
+            b.set_backend(backend);
+            let x = Var::from_tensor(&t(rand_vec(rows * 96, 72), (rows, 96))).unwrap();
+            let run = |l: &LoraLinear| {
+                let y = l.forward(x.as_tensor()).unwrap();
+                let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+                let ad = l.adapter("x").unwrap();
+                [bits(&y), bits(g.get(x.as_tensor()).unwrap()), bits(g.get(ad.a().as_tensor()).unwrap()), bits(g.get(ad.b().as_tensor()).unwrap())]
+            };
+            assert!(run(&a) == run(&b), "{rows} rows, {backend:?}: y, dx, dA, dB must keep their bits");
+            assert_eq!(b.trainable_vars().len(), 2, "only A and B train");
+        }
+    }
+
+    #[test]
+    fn a_bf16_base_widens_exactly_when_written_and_refuses_to_untie_a_shared_weight() {
+        let (mut a, mut b) = f32_and_bf16(40, 24, 2);
+        assert_eq!(b.weight_var().is_none(), true);
+        let x = t(rand_vec(3 * 40, 73), (3, 40));
+        // Merging writes the weight: it is widened first, and the merged layer computes as the f32 one does.
+        a.merge("x", true).unwrap();
+        b.merge("x", true).unwrap();
+        assert!(b.weight_bf16().is_none());
+        assert_eq!(bits(&a.forward(&x).unwrap()), bits(&b.forward(&x).unwrap()));
+        // Training the base widens it too.
+        let (_, mut c) = f32_and_bf16(40, 24, 2);
+        c.set_base_trainable(true, true).unwrap();
+        assert_eq!(c.trainable_vars().len(), 4, "W, b, A, B");
+        // A shared (tied) bf16 weight is never widened by one of its layers alone.
+        let (_, mut head) = f32_and_bf16(40, 24, 2);
+        let mut other = LoraLinear::from_bf16(head.weight_bf16().unwrap().clone(), None).unwrap();
+        head.share_weight_of(&mut other).unwrap();
+        let e = head.merge("x", true).unwrap_err().to_string();
+        assert!(e.contains("bf16") && e.contains("shared"), "{e}");
+        assert!(other.set_base_trainable(true, false).is_err());
+        // An embedding table held in bf16 reads each token's row exactly.
+        let table = head.weight_bf16().unwrap().clone();
+        let emb = LoraLinear::embedding_bf16(table.clone()).unwrap();
+        let ids = Tensor::new(&[3u32, 0, 23], &Device::Cpu).unwrap();
+        let rows = emb.embed_t(&ids, false).unwrap().to_vec2::<f32>().unwrap();
+        let wide = table.to_f32();
+        for (row, id) in rows.iter().zip([3, 0, 23]) {
+            assert_eq!(row.as_slice(), &wide[id * 40..(id + 1) * 40]);
+        }
+        assert!(emb.embed_t(&Tensor::new(&[24u32], &Device::Cpu).unwrap(), false).unwrap_err().to_string().contains("token id 24"));
     }
 }

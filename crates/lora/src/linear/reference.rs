@@ -70,7 +70,7 @@ impl LoraLinear {
         let (ow, ob) = self.active_override().unwrap_or((None, None));
         let w = match ow {
             Some(w) => w.as_tensor().clone(),
-            None => Self::param(&self.weight, self.weight_trainable),
+            None => self.weight_param()?,
         };
         let xw = x2.matmul(&w.t()?)?; // (batch, out)
         let mut y = xw.clone();
@@ -86,7 +86,7 @@ impl LoraLinear {
                 let xin = if dropped { self.dropout(&x2, ad.dropout)? } else { x2.clone() };
                 let xa = xin.matmul(&ad.a.as_tensor().t()?)?; // (batch, r)
                 let d = xa.matmul(&ad.b.as_tensor().t()?)?; // (batch, out)
-                if let Some(f) = ad.dora_factor(self.weight.as_tensor())? {
+                if let Some(f) = ad.dora_factor(&self.weight()?)? {
                     // (f − 1)⊙(drop(x)·W0ᵀ) + f⊙s·delta, as PEFT's DoraLinearLayer.
                     let base = if dropped { xin.matmul(&w.t()?)? } else { xw.clone() };
                     y = (y + base.broadcast_mul(&(&f - 1.0)?)? + d.broadcast_mul(&(f * ad.scale)?)?)?;
@@ -168,7 +168,7 @@ mod tests {
         let (n, inp, out, r) = (4, 7, 5, 2);
         let l = dora_layer(inp, out, r, 51);
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (w, b, bias) = (v(l.weight().as_tensor()), v(l.adapter("x").unwrap().b().as_tensor()), v(l.bias().unwrap().as_tensor()));
+        let (w, b, bias) = (v(&l.weight().unwrap()), v(l.adapter("x").unwrap().b().as_tensor()), v(l.bias().unwrap().as_tensor()));
         let (a, m, s) = (
             v(l.adapter("x").unwrap().a().as_tensor()),
             v(l.adapter("x").unwrap().magnitude().unwrap().as_tensor()),
@@ -201,10 +201,10 @@ mod tests {
         let ad = l.adapter("x").unwrap();
         // PEFT (and the paper, §4.3) treat ‖W + sBA‖ as a constant: the finite differences hold it at its
         // value for the unperturbed A, B by computing the loss through a fixed f.
-        let norm = ad.dora_norm(l.weight().as_tensor()).unwrap();
+        let norm = ad.dora_norm(&l.weight().unwrap()).unwrap();
         let loss = |a: &Tensor, b: &Tensor, m: &Tensor| -> f64 {
             let f = (m / &norm).unwrap().to_dtype(DType::F64).unwrap();
-            let w = (l.weight().as_tensor() + (b.matmul(a).unwrap() * ad.scale()).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+            let w = (l.weight().unwrap() + (b.matmul(a).unwrap() * ad.scale()).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
             let w = w.broadcast_mul(&f.unsqueeze(1).unwrap()).unwrap();
             let y = x
                 .to_dtype(DType::F64)

@@ -65,10 +65,9 @@ impl LoraModel {
             let layer = self
                 .layer(module)
                 .map_err(|_| bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.base_layer.weight: the model has no module {module}")))?;
-            let same = t.dims() == layer.weight().dims()
+            let same = t.dims() == layer.weight_dims()
                 && t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).eq(layer
-                    .weight()
-                    .as_tensor()
+                    .weight()?
                     .flatten_all()?
                     .to_vec1::<f32>()?
                     .iter()
@@ -87,10 +86,10 @@ impl LoraModel {
             let layer = self.layer(module).map_err(|_| {
                 bad(&wpath, format!("tensor {PEFT_PREFIX}{module}.*: the model has no module {module} (it has {})", known.join(", ")))
             })?;
-            if let Some(w) = w.as_ref().filter(|w| w.dims() != layer.weight().dims()) {
+            if let Some(w) = w.as_ref().filter(|w| w.dims() != layer.weight_dims()) {
                 return Err(bad(
                     &wpath,
-                    format!("tensor {PEFT_PREFIX}{module}.weight: shape {:?}, expected {:?}", w.dims(), layer.weight().dims()),
+                    format!("tensor {PEFT_PREFIX}{module}.weight: shape {:?}, expected {:?}", w.dims(), layer.weight_dims()),
                 ));
             }
             if let Some(b) = b {

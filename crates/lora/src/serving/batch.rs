@@ -2,7 +2,7 @@
 //! its own adapter (or none), for x (n, in):
 //!
 //! ```text
-//! y = X·W0ᵀ + b                      once for the whole batch (bf16 weight where the PackedBase holds it)
+//! y = X·W0ᵀ + b                      once for the whole batch (from the bf16 weight where the layer holds one)
 //! y_i += s_g·(x_i·A_gᵀ)·B_gᵀ         each row of group g with g's adapter, row by row (add_delta)
 //! y = act(y)
 //! ```
@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use lora_kernels::{add_delta, matmul_bf16_into, matmul_into, Activation, DeltaRef, MatRef};
 
-use super::{PackedAdapter, PackedBase};
+use super::PackedAdapter;
 use crate::bridge::Held;
 use crate::error::{LoraError, Result};
 use crate::model::LoraModel;
@@ -32,16 +32,9 @@ fn delta_at<'a>(g: &RowGroup<'a>, index: usize) -> Option<DeltaRef<'a>> {
 impl LoraModel {
     /// Layer `index`'s output for a batch whose rows come in `groups`, each group with its own adapter:
     /// x (n, in) → (n, out), n = Σ rows. Only the adapters in `groups` apply (the layer's own active
-    /// adapters do not); nothing is recorded for gradients. With `base` (this model's
-    /// [`LoraModel::pack_base`]), the layers it holds in bf16 read that copy: the same bits, half the bytes.
-    pub fn forward_mixed(
-        &self,
-        index: usize,
-        x: &Tensor,
-        groups: &[RowGroup<'_>],
-        act: Activation,
-        base: Option<&PackedBase>,
-    ) -> Result<Tensor> {
+    /// adapters do not); nothing is recorded for gradients. A weight held in bf16
+    /// ([`LoraModel::hold_base_in_bf16`]) is read as bf16: the bits of its f32 values, from half the bytes.
+    pub fn forward_mixed(&self, index: usize, x: &Tensor, groups: &[RowGroup<'_>], act: Activation) -> Result<Tensor> {
         let layer = self.layer_at(index).ok_or_else(|| LoraError::config("layer", index, "no layer at this position"))?;
         let (inp, out) = (layer.in_features(), layer.out_features());
         let (n, cols) = x.dims2()?;
@@ -54,18 +47,18 @@ impl LoraModel {
             ));
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let w = layer.weight().as_detached_tensor().to_dtype(DType::F32)?;
-        let (hx, hw) = (Held::new(&x), Held::new(&w));
+        let hx = Held::new(&x);
         let xs = hx.slice()?;
         let mut y = vec![0f32; n * out];
-        match base.and_then(|b| b.layers.get(index)).and_then(Option::as_ref) {
-            Some(p) if (p.rows(), p.cols()) != (out, inp) => {
-                return Err(LoraError::config("base", format!("({}, {})", p.rows(), p.cols()), "was packed for another model"));
+        match (layer.weight_bf16(), layer.weight_var()) {
+            // The same bits as the f32 product below, from half the weight's bytes.
+            (Some(m), _) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, m, None, 1.0, false)?,
+            (None, Some(w)) => {
+                let w = w.as_detached_tensor();
+                let hw = Held::new(&w);
+                matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?
             }
-            // The same bits as the f32 product below, from half the weight's bytes (the f32 weight for
-            // the shapes the bf16 kernel does not take: many rows, a long prompt).
-            Some(p) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, p, Some(hw.mat()?), 1.0, false)?,
-            None => matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?,
+            (None, None) => unreachable!("a weight is held in f32 or in bf16"),
         }
         if let Some(b) = layer.bias() {
             let b = b.as_tensor().to_dtype(DType::F32)?;
@@ -121,7 +114,7 @@ mod tests {
             RowGroup { rows: 3, adapter: Some(&packed[1]) },
         ];
         let x = t2(rand_vec(6 * IN, 30), (6, IN));
-        let got = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu, None).unwrap());
+        let got = flat(&m.forward_mixed(0, &x, &groups, Activation::Relu).unwrap());
         // The reference: each adapter inserted into a copy of the layer and run through candle's ops.
         let mut reference = model();
         for (i, f) in adapters.iter().enumerate() {
@@ -155,12 +148,11 @@ mod tests {
                 &x,
                 &[RowGroup { rows: 1, adapter: Some(&p[0]) }, RowGroup { rows: 2, adapter: Some(&p[1]) }],
                 Activation::Identity,
-                None,
             )
             .unwrap(),
         );
-        let base = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity, None).unwrap());
-        let alone = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: Some(&p[1]) }], Activation::Identity, None).unwrap());
+        let base = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap());
+        let alone = flat(&m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: Some(&p[1]) }], Activation::Identity).unwrap());
         // Same batch, same base product: rows 1 and 2 are bit-identical to the batch where every row has
         // adapter 1, and row 0 differs from the base.
         assert_eq!(&mixed[OUT..], &alone[OUT..]);
@@ -176,7 +168,52 @@ mod tests {
         let e = m.pack_adapter(&f).unwrap_err().to_string();
         assert!(e.contains("lora_B") && e.contains("[5, 2]"), "{e}");
         let x = t2(rand_vec(2 * IN, 1), (2, IN));
-        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity, None).unwrap_err().to_string();
+        let e = m.forward_mixed(0, &x, &[RowGroup { rows: 3, adapter: None }], Activation::Identity).unwrap_err().to_string();
         assert!(e.contains("batch"), "{e}");
+    }
+
+    #[test]
+    fn a_base_held_in_bf16_gives_the_bits_of_its_f32_weights_and_only_bf16_values_are_held_so() {
+        // Layers whose weight values are bf16 numbers, in a batch of few rows (the dot-product kernel) and of
+        // many (the tiles, on widened blocks), with and without adapters.
+        let bf16 = |n: usize, seed: u64| -> Vec<f32> {
+            rand_vec(n, seed).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect()
+        };
+        let build = || {
+            let mut m = LoraModel::new();
+            m.push("fc", crate::LoraLinear::new(t2(bf16(OUT * IN, 3), (OUT, IN)), None).unwrap()).unwrap();
+            m.push("wide", crate::LoraLinear::new(t2(bf16(70 * IN, 4), (70, IN)), None).unwrap()).unwrap();
+            m.freeze_base(crate::Bias::None);
+            m
+        };
+        let (f32_model, mut bf16_model) = (build(), build());
+        assert_eq!(bf16_model.hold_base_in_bf16().unwrap(), 2);
+        assert!(bf16_model.layers().all(|(_, l)| l.weight_bf16().is_some() && l.weight_var().is_none()));
+        let p = f32_model.pack_adapter(&files(3, 6.0, 80)).unwrap();
+        for rows in [3, 40] {
+            let x = t2(rand_vec(rows * IN, 90 + rows as u64), (rows, IN));
+            for adapter in [None, Some(&p)] {
+                let groups = [RowGroup { rows, adapter }];
+                let a = flat(&f32_model.forward_mixed(0, &x, &groups, Activation::Relu).unwrap());
+                let b = flat(&bf16_model.forward_mixed(0, &x, &groups, Activation::Relu).unwrap());
+                assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} rows");
+            }
+            let groups = [RowGroup { rows, adapter: None }];
+            let a = flat(&f32_model.forward_mixed(1, &x, &groups, Activation::Identity).unwrap());
+            let b = flat(&bf16_model.forward_mixed(1, &x, &groups, Activation::Identity).unwrap());
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "wide layer, {rows} rows");
+        }
+        // Weights with full f32 mantissas stay f32, as do weights that train.
+        let mut full = model();
+        full.freeze_base(crate::Bias::None);
+        assert_eq!(full.hold_base_in_bf16().unwrap(), 0);
+        let mut training = build();
+        training.unfreeze_base().unwrap();
+        assert_eq!(training.hold_base_in_bf16().unwrap(), 0);
+        // Widened back, the weights are the same values, bit for bit.
+        let before: Vec<u32> = flat(&f32_model.layer("wide").unwrap().weight().unwrap()).iter().map(|v| v.to_bits()).collect();
+        bf16_model.widen_base().unwrap();
+        let after: Vec<u32> = flat(&bf16_model.layer("wide").unwrap().weight_var().unwrap().as_tensor()).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(before, after);
     }
 }

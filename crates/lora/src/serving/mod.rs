@@ -16,7 +16,6 @@
 //!
 //! ```text
 //! AdapterFiles ── LoraModel::pack_adapter ──► PackedAdapter (packed_adapter.rs)  one per adapter, Arc-shared
-//! LoraModel ───── LoraModel::pack_base ─────► PackedBase    (packed_base.rs)     the bf16-valued weights
 //! x, [RowGroup] ─ LoraModel::forward_mixed ─► y             (batch.rs)           one layer of a mixed batch
 //! ```
 //!
@@ -25,10 +24,8 @@
 
 mod batch;
 mod packed_adapter;
-mod packed_base;
 #[cfg(test)]
 mod testing;
 
 pub use batch::RowGroup;
 pub use packed_adapter::PackedAdapter;
-pub use packed_base::PackedBase;
