@@ -106,7 +106,13 @@ impl Bf16Matrix {
     /// # Panics
     /// When `j ≥ rows` or `out` does not hold `cols` values.
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
-        assert!(j < self.rows && out.len() == self.cols, "Bf16Matrix::row_into: row {j} of {}, {} values for {}", self.rows, out.len(), self.cols);
+        assert!(
+            j < self.rows && out.len() == self.cols,
+            "Bf16Matrix::row_into: row {j} of {}, {} values for {}",
+            self.rows,
+            out.len(),
+            self.cols
+        );
         self.cols_into(j, 0, out);
     }
 

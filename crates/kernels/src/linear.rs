@@ -311,15 +311,20 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut g = rand::rngs::StdRng::seed_from_u64(5);
         let mut v = |n: usize, bf16: bool| -> Vec<f32> {
-            (0..n).map(|_| g.random::<f32>() * 2.0 - 1.0).map(|x| if bf16 { f32::from_bits(x.to_bits() & 0xFFFF_0000) } else { x }).collect()
+            (0..n)
+                .map(|_| g.random::<f32>() * 2.0 - 1.0)
+                .map(|x| if bf16 { f32::from_bits(x.to_bits() & 0xFFFF_0000) } else { x })
+                .collect()
         };
         // A batch of tokens (the tiles, cut into blocks: out above the block width for in = 600), and a
         // decode step (the dot products).
         for (n, inp, out, r) in [(40, 600, 1800, 4), (2, 96, 80, 3)] {
-            let (x, w, bias, a, b, gy) = (v(n * inp, false), v(out * inp, true), v(out, false), v(r * inp, false), v(out * r, false), v(n * out, false));
+            let (x, w, bias, a, b, gy) =
+                (v(n * inp, false), v(out * inp, true), v(out, false), v(r * inp, false), v(out * r, false), v(n * out, false));
             let packed = crate::Bf16Matrix::pack(&w, out, inp).unwrap();
             let xm = MatRef::row_major(&x, n, inp).unwrap();
-            let adapter = Some(AdapterRef { a: MatRef::row_major(&a, r, inp).unwrap(), b: MatRef::row_major(&b, out, r).unwrap(), scale: 0.7 });
+            let adapter =
+                Some(AdapterRef { a: MatRef::row_major(&a, r, inp).unwrap(), b: MatRef::row_major(&b, out, r).unwrap(), scale: 0.7 });
             let run = |weight: WeightRef<'_>| {
                 let p = LinearRef { weight, bias: Some(&bias), adapter };
                 let mut y = vec![0f32; n * out];

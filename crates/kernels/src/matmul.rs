@@ -75,9 +75,17 @@ pub fn matmul_bf16_into(
     // The tiles (Transposed plan, or k = 1) keep their chains per output column: cut W into row blocks.
     // The gemm crate (the remaining small shapes) blocks by its own rules, so it gets W whole.
     let cut = m > 0 && k > 0 && plan.is_some();
-    blocks(dst, m, n, k, cut, beta, accumulate, |j0, j1, buf| w.rows_into(j0, j1, buf), |d, block, beta, acc| {
-        matmul_into(d, lhs, MatRef::row_major(block, block.len() / k.max(1), k)?.t(), beta, acc)
-    })
+    blocks(
+        dst,
+        m,
+        n,
+        k,
+        cut,
+        beta,
+        accumulate,
+        |j0, j1, buf| w.rows_into(j0, j1, buf),
+        |d, block, beta, acc| matmul_into(d, lhs, MatRef::row_major(block, block.len() / k.max(1), k)?.t(), beta, acc),
+    )
 }
 
 /// `dst (m×n, row-major) = [dst +] beta·lhs·W` for a bf16 weight W (k × n): the same bits as [`matmul_into`]
@@ -91,9 +99,17 @@ pub fn matmul_bf16_plain_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, 
     }
     let plan = sgemm::plan_for(&lhs, sgemm::Layout { rows: k, cols: n, rs: n, cs: 1 });
     let cut = m > 0 && k > 0 && plan.is_some();
-    blocks(dst, m, n, k, cut, beta, accumulate, |c0, c1, buf| w.cols_block_into(c0, c1, buf), |d, block, beta, acc| {
-        matmul_into(d, lhs, MatRef::row_major(block, k, block.len() / k.max(1))?, beta, acc)
-    })
+    blocks(
+        dst,
+        m,
+        n,
+        k,
+        cut,
+        beta,
+        accumulate,
+        |c0, c1, buf| w.cols_block_into(c0, c1, buf),
+        |d, block, beta, acc| matmul_into(d, lhs, MatRef::row_major(block, k, block.len() / k.max(1))?, beta, acc),
+    )
 }
 
 /// Values of W widened at a time by the bf16 products (2 MiB of f32: a few blocks stay in L2 and L3).
@@ -343,8 +359,16 @@ mod tests {
         // that k, k on both sides of 512, where the tiles split k), with m below and above the block width
         // (Aᵀ packed, or B copied row-major), a mostly-zero lhs (the sparse loop, as a ReLU's gradient), and
         // small shapes left whole (the tiles, or the gemm crate).
-        let cases =
-            [(20, 600, 1800, 0.0), (1000, 520, 2000, 0.0), (2100, 600, 1900, 0.0), (40, 300, 4000, 0.0), (70, 530, 1750, 0.8), (5, 40, 30, 0.0), (3, 10, 7, 0.0), (17, 1, 300, 0.0)];
+        let cases = [
+            (20, 600, 1800, 0.0),
+            (1000, 520, 2000, 0.0),
+            (2100, 600, 1900, 0.0),
+            (40, 300, 4000, 0.0),
+            (70, 530, 1750, 0.8),
+            (5, 40, 30, 0.0),
+            (3, 10, 7, 0.0),
+            (17, 1, 300, 0.0),
+        ];
         for (i, (m, k, n, zeros)) in cases.into_iter().enumerate() {
             let x = bf16_vec(m * k, zeros, 200 + i as u64);
             for (beta, accumulate) in [(1.0, false), (0.5, true)] {
@@ -357,7 +381,13 @@ mod tests {
                 matmul_into(&mut want, xv, MatRef::row_major(&w, n, k).unwrap().t(), beta, accumulate).unwrap();
                 matmul_bf16_into(&mut got, xv, &packed, None, beta, accumulate).unwrap();
                 let same = want.iter().zip(&got).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
-                assert_eq!(same, want.len(), "x·Wᵀ ({m}, {k}, {n}) accumulate {accumulate}: {} of {} differ", want.len() - same, want.len());
+                assert_eq!(
+                    same,
+                    want.len(),
+                    "x·Wᵀ ({m}, {k}, {n}) accumulate {accumulate}: {} of {} differ",
+                    want.len() - same,
+                    want.len()
+                );
                 // lhs·W, W (k × n).
                 let w = bf16_vec(k * n, 0.0, 220 + i as u64);
                 let packed = Bf16Matrix::pack(&w, k, n).unwrap();
@@ -390,5 +420,4 @@ mod tests {
         packed.row_into(2, &mut row);
         assert_eq!(row, w[2 * cols..3 * cols]);
     }
-
 }

@@ -21,11 +21,13 @@ fn setup() -> (Llama, Vec<lora::PackedAdapter>) {
     if bf16_base() {
         // The weights of a checkpoint stored in bf16: every value a bf16 number.
         for (_, l) in m.lora_mut().layers_mut() {
-            let w = l.weight();
+            let w = l.weight().unwrap();
             let v: Vec<f32> =
                 w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
-            w.set(&candle_core::Tensor::from_vec(v, w.shape(), w.device()).unwrap()).unwrap();
+            l.restore_base(&candle_core::Tensor::from_vec(v, w.shape(), w.device()).unwrap(), None).unwrap();
         }
+        m.freeze_base();
+        m.hold_base_in_bf16().unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let config = LoraConfig {
@@ -45,7 +47,7 @@ fn setup() -> (Llama, Vec<lora::PackedAdapter>) {
     (m, packed)
 }
 
-/// `MIXED_BASE=bf16`: the base's weights are bf16 numbers and the step reads them packed in bf16.
+/// `MIXED_BASE=bf16`: the base's weights are bf16 numbers, held in bf16.
 fn bf16_base() -> bool {
     std::env::var("MIXED_BASE").is_ok_and(|v| v == "bf16")
 }
@@ -55,7 +57,7 @@ fn caches(m: &Llama, n: usize) -> Vec<KvCache> {
         .map(|i| {
             let mut c = m.sequence_cache();
             let prompt: Vec<u32> = (0..32).map(|t| ((t * 7 + i) % 256) as u32).collect();
-            m.forward_mixed(&mut [Sequence { tokens: &prompt, cache: &mut c, adapter: None }], None).unwrap();
+            m.forward_mixed(&mut [Sequence { tokens: &prompt, cache: &mut c, adapter: None }]).unwrap();
             c
         })
         .collect()
@@ -63,7 +65,6 @@ fn caches(m: &Llama, n: usize) -> Vec<KvCache> {
 
 fn bench(c: &mut Criterion) {
     let (m, packed) = setup();
-    let base = bf16_base().then(|| m.pack_base().unwrap());
     let rows = 16;
     let distinct: usize = std::env::var("MIXED_DISTINCT").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [(i * 13 % 256) as u32]).collect();
@@ -82,7 +83,7 @@ fn bench(c: &mut Criterion) {
                         Sequence { tokens: t, cache, adapter: pick.map(|mixed: bool| &packed[if mixed { i % distinct } else { 0 }]) }
                     })
                     .collect();
-                m.forward_mixed(&mut seqs, base.as_ref()).unwrap()
+                m.forward_mixed(&mut seqs).unwrap()
             })
         });
     }

@@ -1,7 +1,8 @@
 //! Model directories in the Hugging Face layout, both ways: `config.json` plus `model.safetensors`, or
 //! shards listed by `model.safetensors.index.json` (`{"weight_map": {tensor: shard file}}`). F32, F16
-//! and BF16 weights load (converted to F32 exactly); lora-rs writes F32 (or BF16, rounded to nearest even, as
-//! `model.to(torch.bfloat16).save_pretrained()` does) and transformers' tensor names.
+//! and BF16 weights load: BF16 matrices stay bf16 (read piece by piece, never widened: the model then holds
+//! about its file's size), the rest converted to F32 exactly. lora-rs writes F32 (or BF16, rounded to nearest
+//! even, as `model.to(torch.bfloat16).save_pretrained()` does) and transformers' tensor names.
 //!
 //! Chat: `tokenizer_config.json` (special tokens, `chat_template`), `chat_template.jinja` (where newer
 //! transformers saves the template) and `generation_config.json` (`eos_token_id`, one or a list: where
@@ -10,8 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use lora::io::TensorFile;
+use lora::io::WeightFile;
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, SpecialTokens};
@@ -67,7 +67,7 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
     let index = dir.join(INDEX_FILE);
     let mut tensors = BTreeMap::new();
     let mut files = ModelFiles { dir: dir.to_path_buf(), weight_files: Vec::new(), dtypes: BTreeMap::new(), bytes: 0 };
-    let mut add = |f: TensorFile, only: Option<&[String]>, files: &mut ModelFiles| -> Result<()> {
+    let mut add = |f: WeightFile, only: Option<&[String]>, files: &mut ModelFiles| -> Result<()> {
         for (name, dt) in &f.dtypes {
             if let Some(only) = only {
                 if !only.contains(name) {
@@ -84,7 +84,7 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
         Ok(())
     };
     let source = if single.exists() {
-        add(TensorFile::load(&single, &Device::Cpu)?, None, &mut files)?;
+        add(WeightFile::load(&single)?, None, &mut files)?;
         single
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| LmError::io(&index, e))?;
@@ -106,7 +106,7 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
             if !p.exists() {
                 return Err(LmError::file(&p, format!("missing shard listed in {INDEX_FILE}")));
             }
-            add(TensorFile::load(&p, &Device::Cpu)?, Some(names), &mut files)?;
+            add(WeightFile::load(&p)?, Some(names), &mut files)?;
         }
         for name in map.keys() {
             if !tensors.contains_key(name) {
@@ -120,7 +120,7 @@ pub fn load_model(dir: &Path) -> Result<(Llama, ModelFiles)> {
     } else {
         return Err(LmError::file(dir, format!("holds neither {WEIGHTS_FILE} nor {INDEX_FILE}")));
     };
-    let model = Llama::from_tensors(&config, tensors, &source)?;
+    let model = Llama::from_weights(&config, tensors, &source)?;
     tracing::info!(dir = %dir.display(), params = model.num_params(), files = files.weight_files.len(), bytes = files.bytes, "loaded model");
     Ok((model, files))
 }

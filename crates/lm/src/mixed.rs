@@ -17,13 +17,12 @@
 //! The layer is [`Llama::forward`]'s own (`layer_forward`: every family's blocks), on the fused kernels;
 //! the projections are [`lora::LoraModel::forward_mixed`]. A sequence's logits therefore do not depend on the other
 //! sequences' adapters, and differ from its logits alone only by the f32 rounding of the base products'
-//! batch-size-dependent summation order. With a [`lora::PackedBase`] ([`Llama::pack_base`]), projections
-//! whose weights are bf16 numbers (a checkpoint stored in bf16) read a bf16 copy: the same bits, from half
-//! the bytes, which is what a decode step of many adapters is short of (the base and the adapters compete
-//! for the last-level cache).
+//! batch-size-dependent summation order. Projections whose weights are held in bf16 (a checkpoint stored in
+//! bf16, or [`Llama::hold_base_in_bf16`]) are read as bf16: the same bits, from half the bytes, which is what
+//! a decode step of many adapters is short of (the base and the adapters compete for the last-level cache).
 
 use candle_core::{Device, Tensor};
-use lora::{Activation, PackedAdapter, PackedBase, RowGroup};
+use lora::{Activation, PackedAdapter, RowGroup};
 
 use crate::error::{LmError, Result};
 use crate::fused::{attention::attention_forward, AttentionShape, RopeOp};
@@ -52,31 +51,23 @@ impl Llama {
         Ok(self.lora.pack_adapter(files)?)
     }
 
-    /// The projections whose weights are bf16 numbers (a checkpoint stored in bf16), in bf16, for
-    /// [`Llama::forward_mixed`]: a snapshot of the weights now (see [`lora::PackedBase`]).
-    pub fn pack_base(&self) -> Result<PackedBase> {
-        Ok(self.lora.pack_base()?)
-    }
-
     /// Runs every sequence's new tokens as one batch; returns the logits after each sequence's last
-    /// token, (S, V) flat. Nothing is recorded for gradients. With `base` (this model's
-    /// [`Llama::pack_base`]), the projections it holds read their bf16 copy: the same logits, from half
-    /// those weights' bytes.
+    /// token, (S, V) flat. Nothing is recorded for gradients.
     ///
     /// With several threads and several sequences, the sequences are split into one part per thread,
     /// each part a batch of its own on its own core (as [`crate::generate::generate`] splits its rows):
     /// a decode step's products are too small to split well inside each product.
-    pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>) -> Result<Vec<f32>> {
+    pub fn forward_mixed(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         self.check_sequences(seqs)?;
         let at = self.positions()?;
         let parts = lora_kernels::threads().min(seqs.len());
         if parts <= 1 {
-            return self.forward_part(seqs, base, &at);
+            return self.forward_part(seqs, &at);
         }
         let per = seqs.len().div_ceil(parts);
         let outs: Vec<Result<Vec<f32>>> =
-            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, base, &at))).collect();
+            seqs.par_chunks_mut(per).map(|part| lora_kernels::serial(|| self.forward_part(part, &at))).collect();
         let mut logits = Vec::with_capacity(seqs.len() * self.config.vocab_size);
         for o in outs {
             logits.extend(o?);
@@ -103,7 +94,7 @@ impl Llama {
     }
 
     /// [`Llama::forward_mixed`] of checked sequences as one batch.
-    fn forward_part(&self, seqs: &mut [Sequence<'_>], base: Option<&PackedBase>, at: &Positions) -> Result<Vec<f32>> {
+    fn forward_part(&self, seqs: &mut [Sequence<'_>], at: &Positions) -> Result<Vec<f32>> {
         let c = &self.config;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if seqs.is_empty() {
@@ -126,7 +117,7 @@ impl Llama {
         let mut h = self.embed_rows(&Tensor::from_vec(ids, (1, rows), &dev)?, false)?.detach(); // (rows, H)
         for l in 0..c.num_hidden_layers {
             let proj = |i: usize, x: &Tensor| -> Result<Tensor> {
-                Ok(self.lora.forward_mixed(at.layers[l][i], x, &groups, Activation::Identity, base)?)
+                Ok(self.lora.forward_mixed(at.layers[l][i], x, &groups, Activation::Identity)?)
             };
             let opts = self.attention_opts(l);
             let seqs_l = &mut *seqs;
@@ -168,7 +159,7 @@ impl Llama {
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let h = self.norm(&h, &self.final_norm, true, true)?;
         let heads = row_groups(seqs, |_| 1);
-        flat(&self.softcap_logits(self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity, base)?)?)
+        flat(&self.softcap_logits(self.lora.forward_mixed(at.head, &h, &heads, Activation::Identity)?)?)
     }
 
     /// Where the projections and `lm_head` sit in the model's [`lora::LoraModel`], found by their
@@ -239,13 +230,13 @@ mod tests {
         let tokens = [3u32, 1, 4, 1, 5];
         let logits = |m: &Llama| {
             let mut cache = m.sequence_cache();
-            m.forward_mixed(&mut [Sequence { tokens: &tokens, cache: &mut cache, adapter: None }], None).unwrap()
+            m.forward_mixed(&mut [Sequence { tokens: &tokens, cache: &mut cache, adapter: None }]).unwrap()
         };
         let want = logits(&m);
         // The same layers (sharing their variables) pushed in reverse order: every position changes, no name.
         let mut reversed = LoraModel::new();
         for (name, l) in m.lora.layers().collect::<Vec<_>>().into_iter().rev() {
-            let w = l.weight().as_tensor().clone();
+            let w = l.weight().unwrap();
             let layer =
                 if l.is_embedding() { LoraLinear::embedding(w) } else { LoraLinear::new(w, l.bias().map(|b| b.as_tensor().clone())) };
             reversed.push(name, layer.unwrap()).unwrap();

@@ -25,13 +25,18 @@
 //!
 //! Each `W·` above is a LoRA layer (`W₀ + s·B·A` when an adapter is active) named as transformers names
 //! the module (`model.layers.0.self_attn.q_proj`, …, `lm_head`), so PEFT adapter files map one to one.
-//! With `tie_word_embeddings`, `lm_head` holds the embedding's own variable: one tensor, two uses.
+//! With `tie_word_embeddings`, `lm_head` holds the embedding's own weight: one tensor, two uses.
+//!
+//! A checkpoint's BF16 matrices (the embedding and every projection) are held in bf16 ([`lora::io::Weight`]):
+//! half the bytes of f32, and every product reads them with the bits of their f32 values, so a model
+//! computes the same numbers either way. Such a base is frozen; [`Llama::unfreeze_base`] widens it to f32.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
+use lora::io::Weight;
 use lora::{LoraLinear, LoraModel};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -159,11 +164,25 @@ impl Layer {
     }
 }
 
+/// One base tensor of [`Llama::base_tensors`], made when asked for.
+enum BaseTensor<'a> {
+    Var(&'a Var),
+    Weight(&'a LoraLinear),
+}
+
+impl BaseTensor<'_> {
+    fn get(&self) -> Result<Tensor> {
+        Ok(match self {
+            BaseTensor::Var(v) => v.as_tensor().clone(),
+            BaseTensor::Weight(l) => l.weight()?,
+        })
+    }
+}
+
 /// A decoder of one of the [`crate::Family`]s whose projections are LoRA layers.
 #[derive(Debug)]
 pub struct Llama {
     pub(crate) config: LlamaConfig,
-    pub(crate) embed: Var,         // (V, H)
     pub(crate) layers: Vec<Layer>, // norms and projection names per layer
     pub(crate) final_norm: Var,    // (H)
     pub(crate) lora: LoraModel,    // projections (layer by layer, the family's order), lm_head, embed_tokens
@@ -202,7 +221,13 @@ impl Llama {
 
     /// A model from named tensors with transformers' names; `source` names the file(s) in errors. Every
     /// expected tensor must be present with its shape; unknown tensors are refused by name.
-    pub fn from_tensors(config: &LlamaConfig, mut tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<Self> {
+    pub fn from_tensors(config: &LlamaConfig, tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<Self> {
+        Self::from_weights(config, tensors.into_iter().map(|(n, t)| (n, Weight::F32(t))).collect(), source)
+    }
+
+    /// [`Llama::from_tensors`] from weights as a file holds them: the embedding and projections given in bf16
+    /// stay bf16 (the base is then frozen), everything else is f32.
+    pub fn from_weights(config: &LlamaConfig, mut tensors: BTreeMap<String, Weight>, source: &Path) -> Result<Self> {
         config.validate().map_err(|e| LmError::file(source, e.to_string()))?;
         let expected = expected_shapes(config);
         for (name, shape) in &expected {
@@ -225,7 +250,23 @@ impl Llama {
             }
         }
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| LmError::file(source, format!("missing tensor {name}")));
-        let embed = var(take("model.embed_tokens.weight")?)?;
+        let mut any_bf16 = false;
+        let mut linear = |w: Weight, bias: Option<Weight>, embedding: bool| -> Result<LoraLinear> {
+            let bias = bias.map(|b| b.to_f32()).transpose()?;
+            Ok(match (w, embedding) {
+                (Weight::Bf16(m), false) => {
+                    any_bf16 = true;
+                    LoraLinear::from_bf16(m, bias)?
+                }
+                (Weight::Bf16(m), true) => {
+                    any_bf16 = true;
+                    LoraLinear::embedding_bf16(m)?
+                }
+                (Weight::F32(t), false) => LoraLinear::new(t, bias)?,
+                (Weight::F32(t), true) => LoraLinear::embedding(t)?,
+            })
+        };
+        let mut embed = linear(take("model.embed_tokens.weight")?, None, true)?;
         let mut lora = LoraModel::new();
         let mut layers = Vec::new();
         let spec = config.family.spec();
@@ -233,30 +274,41 @@ impl Llama {
             let mut norms = Vec::new();
             for (role, n) in spec.norms {
                 let name = format!("model.layers.{l}.{n}.weight");
-                norms.push((*role, name.clone(), var(take(&name)?)?));
+                norms.push((*role, name.clone(), var(take(&name)?.to_f32()?)?));
             }
             let proj: Vec<String> = spec.projections.iter().map(|p| module_name(l, p)).collect();
             for (p, name) in spec.projections.iter().zip(&proj) {
                 let w = take(&format!("{name}.weight"))?;
                 let b = if config.family.bias(config, p) { Some(take(&format!("{name}.bias"))?) } else { None };
-                lora.push(name, LoraLinear::new(w, b)?)?;
+                lora.push(name, linear(w, b, false)?)?;
             }
             layers.push(Layer { norms, proj });
         }
-        let final_norm = var(take("model.norm.weight")?)?;
-        // Tied: lm_head's weight is the embedding variable itself (`Var::from_tensor` of a variable shares it).
+        let final_norm = var(take("model.norm.weight")?.to_f32()?)?;
+        // Tied: lm_head holds the embedding's weight itself (the f32 variable, or the bf16 matrix).
         let head = if config.tie_word_embeddings {
-            LoraLinear::new(embed.as_tensor().clone(), None)?
+            let mut head = match (embed.weight_bf16(), embed.weight_var()) {
+                (Some(m), _) => LoraLinear::from_bf16(m.clone(), None)?,
+                // `Var::from_tensor` of a variable's tensor shares the variable.
+                (None, Some(v)) => LoraLinear::new(v.as_tensor().clone(), None)?,
+                (None, None) => unreachable!("a weight is held in f32 or in bf16"),
+            };
+            head.share_weight_of(&mut embed)?;
+            head
         } else {
-            LoraLinear::new(take("lm_head.weight")?, None)?
+            linear(take("lm_head.weight")?, None, false)?
         };
         lora.push(LM_HEAD, head)?;
-        // The input embedding, last (the projections keep their positions): the same variable, read by id.
-        lora.push(EMBED, LoraLinear::embedding(embed.as_tensor().clone())?)?;
+        // The input embedding, last (the projections keep their positions): the same weight, read by id.
+        lora.push(EMBED, embed)?;
         // transformers' output embedding: PEFT's "all-linear" leaves it out.
         lora.set_output_layer(LM_HEAD)?;
         let rope = RopeCache::new(config.rope_theta, config.rotary_dim(), config.max_position_embeddings, config.rope_scaling.clone());
-        Ok(Llama { config: config.clone(), embed, layers, final_norm, lora, base_trainable: true, rope, fused: true })
+        let mut model = Llama { config: config.clone(), layers, final_norm, lora, base_trainable: true, rope, fused: true };
+        if any_bf16 {
+            model.freeze_base();
+        }
+        Ok(model)
     }
 
     /// Chooses the fused CPU kernels of [`crate::fused`] (`true`, the default) or the reference ops of
@@ -268,7 +320,7 @@ impl Llama {
 
     /// Whether the fused kernels run now (chosen, and the model is f32 on the CPU).
     pub fn is_fused(&self) -> bool {
-        self.fused && fused::supports(self.embed.as_tensor())
+        self.fused && fused::supports(self.final_norm.as_tensor())
     }
 
     /// The architecture.
@@ -289,17 +341,52 @@ impl Llama {
         self.base_trainable = false;
         self.lora.freeze_base(lora::Bias::None);
     }
-    /// Makes every base tensor trainable again (pre-training).
-    pub fn unfreeze_base(&mut self) {
+    /// Makes every base tensor trainable again (pre-training); a base held in bf16 is widened to f32 first
+    /// (exactly: twice its memory).
+    pub fn unfreeze_base(&mut self) -> Result<()> {
+        self.lora.unfreeze_base()?;
         self.base_trainable = true;
-        self.lora.unfreeze_base();
+        Ok(())
+    }
+
+    /// Holds the frozen embedding and projections whose values are all bf16 numbers in bf16 (half the
+    /// bytes; the same results). Returns how many weights it packed. See [`lora::LoraModel::hold_base_in_bf16`].
+    pub fn hold_base_in_bf16(&mut self) -> Result<usize> {
+        if self.base_trainable {
+            return Err(LmError::invalid("base", "trainable", "only a frozen base is held in bf16: freeze it first"));
+        }
+        Ok(self.lora.hold_base_in_bf16()?)
+    }
+
+    /// Bytes of the base weights held in bf16 (a shared weight counted once).
+    pub fn base_bf16_bytes(&self) -> usize {
+        let skip_head = self.config.tie_word_embeddings;
+        self.lora
+            .layers()
+            .filter(|(name, _)| !(skip_head && *name == LM_HEAD))
+            .filter_map(|(_, l)| l.weight_bf16().map(|m| 2 * m.rows() * m.cols()))
+            .sum()
+    }
+
+    /// Bytes the base weights hold now (bf16 matrices at 2 bytes a value, the rest at 4).
+    pub fn base_bytes(&self) -> usize {
+        let mut bytes = 0;
+        for (name, l) in self.lora.layers() {
+            if name == LM_HEAD && self.config.tie_word_embeddings {
+                continue;
+            }
+            let n: usize = l.weight_dims().iter().product();
+            bytes += if l.weight_bf16().is_some() { 2 * n } else { 4 * n } + l.bias().map_or(0, |b| 4 * b.elem_count());
+        }
+        bytes
+            + 4 * (self.final_norm.elem_count() + self.layers.iter().flat_map(|l| &l.norms).map(|(_, _, v)| v.elem_count()).sum::<usize>())
     }
 
     /// The tensors that train now, each once (a tied embedding is not listed twice).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut out: Vec<(String, Var)> = Vec::new();
-        if self.base_trainable {
-            out.push(("model.embed_tokens.weight".into(), self.embed.clone()));
+        if let (true, Some(embed)) = (self.base_trainable, self.lora.layer(EMBED).ok().and_then(|l| l.weight_var())) {
+            out.push(("model.embed_tokens.weight".into(), embed.clone()));
             for layer in &self.layers {
                 for (_, name, v) in &layer.norms {
                     out.push((name.clone(), v.clone()));
@@ -309,8 +396,8 @@ impl Llama {
         }
         for (name, layer) in self.lora.layers() {
             let (w, b) = layer.base_trainable();
-            if w {
-                out.push((format!("{name}.weight"), layer.weight().clone()));
+            if let (true, Some(v)) = (w, layer.weight_var()) {
+                out.push((format!("{name}.weight"), v.clone()));
             }
             if let (true, Some(bias)) = (b, layer.bias()) {
                 out.push((format!("{name}.bias"), bias.clone()));
@@ -332,29 +419,40 @@ impl Llama {
     /// A copy of the base weights with transformers' names, as stored now (lm_head omitted when tied),
     /// sorted by name. Copies, not views: later writes to the model (merge, training) do not change them.
     pub fn base_state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.as_tensor().clone())];
+        self.base_tensors()?.into_iter().map(|(n, t)| Ok((n, t.get()?.copy()?))).collect()
+    }
+
+    /// The base tensors with transformers' names, sorted, each made only when asked for (a bf16 weight is
+    /// widened then): what [`Llama::base_state`] copies and [`Llama::fingerprint`] hashes one at a time.
+    fn base_tensors(&self) -> Result<Vec<(String, BaseTensor<'_>)>> {
+        let mut out = Vec::new();
         for layer in &self.layers {
             for (_, name, v) in &layer.norms {
-                out.push((name.clone(), v.as_tensor().clone()));
+                out.push((name.clone(), BaseTensor::Var(v)));
             }
         }
         for (name, layer) in self.lora.layers() {
-            if name == EMBED || (name == LM_HEAD && self.config.tie_word_embeddings) {
+            if name == LM_HEAD && self.config.tie_word_embeddings {
                 continue;
             }
-            out.push((format!("{name}.weight"), layer.weight().as_tensor().clone()));
+            out.push((format!("{name}.weight"), BaseTensor::Weight(layer)));
             if let Some(b) = layer.bias() {
-                out.push((format!("{name}.bias"), b.as_tensor().clone()));
+                out.push((format!("{name}.bias"), BaseTensor::Var(b)));
             }
         }
-        out.push(("model.norm.weight".into(), self.final_norm.as_tensor().clone()));
+        out.push(("model.norm.weight".into(), BaseTensor::Var(&self.final_norm)));
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect()
+        Ok(out)
     }
 
-    /// SHA-256 fingerprint of the base weights (what adapters record to detect another base).
+    /// SHA-256 fingerprint of the base weights (what adapters record to detect another base): over their
+    /// f32 values, one tensor at a time, so the same for a base held in f32 or in bf16.
     pub fn fingerprint(&self) -> Result<String> {
-        Ok(lora::io::fingerprint(&self.base_state()?)?)
+        let mut h = lora::io::Fingerprint::default();
+        for (name, t) in self.base_tensors()? {
+            h.add(&name, &t.get()?)?;
+        }
+        Ok(h.finish())
     }
 
     /// Number of base parameters.

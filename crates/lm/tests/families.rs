@@ -179,11 +179,11 @@ fn mixed_adapter_batches_serve_every_family_as_each_sequence_alone() {
         // Sequence a with the adapter (prompt, then two single tokens), b without, in one batch each step.
         let mut seqs =
             [Sequence { tokens: &a[..9], cache: &mut ca, adapter: Some(&packed) }, Sequence { tokens: b, cache: &mut cb, adapter: None }];
-        let first = m.forward_mixed(&mut seqs, None).unwrap();
+        let first = m.forward_mixed(&mut seqs).unwrap();
         let mut last_a = Vec::new();
         for t in 9..11 {
             let mut seqs = [Sequence { tokens: &a[t..t + 1], cache: &mut ca, adapter: Some(&packed) }];
-            last_a = m.forward_mixed(&mut seqs, None).unwrap();
+            last_a = m.forward_mixed(&mut seqs).unwrap();
         }
         let full_a = logits(&with_adapter(name), &[a.to_vec()]);
         let full_b = logits(&alone, &[b.to_vec()]);

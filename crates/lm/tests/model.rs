@@ -318,7 +318,6 @@ fn mixed_step(
     caches: &mut [lora_lm::KvCache],
     which: &[Option<usize>],
     packed: &[lora::PackedAdapter],
-    base: Option<&lora::PackedBase>,
 ) -> Vec<f32> {
     let mut batch: Vec<Sequence<'_>> = fresh
         .iter()
@@ -326,7 +325,7 @@ fn mixed_step(
         .zip(which)
         .map(|((t, cache), w)| Sequence { tokens: t, cache, adapter: w.map(|i| &packed[i]) })
         .collect();
-    m.forward_mixed(&mut batch, base).unwrap()
+    m.forward_mixed(&mut batch).unwrap()
 }
 
 #[test]
@@ -347,7 +346,7 @@ fn a_mixed_batch_gives_every_sequence_its_own_adapters_logits_step_after_step() 
     let mut caches: Vec<_> = seqs.iter().map(|_| m.sequence_cache()).collect();
     let mut fresh: Vec<Vec<u32>> = seqs.clone(); // what each sequence feeds this step
     for step in 0..4 {
-        let logits = mixed_step(&m, &fresh, &mut caches, &which, &packed, None);
+        let logits = mixed_step(&m, &fresh, &mut caches, &which, &packed);
         let vocab = m.config().vocab_size;
         for (s, w) in which.iter().enumerate() {
             let got = &logits[s * vocab..(s + 1) * vocab];
@@ -374,50 +373,94 @@ fn bf16_nearest(x: f32) -> f32 {
 }
 
 #[test]
-fn a_model_saved_in_bf16_reads_back_rounded_and_serves_the_same_logits_from_its_packed_weights() {
-    let d = tempfile::tempdir().unwrap();
-    let m = Llama::random(&tiny(false), 23).unwrap();
-    save_model_as(&m, d.path(), &BTreeMap::new(), WeightDtype::Bf16).unwrap();
-    let (mut back, files) = load_model(d.path()).unwrap();
-    let n = m.base_state().unwrap().len();
-    assert_eq!(files.dtypes.get("BF16"), Some(&n), "{:?}", files.dtypes);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["torch_dtype"], "bfloat16");
-    let meta = lora::io::TensorFile::load(&d.path().join("model.safetensors"), &Device::Cpu).unwrap().metadata;
-    assert_eq!(meta[META_FINGERPRINT], back.fingerprint().unwrap(), "the fingerprint is that of the weights as written");
-    for ((name, a), (_, b)) in m.base_state().unwrap().iter().zip(back.base_state().unwrap().iter()) {
-        let want: Vec<f32> = flat(a).into_iter().map(bf16_nearest).collect();
-        assert_eq!(flat(b), want, "{name}: each value rounded to the nearest bf16");
-    }
-    // Every projection and lm_head packs; a mixed batch gives the same bits from the packed weights.
-    let base = back.pack_base().unwrap();
-    assert_eq!(base.bf16_layers(), 7 * back.config().num_hidden_layers + 1);
-    assert_eq!(m.pack_base().unwrap().bf16_layers(), 0, "f32 weights as trained stay f32");
-    add_adapter(&mut back, "sql", 3, 1);
-    add_adapter(&mut back, "js", 5, 2);
-    let dir = tempfile::tempdir().unwrap();
-    let mut packed = Vec::new();
-    for name in ["sql", "js"] {
-        let ad = dir.path().join(name);
-        save_adapter(&back, name, &ad, None, Default::default(), false).unwrap();
-        packed.push(back.pack_adapter(&lora::read_adapter(&ad).unwrap()).unwrap());
-    }
-    let which = [Some(0usize), None, Some(1)];
-    let prompts = [ids(40, 6), ids(41, 2), ids(42, 4)];
-    let mut runs = Vec::new();
-    for with_base in [false, true] {
-        let mut caches: Vec<_> = prompts.iter().map(|_| back.sequence_cache()).collect();
-        let mut fresh: Vec<Vec<u32>> = prompts.to_vec();
-        let mut all = Vec::new();
-        for _ in 0..3 {
-            let logits = mixed_step(&back, &fresh, &mut caches, &which, &packed, with_base.then_some(&base));
-            let vocab = back.config().vocab_size;
-            fresh = (0..which.len()).map(|s| vec![argmax(&logits[s * vocab..(s + 1) * vocab])]).collect();
-            all.extend(logits);
+fn a_model_saved_in_bf16_reads_back_rounded_held_in_bf16_and_computes_what_its_f32_widening_does() {
+    for tied in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let m = Llama::random(&tiny(tied), 23).unwrap();
+        save_model_as(&m, d.path(), &BTreeMap::new(), WeightDtype::Bf16).unwrap();
+        let (mut back, files) = load_model(d.path()).unwrap();
+        let n = m.base_state().unwrap().len();
+        assert_eq!(files.dtypes.get("BF16"), Some(&n), "{:?}", files.dtypes);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["torch_dtype"], "bfloat16");
+        let meta = lora::io::TensorFile::load(&d.path().join("model.safetensors"), &Device::Cpu).unwrap().metadata;
+        assert_eq!(meta[META_FINGERPRINT], back.fingerprint().unwrap(), "the fingerprint is that of the weights as written");
+        for ((name, a), (_, b)) in m.base_state().unwrap().iter().zip(back.base_state().unwrap().iter()) {
+            let want: Vec<f32> = flat(a).into_iter().map(bf16_nearest).collect();
+            assert_eq!(flat(b), want, "{name}: each value rounded to the nearest bf16");
         }
-        runs.push(all);
+        // The embedding, every projection and lm_head are held in bf16 (a tied lm_head shares the embedding's).
+        let layers = 7 * back.config().num_hidden_layers + 2;
+        assert_eq!(back.lora().layers().filter(|(_, l)| l.weight_bf16().is_some()).count(), layers);
+        let (v, h) = (back.config().vocab_size, back.config().hidden_size);
+        let matrices: usize = back.lora().layers().map(|(_, l)| l.weight_dims().iter().product::<usize>()).sum::<usize>();
+        assert_eq!(back.base_bf16_bytes(), 2 * (matrices - if tied { v * h } else { 0 }), "tied: counted once");
+        // Its f32 widening: the same values in f32 variables.
+        let (mut wide, _) = load_model(d.path()).unwrap();
+        wide.lora_mut().widen_base().unwrap();
+        assert!(wide.lora().layers().all(|(_, l)| l.weight_bf16().is_none()));
+        assert_eq!(wide.fingerprint().unwrap(), back.fingerprint().unwrap());
+        for model in [&mut back, &mut wide] {
+            with_adapter(model, "sql", 1);
+            add_adapter(model, "js", 5, 2);
+        }
+        // Logits, the LoRA gradients of a training batch, greedy generation: the same bits.
+        let x = ids(30, 16);
+        let ids_t = Tensor::from_vec(x.clone(), (2, 8), &Device::Cpu).unwrap();
+        assert_eq!(
+            bits(&back.forward(&ids_t, None, false).unwrap()),
+            bits(&wide.forward(&ids_t, None, false).unwrap()),
+            "tied {tied}: logits"
+        );
+        assert_eq!(grads_of(&back, &x), grads_of(&wide, &x), "tied {tied}: gradients");
+        let greedy = |m: &Llama| {
+            let sampling = lora_lm::generate::Sampling::greedy();
+            lora_lm::generate::generate(m, &[ids(31, 5), ids(32, 3)], 6, &sampling, &[], |_, _| Ok(true)).unwrap()
+        };
+        assert_eq!(format!("{:?}", greedy(&back)), format!("{:?}", greedy(&wide)), "tied {tied}: generation");
+        // A mixed batch of two adapters and the base.
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for model in [&back, &wide] {
+            let mut packed = Vec::new();
+            for name in ["sql", "js"] {
+                let ad = dir.path().join(name);
+                save_adapter(model, name, &ad, None, Default::default(), false).unwrap();
+                packed.push(model.pack_adapter(&lora::read_adapter(&ad).unwrap()).unwrap());
+            }
+            let which = [Some(0usize), None, Some(1)];
+            let prompts = [ids(40, 6), ids(41, 2), ids(42, 4)];
+            let mut caches: Vec<_> = prompts.iter().map(|_| model.sequence_cache()).collect();
+            let mut fresh: Vec<Vec<u32>> = prompts.to_vec();
+            let mut all = Vec::new();
+            for _ in 0..3 {
+                let logits = mixed_step(model, &fresh, &mut caches, &which, &packed);
+                let vocab = model.config().vocab_size;
+                fresh = (0..which.len()).map(|s| vec![argmax(&logits[s * vocab..(s + 1) * vocab])]).collect();
+                all.extend(logits);
+            }
+            runs.push(all);
+        }
+        assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "tied {tied}: a mixed batch's logits");
+        // The base can be trained again: widened once, a tied embedding still one variable.
+        back.lora_mut().set_active(&[]).unwrap();
+        back.unfreeze_base().unwrap();
+        assert!(back.lora().layers().all(|(_, l)| l.weight_bf16().is_none()));
+        let names: Vec<String> = back.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.iter().filter(|n| n.contains("embed_tokens") || n.starts_with("lm_head")).count(),
+            if tied { 1 } else { 2 },
+            "{names:?}"
+        );
     }
-    assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "the packed base changed a logit");
+    // f32 weights as trained have full mantissas: none is held in bf16.
+    let mut m = Llama::random(&tiny(false), 23).unwrap();
+    m.freeze_base();
+    assert_eq!(m.hold_base_in_bf16().unwrap(), 0);
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    flat(t).into_iter().map(f32::to_bits).collect()
 }
 
 #[test]
@@ -425,8 +468,8 @@ fn a_sequence_past_the_context_or_outside_the_vocabulary_is_refused_by_name() {
     let m = Llama::random(&tiny(false), 7).unwrap();
     let mut cache = m.sequence_cache();
     let long = ids(1, 33);
-    let e = m.forward_mixed(&mut [Sequence { tokens: &long, cache: &mut cache, adapter: None }], None).unwrap_err().to_string();
+    let e = m.forward_mixed(&mut [Sequence { tokens: &long, cache: &mut cache, adapter: None }]).unwrap_err().to_string();
     assert!(e.contains("sequence 0") && e.contains("33 new tokens"), "{e}");
-    let e = m.forward_mixed(&mut [Sequence { tokens: &[5000], cache: &mut cache, adapter: None }], None).unwrap_err().to_string();
+    let e = m.forward_mixed(&mut [Sequence { tokens: &[5000], cache: &mut cache, adapter: None }]).unwrap_err().to_string();
     assert!(e.contains("token 5000"), "{e}");
 }

@@ -217,7 +217,7 @@ impl Worker {
         let run = || -> lora::Result<Vec<f32>> {
             let mut h = Tensor::from_vec(x, (rows, inputs), &Device::Cpu)?;
             for &(layer, act) in &self.layers {
-                h = self.net.model.forward_mixed(layer, &h, &groups, act, None)?;
+                h = self.net.model.forward_mixed(layer, &h, &groups, act)?;
             }
             Ok(h.flatten_all()?.to_vec1::<f32>()?)
         };

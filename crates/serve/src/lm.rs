@@ -6,9 +6,9 @@
 //! sequence feeds its whole prompt, a running one its last token), picks each sequence's next token and
 //! sends the text it completes to that sequence's client. Finished sequences leave; sequences whose
 //! client went away are dropped before the next step. When nothing runs, the first request waits a short
-//! window for others so that requests arriving together start together. The base's bf16 weights (a
-//! checkpoint stored in bf16) are read from a bf16 copy packed once at start ([`Llama::pack_base`]): the
-//! same tokens from half the memory traffic.
+//! window for others so that requests arriving together start together. A base whose weights are bf16
+//! numbers is held in bf16 ([`Llama::hold_base_in_bf16`], at start): the same tokens from half the memory
+//! and half the memory traffic.
 //!
 //! Text is the continuation decoded after the prompt ([`Tokenizer::decode_continuation`], as `lora lm
 //! generate` prints it). With stop strings, text that could still become a stop string is held back
@@ -26,7 +26,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lora::PackedBase;
 use lora_lm::generate::Sampling;
 use lora_lm::mixed::Sequence;
 use lora_lm::{KvCache, Llama, Tokenizer};
@@ -138,11 +137,9 @@ pub struct LmEngine {
 }
 
 impl LmEngine {
-    /// Starts the worker thread. `base` is `model`'s [`Llama::pack_base`]: the weights it holds in bf16
-    /// are read from there. A step running longer than `stuck_after` reports the worker stuck.
+    /// Starts the worker thread. A step running longer than `stuck_after` reports the worker stuck.
     pub fn start(
         model: Arc<Llama>,
-        base: PackedBase,
         tokenizer: Arc<Tokenizer>,
         settings: BatchSettings,
         metrics: Arc<Metrics>,
@@ -153,7 +150,7 @@ impl LmEngine {
         let h = health.clone();
         std::thread::Builder::new()
             .name("lora-lm-batcher".into())
-            .spawn(move || Worker { model, base, tokenizer, settings, metrics }.run(rx, h))?;
+            .spawn(move || Worker { model, tokenizer, settings, metrics }.run(rx, h))?;
         Ok(LmEngine { tx, health })
     }
 
@@ -191,7 +188,6 @@ struct Queues {
 
 struct Worker {
     model: Arc<Llama>,
-    base: PackedBase,
     tokenizer: Arc<Tokenizer>,
     settings: BatchSettings,
     metrics: Arc<Metrics>,
@@ -296,7 +292,7 @@ impl Worker {
                 .iter_mut()
                 .map(|r| Sequence { tokens: &r.feed, cache: &mut r.cache, adapter: r.job.adapter.as_deref().map(|a| &a.packed) })
                 .collect();
-            self.model.forward_mixed(&mut seqs, Some(&self.base))
+            self.model.forward_mixed(&mut seqs)
         };
         #[cfg(test)]
         for r in running.iter() {

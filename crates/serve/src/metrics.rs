@@ -147,7 +147,7 @@ impl Default for Metrics {
         registry.register("adapter_loads", "Adapters read from disk", adapter_loads.clone());
         registry.register("adapter_evictions", "Adapters dropped from memory for the cap", evictions.clone());
         let base_bf16_bytes = Gauge::default();
-        registry.register("base_bf16_bytes", "Bytes of base weights served from a bf16 copy", base_bf16_bytes.clone());
+        registry.register("base_bf16_bytes", "Bytes of base weights held in bf16", base_bf16_bytes.clone());
         let (in_flight, worker_up, worker_panics, stalled_connections) =
             (Gauge::default(), Gauge::default(), Counter::default(), Counter::default());
         registry.register("requests_in_flight", "Completions and predictions admitted now", in_flight.clone());

@@ -315,6 +315,11 @@ impl Server {
         let (kind, registry, lm, classifier) = if o.model.is_dir() {
             let (mut model, _) = lora_lm::hf::load_model(&o.model)?;
             model.freeze_base();
+            // The base never changes while serving: weights that are bf16 numbers (a checkpoint stored in
+            // bf16 is loaded so already) are held in bf16, and every step reads half the bytes.
+            let packed = model.hold_base_in_bf16()?;
+            tracing::info!(packed, bytes = model.base_bytes(), "base weights for serving");
+            metrics.base_bf16_bytes.set(model.base_bf16_bytes() as i64);
             let tokenizer = Arc::new(lora_lm::hf::load_tokenizer(&o.model, model.config())?);
             let context = model.config().max_position_embeddings;
             let end_ids: Arc<[u32]> = lora_lm::hf::end_token_ids(&o.model, model.config())?.into();
@@ -324,12 +329,7 @@ impl Server {
             let packer: Packer = Arc::new(move |files| m.pack_adapter(files).map_err(|e| e.to_string()));
             let registry =
                 Arc::new(Registry::new(o.adapters.as_deref(), o.max_loaded, &name, model.fingerprint()?, packer, metrics.clone())?);
-            // The base never changes while serving: its bf16 weights (a checkpoint stored in bf16) are
-            // packed once and every step reads them from half the memory.
-            let base = model.pack_base()?;
-            tracing::info!(layers = base.bf16_layers(), bytes = base.bytes(), "base weights held in bf16 for serving");
-            metrics.base_bf16_bytes.set(base.bytes() as i64);
-            let engine = LmEngine::start(model, base, tokenizer.clone(), settings, metrics.clone(), o.timeouts.request)?;
+            let engine = LmEngine::start(model, tokenizer.clone(), settings, metrics.clone(), o.timeouts.request)?;
             (ModelKind::Lm, registry, Some(LmState { engine, tokenizer, context, end_ids, chat }), None)
         } else if o.model.is_file() {
             if let Some(t) = &o.chat_template {

@@ -294,12 +294,7 @@ pub(super) fn try_forward(layer: &LoraLinear, x: &Tensor, train: bool, act: Acti
     let y = match plan {
         Plan::Dora(ad) => {
             let f = ad.dora_factor(&layer.weight()?)?.ok_or_else(|| crate::LoraError::State("no magnitude".into()))?;
-            let op = FrozenBaseOp {
-                weight: Frozen::of(layer),
-                bias: None,
-                scale: ad.scale() as f32,
-                act: Activation::Identity,
-            };
+            let op = FrozenBaseOp { weight: Frozen::of(layer), bias: None, scale: ad.scale() as f32, act: Activation::Identity };
             let z = x.apply_op3(ad.a().as_tensor(), ad.b().as_tensor(), op)?;
             let mut y = z.broadcast_mul(&f)?;
             if let Some(b) = layer.bias() {

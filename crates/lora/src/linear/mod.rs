@@ -201,7 +201,11 @@ impl LoraLinear {
     /// alone ([`crate::LoraModel::widen_base`] widens it once for both).
     pub fn share_weight_of(&mut self, other: &mut LoraLinear) -> Result<()> {
         if self.weight_dims() != other.weight_dims() {
-            return Err(LoraError::Shape { tensor: "weight".into(), expected: self.weight_dims().to_vec(), found: other.weight_dims().to_vec() });
+            return Err(LoraError::Shape {
+                tensor: "weight".into(),
+                expected: self.weight_dims().to_vec(),
+                found: other.weight_dims().to_vec(),
+            });
         }
         self.weight = other.weight.clone();
         (self.tied, other.tied) = (true, true);
@@ -469,9 +473,13 @@ mod tests {
         let w: Vec<f32> = rand_vec(out * inp, 71).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000)).collect();
         a.restore_base(&t(w.clone(), (out, inp)), None).unwrap();
         a.freeze_base();
-        let mut b = LoraLinear::from_bf16(Arc::new(Bf16Matrix::pack(&w, out, inp).unwrap()), Some(a.bias().unwrap().as_tensor().copy().unwrap())).unwrap();
+        let mut b =
+            LoraLinear::from_bf16(Arc::new(Bf16Matrix::pack(&w, out, inp).unwrap()), Some(a.bias().unwrap().as_tensor().copy().unwrap()))
+                .unwrap();
         let ad = a.adapter("x").unwrap();
-        let copy = Adapter::from_tensors(&ad.a().as_tensor().copy().unwrap(), &ad.b().as_tensor().copy().unwrap(), ad.alpha(), ad.scale(), 0.0).unwrap();
+        let copy =
+            Adapter::from_tensors(&ad.a().as_tensor().copy().unwrap(), &ad.b().as_tensor().copy().unwrap(), ad.alpha(), ad.scale(), 0.0)
+                .unwrap();
         b.insert_adapter("x", copy).unwrap();
         b.set_active(&["x"]).unwrap();
         (a, b)
@@ -493,7 +501,12 @@ mod tests {
                 let y = l.forward(x.as_tensor()).unwrap();
                 let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
                 let ad = l.adapter("x").unwrap();
-                [bits(&y), bits(g.get(x.as_tensor()).unwrap()), bits(g.get(ad.a().as_tensor()).unwrap()), bits(g.get(ad.b().as_tensor()).unwrap())]
+                [
+                    bits(&y),
+                    bits(g.get(x.as_tensor()).unwrap()),
+                    bits(g.get(ad.a().as_tensor()).unwrap()),
+                    bits(g.get(ad.b().as_tensor()).unwrap()),
+                ]
             };
             assert!(run(&a) == run(&b), "{rows} rows, {backend:?}: y, dx, dA, dB must keep their bits");
             assert_eq!(b.trainable_vars().len(), 2, "only A and B train");

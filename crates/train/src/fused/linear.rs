@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use lora::bridge::{cpu_mat as mat, cpu_slice, Held};
 use lora::Activation;
-use lora_kernels::{linear_backward, linear_forward, output_grad, LinearGrads, LinearRef, MatRef};
+use lora_kernels::{linear_backward, linear_forward, output_grad, LinearGrads, LinearRef, MatRef, WeightRef};
 
 use super::adam::WeightAdamOp;
 use super::k;
@@ -50,7 +50,7 @@ impl CustomOp3 for BufferedLinear {
         }
         let b = cpu_slice(s3, l3)?;
         let mut y = vec![0f32; x.rows() * w.rows()];
-        k(linear_forward(x, &LinearRef { weight: w, bias: Some(b), adapter: None }, self.act, &mut y))?;
+        k(linear_forward(x, &LinearRef { weight: WeightRef::F32(w), bias: Some(b), adapter: None }, self.act, &mut y))?;
         Ok((CpuStorage::F32(y), Shape::from((x.rows(), w.rows()))))
     }
 
@@ -74,7 +74,7 @@ impl CustomOp3 for BufferedLinear {
         let update = self.dw.take_update()?;
         {
             let (hw, hb) = (Held::new(w), Held::new(b));
-            let p = LinearRef { weight: hw.mat()?, bias: Some(hb.slice()?), adapter: None };
+            let p = LinearRef { weight: WeightRef::F32(hw.mat()?), bias: Some(hb.slice()?), adapter: None };
             self.db.write(|db, acc_b| match update {
                 Some(_) => {
                     let grads = LinearGrads { dx: dx.as_deref_mut(), db: Some(db), accumulate: acc_b, ..Default::default() };

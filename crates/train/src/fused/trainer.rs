@@ -86,9 +86,9 @@ impl Trainer {
                 for name in LAYERS {
                     let l = net.model.layer(name)?;
                     let adapters_on = !l.is_disabled() && l.active().iter().any(|a| !l.merged().contains(a));
-                    let buffered = match (l.base_trainable(), l.bias(), adapters_on) {
-                        ((true, true), Some(b), false) => {
-                            let dw = store.add_updated_in_backward(&format!("{name}.weight"), l.weight().clone())?;
+                    let buffered = match (l.base_trainable(), l.weight_var(), l.bias(), adapters_on) {
+                        ((true, true), Some(w), Some(b), false) => {
+                            let dw = store.add_updated_in_backward(&format!("{name}.weight"), w.clone())?;
                             let db = store.add_buffered(&format!("{name}.bias"), b.clone())?;
                             store.set_lr_scale(&format!("{name}.bias"), ratio as f32)?; // a vector: LoRA+'s group B
                             Some((dw, db))
@@ -237,9 +237,7 @@ impl FusedTrainer {
             let act = if i + 1 < LAYERS.len() { Activation::Relu } else { Activation::Identity };
             let l = net.model.layer(name)?;
             h = match (buffers, l.bias()) {
-                (Some((dw, db)), Some(b)) => {
-                    h.apply_op3(l.weight().as_tensor(), b.as_tensor(), BufferedLinear::new(act, dw.clone(), db.clone()))?
-                }
+                (Some((dw, db)), Some(b)) => h.apply_op3(&l.weight()?, b.as_tensor(), BufferedLinear::new(act, dw.clone(), db.clone()))?,
                 _ => l.forward_act_t(&h, true, act)?,
             };
         }
@@ -397,13 +395,13 @@ mod tests {
     fn a_non_finite_loss_stops_before_the_update() {
         let dev = Device::Cpu;
         let net = ExpensiveNet::new(4, 3, 3, 2, 0, &dev).unwrap();
-        let before = flat(net.model.layer("linear1").unwrap().weight().unwrap());
+        let before = flat(&net.model.layer("linear1").unwrap().weight().unwrap());
         let nan = Tensor::from_vec(vec![f32::NAN; 2], 2, &dev).unwrap();
         net.model.layer("linear3").unwrap().bias().unwrap().set(&nan).unwrap(); // NaN logits, NaN loss
         let x = Tensor::ones((2, 4), candle_core::DType::F32, &dev).unwrap();
         let y = Tensor::from_vec(vec![0u32, 1], 2, &dev).unwrap();
         let e = Trainer::new(&net, 1e-3).unwrap().step(&net, &x, &y, 7).unwrap_err().to_string();
         assert!(e.contains("step 7"), "{e}");
-        assert_eq!(flat(net.model.layer("linear1").unwrap().weight().unwrap()), before);
+        assert_eq!(flat(&net.model.layer("linear1").unwrap().weight().unwrap()), before);
     }
 }
