@@ -72,7 +72,7 @@ impl Bf16Matrix {
         if cols == 0 {
             return bits.is_empty() && r0 <= self.rows;
         }
-        if bits.len() % cols != 0 || r0.checked_add(bits.len() / cols).is_none_or(|end| end > self.rows) {
+        if !bits.len().is_multiple_of(cols) || r0.checked_add(bits.len() / cols).is_none_or(|end| end > self.rows) {
             return false;
         }
         for (i, row) in bits.chunks_exact(cols).enumerate() {

@@ -388,7 +388,7 @@ mod tests {
         // F32) and an F32 matrix (kept F32).
         let (rows, cols) = (READ_CHUNK / 2 / 300 + 7, 300);
         let big: Vec<f32> = (0..rows * cols).map(|i| ((i % 977) as f32 - 488.0) / 61.0).collect();
-        let tensors = vec![
+        let tensors = [
             ("big".to_string(), Tensor::from_vec(big, (rows, cols), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()),
             ("norm".to_string(), Tensor::from_vec(vec![0.5f32, 1.5], 2, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()),
             ("fc".to_string(), Tensor::from_vec(vec![0.1f32; 6], (2, 3), &Device::Cpu).unwrap()),

@@ -289,11 +289,11 @@ impl LoraModel {
                 continue;
             }
             let key = l.weight_key();
-            if !done.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(e) = done.entry(key) {
                 let [rows, cols] = l.weight_dims();
                 let m = Bf16Matrix::pack(&crate::bridge::values(var.as_tensor())?, rows, cols).map(Arc::new);
                 packed += usize::from(m.is_some());
-                done.insert(key, m);
+                e.insert(m);
             }
             if let Some(Some(m)) = done.get(&key) {
                 l.replace_weight(Base::Bf16(m.clone()));

@@ -516,7 +516,7 @@ mod tests {
     #[test]
     fn a_bf16_base_widens_exactly_when_written_and_refuses_to_untie_a_shared_weight() {
         let (mut a, mut b) = f32_and_bf16(40, 24, 2);
-        assert_eq!(b.weight_var().is_none(), true);
+        assert!(b.weight_var().is_none());
         let x = t(rand_vec(3 * 40, 73), (3, 40));
         // Merging writes the weight: it is widened first, and the merged layer computes as the f32 one does.
         a.merge("x", true).unwrap();

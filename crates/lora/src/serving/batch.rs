@@ -214,7 +214,7 @@ mod tests {
         let before: Vec<u32> = flat(&f32_model.layer("wide").unwrap().weight().unwrap()).iter().map(|v| v.to_bits()).collect();
         bf16_model.widen_base().unwrap();
         let after: Vec<u32> =
-            flat(&bf16_model.layer("wide").unwrap().weight_var().unwrap().as_tensor()).iter().map(|v| v.to_bits()).collect();
+            flat(bf16_model.layer("wide").unwrap().weight_var().unwrap().as_tensor()).iter().map(|v| v.to_bits()).collect();
         assert_eq!(before, after);
     }
 }
