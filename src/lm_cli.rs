@@ -317,9 +317,22 @@ pub struct LmBenchArgs {
     /// Seed for initialisation and the random token batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The frozen base of the LoRA step, evaluation and generation: f32, or bf16 (every base value rounded
+    /// to bf16, as a bf16 checkpoint holds it, and the matrices held in bf16). The full step trains f32.
+    #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
+    pub dtype: BenchDtype,
     /// Also write the JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+/// The frozen base's dtype in `lora lm bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDtype {
+    /// f32 values, held in f32.
+    F32,
+    /// bf16 values, held in bf16.
+    Bf16,
 }
 
 /// A benchmark model shape (`lora lm bench --shape`).

@@ -7,6 +7,7 @@
 //! linear_backward: dx, dW, db, dA, dB — only those asked for
 //! add_delta:       y_i += s·(x_i·Aᵀ)·Bᵀ, row by row (a mixed batch's groups)
 //! matmul_bf16_into: C = [C +] β·A·Wᵀ with W held in bf16 (Bf16Matrix), the bits of the f32 product
+//! read_bandwidth:   bytes/s the machine reads now (the ceiling of a decode step)
 //! ```
 //!
 //! Products with one small dimension (a batch) run on our own kernels (`sgemm`: one source on `pulp`,
@@ -21,6 +22,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod bandwidth;
 mod bf16;
 mod delta;
 mod error;
@@ -32,6 +34,7 @@ mod matmul;
 mod sgemm;
 pub mod vector;
 
+pub use bandwidth::read_bandwidth;
 pub use bf16::Bf16Matrix;
 pub use delta::{add_delta, DeltaRef};
 pub use error::{Result, ShapeError};

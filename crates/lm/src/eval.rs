@@ -6,7 +6,9 @@
 //!
 //! over the windows of [`crate::data::eval_windows`] (each window predicts every token after its first), or
 //! over the tokens a window marks as scored (instruction examples: their completions and assistant turns).
-//! Windows of equal length run as one batch.
+//! Windows of equal length run as one batch; the output layer then runs on at most [`HEAD_ROWS`] rows at a
+//! time, so the logits held at once are at most HEAD_ROWS × V values whatever the batch (a 128k vocabulary's
+//! logits for a batch of 16 × 256 tokens would be 2 GB).
 
 use candle_core::{Device, Tensor};
 
@@ -14,6 +16,9 @@ use crate::data::Window;
 use crate::error::{LmError, Result};
 use crate::model::Llama;
 use crate::ops::token_nll;
+
+/// Rows of hidden states the output layer scores at a time.
+pub const HEAD_ROWS: usize = 256;
 
 /// The score of a model on some windows.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -48,10 +53,15 @@ pub fn score(model: &Llama, windows: &[Window], batch: usize, per_token: bool) -
         let group = &windows[i..j];
         let ids: Vec<u32> = group.iter().flat_map(|w| w.ids.iter().copied()).collect();
         let t = Tensor::from_vec(ids, (group.len(), len), &Device::Cpu)?;
-        let logits = model.forward(&t, None, false)?; // (rows, len, V)
+        let h = model.hidden_rows(&t, None, false)?; // (rows·len, H)
         for (r, w) in group.iter().enumerate() {
-            let l = logits.get(r)?.narrow(0, 0, len - 1)?;
-            let mut nll = token_nll(&l, &w.ids[1..])?;
+            // Each window's first len − 1 rows predict its next tokens, HEAD_ROWS rows at a time.
+            let mut nll = Vec::with_capacity(len - 1);
+            for p0 in (0..len - 1).step_by(HEAD_ROWS) {
+                let p1 = (p0 + HEAD_ROWS).min(len - 1);
+                let logits = model.head_logits(&h.narrow(0, r * len + p0, p1 - p0)?, false)?; // (p1 − p0, V)
+                nll.extend(token_nll(&logits, &w.ids[p0 + 1..p1 + 1])?);
+            }
             let mut wbytes: Vec<u32> = w.bytes[1..].to_vec();
             if let Some(scored) = &w.scored {
                 let keep = |i: &usize| scored[i + 1];

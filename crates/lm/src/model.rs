@@ -358,6 +358,31 @@ impl Llama {
         Ok(self.lora.hold_base_in_bf16()?)
     }
 
+    /// The model a bf16 checkpoint of this one loads as: every base value (norms and biases too) rounded to
+    /// the nearest bf16 (ties to even, as `model.to(torch.bfloat16)` rounds), the base frozen, and the
+    /// embedding and projections held in bf16. Returns how many matrices it holds in bf16.
+    pub fn round_base_to_bf16(&mut self) -> Result<usize> {
+        if let Some((name, _)) = self.lora.layers().find(|(_, l)| !l.merged().is_empty()) {
+            return Err(LmError::invalid("base", name, "holds merged adapters: unmerge them before rounding the base to bf16"));
+        }
+        let round = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
+        for layer in &self.layers {
+            for (_, _, v) in &layer.norms {
+                v.set(&round(v.as_tensor())?)?;
+            }
+        }
+        self.final_norm.set(&round(self.final_norm.as_tensor())?)?;
+        for (_, l) in self.lora.layers_mut() {
+            if l.weight_var().is_some() {
+                let w = round(&l.weight()?)?;
+                let b = l.bias().map(|b| round(b.as_tensor())).transpose()?;
+                l.restore_base(&w, b.as_ref())?;
+            }
+        }
+        self.freeze_base();
+        self.hold_base_in_bf16()
+    }
+
     /// Bytes of the base weights held in bf16 (a shared weight counted once).
     pub fn base_bf16_bytes(&self) -> usize {
         let skip_head = self.config.tie_word_embeddings;
@@ -480,7 +505,12 @@ impl Llama {
     /// reshapes would each copy a gradient in the backward).
     pub(crate) fn logits_rows(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let h = self.hidden_rows(ids, cache, train)?;
-        let logits = self.softcap_logits(self.lora.layer(LM_HEAD)?.forward_t(&h, train)?)?;
+        self.head_logits(&h, train)
+    }
+
+    /// Logits (n, V) of final hidden rows h (n, H): lm_head and the family's soft-capping.
+    pub(crate) fn head_logits(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        let logits = self.softcap_logits(self.lora.layer(LM_HEAD)?.forward_t(h, train)?)?;
         Ok(if logits.rank() == 2 { logits } else { logits.reshape(((), self.config.vocab_size))? })
     }
 
@@ -613,7 +643,7 @@ impl Llama {
     }
 
     /// The final hidden states: (B·T, H) on the fused path, (B, T, H) on the reference path.
-    fn hidden_rows(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+    pub(crate) fn hidden_rows(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);

@@ -8,7 +8,13 @@
 //! 1 × 256, no full step). full_step_ms: median step of the batch of random bytes, AdamW (lr 1e-3) over every
 //! tensor; lora_step_ms: the same with LoRA r 8, alpha 16 on the seven projections, base frozen;
 //! eval_tokens_per_s: forward with loss, adapter active; generate_*: greedy, 16-token prompts, exactly
-//! 128 new tokens, KV cache, adapter active and unmerged.
+//! 128 new tokens, KV cache, adapter active and unmerged. `--dtype bf16`: the frozen base (LoRA step,
+//! evaluation, generation) rounded to bf16 and held so, as a bf16 checkpoint loads.
+//!
+//! Generation against memory bandwidth: a batch-1 decode step reads every base weight once, so
+//! `generate_weight_gb_per_s` = base_weight_bytes × tokens/s; `memory_read_gb_per_s` is this machine's
+//! read bandwidth measured in the same run (a sum over 1 GiB on the same threads, best of three), and
+//! `generate_bandwidth_fraction` their ratio.
 
 use std::time::Instant;
 
@@ -23,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::common::{check_outputs, write_json, Out};
-use crate::lm_cli::{BenchShape, LmBenchArgs};
+use crate::lm_cli::{BenchDtype, BenchShape, LmBenchArgs};
 
 const SEQ: usize = 256;
 const PROMPT: usize = 16;
@@ -120,6 +126,11 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     model.lora_mut().add_adapter("bench", &lora_cfg, &mut StdRng::seed_from_u64(a.seed + 1))?;
     model.lora_mut().set_active(&["bench"])?;
     model.freeze_base();
+    if a.dtype == BenchDtype::Bf16 {
+        let held = model.round_base_to_bf16()?;
+        eprintln!("base rounded to bf16: {held} matrices held in bf16");
+    }
+    let base_bytes = model.base_bytes();
     let lora_params: usize = model.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!("lora trainable params: {lora_params}");
     let lora = train_steps(&model, &mut rng, batch, steps, warmup)?;
@@ -144,6 +155,9 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     eprintln!("  generate_tokens_per_s {:.1}", NEW_TOKENS as f64 / g1);
     let g8 = gen(8)?;
     eprintln!("  generate_batch8_tokens_per_s {:.1}", (8 * NEW_TOKENS) as f64 / g8);
+    let weight_gbs = base_bytes as f64 * (NEW_TOKENS as f64 / g1) / 1e9;
+    let memory_gbs = lora_kernels::read_bandwidth(1 << 30) / 1e9;
+    eprintln!("  generation reads {weight_gbs:.2} GB/s of weights; memory reads {memory_gbs:.2} GB/s here");
 
     let out = json!({
         "impl": format!("lora-rs {}", env!("CARGO_PKG_VERSION")),
@@ -158,6 +172,11 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
         "eval_tokens_per_s": (eval_tps * 10.0).round() / 10.0,
         "generate_tokens_per_s": ((NEW_TOKENS as f64 / g1) * 100.0).round() / 100.0,
         "generate_batch8_tokens_per_s": (((8 * NEW_TOKENS) as f64 / g8) * 100.0).round() / 100.0,
+        "dtype": format!("{:?}", a.dtype).to_lowercase(),
+        "base_weight_bytes": base_bytes,
+        "generate_weight_gb_per_s": crate::cmd::round3(weight_gbs),
+        "memory_read_gb_per_s": crate::cmd::round3(memory_gbs),
+        "generate_bandwidth_fraction": crate::cmd::round3(weight_gbs / memory_gbs),
         "peak_rss_mb": crate::cmd::peak_rss_mb(),
     });
     println!("{}", serde_json::to_string(&out)?);
@@ -166,3 +185,4 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
