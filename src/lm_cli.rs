@@ -251,9 +251,10 @@ pub struct LmEvalArgs {
     /// Score at most this many tokens per file (default: all).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
     pub max_tokens: Option<u64>,
-    /// Windows per forward pass.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch_size: u32,
+    /// Windows per forward pass (default: as many as make 1,024 tokens, at least one: the activations of a
+    /// forward grow with its tokens, and more tokens a forward gain little speed).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: Option<u32>,
     /// Load adapters even if they were trained on a different base model.
     #[arg(long)]
     pub force: bool,

@@ -116,10 +116,24 @@ impl Bf16Matrix {
         self.cols_into(j, 0, out);
     }
 
-    /// Values `c0..c0 + out.len()` of row j in f32 (in bounds: checked by the callers).
+    /// Values `c0..c0 + out.len()` of row j in f32 (in bounds: checked by the callers). Whole blocks of 32
+    /// values starting on a block boundary go 16 words at a time (a loop the compiler turns into a few vector
+    /// shifts and masks: widening is on the path of every product of many rows); the rest value by value.
     fn cols_into(&self, j: usize, c0: usize, out: &mut [f32]) {
         let row = &self.words[j * self.stride..(j + 1) * self.stride];
-        for (k, o) in (c0..).zip(out.iter_mut()) {
+        let mut done = 0;
+        if c0 % 32 == 0 {
+            let whole = out.len() / 32 * 32;
+            for (o, w) in out[..whole].chunks_exact_mut(32).zip(row[c0 / 2..].chunks_exact(16)) {
+                let (lo, hi) = o.split_at_mut(16);
+                for ((l, h), &w) in lo.iter_mut().zip(hi.iter_mut()).zip(w) {
+                    *l = f32::from_bits(w << 16);
+                    *h = f32::from_bits(w & 0xFFFF_0000);
+                }
+            }
+            done = whole;
+        }
+        for (k, o) in (c0 + done..).zip(out[done..].iter_mut()) {
             let w = row[(k / 32) * 16 + k % 16];
             *o = f32::from_bits(if k % 32 < 16 { w << 16 } else { w & 0xFFFF_0000 });
         }

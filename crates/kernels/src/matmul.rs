@@ -150,14 +150,58 @@ fn blocks(
     let width = if cut { (BLOCK_VALUES / k / 64 * 64).max(128) } else { n };
     // Whole blocks of `width` columns, the last one taking the remainder (so no block is narrower).
     let count = n / width;
-    if count <= 1 {
-        let mut buf = vec![0f32; k * n];
-        widen(0, n, &mut buf);
-        return product(dst, &buf, beta, accumulate);
+    // The widened block and the block's outputs live in this thread's buffers, reused from call to call
+    // (fresh pages for them on every product cost ~8 % of a LoRA step in zeroing); taken out for the call,
+    // so a nested call on this thread allocates its own.
+    let (mut buf, mut out) = (WIDE.with(|b| b.take()), WIDE_OUT.with(|b| b.take()));
+    let result = (|| {
+        if count <= 1 {
+            let buf = sized(&mut buf, k * n);
+            widen(0, n, buf);
+            return product(dst, buf, beta, accumulate);
+        }
+        let widest = n - (count - 1) * width;
+        let (buf, out) = (sized(&mut buf, k * widest), sized(&mut out, m * widest));
+        each_block(dst, (m, n, k), (width, count), buf, out, beta, accumulate, &widen, &product)
+    })();
+    // Kept for the next call unless unusually large (a whole weight of the gemm crate's shapes).
+    if buf.len() <= 4 * BLOCK_VALUES {
+        WIDE.with(|b| b.replace(buf));
     }
-    let widest = n - (count - 1) * width;
-    let mut buf = vec![0f32; k * widest];
-    let mut out = vec![0f32; m * widest];
+    if out.len() <= 8 * BLOCK_VALUES {
+        WIDE_OUT.with(|b| b.replace(out));
+    }
+    result
+}
+
+thread_local! {
+    /// [`blocks`]' widened block of W, reused.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`blocks`]' block of outputs, reused.
+    static WIDE_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The first `len` values of `v`, grown as needed (their contents are overwritten by the caller).
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+/// The loop of [`blocks`] over `count` blocks of `width` columns (the last taking the remainder).
+#[allow(clippy::too_many_arguments)]
+fn each_block(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (width, count): (usize, usize),
+    buf: &mut [f32],
+    out: &mut [f32],
+    beta: f32,
+    accumulate: bool,
+    widen: &impl Fn(usize, usize, &mut [f32]),
+    product: &impl Fn(&mut [f32], &[f32], f32, bool) -> Result<()>,
+) -> Result<()> {
     for b in 0..count {
         let (j0, j1) = (b * width, if b + 1 == count { n } else { (b + 1) * width });
         let w = j1 - j0;

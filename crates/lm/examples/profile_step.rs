@@ -1,6 +1,8 @@
 //! Times the parts of training steps and evaluation of the `lora lm bench` model (batch 16 × 256):
 //! `profile_step MODE REPS [reference]` with MODE `full` (every tensor trains), `lora` (r 8 on the seven
 //! projections, base frozen) or `eval`; `reference` selects the reference ops instead of the fused ones.
+//! `PROFILE_SHAPE=small`: `lora lm bench --shape small`'s model (batch 4 × 256); `PROFILE_DTYPE=bf16`: the
+//! frozen base rounded to bf16 and held so (`lora lm bench --dtype bf16`).
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -18,7 +20,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map_or("full", |s| s.as_str()).to_string();
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let config = LlamaConfig::byte_default();
+    let small = std::env::var("PROFILE_SHAPE").is_ok_and(|v| v == "small");
+    let config = if small {
+        LlamaConfig {
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            ..LlamaConfig::byte_default()
+        }
+    } else {
+        LlamaConfig::byte_default()
+    };
+    let batch = if small { 4 } else { 16 };
     let mut model = Llama::random(&config, 0)?;
     model.set_fused(args.get(3).map(|s| s.as_str()) != Some("reference"));
     if mode != "full" {
@@ -30,6 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model.lora_mut().add_adapter("a", &cfg, &mut StdRng::seed_from_u64(1))?;
         model.lora_mut().set_active(&["a"])?;
         model.freeze_base();
+        if std::env::var("PROFILE_DTYPE").is_ok_and(|v| v == "bf16") {
+            model.round_base_to_bf16()?;
+        }
     }
     let mut rng = StdRng::seed_from_u64(2);
     if let Some(rows) = mode.strip_prefix("gen").and_then(|r| r.parse::<usize>().ok()) {
@@ -53,9 +72,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt = AdamW::new(model.trainable_vars(), 0.0);
     let (mut fw, mut bw, mut ad) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..reps + 1 {
-        let ids: Vec<u32> = (0..16 * 256).map(|_| rng.random_range(0..256u32)).collect();
+        let ids: Vec<u32> = (0..batch * 256).map(|_| rng.random_range(0..256u32)).collect();
         let t0 = Instant::now();
-        let loss: Tensor = batch_loss(&model, &ids, 16, 256, mode != "eval")?;
+        let loss: Tensor = batch_loss(&model, &ids, batch, 256, mode != "eval")?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         if mode != "eval" {

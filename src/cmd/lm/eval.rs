@@ -13,6 +13,9 @@ use super::finetune::{instruction_examples, Split};
 use crate::common::{check_outputs, write_json, Out};
 use crate::lm_cli::LmEvalArgs;
 
+/// Tokens per forward pass when `--batch-size` is not given.
+const EVAL_TOKENS: usize = 1024;
+
 /// Prints bits per byte, rows = corpora, columns = models; the best of each row marked with *.
 pub fn print_table(t: &EvalTable) {
     let w = t.corpora.iter().map(String::len).max().unwrap_or(4).max(6);
@@ -82,7 +85,7 @@ pub fn run(a: LmEvalArgs) -> Result<()> {
         adapters: names,
         context: ctx,
         max_tokens: a.max_tokens.map(|m| m as usize),
-        batch: a.batch_size as usize,
+        batch: a.batch_size.map_or((EVAL_TOKENS / ctx).max(1), |b| b as usize),
         per_token: a.token_losses.is_some(),
     };
     let table = evaluate_on(&mut model, &tok, &data, &job, &mut |_| {}).context("scoring")?;
