@@ -122,7 +122,7 @@ impl Bf16Matrix {
     fn cols_into(&self, j: usize, c0: usize, out: &mut [f32]) {
         let row = &self.words[j * self.stride..(j + 1) * self.stride];
         let mut done = 0;
-        if c0 % 32 == 0 {
+        if c0.is_multiple_of(32) {
             let whole = out.len() / 32 * 32;
             for (o, w) in out[..whole].chunks_exact_mut(32).zip(row[c0 / 2..].chunks_exact(16)) {
                 let (lo, hi) = o.split_at_mut(16);

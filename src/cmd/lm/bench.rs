@@ -185,4 +185,3 @@ pub fn run(a: LmBenchArgs) -> Result<()> {
     }
     Ok(())
 }
-
