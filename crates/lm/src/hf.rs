@@ -243,8 +243,8 @@ pub enum WeightDtype {
     /// f32: the weights exactly as trained.
     #[default]
     F32,
-    /// bfloat16, each value rounded to the nearest (ties to even): half the bytes on disk, and in memory
-    /// where the model is served ([`Llama::pack_base`]). A model read back is that rounded model.
+    /// bfloat16, each value rounded to the nearest (ties to even): half the bytes on disk and in memory (a
+    /// model read back holds its matrices in bf16, frozen). A model read back is that rounded model.
     Bf16,
 }
 
