@@ -112,7 +112,14 @@ pub fn matmul_bf16_plain_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, 
     )
 }
 
-/// Values of W widened at a time by the bf16 products (2 MiB of f32: a few blocks stay in L2 and L3).
+/// Values of W widened at a time by the bf16 products: 8 MiB of f32. Smaller blocks cost more than they save
+/// (each block repacks the activations: the forward of a 1B model's LoRA step measured 6.6 s with 2 MiB blocks,
+/// 5.2 s with 8 MiB; `PROFILE_SHAPE=1b PROFILE_DTYPE=bf16 profile_step lora 3`). This crate's own tests use
+/// 2 MiB so that their products are cut into several blocks; the bits do not depend on the size (see
+/// [`blocks`]).
+#[cfg(not(test))]
+const BLOCK_VALUES: usize = 1 << 21;
+#[cfg(test)]
 const BLOCK_VALUES: usize = 1 << 19;
 
 /// Runs `C (m×n) = [C +] β·lhs·B` one block of C's columns at a time: `widen(j0, j1, buf)` writes the f32

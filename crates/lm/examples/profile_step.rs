@@ -1,7 +1,7 @@
 //! Times the parts of training steps and evaluation of the `lora lm bench` model (batch 16 × 256):
 //! `profile_step MODE REPS [reference]` with MODE `full` (every tensor trains), `lora` (r 8 on the seven
 //! projections, base frozen) or `eval`; `reference` selects the reference ops instead of the fused ones.
-//! `PROFILE_SHAPE=small`: `lora lm bench --shape small`'s model (batch 4 × 256); `PROFILE_DTYPE=bf16`: the
+//! `PROFILE_SHAPE=small|1b`: `lora lm bench --shape small|1b`'s model (batch 4 or 1 × 256); `PROFILE_DTYPE=bf16`: the
 //! frozen base rounded to bf16 and held so (`lora lm bench --dtype bf16`).
 use std::time::Instant;
 
@@ -20,8 +20,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map_or("full", |s| s.as_str()).to_string();
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let small = std::env::var("PROFILE_SHAPE").is_ok_and(|v| v == "small");
-    let config = if small {
+    let shape = std::env::var("PROFILE_SHAPE").unwrap_or_default();
+    let small = shape == "small";
+    let config = if shape == "1b" {
+        LlamaConfig {
+            hidden_size: 2048,
+            intermediate_size: 8192,
+            num_hidden_layers: 16,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 64,
+            tie_word_embeddings: true,
+            ..LlamaConfig::byte_default()
+        }
+    } else if small {
         LlamaConfig {
             hidden_size: 576,
             intermediate_size: 1536,
@@ -34,7 +46,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         LlamaConfig::byte_default()
     };
-    let batch = if small { 4 } else { 16 };
+    let batch = if shape == "1b" {
+        1
+    } else if small {
+        4
+    } else {
+        16
+    };
     let mut model = Llama::random(&config, 0)?;
     model.set_fused(args.get(3).map(|s| s.as_str()) != Some("reference"));
     if mode != "full" {
