@@ -16,7 +16,7 @@ use crate::error::Result;
 /// Which implementation a [`LoraLinear`] uses for its forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// One fused custom op per layer on the CPU where the layer's state allows it (f32, at most one
+    /// One fused custom op per layer on the CPU where the layer's state allows it (f32 input, at most one
     /// active unmerged adapter, no dropout while training, base either frozen or trained without
     /// adapters); otherwise the reference path. The default.
     #[default]

@@ -36,6 +36,12 @@
 //! base weight. DoRA merges as PEFT does: `W ← f ⊙ (W + s·B·A)` with the norm taken before the merge
 //! and kept for the unmerge, `W ← W / f − s·B·A`.
 //!
+//! The base weight is held as an f32 variable, or — a checkpoint's bf16 weight, frozen — as a
+//! `lora_kernels::Bf16Matrix` (half the bytes): every product reads it with the bits its f32 widening gives,
+//! so the layer computes the same numbers either way. Whatever writes the base (merging, training it, an
+//! adapter's copies) first widens it to an f32 variable, exactly; a weight shared with another layer (a tied
+//! output embedding) is only widened for both at once ([`crate::LoraModel::widen_base`]).
+//!
 //! One concept per file: the layer and its adapters by name here; [`Adapter`] and [`AdapterSpec`] in
 //! `adapter.rs`; an adapter's own copies of the layer's tensors in `copies.rs`; how a new adapter starts
 //! in `init.rs`; merge, unmerge and exact restore in `merge.rs`; the forward in `forward.rs` (the choice of
