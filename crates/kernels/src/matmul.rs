@@ -74,7 +74,7 @@ pub fn matmul_bf16_into(
     }
     // The tiles (Transposed plan, or k = 1) keep their chains per output column: cut W into row blocks.
     // The gemm crate (the remaining small shapes) blocks by its own rules, so it gets W whole.
-    let cut = m > 0 && k > 0 && plan.is_some();
+    let cut = plan.is_some();
     blocks(
         dst,
         m,
@@ -98,7 +98,7 @@ pub fn matmul_bf16_plain_into(dst: &mut [f32], lhs: MatRef<'_>, w: &Bf16Matrix, 
         bail!("matmul_bf16_plain_into: ({m}x{k})·({}x{n}) into {} values", w.rows(), dst.len())
     }
     let plan = sgemm::plan_for(&lhs, sgemm::Layout { rows: k, cols: n, rs: n, cs: 1 });
-    let cut = m > 0 && k > 0 && plan.is_some();
+    let cut = plan.is_some();
     blocks(
         dst,
         m,

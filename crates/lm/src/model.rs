@@ -286,18 +286,8 @@ impl Llama {
         }
         let final_norm = var(take("model.norm.weight")?.to_f32()?)?;
         // Tied: lm_head holds the embedding's weight itself (the f32 variable, or the bf16 matrix).
-        let head = if config.tie_word_embeddings {
-            let mut head = match (embed.weight_bf16(), embed.weight_var()) {
-                (Some(m), _) => LoraLinear::from_bf16(m.clone(), None)?,
-                // `Var::from_tensor` of a variable's tensor shares the variable.
-                (None, Some(v)) => LoraLinear::new(v.as_tensor().clone(), None)?,
-                (None, None) => unreachable!("a weight is held in f32 or in bf16"),
-            };
-            head.share_weight_of(&mut embed)?;
-            head
-        } else {
-            linear(take("lm_head.weight")?, None, false)?
-        };
+        let head =
+            if config.tie_word_embeddings { LoraLinear::tied_to(&mut embed)? } else { linear(take("lm_head.weight")?, None, false)? };
         lora.push(LM_HEAD, head)?;
         // The input embedding, last (the projections keep their positions): the same weight, read by id.
         lora.push(EMBED, embed)?;

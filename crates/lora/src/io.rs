@@ -165,15 +165,21 @@ pub struct WeightFile {
     pub bytes: u64,
 }
 
+/// `path` opened for reading, with its length.
+fn open(path: &Path) -> Result<(std::fs::File, u64), FileError> {
+    let io = |error| FileError::Io { path: path.to_path_buf(), error };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    Ok((f, len))
+}
+
 /// Bytes read at a time from a weight file (whole rows of a bf16 matrix, at least one).
 const READ_CHUNK: usize = 16 << 20;
 
 impl WeightFile {
     /// Reads and validates a safetensors file, keeping BF16 matrices in bf16.
     pub fn load(path: &Path) -> Result<Self, FileError> {
-        let io = |error| FileError::Io { path: path.to_path_buf(), error };
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
+        let (mut f, len) = open(path)?;
         Self::read(path, &mut f, len, true)
     }
 
@@ -265,9 +271,7 @@ impl WeightFile {
 impl TensorFile {
     /// Reads and validates a safetensors file.
     pub fn load(path: &Path, device: &Device) -> Result<Self, FileError> {
-        let io = |error| FileError::Io { path: path.to_path_buf(), error };
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
+        let (mut f, len) = open(path)?;
         Self::from_weights(WeightFile::read(path, &mut f, len, false)?, device)
     }
 

@@ -73,14 +73,13 @@ impl Frozen {
 
 impl FrozenBaseOp {
     fn run<R>(&self, a: Option<MatRef<'_>>, b: Option<MatRef<'_>>, f: impl FnOnce(&LinearRef<'_>) -> CResult<R>) -> CResult<R> {
-        let w = match &self.weight {
-            Frozen::F32(t) => Some(Held::new(t)),
-            Frozen::Bf16(_) => None,
-        };
-        let weight = match (&self.weight, &w) {
-            (Frozen::Bf16(m), _) => WeightRef::Bf16(m),
-            (_, Some(h)) => WeightRef::F32(h.mat()?),
-            (Frozen::F32(_), None) => unreachable!("held above"),
+        let held;
+        let weight = match &self.weight {
+            Frozen::F32(t) => {
+                held = Held::new(t);
+                WeightRef::F32(held.mat()?)
+            }
+            Frozen::Bf16(m) => WeightRef::Bf16(m),
         };
         let bias = self.bias.as_ref().map(Held::new);
         let adapter = match (a, b) {

@@ -202,22 +202,18 @@ impl LoraLinear {
             Base::Bf16(m) => Some(m),
         }
     }
-    /// Makes this layer hold `other`'s weight itself (a tied output embedding: one tensor, two uses), in
-    /// whichever form it is held; the shapes must match. Both layers then refuse to widen a bf16 weight
-    /// alone ([`crate::LoraModel::widen_base`] widens it once for both).
-    pub fn share_weight_of(&mut self, other: &mut LoraLinear) -> Result<()> {
-        if self.weight_dims() != other.weight_dims() {
-            return Err(LoraError::Shape {
-                tensor: "weight".into(),
-                expected: self.weight_dims().to_vec(),
-                found: other.weight_dims().to_vec(),
-            });
+    /// A linear layer (no bias) holding `other`'s weight itself (a tied output embedding: one tensor, two
+    /// uses), in whichever form it is held, frozen when that is bf16. Both layers then refuse to widen a bf16
+    /// weight alone ([`crate::LoraModel::widen_base`] widens it once for both).
+    pub fn tied_to(other: &mut LoraLinear) -> Result<Self> {
+        let mut l = Self::with_base(other.weight.clone(), None)?;
+        if l.weight_bf16().is_some() {
+            l.freeze_base();
         }
-        self.weight = other.weight.clone();
-        (self.tied, other.tied) = (true, true);
-        Ok(())
+        (l.tied, other.tied) = (true, true);
+        Ok(l)
     }
-    /// Whether the weight is shared with another layer ([`LoraLinear::share_weight_of`]).
+    /// Whether the weight is shared with another layer ([`LoraLinear::tied_to`]).
     pub fn is_tied(&self) -> bool {
         self.tied
     }
@@ -227,6 +223,10 @@ impl LoraLinear {
             Base::F32(v) => WeightKey::F32(v.as_tensor().id()),
             Base::Bf16(m) => WeightKey::Bf16(Arc::as_ptr(m) as usize),
         }
+    }
+    /// The weight as held.
+    pub(crate) fn base(&self) -> &Base {
+        &self.weight
     }
     /// Marks the weight as shared with another layer.
     pub(crate) fn mark_tied(&mut self) {
@@ -275,7 +275,7 @@ impl LoraLinear {
         self.bias_trainable = false;
     }
     /// Sets which base tensors train. A weight held in bf16 that is to train is widened to f32 first
-    /// (exactly; refused when it is shared with another layer, see [`LoraLinear::share_weight_of`]).
+    /// (exactly; refused when it is shared with another layer, see [`LoraLinear::tied_to`]).
     pub fn set_base_trainable(&mut self, weight: bool, bias: bool) -> Result<()> {
         if weight {
             self.writable_weight("training")?;
@@ -535,8 +535,7 @@ mod tests {
         assert_eq!(c.trainable_vars().len(), 4, "W, b, A, B");
         // A shared (tied) bf16 weight is never widened by one of its layers alone.
         let (_, mut head) = f32_and_bf16(40, 24, 2);
-        let mut other = LoraLinear::from_bf16(head.weight_bf16().unwrap().clone(), None).unwrap();
-        head.share_weight_of(&mut other).unwrap();
+        let mut other = LoraLinear::tied_to(&mut head).unwrap();
         let e = head.merge("x", true).unwrap_err().to_string();
         assert!(e.contains("bf16") && e.contains("shared"), "{e}");
         assert!(other.set_base_trainable(true, false).is_err());

@@ -13,6 +13,7 @@ use lora_kernels::{add_delta, matmul_bf16_into, matmul_into, Activation, DeltaRe
 use super::PackedAdapter;
 use crate::bridge::Held;
 use crate::error::{LoraError, Result};
+use crate::linear::Base;
 use crate::model::LoraModel;
 
 /// A run of consecutive rows of a batch that share an adapter (`None`: the base alone).
@@ -50,15 +51,14 @@ impl LoraModel {
         let hx = Held::new(&x);
         let xs = hx.slice()?;
         let mut y = vec![0f32; n * out];
-        match (layer.weight_bf16(), layer.weight_var()) {
+        match layer.base() {
             // The same bits as the f32 product below, from half the weight's bytes.
-            (Some(m), _) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, m, None, 1.0, false)?,
-            (None, Some(w)) => {
+            Base::Bf16(m) => matmul_bf16_into(&mut y, MatRef::row_major(xs, n, inp)?, m, None, 1.0, false)?,
+            Base::F32(w) => {
                 let w = w.as_detached_tensor();
                 let hw = Held::new(&w);
                 matmul_into(&mut y, MatRef::row_major(xs, n, inp)?, hw.mat()?.t(), 1.0, false)?
             }
-            (None, None) => unreachable!("a weight is held in f32 or in bf16"),
         }
         if let Some(b) = layer.bias() {
             let b = b.as_tensor().to_dtype(DType::F32)?;
